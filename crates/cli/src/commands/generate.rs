@@ -1,0 +1,71 @@
+use std::io::Write;
+
+use flash_moe_engine::backend::Backend;
+use flash_moe_engine::engine::generate;
+use flash_moe_engine::engine::sampler::{Sampler, SamplingParams};
+use flash_moe_engine::tokenizer::Tokenizer;
+
+use super::ModelArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt, used as is (no chat template).
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let tokenizer = Tokenizer::from_dir(&args.model.model, &model.config.eos_token_ids)?;
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt is empty after tokenization");
+    }
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    });
+    let mut stdout = std::io::stdout().lock();
+    let stats = generate(
+        &model,
+        &tokenizer,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        |text| {
+            // A closed pipe (e.g. `| head`) ends output, not the run.
+            let _ = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush());
+        },
+    )?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "prompt: {} tokens, {:.2} tok/s | decode: {} tokens, {:.2} tok/s | backend: {}",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_second(),
+        stats.generated_tokens,
+        stats.decode_tokens_per_second(),
+        model.backend().describe(),
+    );
+    Ok(())
+}

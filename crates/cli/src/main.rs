@@ -1,0 +1,64 @@
+//! `flash-moe`: run giant Mixture-of-Experts models from disk.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "flash-moe",
+    version,
+    about = "Run giant Mixture-of-Experts language models on small machines"
+)]
+struct Cli {
+    /// Worker threads for CPU compute (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout.
+    Generate(commands::generate::Args),
+    /// Write the logits of a list of token ids to a .npy file.
+    Logits(commands::logits::Args),
+    /// Print the token ids of a text, comma-separated.
+    Tokenize(commands::tokenize::Args),
+    /// Describe a model: architecture, parameters, bytes, quantization.
+    Inspect(commands::inspect::Args),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
+    match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Logits(args) => commands::logits::run(args),
+        Command::Tokenize(args) => commands::tokenize::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
+    }
+}

@@ -1,0 +1,136 @@
+//! Compute backends: where the arithmetic happens.
+//!
+//! The forward pass (`crate::model`) is written once against the [`Backend`] trait. A backend
+//! owns its activation tensors and its copies of weight matrices; the model only sequences
+//! operations. Every operation works on a batch of `T` tokens at once, so prompt prefill and
+//! one-token decode run the same code.
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::model::config::LinearAttentionConfig;
+use crate::storage::quant::MatrixView;
+
+/// One token's routing decision: `(expert index, weight)` for each of the top-k experts.
+pub type Route = Vec<(usize, f32)>;
+
+/// Geometry of one full-attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The operations the forward pass needs.
+///
+/// Tensors are row-major `[rows, cols]` f32 matrices; a row is one token unless said otherwise.
+/// Matrices follow PyTorch's `Linear` layout: `[out, in]`, so `matmul(x, w) = x · wᵀ`.
+pub trait Backend: Send + Sync {
+    /// Activations and state on the device.
+    type Tensor: Clone + Send + Sync;
+    /// A weight matrix in its stored encoding, ready for `matmul`.
+    type Matrix: Send + Sync;
+
+    /// A short description, e.g. `cpu (2 threads)`.
+    fn describe(&self) -> String;
+
+    // --- memory ----------------------------------------------------------------------------
+    fn load_matrix(&self, w: &MatrixView) -> Result<Self::Matrix>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// `(rows, cols)` of a tensor.
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// Appends the rows of `src` to `dst` (KV caches).
+    fn append_rows(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
+
+    // --- dense ops -------------------------------------------------------------------------
+    /// Rows `ids` of an embedding table.
+    fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · wᵀ`: `[T, in]` by `[out, in]` gives `[T, out]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
+    /// RMS-normalises every `weight.len()`-wide slice of each row and multiplies by `weight`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x *= sigmoid(gate)`, elementwise; a one-column `gate` scales whole rows.
+    fn mul_sigmoid(&self, x: &mut Self::Tensor, gate: &Self::Tensor) -> Result<()>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    // --- full attention --------------------------------------------------------------------
+    /// Splits a `q_proj` output whose heads hold `[query | gate]` into `(query, gate)`.
+    fn split_query_gate(
+        &self,
+        qg: &Self::Tensor,
+        num_heads: usize,
+        head_dim: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Rotate-half RoPE on the first `rotary_dim` dims of every head; row `t` is at position `pos0 + t`.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f64,
+        pos0: usize,
+    ) -> Result<()>;
+    /// Causal softmax attention of the `T` query rows (at positions `pos0..pos0+T`) over the
+    /// first `pos0 + T` cached key/value rows.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        keys: &Self::Tensor,
+        values: &Self::Tensor,
+        shape: AttentionShape,
+        pos0: usize,
+    ) -> Result<Self::Tensor>;
+
+    // --- linear attention ------------------------------------------------------------------
+    /// Depthwise causal conv over time, then SiLU. `weight` is `[channels, kernel]`; `state`
+    /// holds the last `kernel - 1` input rows and is updated.
+    fn causal_conv1d_silu(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        state: &mut Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// The gated delta rule over `T` tokens. `qkv` is the conv output `[T, q | k | v]`;
+    /// `a`, `b` are `[T, value_heads]`; `state` is `[value_heads, key_dim * value_dim]` and is
+    /// updated. Returns `[T, value_heads * value_head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_delta_rule(
+        &self,
+        qkv: &Self::Tensor,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        a_log: &Self::Tensor,
+        dt_bias: &Self::Tensor,
+        state: &mut Self::Tensor,
+        dims: &LinearAttentionConfig,
+    ) -> Result<Self::Tensor>;
+    /// Per-group RMSNorm times `weight`, times `silu(z)`.
+    fn gated_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        z: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+
+    // --- mixture of experts ----------------------------------------------------------------
+    /// Softmax over each row of router logits, then the `k` largest, optionally renormalised.
+    /// The decision comes back to the host, which fetches the chosen experts.
+    fn route_top_k(&self, logits: &Self::Tensor, k: usize, renormalize: bool)
+    -> Result<Vec<Route>>;
+    /// The rows `rows` of `x`, in that order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// `out[rows[i]] += weights[i] * y[i]`.
+    fn scatter_add_rows(
+        &self,
+        out: &mut Self::Tensor,
+        y: &Self::Tensor,
+        rows: &[usize],
+        weights: &[f32],
+    ) -> Result<()>;
+}

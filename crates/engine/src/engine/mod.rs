@@ -1,0 +1,112 @@
+//! Sequences and generation loops on top of a loaded model.
+
+pub mod inventory;
+pub mod sampler;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::model::config::ModelConfig;
+use crate::model::weights::WeightSource;
+use crate::model::{Logits, Model};
+use crate::storage::layout::CheckpointWeights;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use sampler::Sampler;
+
+/// Loads the model in `dir` (config.json plus safetensors weights) onto `backend`.
+pub fn load_model<B: Backend>(dir: &Path, backend: B) -> Result<Model<B>> {
+    let config = ModelConfig::from_dir(dir)?;
+    let weights = CheckpointWeights::open(dir, &config)?;
+    Model::load(backend, config, &weights)
+}
+
+/// Loads the model in `dir` on the CPU while recording what it is made of.
+pub fn inspect_model(dir: &Path) -> Result<(ModelConfig, String, inventory::Inventory)> {
+    let config = ModelConfig::from_dir(dir)?;
+    let weights = CheckpointWeights::open(dir, &config)?;
+    let recorder = inventory::Recorder::new(&weights, &config);
+    Model::load(
+        crate::backend::cpu::CpuBackend::new(),
+        config.clone(),
+        &recorder,
+    )?;
+    let inventory = recorder.into_inventory();
+    Ok((config, weights.describe(), inventory))
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model emitted an end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated.
+    Length,
+}
+
+/// What a generation run did and how long it took.
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+    pub stop: StopReason,
+}
+
+impl GenerationStats {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Decode rate over the tokens after the first (the first comes from prefill logits).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Prefills `prompt` as one batch, then samples up to `max_tokens` tokens one at a time,
+/// handing each completed piece of text to `on_text`.
+pub fn generate<B: Backend>(
+    model: &Model<B>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    mut on_text: impl FnMut(&str),
+) -> Result<GenerationStats> {
+    let mut state = model.new_state()?;
+    let start = Instant::now();
+    let mut logits =
+        model
+            .backend()
+            .download(&model.forward(prompt, &mut state, Logits::Last)?)?;
+    let prefill_time = start.elapsed();
+    let start = Instant::now();
+    let mut decoder = StreamDecoder::default();
+    let mut generated = 0;
+    let mut stop = StopReason::Length;
+    while generated < max_tokens {
+        let id = sampler.sample(&logits);
+        generated += 1;
+        if tokenizer.is_eos(id) {
+            stop = StopReason::Eos;
+            break;
+        }
+        on_text(&decoder.push(tokenizer, id)?);
+        if generated == max_tokens {
+            break;
+        }
+        logits = model
+            .backend()
+            .download(&model.forward(&[id], &mut state, Logits::Last)?)?;
+    }
+    Ok(GenerationStats {
+        prompt_tokens: prompt.len(),
+        generated_tokens: generated,
+        prefill_time,
+        decode_time: start.elapsed(),
+        stop,
+    })
+}

@@ -1,0 +1,197 @@
+//! The model definition: configuration, the architecture as a sequence of layer kinds, and
+//! the forward pass, written once against [`crate::backend::Backend`]. Knows nothing of files
+//! or devices.
+
+pub mod attention;
+pub mod config;
+pub mod linear_attention;
+pub mod moe;
+pub mod weights;
+
+use attention::{GatedAttention, KvCache};
+use config::{FfnKind, LayerKind, ModelConfig};
+use linear_attention::{DeltaState, GatedDeltaNet};
+use moe::{DenseMlp, SparseMoe};
+use weights::{LayerWeight, Weight, WeightSource};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+enum Mixer<B: Backend> {
+    Attention(GatedAttention<B>),
+    Linear(GatedDeltaNet<B>),
+}
+
+enum Ffn<B: Backend> {
+    Moe(SparseMoe<B>),
+    Dense(DenseMlp<B>),
+}
+
+struct DecoderLayer<B: Backend> {
+    input_norm: B::Tensor,
+    post_attention_norm: B::Tensor,
+    mixer: Mixer<B>,
+    ffn: Ffn<B>,
+}
+
+/// Per-layer state of one sequence.
+#[derive(Clone)]
+pub enum LayerState<B: Backend> {
+    Attention(KvCache<B>),
+    Linear(DeltaState<B>),
+}
+
+/// Everything a sequence carries between calls: caches, recurrent state and position.
+/// Cloning it snapshots the sequence.
+#[derive(Clone)]
+pub struct ModelState<B: Backend> {
+    /// Tokens processed so far; the next token sits at this position.
+    pub position: usize,
+    layers: Vec<LayerState<B>>,
+}
+
+/// Which rows of logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per input token.
+    All,
+    /// Only the row of the last input token (generation).
+    Last,
+}
+
+/// A loaded model on backend `B`.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    backend: B,
+    embed: B::Matrix,
+    lm_head: B::Matrix,
+    final_norm: B::Tensor,
+    layers: Vec<DecoderLayer<B>>,
+    experts_per_token: usize,
+}
+
+impl<B: Backend> Model<B> {
+    /// Builds the model from weights in canonical form.
+    pub fn load(backend: B, config: ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        let (h, vocab) = (config.hidden_size, config.vocab_size);
+        let embed = backend.load_matrix(&src.matrix(Weight::Embed, vocab, h)?)?;
+        let lm_head = backend.load_matrix(&src.matrix(Weight::LmHead, vocab, h)?)?;
+        let final_norm = backend.upload(&src.vector(Weight::FinalNorm, h)?, 1, h)?;
+        let mut layers = Vec::with_capacity(config.num_layers());
+        for i in 0..config.num_layers() {
+            let norm = |w| backend.upload(&src.vector(Weight::Layer(i, w), h)?, 1, h);
+            let mixer = match config.layers[i] {
+                LayerKind::FullAttention => {
+                    Mixer::Attention(GatedAttention::load(&backend, &config, src, i)?)
+                }
+                LayerKind::LinearAttention => {
+                    Mixer::Linear(GatedDeltaNet::load(&backend, &config, src, i)?)
+                }
+            };
+            let ffn = match config.ffn[i] {
+                FfnKind::Moe => Ffn::Moe(SparseMoe::load(&backend, &config, src, i)?),
+                FfnKind::Dense => Ffn::Dense(DenseMlp::load(&backend, &config, src, i)?),
+            };
+            layers.push(DecoderLayer {
+                input_norm: norm(LayerWeight::InputNorm)?,
+                post_attention_norm: norm(LayerWeight::PostAttentionNorm)?,
+                mixer,
+                ffn,
+            });
+        }
+        let experts_per_token = config.moe.experts_per_token;
+        Ok(Model {
+            config,
+            backend,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            experts_per_token,
+        })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Routed experts per token (the config's `num_experts_per_tok` unless overridden).
+    pub fn experts_per_token(&self) -> usize {
+        self.experts_per_token
+    }
+
+    /// Overrides the number of routed experts per token.
+    pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
+        if k == 0 || k > self.config.moe.num_experts {
+            return Err(Error::InvalidInput(format!(
+                "experts per token must be between 1 and {}, not {k}",
+                self.config.moe.num_experts
+            )));
+        }
+        self.experts_per_token = k;
+        Ok(())
+    }
+
+    /// A fresh, empty sequence state.
+    pub fn new_state(&self) -> Result<ModelState<B>> {
+        let layers = self
+            .config
+            .layers
+            .iter()
+            .map(|kind| match kind {
+                LayerKind::FullAttention => GatedAttention::new_cache(&self.backend, &self.config)
+                    .map(LayerState::Attention),
+                LayerKind::LinearAttention => {
+                    GatedDeltaNet::new_state(&self.backend, &self.config).map(LayerState::Linear)
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(ModelState {
+            position: 0,
+            layers,
+        })
+    }
+
+    /// Runs `ids` through the model as one batch, continuing `state`, and returns logits
+    /// (`[rows, vocab]`, rows as `which` says).
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        state: &mut ModelState<B>,
+        which: Logits,
+    ) -> Result<B::Tensor> {
+        if ids.is_empty() {
+            return Err(Error::InvalidInput("no tokens to run".into()));
+        }
+        let b = &self.backend;
+        let pos0 = state.position;
+        let mut x = b.embed(&self.embed, ids)?;
+        for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
+            let h = b.rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let mixed = match (&layer.mixer, layer_state) {
+                (Mixer::Attention(attn), LayerState::Attention(cache)) => {
+                    attn.forward(b, &h, cache, pos0)?
+                }
+                (Mixer::Linear(delta), LayerState::Linear(s)) => delta.forward(b, &h, s)?,
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "sequence state does not match the model".into(),
+                    ));
+                }
+            };
+            b.add_assign(&mut x, &mixed)?;
+            let h = b.rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let ffn = match &layer.ffn {
+                Ffn::Moe(moe) => moe.forward(b, &h, self.experts_per_token)?,
+                Ffn::Dense(mlp) => mlp.forward(b, &h)?,
+            };
+            b.add_assign(&mut x, &ffn)?;
+        }
+        state.position += ids.len();
+        if which == Logits::Last && ids.len() > 1 {
+            x = b.gather_rows(&x, &[ids.len() - 1])?;
+        }
+        let x = b.rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
+        b.matmul(&x, &self.lm_head)
+    }
+}

@@ -1,0 +1,146 @@
+//! The feed-forward blocks: a sparse mixture of experts (router softmax, top-k, SwiGLU
+//! experts, a shared expert scaled by `sigmoid(shared_expert_gate)`) and a dense SwiGLU MLP.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::config::ModelConfig;
+use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
+use crate::backend::Backend;
+use crate::error::Result;
+
+/// `down(silu(gate(x)) * up(x))`.
+pub struct SwiGlu<B: Backend> {
+    gate: B::Matrix,
+    up: B::Matrix,
+    down: B::Matrix,
+}
+
+impl<B: Backend> SwiGlu<B> {
+    fn load(
+        backend: &B,
+        src: &dyn WeightSource,
+        layer: usize,
+        names: [W; 3],
+        hidden: usize,
+        inter: usize,
+    ) -> Result<Self> {
+        let matrix = |w, rows, cols| {
+            backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?)
+        };
+        Ok(SwiGlu {
+            gate: matrix(names[0], inter, hidden)?,
+            up: matrix(names[1], inter, hidden)?,
+            down: matrix(names[2], hidden, inter)?,
+        })
+    }
+
+    fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let act = b.silu_mul(&b.matmul(x, &self.gate)?, &b.matmul(x, &self.up)?)?;
+        b.matmul(&act, &self.down)
+    }
+}
+
+pub struct SparseMoe<B: Backend> {
+    router: B::Matrix,
+    experts: Arc<dyn ExpertSource>,
+    shared: Option<(SwiGlu<B>, B::Matrix)>,
+    renormalize: bool,
+    hidden: usize,
+}
+
+impl<B: Backend> SparseMoe<B> {
+    pub fn load(
+        backend: &B,
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        layer: usize,
+    ) -> Result<Self> {
+        let m = &cfg.moe;
+        let h = cfg.hidden_size;
+        let router = backend.load_matrix(&src.matrix(
+            Weight::Layer(layer, W::Router),
+            m.num_experts,
+            h,
+        )?)?;
+        let shared = if m.shared_intermediate > 0 {
+            let names = [W::SharedGateProj, W::SharedUpProj, W::SharedDownProj];
+            let mlp = SwiGlu::load(backend, src, layer, names, h, m.shared_intermediate)?;
+            let gate = backend.load_matrix(&src.matrix(
+                Weight::Layer(layer, W::SharedExpertGate),
+                1,
+                h,
+            )?)?;
+            Some((mlp, gate))
+        } else {
+            None
+        };
+        Ok(SparseMoe {
+            router,
+            experts: src.experts(layer)?,
+            shared,
+            renormalize: m.norm_topk_prob,
+            hidden: h,
+        })
+    }
+
+    /// Routes every token, runs each chosen expert once on all the tokens that chose it, and
+    /// adds the gated shared expert.
+    pub fn forward(&self, b: &B, x: &B::Tensor, experts_per_token: usize) -> Result<B::Tensor> {
+        let tokens = b.shape(x).0;
+        let routes = b.route_top_k(
+            &b.matmul(x, &self.router)?,
+            experts_per_token,
+            self.renormalize,
+        )?;
+        let mut by_expert: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+        for (t, route) in routes.iter().enumerate() {
+            for &(e, w) in route {
+                let entry = by_expert.entry(e).or_default();
+                entry.0.push(t);
+                entry.1.push(w);
+            }
+        }
+        let mut out = b.zeros(tokens, self.hidden)?;
+        for (e, (rows, weights)) in by_expert {
+            let expert = self.experts.expert(e)?;
+            let xs = b.gather_rows(x, &rows)?;
+            let gate = b.matmul(&xs, &b.load_matrix(&expert.gate)?)?;
+            let up = b.matmul(&xs, &b.load_matrix(&expert.up)?)?;
+            let y = b.matmul(&b.silu_mul(&gate, &up)?, &b.load_matrix(&expert.down)?)?;
+            b.scatter_add_rows(&mut out, &y, &rows, &weights)?;
+        }
+        if let Some((mlp, gate)) = &self.shared {
+            let mut shared = mlp.forward(b, x)?;
+            b.mul_sigmoid(&mut shared, &b.matmul(x, gate)?)?;
+            b.add_assign(&mut out, &shared)?;
+        }
+        Ok(out)
+    }
+}
+
+/// A dense SwiGLU MLP layer.
+pub struct DenseMlp<B: Backend>(SwiGlu<B>);
+
+impl<B: Backend> DenseMlp<B> {
+    pub fn load(
+        backend: &B,
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        layer: usize,
+    ) -> Result<Self> {
+        let names = [W::MlpGateProj, W::MlpUpProj, W::MlpDownProj];
+        Ok(DenseMlp(SwiGlu::load(
+            backend,
+            src,
+            layer,
+            names,
+            cfg.hidden_size,
+            cfg.dense_intermediate,
+        )?))
+    }
+
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        self.0.forward(b, x)
+    }
+}

@@ -1,0 +1,10 @@
+//! Weight storage: turning checkpoint files into tensors. Readers for safetensors
+//! checkpoints (HF and MLX layouts), the weight encodings, and the experts. Knows nothing of
+//! the math.
+
+pub mod blob;
+pub mod checkpoint;
+pub mod experts;
+pub mod layout;
+pub mod npy;
+pub mod quant;
