@@ -8,8 +8,15 @@ pub struct Args {
     model: std::path::PathBuf,
 }
 
-fn gib(bytes: u64) -> String {
-    format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
+fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.2} {}", units[unit])
 }
 
 fn count(n: u64) -> String {
@@ -74,8 +81,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "bytes:      {} dense (resident), {} routed experts",
-        gib(inv.dense_bytes()),
-        gib(inv.expert_bytes())
+        human_bytes(inv.dense_bytes()),
+        human_bytes(inv.expert_bytes())
     );
     println!("by class:");
     for (class, totals) in &inv.classes {
@@ -83,7 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "  {:<20} {:>10} params {:>12}  {}",
             class.label(),
             count(totals.parameters),
-            gib(totals.bytes),
+            human_bytes(totals.bytes),
             totals.encodings.join(", ")
         );
     }

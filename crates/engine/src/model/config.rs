@@ -180,6 +180,22 @@ impl ModelConfig {
 }
 
 fn parse(family: Family, f: &Fields<'_>) -> Result<ModelConfig> {
+    if f.bool_or("attention_bias", false)? {
+        return Err(f.invalid(
+            "attention_bias",
+            "attention projections with bias are not supported".into(),
+        ));
+    }
+    if let Some(act) = f
+        .get("hidden_act")
+        .and_then(Value::as_str)
+        .filter(|a| *a != "silu")
+    {
+        return Err(f.invalid(
+            "hidden_act",
+            format!("`{act}` is not supported (only silu)"),
+        ));
+    }
     let hidden_size = f.usize("hidden_size")?;
     let num_layers = f.usize("num_hidden_layers")?;
     let num_heads = f.usize("num_attention_heads")?;

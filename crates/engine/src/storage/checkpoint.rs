@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use super::blob::Blob;
 use crate::error::{Error, Result};
@@ -159,8 +159,15 @@ fn read_file(path: &Path) -> Result<Vec<TensorEntry>> {
         path: path.to_path_buf(),
         message,
     };
-    let (header_len, metadata) =
-        SafeTensors::read_metadata(&map).map_err(|e| invalid(e.to_string()))?;
+    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| match e {
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::HeaderTooSmall => {
+            invalid(format!(
+                "the file is truncated or incomplete ({} bytes; its header describes more)",
+                map.len()
+            ))
+        }
+        e => invalid(e.to_string()),
+    })?;
     let data_start = 8 + header_len;
     let map: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(map);
     let file_len = (*map).as_ref().len();
