@@ -160,12 +160,20 @@ def save_vlm_layout(model, out, dtype):
     out.mkdir(parents=True)
     tensors = {}
     for key, value in model.state_dict().items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
         if key.startswith("model."):
             key = "model.language_model." + key[len("model.") :]
         tensors[key] = value.to(dtype).contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     text = model.config.to_dict()
     text["model_type"] = "qwen3_5_moe_text"
+    # The real configs carry both; mlx-lm reads only the interval.
+    types = text["layer_types"]
+    for n in range(1, len(types) + 1):
+        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(types)):
+            text["full_attention_interval"] = n
+            break
     config = {
         "architectures": ["Qwen3_5MoeForConditionalGeneration"],
         "model_type": "qwen3_5_moe",
