@@ -12,23 +12,11 @@ use safetensors::tensor::{Dtype, TensorView};
 fn logits_error(model: &str, ids: &str) -> String {
     let out = tempfile::tempdir().unwrap();
     let npy = out.path().join("x.npy");
-    let run = flash_moe(&[
-        "logits",
-        "--model",
-        model,
-        "--ids",
-        ids,
-        "--out",
-        npy.to_str().unwrap(),
-    ]);
+    let run = flash_moe(&["logits", "--model", model, "--ids", ids, "--out", npy.to_str().unwrap()]);
     let err = stderr(&run);
     assert!(!run.status.success(), "expected a failure, got success");
     assert_eq!(run.status.code(), Some(1), "exit code for: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "one line expected:\n{err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line expected:\n{err}");
     assert!(!err.contains("panicked"), "{err}");
     err
 }
@@ -37,6 +25,11 @@ fn logits_error(model: &str, ids: &str) -> String {
 fn missing_model_directory() {
     let err = logits_error("/nonexistent/model", "1,2");
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
+    assert_eq!(
+        err.matches("No such file").count(),
+        1,
+        "the cause is printed once: {err}"
+    );
 }
 
 #[test]
@@ -48,10 +41,7 @@ fn unknown_model_type() {
         .replace("qwen3_5_moe_text", "llama");
     std::fs::write(&config, text).unwrap();
     let err = logits_error(dir.path().to_str().unwrap(), "1");
-    assert!(
-        err.contains("config.json") && err.contains("llama"),
-        "{err}"
-    );
+    assert!(err.contains("config.json") && err.contains("llama"), "{err}");
 }
 
 #[test]
@@ -78,10 +68,7 @@ fn truncated_safetensors() {
         .set_len(len / 2)
         .unwrap();
     let err = logits_error(dir.path().to_str().unwrap(), "1");
-    assert!(
-        err.contains("model.safetensors") && err.contains("truncated"),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
 }
 
 #[test]
@@ -96,10 +83,9 @@ fn missing_shard() {
 fn tensor_of_the_wrong_shape() {
     let dir = copy_fixture("hf-qwen35-f32-per-expert");
     let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "\"moe_intermediate_size\": 16",
-        "\"moe_intermediate_size\": 24",
-    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"moe_intermediate_size\": 16", "\"moe_intermediate_size\": 24");
     std::fs::write(&config, text).unwrap();
     let err = logits_error(dir.path().to_str().unwrap(), "1");
     assert!(

@@ -12,11 +12,7 @@ use common::{fixtures, flash_moe, read_npy, stderr};
 const MAX_RELATIVE_L2: f64 = 1e-4;
 
 fn relative_l2(ours: &[f32], reference: &[f32]) -> f64 {
-    let diff: f64 = ours
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| f64::from(a - b).powi(2))
-        .sum();
+    let diff: f64 = ours.iter().zip(reference).map(|(a, b)| f64::from(a - b).powi(2)).sum();
     let norm: f64 = reference.iter().map(|b| f64::from(*b).powi(2)).sum();
     (diff / norm).sqrt()
 }
@@ -28,14 +24,8 @@ fn argmax(row: &[f32]) -> usize {
 /// Runs `logits` on `model` and checks it against `reference`.
 fn check(model: &Path, reference: &str, prefill: Option<usize>) {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap())
-            .unwrap();
-    let ids: Vec<String> = meta["ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_string())
-        .collect();
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
+    let ids: Vec<String> = meta["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("logits.npy");
     let ids = ids.join(",");
@@ -53,12 +43,7 @@ fn check(model: &Path, reference: &str, prefill: Option<usize>) {
         args.extend(["--prefill", p]);
     }
     let run = flash_moe(&args);
-    assert!(
-        run.status.success(),
-        "{}: {}",
-        model.display(),
-        stderr(&run)
-    );
+    assert!(run.status.success(), "{}: {}", model.display(), stderr(&run));
     let (shape, ours) = read_npy(&out);
     let (ref_shape, expected) = read_npy(&model.join(reference));
     assert_eq!(shape, ref_shape, "{}: logits shape", model.display());
@@ -83,8 +68,7 @@ fn check(model: &Path, reference: &str, prefill: Option<usize>) {
 fn check_fixture(name: &str) {
     let model = fixtures().join(name);
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
     let prefill = meta["prefill"].as_u64().unwrap() as usize;
     check(&model, "reference-full.npy", None);
     check(&model, "reference-prefill-decode.npy", Some(prefill));
@@ -134,10 +118,7 @@ fn every_fixture_with_a_reference_has_a_test() {
         let path = entry.unwrap().path();
         if path.join("reference.json").exists() {
             let name = path.file_name().unwrap().to_str().unwrap().to_string();
-            assert!(
-                tested.contains(&name.as_str()),
-                "fixture {name} has no test"
-            );
+            assert!(tested.contains(&name.as_str()), "fixture {name} has no test");
         }
     }
 }

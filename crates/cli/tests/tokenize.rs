@@ -8,25 +8,12 @@ use common::{fixtures, flash_moe, stderr};
 #[test]
 fn ids_match_python_tokenizers() {
     let model = fixtures().join("mlx-qwen35-4bit");
-    let cases: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(model.join("tokenizer-reference.json")).unwrap(),
-    )
-    .unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer-reference.json")).unwrap()).unwrap();
     for case in cases.as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<String> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_string())
-            .collect();
-        let run = flash_moe(&[
-            "tokenize",
-            "--model",
-            model.to_str().unwrap(),
-            "--text",
-            text,
-        ]);
+        let expected: Vec<String> = case["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+        let run = flash_moe(&["tokenize", "--model", model.to_str().unwrap(), "--text", text]);
         assert!(run.status.success(), "{}", stderr(&run));
         assert_eq!(
             String::from_utf8_lossy(&run.stdout).trim(),

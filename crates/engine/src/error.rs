@@ -7,18 +7,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // --- files and parsing -------------------------------------------------------------
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: invalid JSON: {source}")]
-    Json {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
+    // The underlying errors are part of the message, not `#[source]`s, so that a report of
+    // the error chain prints them once.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    #[error("{path}: invalid JSON: {error}")]
+    Json { path: PathBuf, error: serde_json::Error },
     #[error("{path}: invalid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: {message}")]
@@ -33,9 +27,7 @@ pub enum Error {
         field: String,
         message: String,
     },
-    #[error(
-        "{path}: unsupported model_type `{model_type}` (supported: qwen3_5_moe, qwen3_5_moe_text, qwen3_next)"
-    )]
+    #[error("{path}: unsupported model_type `{model_type}` (supported: qwen3_5_moe, qwen3_5_moe_text, qwen3_next)")]
     UnknownModelType { path: PathBuf, model_type: String },
 
     // --- tensors -----------------------------------------------------------------------
@@ -63,16 +55,24 @@ pub enum Error {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+
+    // --- experts -----------------------------------------------------------------------
+    #[error("layer {layer}, expert {expert}: {error}")]
+    Expert {
+        layer: usize,
+        expert: usize,
+        error: Box<Error>,
+    },
 }
 
 /// Shorthand used throughout the engine.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

@@ -86,10 +86,7 @@ impl StreamDecoder {
         self.ids.push(id);
         let before = tokenizer.decode(&self.ids[self.prefix..self.read])?;
         let after = tokenizer.decode(&self.ids[self.prefix..])?;
-        if after.len() > before.len()
-            && !after.ends_with('\u{FFFD}')
-            && after.is_char_boundary(before.len())
-        {
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.is_char_boundary(before.len()) {
             self.prefix = self.read;
             self.read = self.ids.len();
             Ok(after[before.len()..].to_string())
@@ -104,21 +101,15 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_str(&text).map(Some).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        error: source,
+    })
 }
 
 fn ids_of(value: Option<&Value>) -> Vec<u32> {
     match value {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(|v| v.as_u64())
-            .map(|v| v as u32)
-            .collect(),
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
         Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
         None => Vec::new(),
     }

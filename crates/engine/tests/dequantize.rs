@@ -15,12 +15,7 @@ fn matches_mlx_at_every_width_and_group_size() {
         for group in [32usize, 64, 128] {
             let key = format!("b{bits}_g{group}");
             let get = |suffix: &str| table.require(&format!("{key}.{suffix}")).unwrap();
-            let (weight, scales, biases, expected) = (
-                get("weight"),
-                get("scales"),
-                get("biases"),
-                get("dequantized"),
-            );
+            let (weight, scales, biases, expected) = (get("weight"), get("scales"), get("biases"), get("dequantized"));
             let (rows, cols) = (expected.shape[0], expected.shape[1]);
             let matrix = MatrixView::affine(
                 &key,
@@ -38,11 +33,7 @@ fn matches_mlx_at_every_width_and_group_size() {
             let mut row = vec![0.0f32; cols];
             for r in 0..rows {
                 matrix.dequantize_row(r, &mut row);
-                for (c, (&ours, &theirs)) in row
-                    .iter()
-                    .zip(&expected[r * cols..(r + 1) * cols])
-                    .enumerate()
-                {
+                for (c, (&ours, &theirs)) in row.iter().zip(&expected[r * cols..(r + 1) * cols]).enumerate() {
                     assert!(
                         (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
                         "{key} row {r} col {c}: {ours} vs mlx {theirs}"

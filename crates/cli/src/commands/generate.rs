@@ -45,19 +45,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
     });
     let mut stdout = std::io::stdout().lock();
-    let stats = generate(
-        &model,
-        &tokenizer,
-        &prompt,
-        args.max_tokens,
-        &mut sampler,
-        |text| {
-            // A closed pipe (e.g. `| head`) ends output, not the run.
-            let _ = stdout
-                .write_all(text.as_bytes())
-                .and_then(|()| stdout.flush());
-        },
-    )?;
+    let stats = generate(&model, &tokenizer, &prompt, args.max_tokens, &mut sampler, |text| {
+        // A closed pipe (e.g. `| head`) ends output, not the run.
+        let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    })?;
     let _ = writeln!(stdout);
     eprintln!(
         "prompt: {} tokens, {:.2} tok/s | decode: {} tokens, {:.2} tok/s | backend: {}",

@@ -29,11 +29,7 @@ fn count(n: u64) -> String {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let (c, layout, inv) = inspect_model(&args.model)?;
-    let full = c
-        .layers
-        .iter()
-        .filter(|k| **k == LayerKind::FullAttention)
-        .count();
+    let full = c.layers.iter().filter(|k| **k == LayerKind::FullAttention).count();
     let dense = c.ffn.iter().filter(|k| **k == FfnKind::Dense).count();
     let a = &c.attention;
     let l = &c.linear;
@@ -52,13 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pattern: String = c
         .layers
         .iter()
-        .map(|k| {
-            if *k == LayerKind::FullAttention {
-                'F'
-            } else {
-                'L'
-            }
-        })
+        .map(|k| if *k == LayerKind::FullAttention { 'F' } else { 'L' })
         .collect();
     println!("pattern:    {pattern}");
     println!("hidden:     {}, vocab {}", c.hidden_size, c.vocab_size);

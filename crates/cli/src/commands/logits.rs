@@ -32,13 +32,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let b = model.backend();
     let mut state = model.new_state()?;
-    let mut logits =
-        b.download(&model.forward(&args.ids[..prefill], &mut state, Logits::All)?)?;
+    let mut logits = b.download(&model.forward(&args.ids[..prefill], &mut state, Logits::All)?)?;
     for &id in &args.ids[prefill..] {
         logits.extend(b.download(&model.forward(&[id], &mut state, Logits::All)?)?);
     }
     let vocab = logits.len() / n;
-    npy::write_f32(&args.out, &[n, vocab], &logits)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    npy::write_f32(&args.out, &[n, vocab], &logits).with_context(|| format!("writing {}", args.out.display()))?;
     Ok(())
 }

@@ -7,10 +7,25 @@ pub mod tokenize;
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Model;
+use flash_moe_engine::storage::io::IoMode;
+use flash_moe_engine::storage::store::{ExpertIo, ExpertStore, StoreConfig};
+
+/// How routed experts are read (`--io`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum IoChoice {
+    /// Buffered reads; the OS page cache keeps warm experts.
+    PageCache,
+    /// O_DIRECT reads that bypass the page cache (for machines where it thrashes).
+    Direct,
+    /// Memory-map the expert files (resident memory grows with the experts touched).
+    Mmap,
+}
 
 /// Options every command that runs the model takes.
 #[derive(clap::Args, Clone, Debug)]
@@ -22,19 +37,42 @@ pub struct ModelArgs {
     /// and lowers quality.
     #[arg(long)]
     pub experts_per_token: Option<usize>,
+    /// How routed experts are read from disk.
+    #[arg(long, value_enum, default_value = "page-cache")]
+    pub io: IoChoice,
+    /// In-process LRU cache of experts, in MiB (0: none; the OS page cache still works).
+    #[arg(long, default_value_t = 0)]
+    pub expert_cache_mib: u64,
+    /// Threads reading experts.
+    #[arg(long, default_value_t = 8)]
+    pub io_threads: usize,
 }
 
 impl ModelArgs {
+    pub fn store(&self) -> Arc<ExpertStore> {
+        ExpertStore::new(StoreConfig {
+            io: match self.io {
+                IoChoice::PageCache => ExpertIo::Read(IoMode::PageCache),
+                IoChoice::Direct => ExpertIo::Read(IoMode::Direct),
+                IoChoice::Mmap => ExpertIo::Mmap,
+            },
+            cache_bytes: self.expert_cache_mib << 20,
+            io_threads: self.io_threads,
+        })
+    }
+
     pub fn load(&self) -> anyhow::Result<Model<CpuBackend>> {
-        let mut model = load_model(&self.model, CpuBackend::new())
+        self.load_with(self.store())
+    }
+
+    pub fn load_with(&self, store: Arc<ExpertStore>) -> anyhow::Result<Model<CpuBackend>> {
+        let mut model = load_model(&self.model, CpuBackend::new(), store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;
             model.set_experts_per_token(k)?;
             if k < native {
-                eprintln!(
-                    "warning: using {k} of the model's {native} experts per token; output quality drops"
-                );
+                eprintln!("warning: using {k} of the model's {native} experts per token; output quality drops");
             }
         }
         Ok(model)

@@ -67,14 +67,7 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Rotate-half RoPE on the first `rotary_dim` dims of every head; row `t` is at position `pos0 + t`.
-    fn rope(
-        &self,
-        x: &mut Self::Tensor,
-        head_dim: usize,
-        rotary_dim: usize,
-        theta: f64,
-        pos0: usize,
-    ) -> Result<()>;
+    fn rope(&self, x: &mut Self::Tensor, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()>;
     /// Causal softmax attention of the `T` query rows (at positions `pos0..pos0+T`) over the
     /// first `pos0 + T` cached key/value rows.
     fn attention(
@@ -121,16 +114,10 @@ pub trait Backend: Send + Sync {
     // --- mixture of experts ----------------------------------------------------------------
     /// Softmax over each row of router logits, then the `k` largest, optionally renormalised.
     /// The decision comes back to the host, which fetches the chosen experts.
-    fn route_top_k(&self, logits: &Self::Tensor, k: usize, renormalize: bool)
-    -> Result<Vec<Route>>;
+    fn route_top_k(&self, logits: &Self::Tensor, k: usize, renormalize: bool) -> Result<Vec<Route>>;
     /// The rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// `out[rows[i]] += weights[i] * y[i]`.
-    fn scatter_add_rows(
-        &self,
-        out: &mut Self::Tensor,
-        y: &Self::Tensor,
-        rows: &[usize],
-        weights: &[f32],
-    ) -> Result<()>;
+    fn scatter_add_rows(&self, out: &mut Self::Tensor, y: &Self::Tensor, rows: &[usize], weights: &[f32])
+    -> Result<()>;
 }

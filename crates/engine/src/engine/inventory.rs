@@ -46,9 +46,7 @@ impl TensorClass {
             Weight::FinalNorm => TensorClass::NormsAndOther,
             Weight::Layer(_, w) => match w {
                 W::QProj | W::KProj | W::VProj | W::OProj => TensorClass::Attention,
-                W::InProjQkv | W::InProjZ | W::InProjB | W::InProjA | W::OutProj => {
-                    TensorClass::LinearAttention
-                }
+                W::InProjQkv | W::InProjZ | W::InProjB | W::InProjA | W::OutProj => TensorClass::LinearAttention,
                 W::Router => TensorClass::Router,
                 W::SharedGateProj | W::SharedUpProj | W::SharedDownProj | W::SharedExpertGate => {
                     TensorClass::SharedExpert
@@ -87,9 +85,7 @@ impl Inventory {
     }
 
     pub fn expert_bytes(&self) -> u64 {
-        self.classes
-            .get(&TensorClass::RoutedExperts)
-            .map_or(0, |c| c.bytes)
+        self.classes.get(&TensorClass::RoutedExperts).map_or(0, |c| c.bytes)
     }
 
     pub fn dense_bytes(&self) -> u64 {
@@ -141,19 +137,16 @@ impl WeightSource for Recorder<'_> {
     fn vector(&self, weight: Weight, len: usize) -> Result<Vec<f32>> {
         let v = self.inner.vector(weight, len)?;
         // Vectors are counted at their loaded size (f32); they are a negligible share of any model.
-        self.inventory.borrow_mut().add(
-            TensorClass::NormsAndOther,
-            len as u64,
-            4 * len as u64,
-            "f32".into(),
-        );
+        self.inventory
+            .borrow_mut()
+            .add(TensorClass::NormsAndOther, len as u64, 4 * len as u64, "f32".into());
         Ok(v)
     }
 
     fn experts(&self, layer: usize) -> Result<Arc<dyn ExpertSource>> {
         let experts = self.inner.experts(layer)?;
         let count = experts.num_experts() as u64;
-        let first = experts.expert(0)?;
+        let first = experts.fetch(&[0])?.remove(0).wait()?;
         let per_expert = [&first.gate, &first.up, &first.down]
             .iter()
             .map(|m| (m.rows * m.cols) as u64)

@@ -4,6 +4,7 @@ pub mod inventory;
 pub mod sampler;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -12,26 +13,28 @@ use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use crate::model::{Logits, Model};
 use crate::storage::layout::CheckpointWeights;
+use crate::storage::store::{ExpertIo, ExpertStore, StoreConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use sampler::Sampler;
 
 /// Loads the model in `dir` (config.json plus safetensors weights) onto `backend`.
-pub fn load_model<B: Backend>(dir: &Path, backend: B) -> Result<Model<B>> {
+/// Routed experts are fetched through `store`.
+pub fn load_model<B: Backend>(dir: &Path, backend: B, store: Arc<ExpertStore>) -> Result<Model<B>> {
     let config = ModelConfig::from_dir(dir)?;
-    let weights = CheckpointWeights::open(dir, &config)?;
+    let weights = CheckpointWeights::open(dir, &config, store)?;
     Model::load(backend, config, &weights)
 }
 
 /// Loads the model in `dir` on the CPU while recording what it is made of.
 pub fn inspect_model(dir: &Path) -> Result<(ModelConfig, String, inventory::Inventory)> {
     let config = ModelConfig::from_dir(dir)?;
-    let weights = CheckpointWeights::open(dir, &config)?;
+    let store = ExpertStore::new(StoreConfig {
+        io: ExpertIo::Mmap,
+        ..StoreConfig::default()
+    });
+    let weights = CheckpointWeights::open(dir, &config, store)?;
     let recorder = inventory::Recorder::new(&weights, &config);
-    Model::load(
-        crate::backend::cpu::CpuBackend::new(),
-        config.clone(),
-        &recorder,
-    )?;
+    Model::load(crate::backend::cpu::CpuBackend::new(), config.clone(), &recorder)?;
     let inventory = recorder.into_inventory();
     Ok((config, weights.describe(), inventory))
 }
@@ -78,10 +81,9 @@ pub fn generate<B: Backend>(
 ) -> Result<GenerationStats> {
     let mut state = model.new_state()?;
     let start = Instant::now();
-    let mut logits =
-        model
-            .backend()
-            .download(&model.forward(prompt, &mut state, Logits::Last)?)?;
+    let mut logits = model
+        .backend()
+        .download(&model.forward(prompt, &mut state, Logits::Last)?)?;
     let prefill_time = start.elapsed();
     let start = Instant::now();
     let mut decoder = StreamDecoder::default();

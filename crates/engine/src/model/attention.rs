@@ -28,21 +28,10 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> GatedAttention<B> {
-    pub fn load(
-        backend: &B,
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
+    pub fn load(backend: &B, cfg: &ModelConfig, src: &dyn WeightSource, layer: usize) -> Result<Self> {
         let a = &cfg.attention;
-        let (h, q_width, kv_width) = (
-            cfg.hidden_size,
-            a.num_heads * a.head_dim,
-            a.num_kv_heads * a.head_dim,
-        );
-        let matrix = |w, rows, cols| {
-            backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?)
-        };
+        let (h, q_width, kv_width) = (cfg.hidden_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+        let matrix = |w, rows, cols| backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?);
         let vector = |w, len| backend.upload(&src.vector(Weight::Layer(layer, w), len)?, 1, len);
         Ok(GatedAttention {
             q_proj: matrix(W::QProj, 2 * q_width, h)?,
@@ -71,16 +60,9 @@ impl<B: Backend> GatedAttention<B> {
     }
 
     /// Attention for `T` tokens at positions `pos0..pos0 + T`, appending them to `cache`.
-    pub fn forward(
-        &self,
-        b: &B,
-        x: &B::Tensor,
-        cache: &mut KvCache<B>,
-        pos0: usize,
-    ) -> Result<B::Tensor> {
+    pub fn forward(&self, b: &B, x: &B::Tensor, cache: &mut KvCache<B>, pos0: usize) -> Result<B::Tensor> {
         let hd = self.shape.head_dim;
-        let (q, gate) =
-            b.split_query_gate(&b.matmul(x, &self.q_proj)?, self.shape.num_heads, hd)?;
+        let (q, gate) = b.split_query_gate(&b.matmul(x, &self.q_proj)?, self.shape.num_heads, hd)?;
         let mut q = b.rms_norm(&q, &self.q_norm, self.eps)?;
         let mut k = b.rms_norm(&b.matmul(x, &self.k_proj)?, &self.k_norm, self.eps)?;
         let v = b.matmul(x, &self.v_proj)?;

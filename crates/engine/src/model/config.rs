@@ -122,7 +122,7 @@ impl ModelConfig {
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
         let root: Value = serde_json::from_str(text).map_err(|source| Error::Json {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         let root = root.as_object().ok_or_else(|| Error::InvalidField {
             path: path.to_path_buf(),
@@ -186,15 +186,8 @@ fn parse(family: Family, f: &Fields<'_>) -> Result<ModelConfig> {
             "attention projections with bias are not supported".into(),
         ));
     }
-    if let Some(act) = f
-        .get("hidden_act")
-        .and_then(Value::as_str)
-        .filter(|a| *a != "silu")
-    {
-        return Err(f.invalid(
-            "hidden_act",
-            format!("`{act}` is not supported (only silu)"),
-        ));
+    if let Some(act) = f.get("hidden_act").and_then(Value::as_str).filter(|a| *a != "silu") {
+        return Err(f.invalid("hidden_act", format!("`{act}` is not supported (only silu)")));
     }
     let hidden_size = f.usize("hidden_size")?;
     let num_layers = f.usize("num_hidden_layers")?;
@@ -216,10 +209,7 @@ fn parse(family: Family, f: &Fields<'_>) -> Result<ModelConfig> {
         rope_theta,
     };
     if attention.num_kv_heads == 0 || num_heads % attention.num_kv_heads != 0 {
-        return Err(f.invalid(
-            "num_key_value_heads",
-            "must divide num_attention_heads".into(),
-        ));
+        return Err(f.invalid("num_key_value_heads", "must divide num_attention_heads".into()));
     }
     let linear = LinearAttentionConfig {
         num_key_heads: f.usize("linear_num_key_heads")?,
@@ -324,9 +314,7 @@ fn ffn_kinds(family: Family, f: &Fields<'_>, num_layers: usize) -> Result<Vec<Ff
             .iter()
             .map(|x| x.as_u64().map(|x| x as usize))
             .collect::<Option<_>>()
-            .ok_or_else(|| {
-                f.invalid("mlp_only_layers", "expected a list of layer indices".into())
-            })?,
+            .ok_or_else(|| f.invalid("mlp_only_layers", "expected a list of layer indices".into()))?,
     };
     Ok((0..num_layers)
         .map(|i| {
@@ -369,10 +357,7 @@ fn rope(f: &Fields<'_>) -> Result<(f64, f64)> {
         None => f.f64_or("partial_rotary_factor", 0.25)?,
     };
     if !(partial > 0.0 && partial <= 1.0) {
-        return Err(f.invalid(
-            "partial_rotary_factor",
-            format!("{partial} is not in (0, 1]"),
-        ));
+        return Err(f.invalid("partial_rotary_factor", format!("{partial} is not in (0, 1]")));
     }
     Ok((theta, partial))
 }
@@ -403,9 +388,10 @@ impl Fields<'_> {
                 path: self.path.clone(),
                 field: format!("{}{key}", self.prefix),
             }),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
-                self.invalid(key, format!("expected a non-negative integer, found {v}"))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| self.invalid(key, format!("expected a non-negative integer, found {v}"))),
         }
     }
 
@@ -481,12 +467,7 @@ mod tests {
         use LayerKind::*;
         assert_eq!(
             &c.layers[..4],
-            &[
-                LinearAttention,
-                LinearAttention,
-                LinearAttention,
-                FullAttention
-            ]
+            &[LinearAttention, LinearAttention, LinearAttention, FullAttention]
         );
         assert_eq!(c.eos_token_ids, vec![248044]);
         assert!(c.moe.norm_topk_prob);
@@ -518,10 +499,7 @@ mod tests {
         assert_eq!(c.family, Family::Qwen3Next);
         assert_eq!(c.attention.rope_theta, 1e7);
         assert!(!c.moe.norm_topk_prob);
-        assert_eq!(
-            c.ffn,
-            vec![FfnKind::Moe, FfnKind::Dense, FfnKind::Moe, FfnKind::Moe]
-        );
+        assert_eq!(c.ffn, vec![FfnKind::Moe, FfnKind::Dense, FfnKind::Moe, FfnKind::Moe]);
         assert_eq!(c.dense_intermediate, 5120);
     }
 
@@ -531,9 +509,7 @@ mod tests {
         assert!(err.to_string().contains("text_config.num_experts"), "{err}");
         let err = parse_str(r#"{"model_type": "llama"}"#).unwrap_err();
         assert!(err.to_string().contains("llama"), "{err}");
-        let err =
-            parse_str(&QWEN35_397B.replace("\"hidden_size\": 4096", "\"hidden_size\": \"big\""))
-                .unwrap_err();
+        let err = parse_str(&QWEN35_397B.replace("\"hidden_size\": 4096", "\"hidden_size\": \"big\"")).unwrap_err();
         assert!(err.to_string().contains("hidden_size"), "{err}");
         let err = parse_str(&QWEN35_397B.replace("\"default\"", "\"yarn\"")).unwrap_err();
         assert!(err.to_string().contains("yarn"), "{err}");

@@ -31,17 +31,10 @@ pub struct DeltaState<B: Backend> {
 }
 
 impl<B: Backend> GatedDeltaNet<B> {
-    pub fn load(
-        backend: &B,
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
+    pub fn load(backend: &B, cfg: &ModelConfig, src: &dyn WeightSource, layer: usize) -> Result<Self> {
         let d = &cfg.linear;
         let h = cfg.hidden_size;
-        let matrix = |w, rows, cols| {
-            backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?)
-        };
+        let matrix = |w, rows, cols| backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?);
         let vector = |w, len| src.vector(Weight::Layer(layer, w), len);
         let conv = vector(W::Conv1d, d.conv_dim() * d.conv_kernel)?;
         Ok(GatedDeltaNet {
@@ -50,17 +43,9 @@ impl<B: Backend> GatedDeltaNet<B> {
             in_proj_b: matrix(W::InProjB, d.num_value_heads, h)?,
             in_proj_a: matrix(W::InProjA, d.num_value_heads, h)?,
             conv_weight: backend.upload(&conv, d.conv_dim(), d.conv_kernel)?,
-            dt_bias: backend.upload(
-                &vector(W::DtBias, d.num_value_heads)?,
-                1,
-                d.num_value_heads,
-            )?,
+            dt_bias: backend.upload(&vector(W::DtBias, d.num_value_heads)?, 1, d.num_value_heads)?,
             a_log: backend.upload(&vector(W::ALog, d.num_value_heads)?, 1, d.num_value_heads)?,
-            norm: backend.upload(
-                &vector(W::GatedNorm, d.value_head_dim)?,
-                1,
-                d.value_head_dim,
-            )?,
+            norm: backend.upload(&vector(W::GatedNorm, d.value_head_dim)?, 1, d.value_head_dim)?,
             out_proj: matrix(W::OutProj, h, d.value_dim())?,
             dims: d.clone(),
             eps: cfg.rms_norm_eps,

@@ -6,12 +6,14 @@ pub mod attention;
 pub mod config;
 pub mod linear_attention;
 pub mod moe;
+pub mod profile;
 pub mod weights;
 
 use attention::{GatedAttention, KvCache};
 use config::{FfnKind, LayerKind, ModelConfig};
 use linear_attention::{DeltaState, GatedDeltaNet};
 use moe::{DenseMlp, SparseMoe};
+use profile::{Phase, Profile, Stopwatch};
 use weights::{LayerWeight, Weight, WeightSource};
 
 use crate::backend::Backend;
@@ -48,6 +50,8 @@ pub struct ModelState<B: Backend> {
     /// Tokens processed so far; the next token sits at this position.
     pub position: usize,
     layers: Vec<LayerState<B>>,
+    /// Time spent per layer and phase, over every call on this state.
+    pub profile: Profile,
 }
 
 /// Which rows of logits a forward call returns.
@@ -81,12 +85,8 @@ impl<B: Backend> Model<B> {
         for i in 0..config.num_layers() {
             let norm = |w| backend.upload(&src.vector(Weight::Layer(i, w), h)?, 1, h);
             let mixer = match config.layers[i] {
-                LayerKind::FullAttention => {
-                    Mixer::Attention(GatedAttention::load(&backend, &config, src, i)?)
-                }
-                LayerKind::LinearAttention => {
-                    Mixer::Linear(GatedDeltaNet::load(&backend, &config, src, i)?)
-                }
+                LayerKind::FullAttention => Mixer::Attention(GatedAttention::load(&backend, &config, src, i)?),
+                LayerKind::LinearAttention => Mixer::Linear(GatedDeltaNet::load(&backend, &config, src, i)?),
             };
             let ffn = match config.ffn[i] {
                 FfnKind::Moe => Ffn::Moe(SparseMoe::load(&backend, &config, src, i)?),
@@ -139,8 +139,9 @@ impl<B: Backend> Model<B> {
             .layers
             .iter()
             .map(|kind| match kind {
-                LayerKind::FullAttention => GatedAttention::new_cache(&self.backend, &self.config)
-                    .map(LayerState::Attention),
+                LayerKind::FullAttention => {
+                    GatedAttention::new_cache(&self.backend, &self.config).map(LayerState::Attention)
+                }
                 LayerKind::LinearAttention => {
                     GatedDeltaNet::new_state(&self.backend, &self.config).map(LayerState::Linear)
                 }
@@ -149,49 +150,67 @@ impl<B: Backend> Model<B> {
         Ok(ModelState {
             position: 0,
             layers,
+            profile: Profile::new(self.config.num_layers()),
         })
     }
 
     /// Runs `ids` through the model as one batch, continuing `state`, and returns logits
     /// (`[rows, vocab]`, rows as `which` says).
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        state: &mut ModelState<B>,
-        which: Logits,
-    ) -> Result<B::Tensor> {
+    pub fn forward(&self, ids: &[u32], state: &mut ModelState<B>, which: Logits) -> Result<B::Tensor> {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens to run".into()));
         }
         let b = &self.backend;
         let pos0 = state.position;
+        let eps = self.config.rms_norm_eps;
+        let mut clock = Stopwatch::start();
         let mut x = b.embed(&self.embed, ids)?;
-        for (layer, layer_state) in self.layers.iter().zip(state.layers.iter_mut()) {
-            let h = b.rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+        clock.charge(&mut state.profile.outside_layers, Phase::Other);
+        let layers = self
+            .layers
+            .iter()
+            .zip(state.layers.iter_mut())
+            .zip(state.profile.layers.iter_mut());
+        for ((layer, layer_state), times) in layers {
+            let h = b.rms_norm(&x, &layer.input_norm, eps)?;
+            clock.charge(times, Phase::Other);
             let mixed = match (&layer.mixer, layer_state) {
                 (Mixer::Attention(attn), LayerState::Attention(cache)) => {
-                    attn.forward(b, &h, cache, pos0)?
+                    let out = attn.forward(b, &h, cache, pos0)?;
+                    clock.charge(times, Phase::Attention);
+                    out
                 }
-                (Mixer::Linear(delta), LayerState::Linear(s)) => delta.forward(b, &h, s)?,
-                _ => {
-                    return Err(Error::InvalidInput(
-                        "sequence state does not match the model".into(),
-                    ));
+                (Mixer::Linear(delta), LayerState::Linear(s)) => {
+                    let out = delta.forward(b, &h, s)?;
+                    clock.charge(times, Phase::LinearAttention);
+                    out
                 }
+                _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
             };
             b.add_assign(&mut x, &mixed)?;
-            let h = b.rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let h = b.rms_norm(&x, &layer.post_attention_norm, eps)?;
+            clock.charge(times, Phase::Other);
             let ffn = match &layer.ffn {
-                Ffn::Moe(moe) => moe.forward(b, &h, self.experts_per_token)?,
-                Ffn::Dense(mlp) => mlp.forward(b, &h)?,
+                Ffn::Moe(moe) => moe.forward(b, &h, self.experts_per_token, times, &mut clock)?,
+                Ffn::Dense(mlp) => {
+                    let out = mlp.forward(b, &h)?;
+                    clock.charge(times, Phase::ExpertCompute);
+                    out
+                }
             };
             b.add_assign(&mut x, &ffn)?;
+            clock.charge(times, Phase::Other);
         }
         state.position += ids.len();
+        state.profile.calls += 1;
+        state.profile.tokens += ids.len() as u64;
         if which == Logits::Last && ids.len() > 1 {
             x = b.gather_rows(&x, &[ids.len() - 1])?;
         }
-        let x = b.rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
-        b.matmul(&x, &self.lm_head)
+        let x = b.rms_norm(&x, &self.final_norm, eps)?;
+        clock.charge(&mut state.profile.outside_layers, Phase::Other);
+        let logits = b.matmul(&x, &self.lm_head)?;
+        clock.charge(&mut state.profile.outside_layers, Phase::LmHead);
+        Ok(logits)
     }
 }

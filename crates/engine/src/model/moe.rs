@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::config::ModelConfig;
+use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
 use crate::backend::Backend;
 use crate::error::Result;
@@ -25,9 +26,7 @@ impl<B: Backend> SwiGlu<B> {
         hidden: usize,
         inter: usize,
     ) -> Result<Self> {
-        let matrix = |w, rows, cols| {
-            backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?)
-        };
+        let matrix = |w, rows, cols| backend.load_matrix(&src.matrix(Weight::Layer(layer, w), rows, cols)?);
         Ok(SwiGlu {
             gate: matrix(names[0], inter, hidden)?,
             up: matrix(names[1], inter, hidden)?,
@@ -50,27 +49,14 @@ pub struct SparseMoe<B: Backend> {
 }
 
 impl<B: Backend> SparseMoe<B> {
-    pub fn load(
-        backend: &B,
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
+    pub fn load(backend: &B, cfg: &ModelConfig, src: &dyn WeightSource, layer: usize) -> Result<Self> {
         let m = &cfg.moe;
         let h = cfg.hidden_size;
-        let router = backend.load_matrix(&src.matrix(
-            Weight::Layer(layer, W::Router),
-            m.num_experts,
-            h,
-        )?)?;
+        let router = backend.load_matrix(&src.matrix(Weight::Layer(layer, W::Router), m.num_experts, h)?)?;
         let shared = if m.shared_intermediate > 0 {
             let names = [W::SharedGateProj, W::SharedUpProj, W::SharedDownProj];
             let mlp = SwiGlu::load(backend, src, layer, names, h, m.shared_intermediate)?;
-            let gate = backend.load_matrix(&src.matrix(
-                Weight::Layer(layer, W::SharedExpertGate),
-                1,
-                h,
-            )?)?;
+            let gate = backend.load_matrix(&src.matrix(Weight::Layer(layer, W::SharedExpertGate), 1, h)?)?;
             Some((mlp, gate))
         } else {
             None
@@ -86,13 +72,16 @@ impl<B: Backend> SparseMoe<B> {
 
     /// Routes every token, runs each chosen expert once on all the tokens that chose it, and
     /// adds the gated shared expert.
-    pub fn forward(&self, b: &B, x: &B::Tensor, experts_per_token: usize) -> Result<B::Tensor> {
+    pub fn forward(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        experts_per_token: usize,
+        times: &mut PhaseTimes,
+        clock: &mut Stopwatch,
+    ) -> Result<B::Tensor> {
         let tokens = b.shape(x).0;
-        let routes = b.route_top_k(
-            &b.matmul(x, &self.router)?,
-            experts_per_token,
-            self.renormalize,
-        )?;
+        let routes = b.route_top_k(&b.matmul(x, &self.router)?, experts_per_token, self.renormalize)?;
         let mut by_expert: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
         for (t, route) in routes.iter().enumerate() {
             for &(e, w) in route {
@@ -101,19 +90,27 @@ impl<B: Backend> SparseMoe<B> {
                 entry.1.push(w);
             }
         }
+        let chosen: Vec<usize> = by_expert.keys().copied().collect();
+        let pending = self.experts.fetch(&chosen)?;
+        clock.charge(times, Phase::Routing);
         let mut out = b.zeros(tokens, self.hidden)?;
-        for (e, (rows, weights)) in by_expert {
-            let expert = self.experts.expert(e)?;
+        // Experts are used in index order, whatever order they arrive in, so the sum is the
+        // same bit for bit however the bytes were fetched.
+        for ((rows, weights), pending) in by_expert.into_values().zip(pending) {
+            let expert = pending.wait()?;
+            clock.charge(times, Phase::ExpertIoWait);
             let xs = b.gather_rows(x, &rows)?;
             let gate = b.matmul(&xs, &b.load_matrix(&expert.gate)?)?;
             let up = b.matmul(&xs, &b.load_matrix(&expert.up)?)?;
             let y = b.matmul(&b.silu_mul(&gate, &up)?, &b.load_matrix(&expert.down)?)?;
             b.scatter_add_rows(&mut out, &y, &rows, &weights)?;
+            clock.charge(times, Phase::ExpertCompute);
         }
         if let Some((mlp, gate)) = &self.shared {
             let mut shared = mlp.forward(b, x)?;
             b.mul_sigmoid(&mut shared, &b.matmul(x, gate)?)?;
             b.add_assign(&mut out, &shared)?;
+            clock.charge(times, Phase::ExpertCompute);
         }
         Ok(out)
     }
@@ -123,12 +120,7 @@ impl<B: Backend> SparseMoe<B> {
 pub struct DenseMlp<B: Backend>(SwiGlu<B>);
 
 impl<B: Backend> DenseMlp<B> {
-    pub fn load(
-        backend: &B,
-        cfg: &ModelConfig,
-        src: &dyn WeightSource,
-        layer: usize,
-    ) -> Result<Self> {
+    pub fn load(backend: &B, cfg: &ModelConfig, src: &dyn WeightSource, layer: usize) -> Result<Self> {
         let names = [W::MlpGateProj, W::MlpUpProj, W::MlpDownProj];
         Ok(DenseMlp(SwiGlu::load(
             backend,

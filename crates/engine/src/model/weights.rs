@@ -79,11 +79,37 @@ impl ExpertView {
     }
 }
 
+/// An expert on its way: ready now, or arriving from storage.
+pub struct PendingExpert(PendingInner);
+
+enum PendingInner {
+    Ready(Box<ExpertView>),
+    Deferred(Box<dyn FnOnce() -> Result<ExpertView> + Send>),
+}
+
+impl PendingExpert {
+    pub fn ready(view: ExpertView) -> Self {
+        PendingExpert(PendingInner::Ready(Box::new(view)))
+    }
+
+    pub fn deferred(wait: impl FnOnce() -> Result<ExpertView> + Send + 'static) -> Self {
+        PendingExpert(PendingInner::Deferred(Box::new(wait)))
+    }
+
+    /// Blocks until the expert's bytes are in memory.
+    pub fn wait(self) -> Result<ExpertView> {
+        match self.0 {
+            PendingInner::Ready(view) => Ok(*view),
+            PendingInner::Deferred(wait) => wait(),
+        }
+    }
+}
+
 /// The routed experts of one layer.
 pub trait ExpertSource: Send + Sync {
     fn num_experts(&self) -> usize;
-    /// Expert `index`, already checked against the configured shapes.
-    fn expert(&self, index: usize) -> Result<ExpertView>;
+    /// Starts fetching `experts` (all in flight together) and returns them in that order.
+    fn fetch(&self, experts: &[usize]) -> Result<Vec<PendingExpert>>;
 }
 
 /// Supplies weights in canonical form.

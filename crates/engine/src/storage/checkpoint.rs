@@ -97,12 +97,16 @@ impl Checkpoint {
     }
 
     pub fn require(&self, name: &str) -> Result<&TensorEntry> {
-        self.get(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.into() })
+        self.get(name).ok_or_else(|| Error::MissingTensor { name: name.into() })
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// The files the tensors live in.
+    pub fn files(&self) -> BTreeSet<&PathBuf> {
+        self.tensors.values().map(|t| &t.file).collect()
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -114,11 +118,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json {
-                path: index.clone(),
-                source,
-            })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            error: source,
+        })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -160,12 +163,10 @@ fn read_file(path: &Path) -> Result<Vec<TensorEntry>> {
         message,
     };
     let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| match e {
-        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::HeaderTooSmall => {
-            invalid(format!(
-                "the file is truncated or incomplete ({} bytes; its header describes more)",
-                map.len()
-            ))
-        }
+        SafeTensorError::MetadataIncompleteBuffer | SafeTensorError::HeaderTooSmall => invalid(format!(
+            "the file is truncated or incomplete ({} bytes; its header describes more)",
+            map.len()
+        )),
         e => invalid(e.to_string()),
     })?;
     let data_start = 8 + header_len;

@@ -9,17 +9,20 @@
 //!   `mlp.switch_mlp.*`, affine quantization with per-module bits and group size.
 //! - Qwen3-Next's fused `in_proj_qkvz` / `in_proj_ba`, split here into Qwen3.5's form.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::checkpoint::{Checkpoint, DType, TensorEntry};
-use super::experts::{ExpertLayout, StackedMatrix, TableExperts};
+use super::experts::{CheckpointExperts, MatrixParts, PartSource};
+use super::io::SourceFile;
 use super::quant::{Encoding, MatrixView, floats_to_vec};
+use super::store::ExpertStore;
 use crate::error::{Error, Result};
 use crate::model::config::{Family, ModelConfig};
-use crate::model::weights::{ExpertSource, ExpertView, LayerWeight as W, Weight, WeightSource};
+use crate::model::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
 
 /// Affine quantization settings of an MLX checkpoint: a default plus per-module overrides.
 #[derive(Clone, Debug, Default)]
@@ -35,7 +38,7 @@ impl QuantSettings {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let root: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.clone(),
-            source,
+            error: source,
         })?;
         let Some(q) = root
             .get("quantization")
@@ -44,23 +47,14 @@ impl QuantSettings {
         else {
             return Ok(QuantSettings::default());
         };
-        if let Some(mode) = q
-            .get("mode")
-            .and_then(Value::as_str)
-            .filter(|m| *m != "affine")
-        {
+        if let Some(mode) = q.get("mode").and_then(Value::as_str).filter(|m| *m != "affine") {
             return Err(Error::InvalidField {
                 path,
                 field: "quantization.mode".into(),
                 message: format!("`{mode}` is not supported (only affine)"),
             });
         }
-        let params = |v: &Value| {
-            Some((
-                v.get("bits")?.as_u64()? as u32,
-                v.get("group_size")?.as_u64()? as usize,
-            ))
-        };
+        let params = |v: &Value| Some((v.get("bits")?.as_u64()? as u32, v.get("group_size")?.as_u64()? as usize));
         Ok(QuantSettings {
             default: params(&Value::Object(q.clone())),
             overrides: q.clone(),
@@ -69,12 +63,7 @@ impl QuantSettings {
 
     /// `(bits, group_size)` for the module at `path`.
     fn for_module(&self, path: &str) -> Option<(u32, usize)> {
-        let params = |v: &Value| {
-            Some((
-                v.get("bits")?.as_u64()? as u32,
-                v.get("group_size")?.as_u64()? as usize,
-            ))
-        };
+        let params = |v: &Value| Some((v.get("bits")?.as_u64()? as u32, v.get("group_size")?.as_u64()? as usize));
         self.overrides.get(path).and_then(params).or(self.default)
     }
 }
@@ -91,24 +80,35 @@ pub struct CheckpointWeights {
     /// True when norms are stored zero-centred (HF) and need `1 + w`.
     zero_centred_norms: bool,
     layout_name: &'static str,
+    store: Arc<ExpertStore>,
+    files: HashMap<PathBuf, Arc<SourceFile>>,
+}
+
+/// A matrix as stored: its tensors, checked against the expected shape, and its encoding.
+/// `lead` is `[num_experts]` for stacked experts, empty otherwise.
+struct StoredMatrix<'a> {
+    key: String,
+    encoding: Encoding,
+    data: &'a TensorEntry,
+    scales: Option<(&'a TensorEntry, &'a TensorEntry)>,
 }
 
 impl CheckpointWeights {
-    pub fn open(dir: &Path, config: &ModelConfig) -> Result<Self> {
+    /// Opens the checkpoint in `dir`; routed experts are fetched through `store`.
+    pub fn open(dir: &Path, config: &ModelConfig, store: Arc<ExpertStore>) -> Result<Self> {
         let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let mut files = HashMap::new();
+        for path in ckpt.files() {
+            files.insert(path.clone(), SourceFile::open(path)?);
+        }
         let quant = QuantSettings::from_config(dir)?;
-        let prefix = [
-            "language_model.model.",
-            "model.language_model.",
-            "model.",
-            "",
-        ]
-        .into_iter()
-        .find(|p| ckpt.contains(&format!("{p}embed_tokens.weight")))
-        .ok_or_else(|| Error::MissingTensor {
-            name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
-        })?
-        .to_string();
+        let prefix = ["language_model.model.", "model.language_model.", "model.", ""]
+            .into_iter()
+            .find(|p| ckpt.contains(&format!("{p}embed_tokens.weight")))
+            .ok_or_else(|| Error::MissingTensor {
+                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+            })?
+            .to_string();
         let lm_head = ["language_model.lm_head", "lm_head"]
             .into_iter()
             .find(|p| ckpt.contains(&format!("{p}.weight")))
@@ -133,6 +133,8 @@ impl CheckpointWeights {
             lm_head,
             zero_centred_norms,
             layout_name,
+            store,
+            files,
         })
     }
 
@@ -141,8 +143,7 @@ impl CheckpointWeights {
         match weight {
             Weight::Embed => format!("{p}embed_tokens"),
             Weight::LmHead
-                if self.config.tie_word_embeddings
-                    && !self.ckpt.contains(&format!("{}.weight", self.lm_head)) =>
+                if self.config.tie_word_embeddings && !self.ckpt.contains(&format!("{}.weight", self.lm_head)) =>
             {
                 format!("{p}embed_tokens")
             }
@@ -161,47 +162,87 @@ impl CheckpointWeights {
         }
     }
 
-    /// A matrix stored under `module`, dense or affine-quantized, shape-checked.
-    fn load_matrix(&self, module: &str, rows: usize, cols: usize) -> Result<MatrixView> {
+    /// The tensors of the matrix stored under `module`, dense or affine-quantized, checked
+    /// against the shape `lead + [rows, cols]`.
+    fn stored_matrix(&self, module: &str, lead: &[usize], rows: usize, cols: usize) -> Result<StoredMatrix<'_>> {
         let key = format!("{module}.weight");
         let entry = self.ckpt.require(&key)?;
+        let shape = |inner: usize| [lead, &[rows, inner]].concat();
         match self.ckpt.get(&format!("{module}.scales")) {
             None => {
-                expect_shape(entry, &[rows, cols])?;
-                let dtype = float_dtype(entry)?;
-                MatrixView::dense(&key, rows, cols, dtype, entry.data.clone())
+                expect_shape(entry, &shape(cols))?;
+                Ok(StoredMatrix {
+                    key,
+                    encoding: Encoding::Dense(float_dtype(entry)?),
+                    data: entry,
+                    scales: None,
+                })
             }
             Some(scales) => {
                 let (bits, group) = self.quant_params(module)?;
-                expect_shape(entry, &[rows, cols * bits as usize / 32])?;
-                expect_shape(scales, &[rows, cols / group])?;
+                expect_shape(entry, &shape(cols * bits as usize / 32))?;
+                expect_shape(scales, &shape(cols / group))?;
                 let biases = self.ckpt.require(&format!("{module}.biases"))?;
-                expect_shape(biases, &[rows, cols / group])?;
+                expect_shape(biases, &shape(cols / group))?;
                 expect_u32(entry)?;
-                let sd = float_dtype(scales)?;
-                MatrixView::affine(
-                    &key,
-                    rows,
-                    cols,
-                    bits,
-                    group,
-                    sd,
-                    entry.data.clone(),
-                    scales.data.clone(),
-                    biases.data.clone(),
-                )
+                Ok(StoredMatrix {
+                    key,
+                    encoding: Encoding::Affine {
+                        bits,
+                        group_size: group,
+                        scale_dtype: float_dtype(scales)?,
+                    },
+                    data: entry,
+                    scales: Some((scales, biases)),
+                })
             }
         }
     }
 
+    /// A matrix stored under `module`, memory-mapped.
+    fn load_matrix(&self, module: &str, rows: usize, cols: usize) -> Result<MatrixView> {
+        let m = self.stored_matrix(module, &[], rows, cols)?;
+        match (m.encoding, m.scales) {
+            (
+                Encoding::Affine {
+                    bits,
+                    group_size,
+                    scale_dtype,
+                },
+                Some((s, b)),
+            ) => MatrixView::affine(
+                &m.key,
+                rows,
+                cols,
+                bits,
+                group_size,
+                scale_dtype,
+                m.data.data.clone(),
+                s.data.clone(),
+                b.data.clone(),
+            ),
+            (encoding, _) => MatrixView {
+                name: m.key,
+                rows,
+                cols,
+                encoding,
+                data: m.data.data.clone(),
+                scales: None,
+                biases: None,
+            }
+            .validated(),
+        }
+    }
+
     fn quant_params(&self, module: &str) -> Result<(u32, usize)> {
-        self.quant
-            .for_module(module)
-            .ok_or_else(|| Error::Quantization {
-                name: format!("{module}.weight"),
-                message: "quantized tensor but config.json has no `quantization` bits/group_size"
-                    .into(),
-            })
+        self.quant.for_module(module).ok_or_else(|| Error::Quantization {
+            name: format!("{module}.weight"),
+            message: "quantized tensor but config.json has no `quantization` bits/group_size".into(),
+        })
+    }
+
+    fn source_file(&self, entry: &TensorEntry) -> Arc<SourceFile> {
+        Arc::clone(&self.files[&entry.file])
     }
 
     /// Qwen3-Next: one of the projections packed, per key head, into `in_proj_qkvz` / `in_proj_ba`.
@@ -236,93 +277,133 @@ impl CheckpointWeights {
         Ok(fused.select_rows(&rows, &format!("{base}.{module}.weight ({w:?} rows)")))
     }
 
-    fn stacked(
+    /// All experts of a layer stacked in the tensor of `module` (MLX `switch_mlp`).
+    fn stacked_parts(&self, module: &str, experts: usize, rows: usize, cols: usize) -> Result<MatrixParts> {
+        let m = self.stored_matrix(module, &[experts], rows, cols)?;
+        let stacked = |entry: &TensorEntry| PartSource::Stacked {
+            file: self.source_file(entry),
+            base: entry.offset,
+            stride: (entry.data.len() / experts) as u64,
+            inner: 0,
+        };
+        Ok(MatrixParts {
+            name: m.key.clone(),
+            rows,
+            cols,
+            encoding: m.encoding,
+            data: stacked(m.data),
+            scales: m.scales.map(|(s, b)| (stacked(s), stacked(b))),
+        })
+    }
+
+    /// One tensor per expert (`experts.E.gate_proj.weight`).
+    fn per_expert_parts(
         &self,
-        module: &str,
+        base: &str,
+        proj: &str,
         experts: usize,
         rows: usize,
         cols: usize,
-    ) -> Result<StackedMatrix> {
-        let key = format!("{module}.weight");
-        let entry = self.ckpt.require(&key)?;
-        match self.ckpt.get(&format!("{module}.scales")) {
-            None => {
-                expect_shape(entry, &[experts, rows, cols])?;
-                StackedMatrix::dense(
-                    &key,
-                    experts,
-                    rows,
-                    cols,
-                    float_dtype(entry)?,
-                    entry.data.clone(),
-                )
+    ) -> Result<MatrixParts> {
+        let mut data = Vec::with_capacity(experts);
+        let mut scales = Vec::new();
+        let mut biases = Vec::new();
+        let mut encoding = None;
+        for e in 0..experts {
+            let m = self.stored_matrix(&format!("{base}.experts.{e}.{proj}"), &[], rows, cols)?;
+            if encoding.is_some_and(|enc| enc != m.encoding) {
+                return Err(Error::Quantization {
+                    name: m.key,
+                    message: "experts of one layer are stored with different encodings".into(),
+                });
             }
-            Some(scales) => {
-                let (bits, group) = self.quant_params(module)?;
-                expect_shape(entry, &[experts, rows, cols * bits as usize / 32])?;
-                expect_shape(scales, &[experts, rows, cols / group])?;
-                let biases = self.ckpt.require(&format!("{module}.biases"))?;
-                expect_shape(biases, &[experts, rows, cols / group])?;
-                expect_u32(entry)?;
-                let encoding = Encoding::Affine {
-                    bits,
-                    group_size: group,
-                    scale_dtype: float_dtype(scales)?,
-                };
-                StackedMatrix::affine(&key, experts, rows, cols, encoding, entry, scales, biases)
+            encoding = Some(m.encoding);
+            data.push((self.source_file(m.data), m.data.offset));
+            if let Some((s, b)) = m.scales {
+                scales.push((self.source_file(s), s.offset));
+                biases.push((self.source_file(b), b.offset));
             }
         }
+        Ok(MatrixParts {
+            name: format!("{base}.experts.*.{proj}.weight"),
+            rows,
+            cols,
+            encoding: encoding.unwrap_or(Encoding::Dense(DType::F32)),
+            data: PartSource::PerExpert(data),
+            scales: (!scales.is_empty()).then(|| (PartSource::PerExpert(scales), PartSource::PerExpert(biases))),
+        })
     }
 
-    fn expert_layout(&self, layer: usize) -> Result<ExpertLayout> {
+    fn expert_locator(&self, layer: usize) -> Result<CheckpointExperts> {
         let m = &self.config.moe;
-        let (h, i, e) = (
-            self.config.hidden_size,
-            m.expert_intermediate,
-            m.num_experts,
-        );
+        let (h, i, e) = (self.config.hidden_size, m.expert_intermediate, m.num_experts);
         let base = format!("{}layers.{layer}.mlp", self.prefix);
-        if self
-            .ckpt
-            .contains(&format!("{base}.switch_mlp.gate_proj.weight"))
-        {
-            return Ok(ExpertLayout::Stacked {
-                gate: self.stacked(&format!("{base}.switch_mlp.gate_proj"), e, i, h)?,
-                up: self.stacked(&format!("{base}.switch_mlp.up_proj"), e, i, h)?,
-                down: self.stacked(&format!("{base}.switch_mlp.down_proj"), e, h, i)?,
-            });
+        if self.ckpt.contains(&format!("{base}.switch_mlp.gate_proj.weight")) {
+            let parts = [
+                self.stacked_parts(&format!("{base}.switch_mlp.gate_proj"), e, i, h)?,
+                self.stacked_parts(&format!("{base}.switch_mlp.up_proj"), e, i, h)?,
+                self.stacked_parts(&format!("{base}.switch_mlp.down_proj"), e, h, i)?,
+            ];
+            return Ok(CheckpointExperts::new(e, parts));
         }
         if self.ckpt.contains(&format!("{base}.experts.gate_up_proj")) {
             let gate_up = self.ckpt.require(&format!("{base}.experts.gate_up_proj"))?;
-            let down = self.ckpt.require(&format!("{base}.experts.down_proj"))?;
             expect_shape(gate_up, &[e, 2 * i, h])?;
-            expect_shape(down, &[e, h, i])?;
-            let (gu_type, down_type) = (float_dtype(gate_up)?, float_dtype(down)?);
-            let (gate, up) =
-                StackedMatrix::split_fused(&gate_up.name, e, i, h, gu_type, gate_up.data.clone())?;
-            let down = StackedMatrix::dense(&down.name, e, h, i, down_type, down.data.clone())?;
-            return Ok(ExpertLayout::Stacked { gate, up, down });
+            let dtype = float_dtype(gate_up)?;
+            let half = (i * h * dtype.size()) as u64;
+            let part = |inner| PartSource::Stacked {
+                file: self.source_file(gate_up),
+                base: gate_up.offset,
+                stride: 2 * half,
+                inner,
+            };
+            let matrix = |name: &str, data| MatrixParts {
+                name: format!("{} ({name} rows)", gate_up.name),
+                rows: i,
+                cols: h,
+                encoding: Encoding::Dense(dtype),
+                data,
+                scales: None,
+            };
+            let down = self.stacked_parts_unsuffixed(&format!("{base}.experts.down_proj"), e, h, i)?;
+            return Ok(CheckpointExperts::new(
+                e,
+                [matrix("gate", part(0)), matrix("up", part(half)), down],
+            ));
         }
-        let experts = (0..e)
-            .map(|x| {
-                let module = |p: &str| format!("{base}.experts.{x}.{p}");
-                Ok(ExpertView {
-                    gate: self.load_matrix(&module("gate_proj"), i, h)?,
-                    up: self.load_matrix(&module("up_proj"), i, h)?,
-                    down: self.load_matrix(&module("down_proj"), h, i)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ExpertLayout::PerExpert(experts))
+        let parts = [
+            self.per_expert_parts(&base, "gate_proj", e, i, h)?,
+            self.per_expert_parts(&base, "up_proj", e, i, h)?,
+            self.per_expert_parts(&base, "down_proj", e, h, i)?,
+        ];
+        Ok(CheckpointExperts::new(e, parts))
+    }
+
+    /// HF's fused `experts.down_proj` `[E, H, I]` (a parameter, no `.weight` suffix).
+    fn stacked_parts_unsuffixed(&self, key: &str, experts: usize, rows: usize, cols: usize) -> Result<MatrixParts> {
+        let entry = self.ckpt.require(key)?;
+        expect_shape(entry, &[experts, rows, cols])?;
+        let dtype = float_dtype(entry)?;
+        Ok(MatrixParts {
+            name: key.into(),
+            rows,
+            cols,
+            encoding: Encoding::Dense(dtype),
+            data: PartSource::Stacked {
+                file: self.source_file(entry),
+                base: entry.offset,
+                stride: (rows * cols * dtype.size()) as u64,
+                inner: 0,
+            },
+            scales: None,
+        })
     }
 }
 
 impl WeightSource for CheckpointWeights {
     fn matrix(&self, weight: Weight, rows: usize, cols: usize) -> Result<MatrixView> {
-        if let (
-            Family::Qwen3Next,
-            Weight::Layer(l, w @ (W::InProjQkv | W::InProjZ | W::InProjB | W::InProjA)),
-        ) = (self.family, weight)
+        if let (Family::Qwen3Next, Weight::Layer(l, w @ (W::InProjQkv | W::InProjZ | W::InProjB | W::InProjA))) =
+            (self.family, weight)
         {
             return self.fused_projection(l, w);
         }
@@ -340,10 +421,7 @@ impl WeightSource for CheckpointWeights {
                 found: entry.shape.clone(),
             });
         }
-        if self
-            .ckpt
-            .contains(&format!("{}.scales", self.module(weight)))
-        {
+        if self.ckpt.contains(&format!("{}.scales", self.module(weight))) {
             return Err(Error::Quantization {
                 name: key,
                 message: "a quantized vector weight is not supported".into(),
@@ -352,8 +430,7 @@ impl WeightSource for CheckpointWeights {
         let mut values = floats_to_vec(entry.data.bytes(), float_dtype(entry)?);
         let zero_centred = matches!(
             weight,
-            Weight::FinalNorm
-                | Weight::Layer(_, W::InputNorm | W::PostAttentionNorm | W::QNorm | W::KNorm)
+            Weight::FinalNorm | Weight::Layer(_, W::InputNorm | W::PostAttentionNorm | W::QNorm | W::KNorm)
         );
         if zero_centred && self.zero_centred_norms {
             // Shifted in f32: rounding 1 + w to the checkpoint dtype would change the model.
@@ -363,15 +440,11 @@ impl WeightSource for CheckpointWeights {
     }
 
     fn experts(&self, layer: usize) -> Result<Arc<dyn ExpertSource>> {
-        Ok(Arc::new(TableExperts::new(self.expert_layout(layer)?)))
+        Ok(self.store.layer(layer, Arc::new(self.expert_locator(layer)?)))
     }
 
     fn describe(&self) -> String {
-        format!(
-            "{} checkpoint, {}",
-            self.layout_name,
-            self.ckpt.dir.display()
-        )
+        format!("{} checkpoint, {}", self.layout_name, self.ckpt.dir.display())
     }
 }
 
@@ -415,9 +488,7 @@ fn norms_are_zero_centred(ckpt: &Checkpoint, prefix: &str, config: &ModelConfig)
         .position(|k| *k == crate::model::config::LayerKind::LinearAttention)
         .and_then(|i| ckpt.get(&format!("{prefix}layers.{i}.linear_attn.conv1d.weight")));
     match conv {
-        Some(entry) => {
-            !(entry.shape.len() == 3 && entry.shape[2] == 1 && config.linear.conv_kernel != 1)
-        }
+        Some(entry) => !(entry.shape.len() == 3 && entry.shape[2] == 1 && config.linear.conv_kernel != 1),
         None => !ckpt.names().any(|n| n.ends_with(".scales")),
     }
 }

@@ -5,6 +5,8 @@
 pub mod blob;
 pub mod checkpoint;
 pub mod experts;
+pub mod io;
 pub mod layout;
 pub mod npy;
 pub mod quant;
+pub mod store;

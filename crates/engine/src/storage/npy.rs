@@ -33,8 +33,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 /// Reads a little-endian f32 `.npy` array in C order: `(shape, values)`.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad =
-        |m: &str| Error::InvalidInput(format!("{}: not a f32 .npy file ({m})", path.display()));
+    let bad = |m: &str| Error::InvalidInput(format!("{}: not a f32 .npy file ({m})", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("no magic"));
     }
@@ -46,12 +45,8 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
         ),
         _ => return Err(bad("unknown version")),
     };
-    let header = std::str::from_utf8(
-        bytes
-            .get(start..start + len)
-            .ok_or_else(|| bad("short header"))?,
-    )
-    .map_err(|_| bad("header is not text"))?;
+    let header = std::str::from_utf8(bytes.get(start..start + len).ok_or_else(|| bad("short header"))?)
+        .map_err(|_| bad("header is not text"))?;
     if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
         return Err(bad("expected '<f4' in C order"));
     }

@@ -27,9 +27,7 @@ impl Encoding {
     pub fn label(&self) -> String {
         match self {
             Encoding::Dense(d) => d.name().to_ascii_lowercase(),
-            Encoding::Affine {
-                bits, group_size, ..
-            } => format!("q{bits}/g{group_size}"),
+            Encoding::Affine { bits, group_size, .. } => format!("q{bits}/g{group_size}"),
         }
     }
 }
@@ -94,6 +92,12 @@ impl MatrixView {
         Ok(m)
     }
 
+    /// Checks the sizes of a matrix built field by field.
+    pub fn validated(self) -> Result<Self> {
+        self.validate()?;
+        Ok(self)
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |message: String| Error::Quantization {
             name: self.name.clone(),
@@ -102,10 +106,7 @@ impl MatrixView {
         match self.encoding {
             Encoding::Dense(d) => {
                 if !matches!(d, DType::F32 | DType::F16 | DType::BF16) {
-                    return Err(bad(format!(
-                        "dense weights must be f32, f16 or bf16, not {}",
-                        d.name()
-                    )));
+                    return Err(bad(format!("dense weights must be f32, f16 or bf16, not {}", d.name())));
                 }
             }
             Encoding::Affine {
@@ -118,10 +119,7 @@ impl MatrixView {
                         "{bits}-bit affine is not supported (supported: 2, 3, 4, 5, 6, 8)"
                     )));
                 }
-                if group_size == 0
-                    || self.cols % group_size != 0
-                    || (group_size * bits as usize) % 8 != 0
-                {
+                if group_size == 0 || self.cols % group_size != 0 || (group_size * bits as usize) % 8 != 0 {
                     return Err(bad(format!(
                         "group size {group_size} does not divide the {} input columns into whole bytes",
                         self.cols
@@ -166,9 +164,7 @@ impl MatrixView {
 
     /// All bytes the matrix occupies: codes, scales and biases.
     pub fn storage_bytes(&self) -> usize {
-        self.data.len()
-            + self.scales.as_ref().map_or(0, Blob::len)
-            + self.biases.as_ref().map_or(0, Blob::len)
+        self.data.len() + self.scales.as_ref().map_or(0, Blob::len) + self.biases.as_ref().map_or(0, Blob::len)
     }
 
     /// Decodes row `r` into `out` (length `cols`) as f32.
@@ -185,10 +181,8 @@ impl MatrixView {
             } => {
                 let groups = self.groups_per_row();
                 let gb = groups * scale_dtype.size();
-                let scales =
-                    &self.scales.as_ref().map_or(&[][..], Blob::bytes)[r * gb..(r + 1) * gb];
-                let biases =
-                    &self.biases.as_ref().map_or(&[][..], Blob::bytes)[r * gb..(r + 1) * gb];
+                let scales = &self.scales.as_ref().map_or(&[][..], Blob::bytes)[r * gb..(r + 1) * gb];
+                let biases = &self.biases.as_ref().map_or(&[][..], Blob::bytes)[r * gb..(r + 1) * gb];
                 let group_bytes = group_size * bits as usize / 8;
                 for g in 0..groups {
                     let scale = read_float(scales, scale_dtype, g);
@@ -268,18 +262,11 @@ fn unpack_codes(codes: &[u8], bits: u32, out: &mut [f32]) {
 /// Reads element `i` of a float array stored as `dtype`.
 pub fn read_float(bytes: &[u8], dtype: DType, i: usize) -> f32 {
     match dtype {
-        DType::F32 | DType::U32 => f32::from_le_bytes([
-            bytes[4 * i],
-            bytes[4 * i + 1],
-            bytes[4 * i + 2],
-            bytes[4 * i + 3],
-        ]),
-        DType::BF16 => {
-            half::bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+        DType::F32 | DType::U32 => {
+            f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
         }
-        DType::F16 => {
-            half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
-        }
+        DType::BF16 => half::bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+        DType::F16 => half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
     }
 }
 
@@ -346,12 +333,7 @@ mod tests {
         let codes: Vec<u32> = (0..128u32).map(|i| i % 16).collect();
         let data = Blob::from_vec(pack(&codes, 4));
         let scales = Blob::from_vec([0.5f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect());
-        let biases = Blob::from_vec(
-            [1.0f32, -3.0]
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-        );
+        let biases = Blob::from_vec([1.0f32, -3.0].iter().flat_map(|v| v.to_le_bytes()).collect());
         let m = MatrixView::affine("w", 1, 128, 4, 64, DType::F32, data, scales, biases).unwrap();
         let mut row = vec![0.0; 128];
         m.dequantize_row(0, &mut row);
@@ -366,8 +348,7 @@ mod tests {
         assert!(err.to_string().contains("layer.w"), "{err}");
         let data = Blob::from_vec(vec![0; 64]);
         let s = Blob::from_vec(vec![0; 4]);
-        let err =
-            MatrixView::affine("q.w", 1, 128, 7, 64, DType::F32, data, s.clone(), s).unwrap_err();
+        let err = MatrixView::affine("q.w", 1, 128, 7, 64, DType::F32, data, s.clone(), s).unwrap_err();
         assert!(err.to_string().contains("7-bit"), "{err}");
     }
 }

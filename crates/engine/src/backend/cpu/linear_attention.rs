@@ -99,8 +99,7 @@ pub fn gated_delta_rule(
     let mut out = vec![0.0f32; t_len * nv * dv];
     for (h, head) in per_head.iter().enumerate() {
         for t in 0..t_len {
-            out[t * nv * dv + h * dv..t * nv * dv + (h + 1) * dv]
-                .copy_from_slice(&head[t * dv..(t + 1) * dv]);
+            out[t * nv * dv + h * dv..t * nv * dv + (h + 1) * dv].copy_from_slice(&head[t * dv..(t + 1) * dv]);
         }
     }
     CpuTensor::new(t_len, nv * dv, out)

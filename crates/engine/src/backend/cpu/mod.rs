@@ -89,9 +89,7 @@ impl Backend for CpuBackend {
 
     fn append_rows(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
         if dst.cols != src.cols {
-            return Err(Error::InvalidInput(
-                "append_rows: column counts differ".into(),
-            ));
+            return Err(Error::InvalidInput("append_rows: column counts differ".into()));
         }
         dst.data.extend_from_slice(&src.data);
         dst.rows += src.rows;
@@ -155,12 +153,7 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(gate.rows, gate.cols, data))
     }
 
-    fn split_query_gate(
-        &self,
-        qg: &CpuTensor,
-        num_heads: usize,
-        head_dim: usize,
-    ) -> Result<(CpuTensor, CpuTensor)> {
+    fn split_query_gate(&self, qg: &CpuTensor, num_heads: usize, head_dim: usize) -> Result<(CpuTensor, CpuTensor)> {
         if qg.cols != num_heads * head_dim * 2 {
             return Err(Error::InvalidInput(
                 "split_query_gate: width is not heads * 2 * head_dim".into(),
@@ -169,14 +162,7 @@ impl Backend for CpuBackend {
         Ok(attention::split_query_gate(qg, head_dim))
     }
 
-    fn rope(
-        &self,
-        x: &mut CpuTensor,
-        head_dim: usize,
-        rotary_dim: usize,
-        theta: f64,
-        pos0: usize,
-    ) -> Result<()> {
+    fn rope(&self, x: &mut CpuTensor, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()> {
         attention::rope(x, head_dim, rotary_dim, theta, pos0);
         Ok(())
     }
@@ -197,12 +183,7 @@ impl Backend for CpuBackend {
         Ok(attention::attention(q, keys, values, shape, pos0))
     }
 
-    fn causal_conv1d_silu(
-        &self,
-        x: &CpuTensor,
-        weight: &CpuTensor,
-        state: &mut CpuTensor,
-    ) -> Result<CpuTensor> {
+    fn causal_conv1d_silu(&self, x: &CpuTensor, weight: &CpuTensor, state: &mut CpuTensor) -> Result<CpuTensor> {
         if weight.rows != x.cols || state.cols != x.cols || state.rows + 1 != weight.cols {
             return Err(Error::InvalidInput(
                 "causal_conv1d: weight, state and input disagree".into(),
@@ -243,13 +224,7 @@ impl Backend for CpuBackend {
         ))
     }
 
-    fn gated_rms_norm(
-        &self,
-        x: &CpuTensor,
-        z: &CpuTensor,
-        weight: &CpuTensor,
-        eps: f32,
-    ) -> Result<CpuTensor> {
+    fn gated_rms_norm(&self, x: &CpuTensor, z: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         same_shape("gated_rms_norm", x, z)?;
         Ok(norm::gated_rms_norm(x, z, &weight.data, eps))
     }
@@ -266,17 +241,9 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows.len(), x.cols, data))
     }
 
-    fn scatter_add_rows(
-        &self,
-        out: &mut CpuTensor,
-        y: &CpuTensor,
-        rows: &[usize],
-        weights: &[f32],
-    ) -> Result<()> {
+    fn scatter_add_rows(&self, out: &mut CpuTensor, y: &CpuTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
         if y.cols != out.cols || y.rows != rows.len() || weights.len() != rows.len() {
-            return Err(Error::InvalidInput(
-                "scatter_add_rows: shapes disagree".into(),
-            ));
+            return Err(Error::InvalidInput("scatter_add_rows: shapes disagree".into()));
         }
         for ((&r, &w), src) in rows.iter().zip(weights).zip(y.data.chunks_exact(y.cols)) {
             let cols = out.cols;

@@ -32,10 +32,7 @@ mod tests {
     fn picks_the_largest_and_renormalises() {
         let logits = CpuTensor::new(1, 4, vec![0.0, 2.0, 1.0, 2.0]);
         let routes = route_top_k(&logits, 2, true);
-        assert_eq!(
-            routes[0].iter().map(|r| r.0).collect::<Vec<_>>(),
-            vec![1, 3]
-        );
+        assert_eq!(routes[0].iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 3]);
         assert!((routes[0][0].1 - 0.5).abs() < 1e-6);
         let raw = route_top_k(&logits, 2, false);
         let e2 = 2f32.exp();

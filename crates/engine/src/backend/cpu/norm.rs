@@ -23,10 +23,7 @@ pub fn rms_norm(x: &CpuTensor, weight: &[f32], eps: f32) -> CpuTensor {
     let mut out = x.data.clone();
     out.par_chunks_mut(weight.len()).for_each(|group| {
         let s = inv_rms(group, eps);
-        group
-            .iter_mut()
-            .zip(weight)
-            .for_each(|(v, w)| *v = *v * s * w);
+        group.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * s * w);
     });
     CpuTensor::new(x.rows, x.cols, out)
 }
