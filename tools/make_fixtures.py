@@ -308,6 +308,14 @@ def hf_qwen3next_sharded(root):
     real_qwen3next_config(out, 2)
     ids = token_ids(256, 103)
     write_reference(out, ids, *hf_reference(model, ids), "transformers", "sharded; dense layer 1; norm_topk_prob false")
+    # What `flash-moe convert --expert-bits 4 --dense-bits 4` must reproduce: mlx-lm's own
+    # 4-bit conversion of this checkpoint (f32, so both sides quantize the same values).
+    with tempfile.TemporaryDirectory() as tmp:
+        q4 = Path(tmp) / "q4"
+        mlx_convert(out, q4, "float32", q_bits=4, q_group_size=64)
+        full, _ = mlx_reference(q4, ids)
+    np.save(out / "reference-mlx-q4-full.npy", full)
+    print(f"  {out.name}: + mlx-lm logits of its own 4-bit conversion")
 
 
 def mlx_qwen35(root, name, seed, dtype, tokenizer=None, **quant):

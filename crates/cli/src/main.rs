@@ -30,6 +30,10 @@ enum Command {
     Tokenize(commands::tokenize::Args),
     /// Describe a model: architecture, parameters, bytes, quantization.
     Inspect(commands::inspect::Args),
+    /// Convert a downloaded HF or MLX checkpoint to the packed layout (one read per expert).
+    Convert(commands::convert::Args),
+    /// Check every file and expert record of a packed model against its manifest.
+    Verify(commands::convert::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,5 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(args) => commands::logits::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
+        Command::Convert(args) => commands::convert::run(args),
+        Command::Verify(args) => commands::convert::verify(args),
     }
 }

@@ -27,9 +27,48 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A temporary directory on the same disk as the build (not a tmpfs /tmp, where O_DIRECT
+/// fails).
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir")
+}
+
+/// The token ids a fixture's reference was computed on, comma-separated.
+pub fn fixture_ids(model: &Path) -> String {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).expect("reference.json"))
+            .expect("valid JSON");
+    let ids: Vec<String> = meta["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    ids.join(",")
+}
+
+/// Runs `flash-moe logits` and returns the .npy bytes; panics with stderr on failure.
+pub fn logits_bytes(model: &Path, ids: &str, extra: &[&str]) -> Vec<u8> {
+    let out = temp_dir();
+    let npy = out.path().join("logits.npy");
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        ids,
+        "--out",
+        npy.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let run = flash_moe(&args);
+    assert!(run.status.success(), "{}: {}", model.display(), stderr(&run));
+    std::fs::read(&npy).expect("logits written")
+}
+
 /// Copies a fixture model into a fresh temporary directory, for tests that damage it.
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = temp_dir();
     for entry in std::fs::read_dir(fixtures().join(name)).expect("fixture exists") {
         let path = entry.expect("dir entry").path();
         std::fs::copy(&path, dir.path().join(path.file_name().expect("file name"))).expect("copy");

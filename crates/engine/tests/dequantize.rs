@@ -45,3 +45,27 @@ fn matches_mlx_at_every_width_and_group_size() {
     }
     assert_eq!(checked, 18);
 }
+
+/// Our quantizer gives the codes, scales and biases `mx.quantize` gave for the same f32
+/// matrix, bit for bit.
+#[test]
+fn quantizer_matches_mx_quantize_bit_for_bit() {
+    use flash_moe_engine::storage::checkpoint::DType;
+    use flash_moe_engine::storage::quantize::quantize_affine;
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/mlx-affine-dequant");
+    let table = Checkpoint::open(&dir).unwrap();
+    let source = table.require("source").unwrap();
+    let values = floats_to_vec(source.data.bytes(), source.dtype().unwrap());
+    let cols = source.shape[1];
+    for bits in [2u32, 3, 4, 5, 6, 8] {
+        for group in [32usize, 64, 128] {
+            let key = format!("b{bits}_g{group}");
+            let q = quantize_affine(&values, cols, bits, group, DType::F32);
+            let expect = |suffix: &str| table.require(&format!("{key}.{suffix}")).unwrap().data.bytes().to_vec();
+            assert_eq!(q.scales, expect("scales"), "{key} scales");
+            assert_eq!(q.biases, expect("biases"), "{key} biases");
+            assert_eq!(q.codes, expect("weight"), "{key} codes");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! One module per subcommand; shared model options here.
 
+pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
@@ -77,4 +78,18 @@ impl ModelArgs {
         }
         Ok(model)
     }
+}
+
+/// A progress bar over `total` bytes on stderr, hidden when stderr is not a terminal.
+pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
 }

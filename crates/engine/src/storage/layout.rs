@@ -18,6 +18,7 @@ use serde_json::Value;
 use super::checkpoint::{Checkpoint, DType, TensorEntry};
 use super::experts::{CheckpointExperts, MatrixParts, PartSource};
 use super::io::SourceFile;
+use super::packed::{MANIFEST, Manifest, PackedExperts, read_manifest};
 use super::quant::{Encoding, MatrixView, floats_to_vec};
 use super::store::ExpertStore;
 use crate::error::{Error, Result};
@@ -82,6 +83,8 @@ pub struct CheckpointWeights {
     layout_name: &'static str,
     store: Arc<ExpertStore>,
     files: HashMap<PathBuf, Arc<SourceFile>>,
+    /// Set for a packed model (`flash-moe convert`): experts come from its record files.
+    packed: Option<Manifest>,
 }
 
 /// A matrix as stored: its tensors, checked against the expected shape, and its encoding.
@@ -97,6 +100,7 @@ impl CheckpointWeights {
     /// Opens the checkpoint in `dir`; routed experts are fetched through `store`.
     pub fn open(dir: &Path, config: &ModelConfig, store: Arc<ExpertStore>) -> Result<Self> {
         let ckpt = Arc::new(Checkpoint::open(dir)?);
+        let packed = read_manifest(dir)?;
         let mut files = HashMap::new();
         for path in ckpt.files() {
             files.insert(path.clone(), SourceFile::open(path)?);
@@ -119,10 +123,12 @@ impl CheckpointWeights {
             });
         }
         let zero_centred_norms = norms_are_zero_centred(&ckpt, &prefix, config);
-        let layout_name = match (zero_centred_norms, prefix.as_str()) {
-            (false, _) => "mlx",
-            (true, "model.language_model.") => "hf (model.language_model.)",
-            (true, _) => "hf",
+        let layout_name = match (&packed, zero_centred_norms, prefix.as_str()) {
+            (Some(_), false, _) => "packed (from mlx)",
+            (Some(_), true, _) => "packed (from hf)",
+            (None, false, _) => "mlx",
+            (None, true, "model.language_model.") => "hf (model.language_model.)",
+            (None, true, _) => "hf",
         };
         Ok(CheckpointWeights {
             ckpt,
@@ -135,7 +141,35 @@ impl CheckpointWeights {
             layout_name,
             store,
             files,
+            packed,
         })
+    }
+
+    /// Is this a packed model (`flash-moe convert` output)?
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.ckpt
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Is `name` a tensor of the routed experts (stored apart in a packed model)?
+    pub fn is_expert_tensor(name: &str) -> bool {
+        name.contains(".mlp.experts.") || name.contains(".mlp.switch_mlp.")
+    }
+
+    /// Tensors a text-only engine never reads: the vision tower and the MTP head.
+    pub fn is_ignored_tensor(name: &str) -> bool {
+        name.starts_with("mtp.")
+            || name.contains(".mtp.")
+            || name.starts_with("model.visual.")
+            || name.starts_with("vision_tower")
+            || name.starts_with("model.vision_tower")
     }
 
     fn module(&self, weight: Weight) -> String {
@@ -334,7 +368,8 @@ impl CheckpointWeights {
         })
     }
 
-    fn expert_locator(&self, layer: usize) -> Result<CheckpointExperts> {
+    /// Where the experts of `layer` are in the checkpoint's tensors.
+    pub fn expert_locator(&self, layer: usize) -> Result<CheckpointExperts> {
         let m = &self.config.moe;
         let (h, i, e) = (self.config.hidden_size, m.expert_intermediate, m.num_experts);
         let base = format!("{}layers.{layer}.mlp", self.prefix);
@@ -440,7 +475,19 @@ impl WeightSource for CheckpointWeights {
     }
 
     fn experts(&self, layer: usize) -> Result<Arc<dyn ExpertSource>> {
-        Ok(self.store.layer(layer, Arc::new(self.expert_locator(layer)?)))
+        let Some(manifest) = &self.packed else {
+            return Ok(self.store.layer(layer, Arc::new(self.expert_locator(layer)?)));
+        };
+        let records = manifest
+            .layers
+            .iter()
+            .find(|r| r.layer == layer)
+            .ok_or_else(|| Error::MissingTensor {
+                name: format!("experts of layer {layer} ({MANIFEST} lists none)"),
+            })?;
+        Ok(self
+            .store
+            .layer(layer, Arc::new(PackedExperts::open(&self.ckpt.dir, records)?)))
     }
 
     fn describe(&self) -> String {

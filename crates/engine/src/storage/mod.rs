@@ -4,9 +4,13 @@
 
 pub mod blob;
 pub mod checkpoint;
+pub mod convert;
 pub mod experts;
 pub mod io;
 pub mod layout;
 pub mod npy;
+pub mod packed;
 pub mod quant;
+pub mod quantize;
 pub mod store;
+pub mod write;
