@@ -34,6 +34,10 @@ enum Command {
     Convert(commands::convert::Args),
     /// Check every file and expert record of a packed model against its manifest.
     Verify(commands::convert::VerifyArgs),
+    /// Write a model with the real shapes of a known checkpoint and random weights.
+    Synth(commands::synth::Args),
+    /// Measure the disk for the decode access pattern: k random experts per layer, in parallel.
+    BenchIo(commands::bench_io::Args),
 }
 
 fn main() -> ExitCode {
@@ -62,5 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Convert(args) => commands::convert::run(args),
         Command::Verify(args) => commands::convert::verify(args),
+        Command::Synth(args) => commands::synth::run(args),
+        Command::BenchIo(args) => commands::bench_io::run(args),
     }
 }

@@ -29,10 +29,14 @@ pub struct Args {
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Print where the time went (per layer and phase), expert I/O and peak memory.
+    #[arg(long)]
+    timing: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = args.model.load()?;
+    let store = args.model.store();
+    let model = args.model.load_with(std::sync::Arc::clone(&store))?;
     let tokenizer = Tokenizer::from_dir(&args.model.model, &model.config.eos_token_ids)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
@@ -45,10 +49,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
     });
     let mut stdout = std::io::stdout().lock();
-    let stats = generate(&model, &tokenizer, &prompt, args.max_tokens, &mut sampler, |text| {
-        // A closed pipe (e.g. `| head`) ends output, not the run.
-        let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
-    })?;
+    let io = Some(store.stats());
+    let stats = generate(
+        &model,
+        &tokenizer,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        io,
+        |text: &str| {
+            // A closed pipe (e.g. `| head`) ends output, not the run.
+            let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+        },
+    )?;
     let _ = writeln!(stdout);
     eprintln!(
         "prompt: {} tokens, {:.2} tok/s | decode: {} tokens, {:.2} tok/s | backend: {}",
@@ -58,5 +71,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         stats.decode_tokens_per_second(),
         model.backend().describe(),
     );
+    if args.timing {
+        eprint!("{}", super::timing::report(&model.config, &stats));
+    }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! One module per subcommand; shared model options here.
 
+pub mod bench_io;
 pub mod convert;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod synth;
+pub mod timing;
 pub mod tokenize;
 
 use std::path::PathBuf;

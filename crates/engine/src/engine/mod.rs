@@ -1,5 +1,6 @@
 //! Sequences and generation loops on top of a loaded model.
 
+pub mod bench_io;
 pub mod inventory;
 pub mod sampler;
 
@@ -10,10 +11,11 @@ use std::time::{Duration, Instant};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::model::config::ModelConfig;
+use crate::model::profile::Profile;
 use crate::model::weights::WeightSource;
 use crate::model::{Logits, Model};
 use crate::storage::layout::CheckpointWeights;
-use crate::storage::store::{ExpertIo, ExpertStore, StoreConfig};
+use crate::storage::store::{ExpertIo, ExpertStore, IoStats, IoTotals, StoreConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use sampler::Sampler;
 
@@ -56,6 +58,12 @@ pub struct GenerationStats {
     pub prefill_time: Duration,
     pub decode_time: Duration,
     pub stop: StopReason,
+    /// Time per layer and phase, for the prompt and for the tokens after it.
+    pub prefill_profile: Profile,
+    pub decode_profile: Profile,
+    /// Expert I/O for the prompt and for the tokens after it (zero without a store).
+    pub prefill_io: IoTotals,
+    pub decode_io: IoTotals,
 }
 
 impl GenerationStats {
@@ -70,21 +78,27 @@ impl GenerationStats {
 }
 
 /// Prefills `prompt` as one batch, then samples up to `max_tokens` tokens one at a time,
-/// handing each completed piece of text to `on_text`.
+/// handing each completed piece of text to `on_text`. `io` is the expert store's counters,
+/// split into prefill and decode in the result.
 pub fn generate<B: Backend>(
     model: &Model<B>,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
+    io: Option<&IoStats>,
     mut on_text: impl FnMut(&str),
 ) -> Result<GenerationStats> {
+    let io_now = || io.map(IoStats::totals).unwrap_or_default();
+    let io_start = io_now();
     let mut state = model.new_state()?;
     let start = Instant::now();
     let mut logits = model
         .backend()
         .download(&model.forward(prompt, &mut state, Logits::Last)?)?;
     let prefill_time = start.elapsed();
+    let prefill_profile = state.profile.clone();
+    let io_prefilled = io_now();
     let start = Instant::now();
     let mut decoder = StreamDecoder::default();
     let mut generated = 0;
@@ -110,5 +124,9 @@ pub fn generate<B: Backend>(
         prefill_time,
         decode_time: start.elapsed(),
         stop,
+        decode_profile: state.profile.since(&prefill_profile),
+        prefill_profile,
+        prefill_io: io_prefilled.since(&io_start),
+        decode_io: io_now().since(&io_prefilled),
     })
 }

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod linear_attention;
 pub mod moe;
+pub mod presets;
 pub mod profile;
 pub mod weights;
 

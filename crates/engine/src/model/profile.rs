@@ -65,6 +65,15 @@ impl PhaseTimes {
             *a += b;
         }
     }
+
+    /// `self - earlier`, phase by phase.
+    pub fn since(&self, earlier: &PhaseTimes) -> PhaseTimes {
+        let mut out = *self;
+        for (a, b) in out.0.iter_mut().zip(earlier.0) {
+            *a = a.saturating_sub(b);
+        }
+        out
+    }
 }
 
 /// Per-layer phase times, plus the work outside the layers (embedding, final norm, lm_head).
@@ -82,6 +91,21 @@ impl Profile {
         Profile {
             layers: vec![PhaseTimes::default(); layers],
             ..Default::default()
+        }
+    }
+
+    /// What happened after the snapshot `earlier` of the same profile.
+    pub fn since(&self, earlier: &Profile) -> Profile {
+        Profile {
+            layers: self
+                .layers
+                .iter()
+                .zip(&earlier.layers)
+                .map(|(a, b)| a.since(b))
+                .collect(),
+            outside_layers: self.outside_layers.since(&earlier.outside_layers),
+            calls: self.calls - earlier.calls,
+            tokens: self.tokens - earlier.tokens,
         }
     }
 

@@ -16,7 +16,8 @@ use serde_json::{Map, Value, json};
 use super::checkpoint::{DType, TensorEntry};
 use super::layout::CheckpointWeights;
 use super::packed::{
-    DENSE_FILE, FORMAT, FileDigest, LayerRecords, MANIFEST, Manifest, MatrixRecord, MatrixShape, VERSION, record_layout,
+    DENSE_FILE, FORMAT, FileDigest, LayerRecords, MANIFEST, Manifest, MatrixRecord, MatrixShape, VERSION,
+    record_layout, write_layer_file,
 };
 use super::quant::{Encoding, MatrixView};
 use super::quantize::quantize_affine;
@@ -365,38 +366,13 @@ impl ConversionPlan {
             encoding: self.target(m),
         };
         let (matrices, record_bytes) = record_layout([shape(&first.gate), shape(&first.up), shape(&first.down)]);
-        let file = format!("experts/layer-{layer:03}.bin");
-        let mut out = HashingWriter::create(&tmp.join(&file))?;
-        let mut checksums = Vec::with_capacity(count);
         let source_bytes = locator.layout().record_bytes() as u64;
-        let chunk = 2 * rayon::current_num_threads().max(1);
-        for start in (0..count).step_by(chunk) {
-            let records: Vec<Vec<u8>> = (start..(start + chunk).min(count))
-                .into_par_iter()
-                .map(|e| {
-                    let expert = mapped_expert(locator.as_ref(), e)?;
-                    let record = encode_record(&expert, &matrices, record_bytes)?;
-                    progress(source_bytes);
-                    Ok(record)
-                })
-                .collect::<Result<_>>()?;
-            for record in records {
-                checksums.push(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&record)));
-                out.write(&record)?;
-            }
-        }
-        let [gate, up, down] = matrices;
-        let records = LayerRecords {
-            layer,
-            file,
-            num_experts: count,
-            record_bytes,
-            gate,
-            up,
-            down,
-            checksums,
-        };
-        Ok((records, out.finish()?))
+        write_layer_file(tmp, layer, count, matrices, record_bytes, &|e, matrices| {
+            let expert = mapped_expert(locator.as_ref(), e)?;
+            let record = encode_record(&expert, matrices, record_bytes);
+            progress(source_bytes);
+            record
+        })
     }
 }
 

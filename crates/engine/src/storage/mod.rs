@@ -13,4 +13,5 @@ pub mod packed;
 pub mod quant;
 pub mod quantize;
 pub mod store;
+pub mod synth;
 pub mod write;

@@ -22,6 +22,7 @@ use super::checkpoint::DType;
 use super::io::{DIRECT_ALIGN, SourceFile};
 use super::quant::Encoding;
 use super::store::{ExpertLocator, MatrixSlots, RecordLayout, Segment, SlotAddr};
+use super::write::HashingWriter;
 use crate::error::{Error, Result};
 
 pub const MANIFEST: &str = "flash-moe.json";
@@ -199,6 +200,55 @@ pub fn record_layout(shapes: [MatrixShape; 3]) -> ([MatrixRecord; 3], usize) {
         }
     });
     (records, pos.next_multiple_of(DIRECT_ALIGN))
+}
+
+/// Builds the bytes of expert `e`'s record for the given matrix layout.
+pub type RecordMaker<'a> = dyn Fn(usize, &[MatrixRecord; 3]) -> Result<Vec<u8>> + Sync + 'a;
+
+/// Writes the record file of one MoE layer: `count` records of `record_bytes` made by
+/// `make(expert, matrices)`, several at a time in parallel, each hashed. Returns the
+/// layer's manifest entry and the file's digest.
+pub fn write_layer_file(
+    dir: &Path,
+    layer: usize,
+    count: usize,
+    matrices: [MatrixRecord; 3],
+    record_bytes: usize,
+    make: &RecordMaker<'_>,
+) -> Result<(LayerRecords, FileDigest)> {
+    use rayon::prelude::*;
+    let file = format!("experts/layer-{layer:03}.bin");
+    let mut out = HashingWriter::create(&dir.join(&file))?;
+    let mut checksums = Vec::with_capacity(count);
+    let chunk = 2 * rayon::current_num_threads().max(1);
+    for start in (0..count).step_by(chunk) {
+        let records: Vec<Vec<u8>> = (start..(start + chunk).min(count))
+            .into_par_iter()
+            .map(|e| make(e, &matrices))
+            .collect::<Result<_>>()?;
+        for record in records {
+            if record.len() != record_bytes {
+                return Err(Error::InvalidInput(format!(
+                    "{file}: a record of {} bytes, not {record_bytes}",
+                    record.len()
+                )));
+            }
+            checksums.push(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&record)));
+            out.write(&record)?;
+        }
+    }
+    let [gate, up, down] = matrices;
+    let records = LayerRecords {
+        layer,
+        file,
+        num_experts: count,
+        record_bytes,
+        gate,
+        up,
+        down,
+        checksums,
+    };
+    Ok((records, out.finish()?))
 }
 
 /// The experts of one packed layer: one segment per expert.
