@@ -360,3 +360,23 @@ pub fn peak_rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffer_pool_recycles_and_stays_bounded() {
+        let pool = BufferPool::new(8192);
+        let a = pool.take(4096);
+        let ptr = a.as_ref().as_ptr();
+        drop(a);
+        let b = pool.take(4096);
+        assert_eq!(b.as_ref().as_ptr(), ptr, "the idle buffer is reused");
+        assert_eq!(ptr as usize % DIRECT_ALIGN, 0, "page-aligned");
+        let (c, d, e) = (pool.take(4096), pool.take(4096), pool.take(4096));
+        drop((b, c, d, e));
+        let idle: usize = pool.lock().values().map(Vec::len).sum();
+        assert_eq!(idle, 2, "at most 8192 idle bytes kept");
+    }
+}

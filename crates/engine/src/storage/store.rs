@@ -161,8 +161,9 @@ pub struct IoStats {
     pub bytes_read: AtomicU64,
     /// Bytes of the reads that touched the device (cold or unknown).
     pub bytes_cold: AtomicU64,
-    /// Wall time during which at least one fetch of a call was in flight.
+    /// Wall time during which at least one read was in progress.
     pub io_window_nanos: AtomicU64,
+    busy: BusyClock,
 }
 
 /// A snapshot of [`IoStats`].
@@ -280,6 +281,12 @@ impl ExpertStore {
 
     pub fn config(&self) -> &StoreConfig {
         &self.config
+    }
+
+    /// Reads submitted ahead of the expert being waited for: enough to keep every I/O
+    /// thread busy while the model computes.
+    fn read_ahead(&self) -> usize {
+        (2 * self.config.io_threads).max(4)
     }
 
     pub fn stats(&self) -> &IoStats {
@@ -421,17 +428,12 @@ impl ExpertSource for StoreExperts {
             }
             ExpertIo::Read(mode) => mode,
         };
-        let window = Arc::new(Window {
-            start: Instant::now(),
-            remaining: AtomicUsize::new(experts.len()),
-            stats: Arc::clone(&self.store.stats),
-        });
+        let queue = Arc::new(FetchQueue::default());
         let mut pending = Vec::with_capacity(experts.len());
-        for &e in experts {
+        for (position, &e) in experts.iter().enumerate() {
             let cached = self.store.cache.as_ref().and_then(|c| lock(c).get((self.layer, e)));
             if let Some(record) = cached {
                 stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                window.done();
                 let view = self
                     .locator
                     .layout()
@@ -450,12 +452,10 @@ impl ExpertSource for StoreExperts {
                 checksum: self.locator.checksum(e),
                 key: (self.layer, e),
                 mode,
-                window: Arc::clone(&window),
             };
-            self.store.io.spawn(move || {
-                let _ = sender.send(job.run());
-            });
+            queue.push(position, job, sender);
             let store = Arc::clone(&self.store);
+            let queue = Arc::clone(&queue);
             let layout = self.locator.layout().clone();
             let layer = self.layer;
             pending.push(PendingExpert::deferred(move || {
@@ -464,6 +464,7 @@ impl ExpertSource for StoreExperts {
                     expert: e,
                     error: Box::new(error),
                 };
+                queue.submit_through(&store, position + store.read_ahead());
                 let record = receiver
                     .recv()
                     .map_err(|_| wrap(Error::InvalidInput("the I/O thread stopped".into())))?
@@ -475,6 +476,7 @@ impl ExpertSource for StoreExperts {
                 layout.views(&blobs, e).map_err(wrap)
             }));
         }
+        queue.submit_through(&self.store, self.store.read_ahead().saturating_sub(1));
         Ok(pending)
     }
 }
@@ -490,18 +492,56 @@ fn split_segments(record: &Blob, lens: &[usize]) -> Vec<Blob> {
         .collect()
 }
 
-/// The time a fetch call keeps at least one read in flight.
-struct Window {
-    start: Instant,
-    remaining: AtomicUsize,
-    stats: Arc<IoStats>,
+/// The reads of one fetch call not yet handed to the I/O threads. Reads are submitted a
+/// window ahead of the expert the model waits for, so a prompt touching hundreds of experts
+/// never holds more than the window's buffers at once.
+#[derive(Default)]
+struct FetchQueue {
+    waiting: Mutex<std::collections::VecDeque<QueuedRead>>,
 }
 
-impl Window {
-    fn done(&self) {
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let nanos = self.start.elapsed().as_nanos() as u64;
-            self.stats.io_window_nanos.fetch_add(nanos, Ordering::Relaxed);
+/// A read waiting for its turn: its position in the fetch call, the job, where the result goes.
+type QueuedRead = (usize, ReadJob, crossbeam_channel::Sender<Result<Blob>>);
+
+impl FetchQueue {
+    fn push(&self, position: usize, job: ReadJob, sender: crossbeam_channel::Sender<Result<Blob>>) {
+        lock(&self.waiting).push_back((position, job, sender));
+    }
+
+    /// Submits every queued read at a position up to `last`.
+    fn submit_through(&self, store: &ExpertStore, last: usize) {
+        let mut waiting = lock(&self.waiting);
+        while waiting.front().is_some_and(|(p, _, _)| *p <= last) {
+            if let Some((_, job, sender)) = waiting.pop_front() {
+                store.io.spawn(move || {
+                    let _ = sender.send(job.run());
+                });
+            }
+        }
+    }
+}
+
+/// Tracks the wall time during which at least one read is in progress.
+#[derive(Debug, Default)]
+struct BusyClock {
+    in_flight: AtomicUsize,
+    since: Mutex<Option<Instant>>,
+}
+
+impl BusyClock {
+    fn start(&self) {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            *lock(&self.since) = Some(Instant::now());
+        }
+    }
+
+    fn stop(&self, stats: &IoStats) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(since) = lock(&self.since).take()
+        {
+            stats
+                .io_window_nanos
+                .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
     }
 }
@@ -516,13 +556,13 @@ struct ReadJob {
     checksum: Option<u64>,
     key: (usize, usize),
     mode: IoMode,
-    window: Arc<Window>,
 }
 
 impl ReadJob {
     fn run(self) -> Result<Blob> {
+        self.stats.busy.start();
         let result = read_record(&self.buffers, self.mode, &self.layout, &self.segments);
-        self.window.done();
+        self.stats.busy.stop(&self.stats);
         let (record, warmth, bytes) = result?;
         let s = &self.stats;
         s.bytes_read.fetch_add(bytes, Ordering::Relaxed);
@@ -564,5 +604,33 @@ impl ReadJob {
         }
         lock(&self.verified).insert(self.key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(len: usize) -> Blob {
+        Blob::from_vec(vec![0; len])
+    }
+
+    #[test]
+    fn cache_evicts_least_recently_used_within_budget() {
+        let mut cache = ExpertCache {
+            entries: lru::LruCache::unbounded(),
+            bytes: 0,
+            budget: 300,
+        };
+        cache.insert((0, 1), blob(100));
+        cache.insert((0, 2), blob(100));
+        cache.insert((0, 3), blob(100));
+        assert!(cache.get((0, 1)).is_some(), "touch 1 so 2 is the oldest");
+        cache.insert((0, 4), blob(100));
+        assert!(cache.get((0, 2)).is_none());
+        assert!(cache.get((0, 1)).is_some() && cache.get((0, 4)).is_some());
+        assert_eq!(cache.bytes, 300);
+        cache.insert((0, 5), blob(400));
+        assert!(cache.get((0, 5)).is_none(), "larger than the budget: not cached");
     }
 }
