@@ -56,6 +56,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    // --- devices ---------------------------------------------------------------------
+    #[error("CUDA: {0}")]
+    Cuda(String),
+
     // --- experts -----------------------------------------------------------------------
     #[error("layer {layer}, expert {expert}: {error}")]
     Expert {

@@ -1,8 +1,12 @@
 use std::io::Write;
 
+use std::sync::Arc;
+
 use flash_moe_engine::backend::Backend;
 use flash_moe_engine::engine::generate;
 use flash_moe_engine::engine::sampler::{Sampler, SamplingParams};
+use flash_moe_engine::model::Model;
+use flash_moe_engine::storage::store::ExpertStore;
 use flash_moe_engine::tokenizer::Tokenizer;
 
 use super::ModelArgs;
@@ -35,8 +39,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let store = args.model.store();
-    let model = args.model.load_with(std::sync::Arc::clone(&store))?;
+    let model_args = args.model.clone();
+    model_args.run(args)
+}
+
+impl super::ModelJob for Args {
+    fn run<B: Backend>(self, model: Model<B>, store: Arc<ExpertStore>) -> anyhow::Result<()> {
+        generate_text(&self, &model, &store)
+    }
+}
+
+fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model.model, &model.config.eos_token_ids)?;
     let prompt = tokenizer.encode(&args.prompt)?;
     if prompt.is_empty() {
@@ -51,7 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let io = Some(store.stats());
     let stats = generate(
-        &model,
+        model,
         &tokenizer,
         &prompt,
         args.max_tokens,
@@ -72,7 +85,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model.backend().describe(),
     );
     if args.timing {
-        eprint!("{}", super::timing::report(&model.config, &stats));
+        eprint!(
+            "{}",
+            super::timing::report(&model.config, &stats, model.backend().expert_cache_stats())
+        );
     }
     Ok(())
 }

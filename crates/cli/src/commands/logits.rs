@@ -2,8 +2,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use flash_moe_engine::backend::Backend;
-use flash_moe_engine::model::Logits;
+use std::sync::Arc;
+
+use flash_moe_engine::model::{Logits, Model};
 use flash_moe_engine::storage::npy;
+use flash_moe_engine::storage::store::ExpertStore;
 
 use super::ModelArgs;
 
@@ -24,7 +27,17 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let model = args.model.load()?;
+    let model_args = args.model.clone();
+    model_args.run(args)
+}
+
+impl super::ModelJob for Args {
+    fn run<B: Backend>(self, model: Model<B>, _store: Arc<ExpertStore>) -> anyhow::Result<()> {
+        write_logits(&self, &model)
+    }
+}
+
+fn write_logits<B: Backend>(args: &Args, model: &Model<B>) -> anyhow::Result<()> {
     let n = args.ids.len();
     let prefill = args.prefill.unwrap_or(n);
     if prefill == 0 || prefill > n {

@@ -14,7 +14,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use flash_moe_engine::backend::Backend;
 use flash_moe_engine::backend::cpu::CpuBackend;
+use flash_moe_engine::backend::cuda::{self, CudaBackend};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Model;
 use flash_moe_engine::storage::io::IoMode;
@@ -29,6 +31,37 @@ pub enum IoChoice {
     Direct,
     /// Memory-map the expert files (resident memory grows with the experts touched).
     Mmap,
+}
+
+/// Where the arithmetic runs (`--device`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when a usable GPU is found, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("`{s}` is not auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+/// A command's work, written once for every backend.
+pub trait ModelJob {
+    fn run<B: Backend>(self, model: Model<B>, store: Arc<ExpertStore>) -> anyhow::Result<()>;
 }
 
 /// Options every command that runs the model takes.
@@ -50,6 +83,13 @@ pub struct ModelArgs {
     /// Threads reading experts.
     #[arg(long, default_value_t = 8)]
     pub io_threads: usize,
+    /// Where to compute: auto (CUDA when a GPU is usable), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// VRAM for the routed-expert cache, in GiB (default: what is free after the dense
+    /// weights, with 2 GiB of headroom; 0: no cache).
+    #[arg(long)]
+    pub gpu_expert_cache_gib: Option<f64>,
 }
 
 impl ModelArgs {
@@ -65,12 +105,26 @@ impl ModelArgs {
         })
     }
 
-    pub fn load(&self) -> anyhow::Result<Model<CpuBackend>> {
-        self.load_with(self.store())
+    /// Loads the model on the chosen device and runs `job` with it.
+    pub fn run<J: ModelJob>(&self, job: J) -> anyhow::Result<()> {
+        let store = self.store();
+        let device = match self.device {
+            Device::Auto if cuda::is_available() => Device::Cuda(0),
+            Device::Auto => Device::Cpu,
+            d => d,
+        };
+        match device {
+            Device::Cuda(n) => {
+                let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
+                let backend = CudaBackend::new(n, cache).with_context(|| format!("opening cuda:{n}"))?;
+                job.run(self.load_on(backend, Arc::clone(&store))?, store)
+            }
+            _ => job.run(self.load_on(CpuBackend::new(), Arc::clone(&store))?, store),
+        }
     }
 
-    pub fn load_with(&self, store: Arc<ExpertStore>) -> anyhow::Result<Model<CpuBackend>> {
-        let mut model = load_model(&self.model, CpuBackend::new(), store)
+    fn load_on<B: Backend>(&self, backend: B, store: Arc<ExpertStore>) -> anyhow::Result<Model<B>> {
+        let mut model = load_model(&self.model, backend, store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;

@@ -1,5 +1,6 @@
 //! The `--timing` report: where the time went per layer and phase, expert I/O, memory.
 
+use flash_moe_engine::backend::ExpertCacheStats;
 use flash_moe_engine::engine::GenerationStats;
 use flash_moe_engine::model::config::{LayerKind, ModelConfig};
 use flash_moe_engine::model::profile::{Phase, PhaseTimes, Profile};
@@ -72,9 +73,23 @@ fn io_line(io: &IoTotals, tokens: u64) -> String {
 }
 
 /// The whole report for a `generate` run.
-pub fn report(config: &ModelConfig, stats: &GenerationStats) -> String {
+pub fn report(config: &ModelConfig, stats: &GenerationStats, vram: Option<ExpertCacheStats>) -> String {
     let mut out = section("prefill", config, &stats.prefill_profile, &stats.prefill_io);
     out += &section("decode", config, &stats.decode_profile, &stats.decode_io);
+    if let Some(v) = vram {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        out += &format!(
+            "VRAM expert cache (whole run): {} hits, {} misses ({:.1}% hits); {:.2} GiB copied to the GPU at {:.1} GB/s; \
+             {:.2} of {:.2} GiB resident\n",
+            v.hits,
+            v.misses,
+            100.0 * v.hits as f64 / (v.hits + v.misses).max(1) as f64,
+            gib(v.uploaded_bytes),
+            v.uploaded_bytes as f64 / (v.upload_nanos as f64).max(1.0),
+            gib(v.resident_bytes),
+            gib(v.budget_bytes),
+        );
+    }
     if let Some(rss) = peak_rss_bytes() {
         out += &format!("peak resident memory: {:.2} GiB\n", rss as f64 / (1u64 << 30) as f64);
     }

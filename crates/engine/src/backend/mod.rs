@@ -6,13 +6,27 @@
 //! one-token decode run the same code.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::model::config::LinearAttentionConfig;
+use crate::model::weights::ExpertView;
 use crate::storage::quant::MatrixView;
 
 /// One token's routing decision: `(expert index, weight)` for each of the top-k experts.
 pub type Route = Vec<(usize, f32)>;
+
+/// What a backend's own expert cache (tier 1, e.g. VRAM) did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExpertCacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Bytes copied to the device for misses, and the time it took.
+    pub uploaded_bytes: u64,
+    pub upload_nanos: u64,
+    pub resident_bytes: u64,
+    pub budget_bytes: u64,
+}
 
 /// Geometry of one full-attention call.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +45,8 @@ pub trait Backend: Send + Sync {
     type Tensor: Clone + Send + Sync;
     /// A weight matrix in its stored encoding, ready for `matmul`.
     type Matrix: Send + Sync;
+    /// A routed expert ready for compute (on a GPU: in VRAM).
+    type Expert: Send + Sync;
 
     /// A short description, e.g. `cpu (2 threads)`.
     fn describe(&self) -> String;
@@ -120,4 +136,18 @@ pub trait Backend: Send + Sync {
     /// `out[rows[i]] += weights[i] * y[i]`.
     fn scatter_add_rows(&self, out: &mut Self::Tensor, y: &Self::Tensor, rows: &[usize], weights: &[f32])
     -> Result<()>;
+
+    // --- routed experts --------------------------------------------------------------------
+    /// Expert `index` of `layer` if the backend holds it already (a device-side cache), so
+    /// storage need not fetch it.
+    fn cached_expert(&self, layer: usize, index: usize) -> Option<Self::Expert>;
+    /// Makes a fetched expert ready for compute (copying it to the device, and caching it
+    /// there when the backend has a cache).
+    fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<Self::Expert>;
+    /// Gate, up and down of an expert.
+    fn expert_matrices<'a>(&self, expert: &'a Self::Expert) -> [&'a Self::Matrix; 3];
+    /// The backend's expert cache counters, when it has one.
+    fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        None
+    }
 }

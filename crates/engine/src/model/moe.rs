@@ -8,7 +8,7 @@ use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
 pub struct SwiGlu<B: Backend> {
@@ -46,6 +46,7 @@ pub struct SparseMoe<B: Backend> {
     shared: Option<(SwiGlu<B>, B::Matrix)>,
     renormalize: bool,
     hidden: usize,
+    layer: usize,
 }
 
 impl<B: Backend> SparseMoe<B> {
@@ -67,6 +68,7 @@ impl<B: Backend> SparseMoe<B> {
             shared,
             renormalize: m.norm_topk_prob,
             hidden: h,
+            layer,
         })
     }
 
@@ -90,19 +92,37 @@ impl<B: Backend> SparseMoe<B> {
                 entry.1.push(w);
             }
         }
-        let chosen: Vec<usize> = by_expert.keys().copied().collect();
-        let pending = self.experts.fetch(&chosen)?;
+        // Experts the backend holds already (VRAM) need no fetch; the rest come from storage,
+        // all in flight at once.
+        let mut resident: Vec<Option<B::Expert>> = by_expert.keys().map(|&e| b.cached_expert(self.layer, e)).collect();
+        let missing: Vec<usize> = by_expert
+            .keys()
+            .zip(&resident)
+            .filter(|(_, r)| r.is_none())
+            .map(|(&e, _)| e)
+            .collect();
+        let mut pending = self.experts.fetch(&missing)?.into_iter();
         clock.charge(times, Phase::Routing);
         let mut out = b.zeros(tokens, self.hidden)?;
         // Experts are used in index order, whatever order they arrive in, so the sum is the
         // same bit for bit however the bytes were fetched.
-        for ((rows, weights), pending) in by_expert.into_values().zip(pending) {
-            let expert = pending.wait()?;
-            clock.charge(times, Phase::ExpertIoWait);
+        for ((e, (rows, weights)), ready) in by_expert.into_iter().zip(resident.iter_mut()) {
+            let expert = match ready.take() {
+                Some(expert) => expert,
+                None => {
+                    let fetched = pending
+                        .next()
+                        .ok_or_else(|| Error::InvalidInput("expert fetch fell short".into()))?;
+                    let view = fetched.wait()?;
+                    clock.charge(times, Phase::ExpertIoWait);
+                    b.load_expert(self.layer, e, &view)?
+                }
+            };
+            let [gate_w, up_w, down_w] = b.expert_matrices(&expert);
             let xs = b.gather_rows(x, &rows)?;
-            let gate = b.matmul(&xs, &b.load_matrix(&expert.gate)?)?;
-            let up = b.matmul(&xs, &b.load_matrix(&expert.up)?)?;
-            let y = b.matmul(&b.silu_mul(&gate, &up)?, &b.load_matrix(&expert.down)?)?;
+            let gate = b.matmul(&xs, gate_w)?;
+            let up = b.matmul(&xs, up_w)?;
+            let y = b.matmul(&b.silu_mul(&gate, &up)?, down_w)?;
             b.scatter_add_rows(&mut out, &y, &rows, &weights)?;
             clock.charge(times, Phase::ExpertCompute);
         }

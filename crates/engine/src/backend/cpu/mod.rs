@@ -11,6 +11,7 @@ mod norm;
 use crate::backend::{AttentionShape, Backend, Route};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
+use crate::model::weights::ExpertView;
 use crate::storage::quant::MatrixView;
 
 /// A row-major `[rows, cols]` f32 matrix in host memory.
@@ -56,6 +57,7 @@ fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Matrix = MatrixView;
+    type Expert = ExpertView;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -252,5 +254,18 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+
+    /// Host memory is the store's to cache; nothing is held here.
+    fn cached_expert(&self, _layer: usize, _index: usize) -> Option<ExpertView> {
+        None
+    }
+
+    fn load_expert(&self, _layer: usize, _index: usize, view: &ExpertView) -> Result<ExpertView> {
+        Ok(view.clone())
+    }
+
+    fn expert_matrices<'a>(&self, expert: &'a ExpertView) -> [&'a MatrixView; 3] {
+        [&expert.gate, &expert.up, &expert.down]
     }
 }

@@ -1,0 +1,484 @@
+// flash-moe CUDA kernels, compiled at start-up with NVRTC for the GPU found.
+//
+// Activations are row-major float32 [rows, cols]. Weights stay in their stored encoding:
+// dense f32/f16/bf16 (dtype code 0/1/2), or MLX affine quantization (codes packed low bits
+// first in a little-endian bit stream along each row; per group a scale and a bias stored
+// as f32/f16/bf16). No CUDA headers are needed: half conversions use PTX.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float bf16_to_f32(u16 v) { return __uint_as_float(((u32)v) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
+
+// Element i of a float array stored as `dtype`.
+__device__ __forceinline__ float load_float(const u8* p, int dtype, long long i) {
+    if (dtype == DT_F32) return ((const float*)p)[i];
+    u16 v = ((const u16*)p)[i];
+    return dtype == DT_BF16 ? bf16_to_f32(v) : f16_to_f32(v);
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float siluf(float x) { return x * sigmoidf(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum (or max) over the block; `scratch` holds 32 floats. All threads get the result.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; ++w) total += scratch[w];
+    return total;
+}
+
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = NEG_INF;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, scratch[w]);
+    return m;
+}
+
+// Code `i` (bits wide) of a little-endian bit stream.
+// Never reads past the byte holding the code's last bit. Widths up to 8 bits.
+__device__ __forceinline__ u32 load_code(const u8* row, int bits, long long i) {
+    long long bit = i * bits;
+    long long byte = bit >> 3;
+    int shift = (int)(bit & 7);
+    u32 window = (u32)row[byte];
+    if (shift + bits > 8) window |= (u32)row[byte + 1] << 8;
+    return (window >> shift) & ((1u << bits) - 1u);
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding rows to float32 (embeddings, and weights for the batched prefill GEMM).
+
+// out[n, cols] = decoded rows; row r of the output is weight row ids[r] (or first + r when
+// ids is null). bits == 0 means a dense matrix of `dtype`; else affine with scales of `dtype`.
+extern "C" __global__ void dequant_rows(const u8* w, const u8* scales, const u8* biases, int bits, int group,
+                                        int dtype, const int* ids, long long first, int cols, float* out) {
+    long long r = ids ? (long long)ids[blockIdx.x] : first + blockIdx.x;
+    float* dst = out + (long long)blockIdx.x * cols;
+    if (bits == 0) {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = load_float(w, dtype, r * cols + c);
+        return;
+    }
+    const u8* row = w + r * (long long)cols * bits / 8;
+    int groups = cols / group;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        long long g = r * groups + c / group;
+        float s = load_float(scales, dtype, g), b = load_float(biases, dtype, g);
+        dst[c] = s * (float)load_code(row, bits, c) + b;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// One-token matrix-vector products: y[r] = W[r, :] . x
+
+// Sums of x over consecutive `chunk`-wide pieces.
+extern "C" __global__ void chunk_sums(const float* x, int cols, int chunk, float* out) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i * chunk >= cols) return;
+    float s = 0.0f;
+    for (int j = 0; j < chunk; ++j) s += x[i * chunk + j];
+    out[i] = s;
+}
+
+// Affine weights with 2, 4 or 8 bits: one warp per row, each lane reading 16 bytes of codes
+// at a time (128 / bits codes). y[r] = sum over pieces of scale * (q . x) + bias * sum(x),
+// the bias term using `piece_sums` (x summed per 16-byte piece of codes).
+extern "C" __global__ void matvec_affine_pow2(const u8* w, const u8* scales, const u8* biases, int bits, int group,
+                                              int dtype, const float* x, const float* piece_sums, int rows, int cols,
+                                              float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    long long r = warp;
+    int per_piece = 128 / bits;
+    int pieces = cols / per_piece;
+    int groups = cols / group;
+    const uint4* row = (const uint4*)(w + r * (long long)cols * bits / 8);
+    u32 mask = (1u << bits) - 1u;
+    int per_word = 32 / bits;
+    float acc = 0.0f;
+    for (int p = lane; p < pieces; p += 32) {
+        uint4 v = row[p];
+        u32 words[4] = {v.x, v.y, v.z, v.w};
+        const float* xp = x + p * per_piece;
+        float dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            u32 word = words[k];
+            for (int j = 0; j < per_word; ++j) dot += (float)((word >> (j * bits)) & mask) * xp[k * per_word + j];
+        }
+        long long g = r * groups + (long long)(p * per_piece) / group;
+        acc += load_float(scales, dtype, g) * dot + load_float(biases, dtype, g) * piece_sums[p];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[r] = acc;
+}
+
+// Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
+extern "C" __global__ void matvec_affine_any(const u8* w, const u8* scales, const u8* biases, int bits, int group,
+                                             int dtype, const float* x, int rows, int cols, float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    long long r = warp;
+    int groups = cols / group;
+    const u8* row = w + r * (long long)cols * bits / 8;
+    float acc = 0.0f;
+    for (int g = lane; g < groups; g += 32) {
+        float dot = 0.0f, xs = 0.0f;
+        for (int j = 0; j < group; ++j) {
+            float xv = x[g * group + j];
+            dot += (float)load_code(row, bits, (long long)g * group + j) * xv;
+            xs += xv;
+        }
+        long long gi = r * groups + g;
+        acc += load_float(scales, dtype, gi) * dot + load_float(biases, dtype, gi) * xs;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) y[r] = acc;
+}
+
+// Dense weights: one warp per row.
+extern "C" __global__ void matvec_dense(const u8* w, int dtype, const float* x, int rows, int cols, float* y) {
+    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (warp >= rows) return;
+    long long base = (long long)warp * cols;
+    float acc = 0.0f;
+    for (int c = lane; c < cols; c += 32) acc += load_float(w, dtype, base + c) * x[c];
+    acc = warp_sum(acc);
+    if (lane == 0) y[warp] = acc;
+}
+
+// ---------------------------------------------------------------------------------------
+// Norms and elementwise operations.
+
+// RMSNorm over each `n`-wide group (one block per group), times weight[n].
+extern "C" __global__ void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
+    __shared__ float scratch[32];
+    const float* src = x + (long long)blockIdx.x * n;
+    float* dst = out + (long long)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += src[i] * src[i];
+    float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+}
+
+// The gated RMSNorm of Gated DeltaNet: per group, normalise, times weight, times silu(z).
+extern "C" __global__ void gated_rms_norm(const float* x, const float* z, const float* weight, int n, float eps,
+                                          float* out) {
+    __shared__ float scratch[32];
+    long long base = (long long)blockIdx.x * n;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[base + i] * x[base + i];
+    float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        out[base + i] = weight[i] * (x[base + i] * inv) * siluf(z[base + i]);
+}
+
+extern "C" __global__ void add_assign(float* x, const float* y, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// x *= sigmoid(gate); a gate of one column (`gate_cols == 1`) scales whole rows.
+extern "C" __global__ void mul_sigmoid(float* x, const float* gate, int cols, int gate_cols, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = gate_cols == 1 ? gate[i / cols] : gate[i];
+    x[i] *= sigmoidf(g);
+}
+
+extern "C" __global__ void silu_mul(const float* gate, const float* up, float* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = siluf(gate[i]) * up[i];
+}
+
+// Splits heads holding [query (d) | gate (d)] into two [rows, heads * d] tensors.
+extern "C" __global__ void split_query_gate(const float* qg, int heads, int d, float* q, float* gate, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long head = i / d;
+    int k = i % d;
+    q[i] = qg[head * 2 * d + k];
+    gate[i] = qg[head * 2 * d + d + k];
+}
+
+extern "C" __global__ void gather_rows(const float* x, const int* rows, int cols, float* out, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    out[i] = x[(long long)rows[i / cols] * cols + i % cols];
+}
+
+// out[rows[i]] += weights[i] * y[i]; the rows of one call are distinct.
+extern "C" __global__ void scatter_add_rows(float* out, const float* y, const int* rows, const float* weights,
+                                           int cols, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long r = i / cols;
+    out[(long long)rows[r] * cols + i % cols] += weights[r] * y[i];
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+// Rotate-half RoPE on the first `rot` dims of each head; row t is at position pos0 + t.
+// Angles as the reference computes them: float(position) * float(inv_freq), cos/sin taken
+// in double of that float angle.
+extern "C" __global__ void rope(float* x, int cols, int head_dim, int rot, float theta, int pos0, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // over rows * heads * rot/2
+    int half = rot / 2;
+    if (i >= n) return;
+    int k = i % half;
+    long long rh = i / half;
+    int heads = cols / head_dim;
+    long long row = rh / heads;
+    int head = rh % heads;
+    float inv_freq = 1.0f / powf(theta, (float)(2 * k) / (float)rot);
+    float angle = (float)(pos0 + row) * inv_freq;
+    float c = (float)cos((double)angle), s = (float)sin((double)angle);
+    float* h = x + row * cols + (long long)head * head_dim;
+    float a = h[k], b = h[k + half];
+    h[k] = a * c - b * s;
+    h[k + half] = b * c + a * s;
+}
+
+// Scores of causal attention: one block per (query row t, head h), one warp per key.
+// scores[(t * heads + h) * keys_cap + j] = q . k_j * scale for j <= pos0 + t.
+extern "C" __global__ void attention_scores(const float* q, const float* k, int heads, int kv_heads, int d,
+                                            int pos0, int keys_cap, float scale, float* scores) {
+    int t = blockIdx.x / heads, h = blockIdx.x % heads;
+    int kv = h / (heads / kv_heads);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* qh = q + ((long long)t * heads + h) * d;
+    int len = pos0 + t + 1;
+    float* out = scores + (long long)blockIdx.x * keys_cap;
+    for (int j = warp; j < len; j += warps) {
+        const float* kj = k + ((long long)j * kv_heads + kv) * d;
+        float acc = 0.0f;
+        for (int i = lane; i < d; i += 32) acc += qh[i] * kj[i];
+        acc = warp_sum(acc);
+        if (lane == 0) out[j] = acc * scale;
+    }
+}
+
+// Softmax over each block's scores, then the weighted sum of values.
+extern "C" __global__ void attention_values(float* scores, const float* v, int heads, int kv_heads, int d, int pos0,
+                                            int keys_cap, float* out) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x / heads, h = blockIdx.x % heads;
+    int kv = h / (heads / kv_heads);
+    int len = pos0 + t + 1;
+    float* p = scores + (long long)blockIdx.x * keys_cap;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, p[j]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        float e = expf(p[j] - m);
+        p[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int j = 0; j < len; ++j) acc += p[j] * v[((long long)j * kv_heads + kv) * d + i];
+        out[((long long)t * heads + h) * d + i] = acc / sum;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Gated DeltaNet.
+
+// Depthwise causal conv + SiLU. state holds the previous K-1 input rows [K-1, C].
+extern "C" __global__ void causal_conv1d_silu(const float* x, const float* w, const float* state, int rows, int c,
+                                              int kernel, float* out) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)rows * c) return;
+    int t = i / c, ch = i % c;
+    float acc = 0.0f;
+    for (int j = 0; j < kernel; ++j) {
+        int hist = t + j;  // index into [state rows | x rows]
+        float v = hist < kernel - 1 ? state[(long long)hist * c + ch] : x[(long long)(hist - (kernel - 1)) * c + ch];
+        acc += w[(long long)ch * kernel + j] * v;
+    }
+    out[i] = siluf(acc);
+}
+
+// The new conv state: the last K-1 rows of [state | x]. One thread per channel.
+extern "C" __global__ void conv_state_update(const float* x, float* state, int rows, int c, int kernel) {
+    int ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    int keep = kernel - 1;
+    float old[8];
+    for (int i = 0; i < keep && i < 8; ++i) old[i] = state[(long long)i * c + ch];
+    for (int i = 0; i < keep; ++i) {
+        int hist = rows + i;  // position in [state | x] of new row i
+        float v = hist < keep ? old[hist] : x[(long long)(hist - keep) * c + ch];
+        state[(long long)i * c + ch] = v;
+    }
+}
+
+#define DK_PER_LANE_MAX 8
+#define COLS_PER_WARP 4
+
+// The gated delta rule. Grid: (value heads, column blocks); each warp owns COLS_PER_WARP
+// columns j of the head's state S [dk, dv]; lane l holds rows i = l, l + 32, ... (dk <= 256).
+// Per token: S *= exp(g); delta = (v - S^T k) * beta; S += k delta^T; o = S^T q.
+extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, const float* b, const float* a_log,
+                                            const float* dt_bias, float* state, int rows, int nk, int nv, int dk,
+                                            int dv, float* out) {
+    int h = blockIdx.x;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int col0 = (blockIdx.y * warps + warp) * COLS_PER_WARP;
+    if (col0 >= dv) return;
+    int kh = h / (nv / nk);
+    int key_dim = nk * dk, conv_dim = 2 * key_dim + nv * dv;
+    float* S = state + (long long)h * dk * dv;
+    float s[DK_PER_LANE_MAX][COLS_PER_WARP];
+#pragma unroll
+    for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+        int i = r * 32 + lane;
+#pragma unroll
+        for (int c = 0; c < COLS_PER_WARP; ++c)
+            s[r][c] = (i < dk && col0 + c < dv) ? S[(long long)i * dv + col0 + c] : 0.0f;
+    }
+    float q_scale = rsqrtf((float)dk);
+    float A = expf(a_log[h]);
+    for (int t = 0; t < rows; ++t) {
+        const float* row = qkv + (long long)t * conv_dim;
+        float qv[DK_PER_LANE_MAX], kv[DK_PER_LANE_MAX];
+        float qq = 0.0f, kk = 0.0f;
+#pragma unroll
+        for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+            int i = r * 32 + lane;
+            qv[r] = i < dk ? row[kh * dk + i] : 0.0f;
+            kv[r] = i < dk ? row[key_dim + kh * dk + i] : 0.0f;
+            qq += qv[r] * qv[r];
+            kk += kv[r] * kv[r];
+        }
+        float qn = rsqrtf(warp_sum(qq) + 1e-6f) * q_scale, kn = rsqrtf(warp_sum(kk) + 1e-6f);
+#pragma unroll
+        for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+            qv[r] *= qn;
+            kv[r] *= kn;
+        }
+        float av = a[(long long)t * nv + h] + dt_bias[h];
+        float softplus = av > 20.0f ? av : log1pf(expf(av));
+        float decay = expf(-A * softplus);
+        float beta = sigmoidf(b[(long long)t * nv + h]);
+#pragma unroll
+        for (int c = 0; c < COLS_PER_WARP; ++c) {
+            if (col0 + c >= dv) break;  // uniform across the warp
+            float read = 0.0f;
+#pragma unroll
+            for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+                s[r][c] *= decay;
+                read += s[r][c] * kv[r];
+            }
+            read = warp_sum(read);
+            float v = row[2 * key_dim + h * dv + col0 + c];
+            float delta = (v - read) * beta;
+            float o = 0.0f;
+#pragma unroll
+            for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+                s[r][c] += kv[r] * delta;
+                o += s[r][c] * qv[r];
+            }
+            o = warp_sum(o);
+            if (lane == 0) out[(long long)t * nv * dv + h * dv + col0 + c] = o;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
+        int i = r * 32 + lane;
+#pragma unroll
+        for (int c = 0; c < COLS_PER_WARP; ++c)
+            if (i < dk && col0 + c < dv) S[(long long)i * dv + col0 + c] = s[r][c];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Router: softmax over the experts, then the k largest (ties to the lower index).
+extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
+                                       float* weights) {
+    extern __shared__ float probs[];  // experts floats, then 32 ints of per-warp winners
+    __shared__ float scratch[32];
+    const float* row = logits + (long long)blockIdx.x * experts;
+    float m = NEG_INF;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) m = fmaxf(m, row[e]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        probs[e] = expf(row[e] - m);
+        sum += probs[e];
+    }
+    sum = block_sum(sum, scratch);
+    float chosen_sum = 0.0f;
+    for (int r = 0; r < k; ++r) {
+        // Block argmax: the largest probability, lowest index on ties.
+        float bv = -1.0f;
+        int bi = 0x7fffffff;
+        for (int e = threadIdx.x; e < experts; e += blockDim.x)
+            if (probs[e] > bv || (probs[e] == bv && e < bi)) bv = probs[e], bi = e;
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
+        }
+        __syncthreads();
+        if ((threadIdx.x & 31) == 0) {
+            scratch[threadIdx.x >> 5] = bv;
+            ((int*)probs)[experts + (threadIdx.x >> 5)] = bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int warps = (blockDim.x + 31) >> 5;
+            float v = scratch[0];
+            int i = ((int*)probs)[experts];
+            for (int w = 1; w < warps; ++w) {
+                float ov = scratch[w];
+                int oi = ((int*)probs)[experts + w];
+                if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
+            }
+            idx[blockIdx.x * k + r] = i;
+            weights[blockIdx.x * k + r] = v / sum;
+            probs[i] = -1.0f;  // taken
+        }
+        __syncthreads();
+        chosen_sum += weights[blockIdx.x * k + r];
+    }
+    if (renormalize && threadIdx.x == 0)
+        for (int r = 0; r < k; ++r) weights[blockIdx.x * k + r] /= chosen_sum;
+}

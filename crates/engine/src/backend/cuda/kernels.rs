@@ -1,0 +1,134 @@
+//! Compiling `kernels.cu` with NVRTC for the GPU found, with an on-disk cache keyed by the
+//! source, the architecture and the compiler version, so only the first start pays.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+
+use crate::error::{Error, Result};
+
+/// The kernel source, embedded in the binary.
+pub const SOURCE: &str = include_str!("kernels.cu");
+
+/// Every kernel the backend launches.
+pub struct Kernels {
+    pub dequant_rows: CudaFunction,
+    pub chunk_sums: CudaFunction,
+    pub matvec_affine_pow2: CudaFunction,
+    pub matvec_affine_any: CudaFunction,
+    pub matvec_dense: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub gated_rms_norm: CudaFunction,
+    pub add_assign: CudaFunction,
+    pub mul_sigmoid: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub split_query_gate: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub scatter_add_rows: CudaFunction,
+    pub rope: CudaFunction,
+    pub attention_scores: CudaFunction,
+    pub attention_values: CudaFunction,
+    pub causal_conv1d_silu: CudaFunction,
+    pub conv_state_update: CudaFunction,
+    pub gated_delta_rule: CudaFunction,
+    pub route_top_k: CudaFunction,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let module = compile(ctx, arch)?;
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
+        };
+        Ok(Kernels {
+            dequant_rows: f("dequant_rows")?,
+            chunk_sums: f("chunk_sums")?,
+            matvec_affine_pow2: f("matvec_affine_pow2")?,
+            matvec_affine_any: f("matvec_affine_any")?,
+            matvec_dense: f("matvec_dense")?,
+            rms_norm: f("rms_norm")?,
+            gated_rms_norm: f("gated_rms_norm")?,
+            add_assign: f("add_assign")?,
+            mul_sigmoid: f("mul_sigmoid")?,
+            silu_mul: f("silu_mul")?,
+            split_query_gate: f("split_query_gate")?,
+            gather_rows: f("gather_rows")?,
+            scatter_add_rows: f("scatter_add_rows")?,
+            rope: f("rope")?,
+            attention_scores: f("attention_scores")?,
+            attention_values: f("attention_values")?,
+            causal_conv1d_silu: f("causal_conv1d_silu")?,
+            conv_state_update: f("conv_state_update")?,
+            gated_delta_rule: f("gated_delta_rule")?,
+            route_top_k: f("route_top_k")?,
+        })
+    }
+}
+
+/// NVRTC options for `arch` (e.g. `sm_90`).
+fn options(arch: &str) -> CompileOptions {
+    CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()],
+        // Exact division and square roots: the parity tests compare with the CPU backend.
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Compiles the kernels to PTX (no device needed). Used by the start-up path and by tests
+/// that only check the source compiles.
+pub fn compile_ptx(arch: &str) -> Result<Ptx> {
+    compile_ptx_with_opts(SOURCE, options(arch)).map_err(|e| Error::Cuda(format!("compiling kernels.cu: {e}")))
+}
+
+fn cache_path(arch: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{SOURCE}\n{arch}").as_bytes());
+    Some(
+        base.join("flash-moe")
+            .join("kernels")
+            .join(format!("{key:016x}-{arch}.ptx")),
+    )
+}
+
+/// Loads the cached PTX when there is one that the driver accepts, else compiles and caches.
+fn compile(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
+    let cached = cache_path(arch);
+    if let Some(src) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok())
+        && let Ok(module) = ctx.load_module(Ptx::from_src(src))
+    {
+        return Ok(module);
+    }
+    let ptx = compile_ptx(arch)?;
+    if let Some(path) = &cached {
+        // A cache that cannot be written only costs the next start a compile.
+        let _ = path.parent().map(std::fs::create_dir_all);
+        let _ = std::fs::write(path, ptx.to_src());
+    }
+    ctx.load_module(ptx)
+        .map_err(|e| Error::Cuda(format!("loading the kernel module: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernel source compiles for Hopper wherever NVRTC can be loaded (no GPU needed).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: NVRTC (libnvrtc.so) is not installed here; the GPU checks compile the kernels");
+            return;
+        }
+        if let Err(e) = super::compile_ptx("sm_90") {
+            panic!("{e}");
+        }
+    }
+}

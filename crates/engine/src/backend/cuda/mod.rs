@@ -1,0 +1,840 @@
+//! The CUDA backend: every operation of the forward pass on an NVIDIA GPU.
+//!
+//! The CUDA libraries are loaded at run time (`cudarc` with dynamic loading), so the binary
+//! builds and runs where there is no CUDA at all; kernels are CUDA C compiled at start-up
+//! with NVRTC for the GPU found (`kernels.rs`). Weights keep their stored encoding in VRAM;
+//! one-token products read them with fused dequantizing kernels, batched products
+//! (prefill) dequantize row blocks to f32 and call cuBLAS SGEMM.
+
+mod expert_cache;
+pub mod kernels;
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+pub use expert_cache::CudaExpert;
+use expert_cache::VramCache;
+use kernels::Kernels;
+
+use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route};
+use crate::error::{Error, Result};
+use crate::model::config::LinearAttentionConfig;
+use crate::model::weights::ExpertView;
+use crate::storage::checkpoint::DType;
+use crate::storage::quant::{Encoding, MatrixView};
+
+fn cuda<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// Whether the CUDA driver library can be loaded and reports a device.
+pub fn is_available() -> bool {
+    // SAFETY: only probes whether the shared library can be opened.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    present && CudaContext::device_count().is_ok_and(|n| n > 0)
+}
+
+/// Activations on the GPU: row-major f32 `[rows, cols]`, in a buffer that may hold more
+/// rows (KV caches grow in place).
+#[derive(Clone)]
+pub struct CudaTensor {
+    rows: usize,
+    cols: usize,
+    buf: CudaSlice<f32>,
+}
+
+impl CudaTensor {
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// A weight matrix in VRAM, in its stored encoding: codes (or values), scales and biases as
+/// byte ranges of one allocation (its own, or a slot of the expert cache).
+pub struct CudaMatrix {
+    rows: usize,
+    cols: usize,
+    encoding: Encoding,
+    mem: Arc<CudaSlice<u8>>,
+    data: (usize, usize),
+    scales: Option<(usize, usize)>,
+    biases: Option<(usize, usize)>,
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 | DType::U32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+impl CudaMatrix {
+    /// `(bits, group, dtype code)`: bits 0 for dense matrices.
+    fn format(&self) -> (i32, i32, i32) {
+        match self.encoding {
+            Encoding::Dense(d) => (0, 0, dtype_code(d)),
+            Encoding::Affine {
+                bits,
+                group_size,
+                scale_dtype,
+            } => (bits as i32, group_size as i32, dtype_code(scale_dtype)),
+        }
+    }
+}
+
+/// Scratch buffers reused across calls.
+#[derive(Default)]
+struct Scratch {
+    f32s: Option<CudaSlice<f32>>,
+}
+
+/// Computes on one NVIDIA GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    name: String,
+    scratch: Mutex<Scratch>,
+    cache: VramCache,
+}
+
+const THREADS: u32 = 256;
+
+/// Launches kernel `$f` on the backend's stream with the arguments in declared order.
+macro_rules! launch {
+    ($self:expr, $f:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let cfg = $cfg;
+        let mut builder = $self.stream.launch_builder($f);
+        $( builder.arg($arg); )*
+        // SAFETY: the arguments match the kernel's parameter list in kernels.cu, in order and
+        // type, and every buffer is sized for the launch configuration.
+        unsafe { builder.launch(cfg) }.map(|_| ()).map_err(cuda("launching a kernel"))
+    }};
+}
+
+fn grid_for(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn blocks(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles the kernels for it and sets aside `expert_cache_bytes` of
+    /// VRAM for routed experts (`None`: what is free after `reserve_bytes`, with headroom).
+    pub fn new(ordinal: usize, expert_cache_bytes: Option<u64>) -> Result<Self> {
+        // SAFETY: these only probe whether the shared libraries can be opened.
+        let libraries = unsafe {
+            [
+                ("the CUDA driver (libcuda.so)", cudarc::driver::sys::is_culib_present()),
+                ("NVRTC (libnvrtc.so)", cudarc::nvrtc::sys::is_culib_present()),
+                ("cuBLAS (libcublas.so)", cudarc::cublas::sys::is_culib_present()),
+            ]
+        };
+        if let Some((name, _)) = libraries.iter().find(|(_, present)| !present) {
+            return Err(Error::Cuda(format!(
+                "{name} was not found; install the NVIDIA driver and CUDA 13 libraries"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda("opening the GPU"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(cuda("reading the compute capability"))?;
+        let arch = format!("sm_{major}{minor}");
+        let k = Kernels::load(&ctx, &arch)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(Arc::clone(&stream)).map_err(cuda("creating the cuBLAS handle"))?;
+        let name = format!(
+            "cuda:{ordinal} ({}, {arch})",
+            ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+        );
+        let cache = VramCache::new(expert_cache_bytes);
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            k,
+            name,
+            scratch: Mutex::default(),
+            cache,
+        })
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda("querying device memory"))
+    }
+
+    /// The stream every operation runs on (benchmarks time it with events).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda("allocating device memory"))
+    }
+
+    fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            rows,
+            cols,
+            buf: self.alloc(rows * cols)?,
+        })
+    }
+
+    fn to_device<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(data).map_err(cuda("copying to the device"))
+    }
+
+    fn scratch(&self) -> MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A scratch buffer of at least `n` floats (grown on demand, kept between calls).
+    fn with_scratch<T>(&self, n: usize, f: impl FnOnce(&mut CudaSlice<f32>) -> Result<T>) -> Result<T> {
+        let mut s = self.scratch();
+        if s.f32s.as_ref().is_none_or(|b| b.len() < n) {
+            s.f32s = Some(self.alloc(n)?);
+        }
+        match s.f32s.as_mut() {
+            Some(buf) => f(buf),
+            None => Err(Error::Cuda("scratch buffer missing".into())),
+        }
+    }
+
+    /// Uploads a host matrix as one allocation: data, scales, biases at 256-byte offsets.
+    fn upload_matrix(&self, w: &MatrixView) -> Result<CudaMatrix> {
+        let mut bytes = Vec::with_capacity(w.storage_bytes() + 512);
+        let mut place = |part: &[u8]| {
+            let at = bytes.len().next_multiple_of(256);
+            bytes.resize(at, 0);
+            bytes.extend_from_slice(part);
+            (at, part.len())
+        };
+        let data = place(w.data.bytes());
+        let scales = w.scales.as_ref().map(|s| place(s.bytes()));
+        let biases = w.biases.as_ref().map(|b| place(b.bytes()));
+        Ok(CudaMatrix {
+            rows: w.rows,
+            cols: w.cols,
+            encoding: w.encoding,
+            mem: Arc::new(self.to_device(&bytes)?),
+            data,
+            scales,
+            biases,
+        })
+    }
+
+    /// One-token product `y = W x`.
+    fn matvec(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        let out = self.tensor(1, w.rows)?;
+        let (bits, group, dtype) = w.format();
+        let (rows, cols) = (w.rows as i32, w.cols as i32);
+        let warps = LaunchConfig {
+            grid_dim: ((w.rows as u32).div_ceil(THREADS / 32), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        if bits == 0 {
+            launch!(
+                self,
+                &self.k.matvec_dense,
+                warps,
+                &data,
+                &dtype,
+                &x.buf,
+                &rows,
+                &cols,
+                &out.buf
+            )?;
+            return Ok(out);
+        }
+        let (Some(s), Some(bi)) = (w.scales, w.biases) else {
+            return Err(Error::Cuda("an affine matrix without scales".into()));
+        };
+        let scales = w.mem.slice(s.0..s.0 + s.1);
+        let biases = w.mem.slice(bi.0..bi.0 + bi.1);
+        let per_piece = if matches!(bits, 2 | 4 | 8) { 128 / bits } else { 0 };
+        let pieces_fit = per_piece > 0 && cols % per_piece == 0 && group % per_piece == 0 && (w.data.0 % 16 == 0);
+        if pieces_fit {
+            let pieces = (cols / per_piece) as usize;
+            let sums = self.alloc(pieces)?;
+            launch!(
+                self,
+                &self.k.chunk_sums,
+                grid_for(pieces),
+                &x.buf,
+                &cols,
+                &per_piece,
+                &sums
+            )?;
+            launch!(
+                self,
+                &self.k.matvec_affine_pow2,
+                warps,
+                &data,
+                &scales,
+                &biases,
+                &bits,
+                &group,
+                &dtype,
+                &x.buf,
+                &sums,
+                &rows,
+                &cols,
+                &out.buf
+            )?;
+        } else {
+            launch!(
+                self,
+                &self.k.matvec_affine_any,
+                warps,
+                &data,
+                &scales,
+                &biases,
+                &bits,
+                &group,
+                &dtype,
+                &x.buf,
+                &rows,
+                &cols,
+                &out.buf
+            )?;
+        }
+        Ok(out)
+    }
+
+    /// Decodes rows of `w` to f32 into `out`: rows `ids` when given, else `first..first + n`.
+    fn dequant_rows(
+        &self,
+        w: &CudaMatrix,
+        ids: Option<&CudaSlice<i32>>,
+        first: usize,
+        n: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (bits, group, dtype) = w.format();
+        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        // Dense matrices have no scales; any valid pointer stands in.
+        let (s, bi) = (w.scales.unwrap_or(w.data), w.biases.unwrap_or(w.data));
+        let scales = w.mem.slice(s.0..s.0 + s.1);
+        let biases = w.mem.slice(bi.0..bi.0 + bi.1);
+        let null_ids = self.stream.null::<i32>().map_err(cuda("allocating"))?;
+        let ids = ids.unwrap_or(&null_ids);
+        let (first, cols) = (first as i64, w.cols as i32);
+        launch!(
+            self,
+            &self.k.dequant_rows,
+            blocks(n, THREADS),
+            &data,
+            &scales,
+            &biases,
+            &bits,
+            &group,
+            &dtype,
+            ids,
+            &first,
+            &cols,
+            out
+        )
+    }
+
+    /// Batched product `x . Wᵀ` for several tokens: row blocks of W decoded to f32, then
+    /// SGEMM into the matching columns of the output.
+    fn matmul_batched(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        let (t, k, n) = (x.rows, w.cols, w.rows);
+        let mut out = self.tensor(t, n)?;
+        let block_rows = (64usize << 20) / k.max(1);
+        let block_rows = block_rows.clamp(1, n);
+        self.with_scratch(block_rows * k, |scratch| {
+            for first in (0..n).step_by(block_rows) {
+                let rows = block_rows.min(n - first);
+                self.dequant_rows(w, None, first, rows, scratch)?;
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_T,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: rows as i32,
+                    n: t as i32,
+                    k: k as i32,
+                    alpha: 1.0f32,
+                    lda: k as i32,
+                    ldb: k as i32,
+                    beta: 0.0f32,
+                    ldc: n as i32,
+                };
+                let mut c = out.buf.slice_mut(first..);
+                // SAFETY: A is rows x k in the scratch, B is x (t x k), C starts at column
+                // `first` of the t x n output with leading dimension n.
+                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), &x.buf, &mut c) }
+                    .map_err(cuda("cuBLAS SGEMM"))?;
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn check_same(op: &str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
+        if (a.rows, a.cols) == (b.rows, b.cols) {
+            Ok(())
+        } else {
+            Err(Error::InvalidInput(format!(
+                "{op}: shapes [{}, {}] and [{}, {}] differ",
+                a.rows, a.cols, b.rows, b.cols
+            )))
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Matrix = CudaMatrix;
+    type Expert = CudaExpert;
+
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn load_matrix(&self, w: &MatrixView) -> Result<CudaMatrix> {
+        self.upload_matrix(w)
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(Error::InvalidInput(format!(
+                "upload: {} values for [{rows}, {cols}]",
+                data.len()
+            )));
+        }
+        let buf = if data.is_empty() {
+            self.alloc(1)?
+        } else {
+            self.to_device(data)?
+        };
+        Ok(CudaTensor { rows, cols, buf })
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        if t.len() == 0 {
+            return Ok(Vec::new());
+        }
+        self.stream
+            .clone_dtoh(&t.buf.slice(0..t.len()))
+            .map_err(cuda("copying from the device"))
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.tensor(rows, cols)
+    }
+
+    fn shape(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn append_rows(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        if dst.cols != src.cols {
+            return Err(Error::InvalidInput("append_rows: column counts differ".into()));
+        }
+        let needed = (dst.rows + src.rows) * dst.cols;
+        if needed > dst.buf.len() {
+            let mut grown = self.alloc((2 * dst.buf.len()).max(needed).max(64 * dst.cols))?;
+            if dst.len() > 0 {
+                self.stream
+                    .memcpy_dtod(&dst.buf.slice(0..dst.len()), &mut grown.slice_mut(0..dst.len()))
+                    .map_err(cuda("growing a cache"))?;
+            }
+            dst.buf = grown;
+        }
+        if src.len() > 0 {
+            let at = dst.len();
+            self.stream
+                .memcpy_dtod(&src.buf.slice(0..src.len()), &mut dst.buf.slice_mut(at..at + src.len()))
+                .map_err(cuda("appending to a cache"))?;
+        }
+        dst.rows += src.rows;
+        Ok(())
+    }
+
+    fn embed(&self, table: &CudaMatrix, ids: &[u32]) -> Result<CudaTensor> {
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab_size: table.rows,
+            });
+        }
+        let dev_ids = self.to_device(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>())?;
+        let mut out = self.tensor(ids.len(), table.cols)?;
+        self.dequant_rows(table, Some(&dev_ids), 0, ids.len(), &mut out.buf)?;
+        Ok(out)
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        if x.cols != w.cols {
+            return Err(Error::InvalidInput(format!(
+                "matmul: input has {} columns, the matrix {}",
+                x.cols, w.cols
+            )));
+        }
+        if x.rows == 1 {
+            self.matvec(x, w)
+        } else {
+            self.matmul_batched(x, w)
+        }
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let n = weight.len() as i32;
+        let out = self.tensor(x.rows, x.cols)?;
+        launch!(
+            self,
+            &self.k.rms_norm,
+            blocks(x.len() / weight.len(), THREADS),
+            &x.buf,
+            &weight.buf,
+            &n,
+            &eps,
+            &out.buf
+        )?;
+        Ok(out)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        Self::check_same("add", x, y)?;
+        let n = x.len() as i64;
+        launch!(self, &self.k.add_assign, grid_for(x.len()), &mut x.buf, &y.buf, &n)
+    }
+
+    fn mul_sigmoid(&self, x: &mut CudaTensor, gate: &CudaTensor) -> Result<()> {
+        if !(gate.cols == 1 && gate.rows == x.rows) {
+            Self::check_same("mul_sigmoid", x, gate)?;
+        }
+        let (n, cols, gate_cols) = (x.len() as i64, x.cols as i32, gate.cols as i32);
+        launch!(
+            self,
+            &self.k.mul_sigmoid,
+            grid_for(x.len()),
+            &mut x.buf,
+            &gate.buf,
+            &cols,
+            &gate_cols,
+            &n
+        )
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        Self::check_same("silu_mul", gate, up)?;
+        let out = self.tensor(gate.rows, gate.cols)?;
+        let n = gate.len() as i64;
+        launch!(
+            self,
+            &self.k.silu_mul,
+            grid_for(gate.len()),
+            &gate.buf,
+            &up.buf,
+            &out.buf,
+            &n
+        )?;
+        Ok(out)
+    }
+
+    fn split_query_gate(&self, qg: &CudaTensor, num_heads: usize, head_dim: usize) -> Result<(CudaTensor, CudaTensor)> {
+        if qg.cols != num_heads * head_dim * 2 {
+            return Err(Error::InvalidInput(
+                "split_query_gate: width is not heads * 2 * head_dim".into(),
+            ));
+        }
+        let q = self.tensor(qg.rows, num_heads * head_dim)?;
+        let gate = self.tensor(qg.rows, num_heads * head_dim)?;
+        let (heads, d, n) = (num_heads as i32, head_dim as i32, q.len() as i64);
+        launch!(
+            self,
+            &self.k.split_query_gate,
+            grid_for(q.len()),
+            &qg.buf,
+            &heads,
+            &d,
+            &q.buf,
+            &gate.buf,
+            &n
+        )?;
+        Ok((q, gate))
+    }
+
+    fn rope(&self, x: &mut CudaTensor, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()> {
+        let n = x.rows * (x.cols / head_dim) * (rotary_dim / 2);
+        let (cols, hd, rot, theta, pos0, count) = (
+            x.cols as i32,
+            head_dim as i32,
+            rotary_dim as i32,
+            theta as f32,
+            pos0 as i32,
+            n as i64,
+        );
+        launch!(
+            self,
+            &self.k.rope,
+            grid_for(n),
+            &mut x.buf,
+            &cols,
+            &hd,
+            &rot,
+            &theta,
+            &pos0,
+            &count
+        )
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        shape: AttentionShape,
+        pos0: usize,
+    ) -> Result<CudaTensor> {
+        if keys.rows < pos0 + q.rows || values.rows != keys.rows {
+            return Err(Error::InvalidInput(
+                "attention: the KV cache is shorter than the positions".into(),
+            ));
+        }
+        let keys_cap = pos0 + q.rows;
+        let out = self.tensor(q.rows, shape.num_heads * shape.head_dim)?;
+        let grid = blocks(q.rows * shape.num_heads, THREADS);
+        let (heads, kv_heads, d, p0, cap) = (
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            shape.head_dim as i32,
+            pos0 as i32,
+            keys_cap as i32,
+        );
+        let scale = 1.0f32 / (shape.head_dim as f32).sqrt();
+        self.with_scratch(q.rows * shape.num_heads * keys_cap, |scores| {
+            launch!(
+                self,
+                &self.k.attention_scores,
+                grid,
+                &q.buf,
+                &keys.buf,
+                &heads,
+                &kv_heads,
+                &d,
+                &p0,
+                &cap,
+                &scale,
+                &*scores
+            )?;
+            launch!(
+                self,
+                &self.k.attention_values,
+                grid,
+                &*scores,
+                &values.buf,
+                &heads,
+                &kv_heads,
+                &d,
+                &p0,
+                &cap,
+                &out.buf
+            )
+        })?;
+        Ok(out)
+    }
+
+    fn causal_conv1d_silu(&self, x: &CudaTensor, weight: &CudaTensor, state: &mut CudaTensor) -> Result<CudaTensor> {
+        if weight.rows != x.cols || state.cols != x.cols || state.rows + 1 != weight.cols {
+            return Err(Error::InvalidInput(
+                "causal_conv1d: weight, state and input disagree".into(),
+            ));
+        }
+        let out = self.tensor(x.rows, x.cols)?;
+        let (rows, c, kernel) = (x.rows as i32, x.cols as i32, weight.cols as i32);
+        launch!(
+            self,
+            &self.k.causal_conv1d_silu,
+            grid_for(x.len()),
+            &x.buf,
+            &weight.buf,
+            &state.buf,
+            &rows,
+            &c,
+            &kernel,
+            &out.buf
+        )?;
+        launch!(
+            self,
+            &self.k.conv_state_update,
+            grid_for(x.cols),
+            &x.buf,
+            &mut state.buf,
+            &rows,
+            &c,
+            &kernel
+        )?;
+        Ok(out)
+    }
+
+    fn gated_delta_rule(
+        &self,
+        qkv: &CudaTensor,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        a_log: &CudaTensor,
+        dt_bias: &CudaTensor,
+        state: &mut CudaTensor,
+        dims: &LinearAttentionConfig,
+    ) -> Result<CudaTensor> {
+        let (nk, nv, dk, dv) = (
+            dims.num_key_heads,
+            dims.num_value_heads,
+            dims.key_head_dim,
+            dims.value_head_dim,
+        );
+        if dk > 256 || qkv.cols != dims.conv_dim() || state.rows != nv || state.cols != dk * dv {
+            return Err(Error::InvalidInput(
+                "gated_delta_rule: shapes disagree or key head dim > 256".into(),
+            ));
+        }
+        let out = self.tensor(qkv.rows, nv * dv)?;
+        let warps = dv.div_ceil(4).min(4) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (nv as u32, (dv as u32).div_ceil(4 * warps), 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, nk, nv, dk, dv) = (qkv.rows as i32, nk as i32, nv as i32, dk as i32, dv as i32);
+        launch!(
+            self,
+            &self.k.gated_delta_rule,
+            cfg,
+            &qkv.buf,
+            &a.buf,
+            &b.buf,
+            &a_log.buf,
+            &dt_bias.buf,
+            &mut state.buf,
+            &rows,
+            &nk,
+            &nv,
+            &dk,
+            &dv,
+            &out.buf
+        )?;
+        Ok(out)
+    }
+
+    fn gated_rms_norm(&self, x: &CudaTensor, z: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        Self::check_same("gated_rms_norm", x, z)?;
+        let n = weight.len() as i32;
+        let out = self.tensor(x.rows, x.cols)?;
+        launch!(
+            self,
+            &self.k.gated_rms_norm,
+            blocks(x.len() / weight.len(), 128),
+            &x.buf,
+            &z.buf,
+            &weight.buf,
+            &n,
+            &eps,
+            &out.buf
+        )?;
+        Ok(out)
+    }
+
+    fn route_top_k(&self, logits: &CudaTensor, k: usize, renormalize: bool) -> Result<Vec<Route>> {
+        let (t, experts) = (logits.rows, logits.cols);
+        let idx = self.stream.alloc_zeros::<i32>(t * k).map_err(cuda("allocating"))?;
+        let weights = self.alloc(t * k)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: ((experts + 32) * 4) as u32,
+        };
+        let (e, kk, renorm) = (experts as i32, k as i32, i32::from(renormalize));
+        launch!(
+            self,
+            &self.k.route_top_k,
+            cfg,
+            &logits.buf,
+            &e,
+            &kk,
+            &renorm,
+            &idx,
+            &weights
+        )?;
+        let idx = self.stream.clone_dtoh(&idx).map_err(cuda("copying routes"))?;
+        let weights = self.stream.clone_dtoh(&weights).map_err(cuda("copying routes"))?;
+        Ok(idx
+            .chunks(k)
+            .zip(weights.chunks(k))
+            .map(|(i, w)| i.iter().map(|&e| e as usize).zip(w.iter().copied()).collect())
+            .collect())
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let out = self.tensor(rows.len(), x.cols)?;
+        let dev_rows = self.to_device(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
+        let (cols, n) = (x.cols as i32, out.len() as i64);
+        launch!(
+            self,
+            &self.k.gather_rows,
+            grid_for(out.len()),
+            &x.buf,
+            &dev_rows,
+            &cols,
+            &out.buf,
+            &n
+        )?;
+        Ok(out)
+    }
+
+    fn scatter_add_rows(&self, out: &mut CudaTensor, y: &CudaTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
+        if y.cols != out.cols || y.rows != rows.len() || weights.len() != rows.len() {
+            return Err(Error::InvalidInput("scatter_add_rows: shapes disagree".into()));
+        }
+        let dev_rows = self.to_device(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
+        let dev_weights = self.to_device(weights)?;
+        let (cols, n) = (y.cols as i32, y.len() as i64);
+        launch!(
+            self,
+            &self.k.scatter_add_rows,
+            grid_for(y.len()),
+            &mut out.buf,
+            &y.buf,
+            &dev_rows,
+            &dev_weights,
+            &cols,
+            &n
+        )
+    }
+
+    fn cached_expert(&self, layer: usize, index: usize) -> Option<CudaExpert> {
+        self.cache.get(layer, index)
+    }
+
+    fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
+        self.cache.insert(self, layer, index, view)
+    }
+
+    fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> [&'a CudaMatrix; 3] {
+        expert.matrices()
+    }
+
+    fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
+        Some(self.cache.stats())
+    }
+}
