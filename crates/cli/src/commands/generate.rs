@@ -36,6 +36,12 @@ pub struct Args {
     /// Print where the time went (per layer and phase), expert I/O and peak memory.
     #[arg(long)]
     timing: bool,
+    /// Generate this many tokens first, unmeasured and not printed, to warm the caches.
+    #[arg(long, default_value_t = 0)]
+    warmup_tokens: usize,
+    /// Write the run's measurements (speeds, expert I/O per tier, phase times) as JSON.
+    #[arg(long)]
+    stats_json: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -61,8 +67,19 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         top_k: args.top_k,
         seed: args.seed,
     });
-    let mut stdout = std::io::stdout().lock();
     let io = Some(store.stats());
+    if args.warmup_tokens > 0 {
+        generate(
+            model,
+            &tokenizer,
+            &prompt,
+            args.warmup_tokens,
+            &mut sampler,
+            io,
+            |_: &str| {},
+        )?;
+    }
+    let mut stdout = std::io::stdout().lock();
     let stats = generate(
         model,
         &tokenizer,
@@ -84,11 +101,12 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         stats.decode_tokens_per_second(),
         model.backend().describe(),
     );
+    if let Some(path) = &args.stats_json {
+        let json = super::timing::json(&stats);
+        std::fs::write(path, json.to_string()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
     if args.timing {
-        eprint!(
-            "{}",
-            super::timing::report(&model.config, &stats, model.backend().expert_cache_stats())
-        );
+        eprint!("{}", super::timing::report(&model.config, &stats));
     }
     Ok(())
 }

@@ -1,6 +1,5 @@
 //! The `--timing` report: where the time went per layer and phase, expert I/O, memory.
 
-use flash_moe_engine::backend::ExpertCacheStats;
 use flash_moe_engine::engine::GenerationStats;
 use flash_moe_engine::model::config::{LayerKind, ModelConfig};
 use flash_moe_engine::model::profile::{Phase, PhaseTimes, Profile};
@@ -73,13 +72,13 @@ fn io_line(io: &IoTotals, tokens: u64) -> String {
 }
 
 /// The whole report for a `generate` run.
-pub fn report(config: &ModelConfig, stats: &GenerationStats, vram: Option<ExpertCacheStats>) -> String {
+pub fn report(config: &ModelConfig, stats: &GenerationStats) -> String {
     let mut out = section("prefill", config, &stats.prefill_profile, &stats.prefill_io);
     out += &section("decode", config, &stats.decode_profile, &stats.decode_io);
-    if let Some(v) = vram {
+    if let Some(v) = stats.decode_vram {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         out += &format!(
-            "VRAM expert cache (whole run): {} hits, {} misses ({:.1}% hits); {:.2} GiB copied to the GPU at {:.1} GB/s; \
+            "VRAM expert cache (decode): {} hits, {} misses ({:.1}% hits); {:.2} GiB copied to the GPU at {:.1} GB/s; \
              {:.2} of {:.2} GiB resident\n",
             v.hits,
             v.misses,
@@ -94,4 +93,40 @@ pub fn report(config: &ModelConfig, stats: &GenerationStats, vram: Option<Expert
         out += &format!("peak resident memory: {:.2} GiB\n", rss as f64 / (1u64 << 30) as f64);
     }
     out
+}
+
+/// The run's measurements as JSON, for benchmark scripts.
+pub fn json(stats: &GenerationStats) -> serde_json::Value {
+    let io = |t: &IoTotals| {
+        serde_json::json!({
+            "fetches": t.fetches, "cache_hits": t.cache_hits, "page_cache_hits": t.page_cache_hits,
+            "cold_reads": t.cold_reads, "unknown_reads": t.unknown_reads, "bytes_read": t.bytes_read,
+            "bytes_cold": t.bytes_cold, "io_busy_seconds": t.io_window_nanos as f64 * 1e-9,
+        })
+    };
+    let phases = |p: &Profile| {
+        let total = p.total();
+        Phase::ALL
+            .iter()
+            .map(|&ph| (ph.label().to_string(), serde_json::json!(total.get(ph).as_secs_f64())))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    serde_json::json!({
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prefill_seconds": stats.prefill_time.as_secs_f64(),
+        "decode_seconds": stats.decode_time.as_secs_f64(),
+        "prefill_tokens_per_second": stats.prefill_tokens_per_second(),
+        "decode_tokens_per_second": stats.decode_tokens_per_second(),
+        "decode_calls": stats.decode_profile.calls,
+        "prefill_io": io(&stats.prefill_io),
+        "decode_io": io(&stats.decode_io),
+        "decode_phase_seconds": phases(&stats.decode_profile),
+        "decode_vram": stats.decode_vram.map(|v| serde_json::json!({
+            "hits": v.hits, "misses": v.misses, "uploaded_bytes": v.uploaded_bytes,
+            "upload_seconds": v.upload_nanos as f64 * 1e-9, "resident_bytes": v.resident_bytes,
+            "budget_bytes": v.budget_bytes,
+        })),
+        "peak_rss_bytes": peak_rss_bytes(),
+    })
 }

@@ -28,6 +28,19 @@ pub struct ExpertCacheStats {
     pub budget_bytes: u64,
 }
 
+impl ExpertCacheStats {
+    /// The counters since the snapshot `earlier` (resident and budget stay current).
+    pub fn since(&self, earlier: &ExpertCacheStats) -> ExpertCacheStats {
+        ExpertCacheStats {
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            uploaded_bytes: self.uploaded_bytes - earlier.uploaded_bytes,
+            upload_nanos: self.upload_nanos - earlier.upload_nanos,
+            ..*self
+        }
+    }
+}
+
 /// Geometry of one full-attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {

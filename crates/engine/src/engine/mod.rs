@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ExpertCacheStats};
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::model::profile::Profile;
@@ -64,6 +64,9 @@ pub struct GenerationStats {
     /// Expert I/O for the prompt and for the tokens after it (zero without a store).
     pub prefill_io: IoTotals,
     pub decode_io: IoTotals,
+    /// The backend's own expert cache (VRAM), for the prompt and the tokens after it.
+    pub prefill_vram: Option<ExpertCacheStats>,
+    pub decode_vram: Option<ExpertCacheStats>,
 }
 
 impl GenerationStats {
@@ -91,6 +94,7 @@ pub fn generate<B: Backend>(
 ) -> Result<GenerationStats> {
     let io_now = || io.map(IoStats::totals).unwrap_or_default();
     let io_start = io_now();
+    let vram_start = model.backend().expert_cache_stats();
     let mut state = model.new_state()?;
     let start = Instant::now();
     let mut logits = model
@@ -99,6 +103,7 @@ pub fn generate<B: Backend>(
     let prefill_time = start.elapsed();
     let prefill_profile = state.profile.clone();
     let io_prefilled = io_now();
+    let vram_prefilled = model.backend().expert_cache_stats();
     let start = Instant::now();
     let mut decoder = StreamDecoder::default();
     let mut generated = 0;
@@ -128,5 +133,11 @@ pub fn generate<B: Backend>(
         prefill_profile,
         prefill_io: io_prefilled.since(&io_start),
         decode_io: io_now().since(&io_prefilled),
+        prefill_vram: vram_prefilled.zip(vram_start).map(|(a, b)| a.since(&b)),
+        decode_vram: model
+            .backend()
+            .expert_cache_stats()
+            .zip(vram_prefilled)
+            .map(|(a, b)| a.since(&b)),
     })
 }

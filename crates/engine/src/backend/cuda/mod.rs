@@ -189,12 +189,13 @@ impl CudaBackend {
             .map_err(cuda("allocating device memory"))
     }
 
+    /// An output tensor the next kernel writes in full (not zeroed).
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        Ok(CudaTensor {
-            rows,
-            cols,
-            buf: self.alloc(rows * cols)?,
-        })
+        // SAFETY: every caller launches a kernel that writes all rows * cols elements before
+        // the tensor is read.
+        let buf =
+            unsafe { self.stream.alloc::<f32>((rows * cols).max(1)) }.map_err(cuda("allocating device memory"))?;
+        Ok(CudaTensor { rows, cols, buf })
     }
 
     fn to_device<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
@@ -439,7 +440,11 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        self.tensor(rows, cols)
+        Ok(CudaTensor {
+            rows,
+            cols,
+            buf: self.alloc(rows * cols)?,
+        })
     }
 
     fn shape(&self, t: &CudaTensor) -> (usize, usize) {

@@ -1,0 +1,129 @@
+//! CUDA kernel microbenchmarks: the one-token quantized matvec at expert and dense sizes,
+//! against a device-to-device copy and pinned host-to-device copies measured in the same
+//! run. Prints a table; exits quietly without a GPU. Times are CUDA-event medians.
+//!
+//! `cargo bench -p flash-moe-engine --bench cuda_kernels` (or the prebuilt binary).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, sys::CUevent_flags};
+use flash_moe_engine::backend::Backend;
+use flash_moe_engine::backend::cuda::{self, CudaBackend};
+use flash_moe_engine::storage::blob::Blob;
+use flash_moe_engine::storage::checkpoint::DType;
+use flash_moe_engine::storage::quant::MatrixView;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Milliseconds of `f` on `stream`, by events, median of `reps`.
+fn time_ms(stream: &Arc<CudaStream>, reps: usize, mut f: impl FnMut()) -> f64 {
+    let ctx = stream.context();
+    f(); // warm-up
+    let times = (0..reps)
+        .map(|_| {
+            let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            let end = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+            start.record(stream).expect("record");
+            f();
+            end.record(stream).expect("record");
+            end.synchronize().expect("sync");
+            f64::from(start.elapsed_ms(&end).expect("elapsed"))
+        })
+        .collect();
+    median(times)
+}
+
+fn random_affine(rows: usize, cols: usize, bits: u32, seed: u64) -> MatrixView {
+    let mut state = seed | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let codes: Vec<u8> = (0..rows * cols * bits as usize / 8).map(|_| next() as u8).collect();
+    let groups = rows * cols / 64;
+    let half = |v: f32| half::bf16::from_f32(v).to_bits().to_le_bytes();
+    let scales: Vec<u8> = (0..groups).flat_map(|_| half(0.01)).collect();
+    let biases: Vec<u8> = (0..groups).flat_map(|_| half(-0.05)).collect();
+    MatrixView::affine(
+        "bench",
+        rows,
+        cols,
+        bits,
+        64,
+        DType::BF16,
+        Blob::from_vec(codes),
+        Blob::from_vec(scales),
+        Blob::from_vec(biases),
+    )
+    .expect("valid matrix")
+}
+
+fn main() {
+    if !cuda::is_available() {
+        println!("cuda_kernels: skipped, no CUDA driver or no GPU");
+        return;
+    }
+    let b = CudaBackend::new(0, Some(0)).expect("opening the GPU");
+    let stream = Arc::clone(b.stream());
+    println!("device: {}", b.describe());
+
+    let n = 1usize << 30;
+    let src = stream.alloc_zeros::<u8>(n).expect("alloc");
+    let mut dst = stream.alloc_zeros::<u8>(n).expect("alloc");
+    let ms = time_ms(&stream, 10, || stream.memcpy_dtod(&src, &mut dst).expect("copy"));
+    let d2d = 2.0 * n as f64 / (ms * 1e-3);
+    println!(
+        "{:<44} {:>9.1} GB/s (read + write)",
+        "device-to-device copy, 1 GiB",
+        d2d / 1e9
+    );
+
+    let host = vec![7u8; 256 << 20];
+    let mut dev = stream.alloc_zeros::<u8>(host.len()).expect("alloc");
+    // SAFETY: filled before use by the copy below.
+    let mut pinned = unsafe { stream.context().alloc_pinned_with_flags::<u8>(host.len(), 0) }.expect("pinned");
+    pinned.as_mut_slice().expect("pinned slice").copy_from_slice(&host);
+    let pageable_ms = time_ms(&stream, 10, || stream.memcpy_htod(&host, &mut dev).expect("copy"));
+    let pinned_ms = time_ms(&stream, 10, || stream.memcpy_htod(&pinned, &mut dev).expect("copy"));
+    let h2d = |ms: f64| host.len() as f64 / (ms * 1e-3) / 1e9;
+    println!(
+        "{:<44} {:>9.1} GB/s",
+        "host-to-device, pageable, 256 MiB",
+        h2d(pageable_ms)
+    );
+    println!("{:<44} {:>9.1} GB/s", "host-to-device, pinned, 256 MiB", h2d(pinned_ms));
+
+    println!(
+        "{:<44} {:>9} {:>9} {:>8}",
+        "matvec (one token)", "us/call", "GB/s", "% of d2d"
+    );
+    for (name, rows, cols, bits, copies) in [
+        ("expert gate/up 1024x4096 4-bit", 1024usize, 4096usize, 4u32, 256usize),
+        ("expert down 4096x1024 4-bit", 4096, 1024, 4, 256),
+        ("expert gate/up 1024x4096 2-bit", 1024, 4096, 2, 256),
+        ("linear attn in_proj_qkv 12288x4096 4-bit", 12288, 4096, 4, 16),
+        ("lm_head 248320x4096 4-bit", 248_320, 4096, 4, 1),
+        ("router 512x4096 8-bit", 512, 4096, 8, 64),
+    ] {
+        // Several copies, used in turn, so the matrices do not sit in L2.
+        let host_matrix = random_affine(rows, cols, bits, rows as u64 * 31 + bits as u64);
+        let matrices: Vec<_> = (0..copies)
+            .map(|_| b.load_matrix(&host_matrix).expect("upload"))
+            .collect();
+        let x = b.upload(&vec![0.5f32; cols], 1, cols).expect("upload");
+        let calls = copies.max(8);
+        let ms = time_ms(&stream, 5, || {
+            for i in 0..calls {
+                std::hint::black_box(b.matmul(&x, &matrices[i % copies]).expect("matvec"));
+            }
+        });
+        let us = ms * 1e3 / calls as f64;
+        let rate = host_matrix.storage_bytes() as f64 / (us * 1e-6);
+        println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+    }
+}

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Decode benchmark for the CUDA backend on synthetic Qwen3.5-397B-shaped models.
+
+Writes a `flash-moe synth` model (as many layers as the disk allows, or --layers), warms the
+expert files into host RAM, then runs `flash-moe generate --device cuda` at several K and
+VRAM expert-cache caps. For each run it prints tok/s, the measured time per layer and its
+60-layer equivalent, the bytes per token served by each tier (VRAM, host RAM, disk), and the
+floor those bytes set at the bandwidths measured in the same session (device-to-device copy,
+pinned host-to-device copy, cold disk reads). Routing in the synthetic model comes from
+random router weights: close to uniform over the experts, the worst case for any cache.
+
+Standard library only (runs under the GPU machine's python3).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+EXPERT_RECORD = 7_077_888  # bytes of one 4-bit Qwen3.5-397B expert record
+
+
+def run(cmd, **kw):
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    return subprocess.run(list(map(str, cmd)), check=True, text=True, capture_output=True, **kw)
+
+
+def synth(binary, model, layers, experts):
+    if (model / "flash-moe.json").exists():
+        return
+    if model.exists():
+        shutil.rmtree(model)
+    cmd = [binary, "synth", "--shape", "qwen3.5-397b-a17b", "--layers", layers, "--to", model]
+    if experts:
+        cmd += ["--experts", experts]
+    run(cmd)
+
+
+def dense_bytes(binary, model):
+    out = run([binary, "inspect", "--model", model]).stdout
+    sizes = {}
+    for label, value, unit in re.findall(r"^\s+(\S.*?)\s{2,}[\d.]+\w?\s+params\s+([\d.]+) (\w+)", out, re.M):
+        scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
+        sizes[label.strip()] = float(value) * scale
+    # Per token every dense matrix is read once, except the embedding (one row).
+    return sum(v for k, v in sizes.items() if k not in ("embedding", "routed experts"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default="dist/flash-moe")
+    p.add_argument("--workdir", default="/root/flash-moe-bench")
+    p.add_argument("--layers", type=int, help="default: what the disk holds, leaving 8 GB")
+    p.add_argument("--experts", type=int, help="experts per layer (default: the real 512)")
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=48)
+    p.add_argument("--ks", default="4,10")
+    p.add_argument("--caps", default="0,16,24,auto", help="VRAM expert cache caps in GiB, or auto")
+    p.add_argument("--hbm-gbps", type=float, required=True, help="device-to-device copy, read + write")
+    p.add_argument("--h2d-gbps", type=float, required=True, help="pinned host-to-device copy")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = p.parse_args()
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.layers is None:
+        free = shutil.disk_usage(work).free
+        experts = a.experts or 512
+        per_layer = experts * EXPERT_RECORD + 60e6
+        a.layers = max(1, min(60, int((free - 8e9 - 2.2e9) // per_layer)))
+    model = work / f"syn397-{a.layers}l-{a.experts or 512}e"
+    synth(a.bin, model, a.layers, a.experts)
+    dense = dense_bytes(a.bin, model)
+    disk = run([a.bin, "bench-io", "--model", model, "--tokens", 4]).stdout
+    disk_gbps = float(re.search(r"throughput ([\d.]+) GB/s", disk).group(1))
+    print(disk.strip())
+    # Warm the expert files into host RAM (tier 2: the page cache).
+    for f in sorted((model / "experts").iterdir()):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+    hbm = a.hbm_gbps * 1e9 / 2  # the copy counts each byte twice (read and write)
+    h2d = a.h2d_gbps * 1e9
+    rows = []
+    for k in map(int, a.ks.split(",")):
+        for cap in a.caps.split(","):
+            stats = Path(a.out) / f"decode-k{k}-cap{cap}.json"
+            cmd = [a.bin, "generate", "--model", model, "--device", "cuda", "--prompt", "The", "--experts-per-token", k,
+                   "--max-tokens", a.tokens, "--warmup-tokens", a.warmup, "--stats-json", stats]
+            if cap != "auto":
+                cmd += ["--gpu-expert-cache-gib", cap]
+            r = run(cmd)
+            s = json.loads(stats.read_text())
+            calls = max(s["decode_calls"], 1)
+            v = s["decode_vram"] or {"hits": 0, "misses": 0, "budget_bytes": 0}
+            hits, misses = v["hits"] / calls, v["misses"] / calls
+            io = s["decode_io"]
+            cold = io["bytes_cold"] / calls
+            sec = s["decode_seconds"] / calls
+            phases = s["decode_phase_seconds"]
+            outside = phases["lm_head"] / calls
+            per_layer = (sec - outside) / a.layers
+            floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
+            rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / (60 * per_layer + outside),
+                         100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
+                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, v["budget_bytes"] / 2**30))
+            print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
+
+    print()
+    print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {a.layers} of 60 layers, random routing; "
+          f"dense {dense / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
+          f"disk {disk_gbps:.2f} GB/s (same session)")
+    head = ("K", "cap GiB", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
+            "MB/tok disk", "floor tok/s", "of floor", "budget GiB")
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
+    json.dump({"layers": a.layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "hbm_gbps": hbm / 1e9,
+               "h2d_gbps": h2d / 1e9, "rows": rows}, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
