@@ -126,4 +126,25 @@ fn main() {
         let rate = host_matrix.storage_bytes() as f64 / (us * 1e-6);
         println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
     }
+    for bits in [4u32, 2] {
+        // A whole routed expert, one token: gate and up with SiLU fused, then down added
+        // into the output with the routing weight; 256 experts in turn, as decode uses them.
+        let view = flash_moe_engine::model::weights::ExpertView {
+            gate: random_affine(1024, 4096, bits, 1),
+            up: random_affine(1024, 4096, bits, 2),
+            down: random_affine(4096, 1024, bits, 3),
+        };
+        let experts: Vec<_> = (0..256).map(|e| b.load_expert(0, e, &view).expect("upload")).collect();
+        let x = b.upload(&vec![0.5f32; 4096], 1, 4096).expect("upload");
+        let mut out = b.zeros(1, 4096).expect("alloc");
+        let ms = time_ms(&stream, 5, || {
+            for e in &experts {
+                b.expert_ffn(&x, e, &[0], &[0.25], &mut out).expect("expert");
+            }
+        });
+        let us = ms * 1e3 / experts.len() as f64;
+        let rate = view.storage_bytes() as f64 / (us * 1e-6);
+        let name = format!("whole expert 3x1024x4096 {bits}-bit, fused");
+        println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+    }
 }

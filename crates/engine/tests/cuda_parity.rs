@@ -137,6 +137,31 @@ fn every_operation_matches_the_cpu() {
             }
         }
     }
+    for (encoding, tokens) in [
+        ("q4/g64", 1usize),
+        ("q2/g64", 1),
+        ("q8/g64", 1),
+        ("q3/g64", 1),
+        ("q4/g64", 3),
+    ] {
+        let name = format!("expert_ffn {encoding} x {tokens} tokens, accumulated");
+        same_on_both!(name, &cpu, &gpu, 1e-4, (encoding, tokens), |b, p: (&str, usize)| {
+            let (enc, tokens) = p;
+            let mut rng = SmallRng::seed_from_u64(11);
+            let view = flash_moe_engine::model::weights::ExpertView {
+                gate: matrix(&mut rng, 256, 512, enc),
+                up: matrix(&mut rng, 256, 512, enc),
+                down: matrix(&mut rng, 512, 256, enc),
+            };
+            let expert = b.load_expert(0, 0, &view)?;
+            let x = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
+            let mut out = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
+            let rows: Vec<usize> = (0..tokens).collect();
+            let weights: Vec<f32> = (0..tokens).map(|i| 0.3 + i as f32).collect();
+            b.expert_ffn(&x, &expert, &rows, &weights, &mut out)?;
+            b.download(&out)
+        });
+    }
     same_on_both!("embed q4/g64", &cpu, &gpu, 1e-6, (), |b, _p: ()| {
         let mut rng = SmallRng::seed_from_u64(2);
         let w = b.load_matrix(&matrix(&mut rng, 300, 128, "q4/g64"))?;

@@ -37,6 +37,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         io: ExpertIo::Read(mode),
         cache_bytes: 0,
         io_threads: args.io_threads,
+        host_memory: None,
     };
     let r = bench_io(&args.model, k, args.tokens, store, args.seed)?;
     let per_token = r.bytes as f64 / args.tokens.max(1) as f64;

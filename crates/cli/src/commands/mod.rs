@@ -93,8 +93,8 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn store(&self) -> Arc<ExpertStore> {
-        ExpertStore::new(StoreConfig {
+    fn store_config(&self) -> StoreConfig {
+        StoreConfig {
             io: match self.io {
                 IoChoice::PageCache => ExpertIo::Read(IoMode::PageCache),
                 IoChoice::Direct => ExpertIo::Read(IoMode::Direct),
@@ -102,12 +102,12 @@ impl ModelArgs {
             },
             cache_bytes: self.expert_cache_mib << 20,
             io_threads: self.io_threads,
-        })
+            host_memory: None,
+        }
     }
 
     /// Loads the model on the chosen device and runs `job` with it.
     pub fn run<J: ModelJob>(&self, job: J) -> anyhow::Result<()> {
-        let store = self.store();
         let device = match self.device {
             Device::Auto if cuda::is_available() => Device::Cuda(0),
             Device::Auto => Device::Cpu,
@@ -117,9 +117,17 @@ impl ModelArgs {
             Device::Cuda(n) => {
                 let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
                 let backend = CudaBackend::new(n, cache).with_context(|| format!("opening cuda:{n}"))?;
+                // Expert buffers in page-locked memory: copies to the GPU go straight from them.
+                let store = ExpertStore::new(StoreConfig {
+                    host_memory: Some(backend.pinned_allocator()),
+                    ..self.store_config()
+                });
                 job.run(self.load_on(backend, Arc::clone(&store))?, store)
             }
-            _ => job.run(self.load_on(CpuBackend::new(), Arc::clone(&store))?, store),
+            _ => {
+                let store = ExpertStore::new(self.store_config());
+                job.run(self.load_on(CpuBackend::new(), Arc::clone(&store))?, store)
+            }
         }
     }
 

@@ -21,9 +21,8 @@ pub type Route = Vec<(usize, f32)>;
 pub struct ExpertCacheStats {
     pub hits: u64,
     pub misses: u64,
-    /// Bytes copied to the device for misses, and the time it took.
+    /// Bytes copied to the device for misses.
     pub uploaded_bytes: u64,
-    pub upload_nanos: u64,
     pub resident_bytes: u64,
     pub budget_bytes: u64,
 }
@@ -35,7 +34,6 @@ impl ExpertCacheStats {
             hits: self.hits - earlier.hits,
             misses: self.misses - earlier.misses,
             uploaded_bytes: self.uploaded_bytes - earlier.uploaded_bytes,
-            upload_nanos: self.upload_nanos - earlier.upload_nanos,
             ..*self
         }
     }
@@ -159,8 +157,35 @@ pub trait Backend: Send + Sync {
     fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<Self::Expert>;
     /// Gate, up and down of an expert.
     fn expert_matrices<'a>(&self, expert: &'a Self::Expert) -> [&'a Self::Matrix; 3];
+    /// `out[rows[i]] += weights[i] * down(silu(gate(x_i)) * up(x_i))` for the rows `rows`
+    /// of `x` that chose this expert. Backends may fuse it; this is the reference sequence.
+    fn expert_ffn(
+        &self,
+        x: &Self::Tensor,
+        expert: &Self::Expert,
+        rows: &[usize],
+        weights: &[f32],
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        expert_ffn_unfused(self, x, expert, rows, weights, out)
+    }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None
     }
+}
+
+/// [`Backend::expert_ffn`] as a sequence of the backend's plain operations.
+pub fn expert_ffn_unfused<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    expert: &B::Expert,
+    rows: &[usize],
+    weights: &[f32],
+    out: &mut B::Tensor,
+) -> Result<()> {
+    let [gate_w, up_w, down_w] = b.expert_matrices(expert);
+    let xs = b.gather_rows(x, rows)?;
+    let act = b.silu_mul(&b.matmul(&xs, gate_w)?, &b.matmul(&xs, up_w)?)?;
+    b.scatter_add_rows(out, &b.matmul(&act, down_w)?, rows, weights)
 }

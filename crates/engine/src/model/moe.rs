@@ -118,12 +118,7 @@ impl<B: Backend> SparseMoe<B> {
                     b.load_expert(self.layer, e, &view)?
                 }
             };
-            let [gate_w, up_w, down_w] = b.expert_matrices(&expert);
-            let xs = b.gather_rows(x, &rows)?;
-            let gate = b.matmul(&xs, gate_w)?;
-            let up = b.matmul(&xs, up_w)?;
-            let y = b.matmul(&b.silu_mul(&gate, &up)?, down_w)?;
-            b.scatter_add_rows(&mut out, &y, &rows, &weights)?;
+            b.expert_ffn(x, &expert, &rows, &weights, &mut out)?;
             clock.charge(times, Phase::ExpertCompute);
         }
         if let Some((mlp, gate)) = &self.shared {

@@ -237,18 +237,48 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Host memory for expert buffers: page-aligned, writable by reads, readable by copies.
+pub trait HostBuffer: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl HostBuffer for AlignedBuf {
+    fn bytes(&self) -> &[u8] {
+        self.as_ref()
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+/// Makes a host buffer of the given length; a GPU backend supplies page-locked memory so
+/// that copies to the device run at full speed without staging.
+pub type HostAllocator = dyn Fn(usize) -> Box<dyn HostBuffer> + Send + Sync;
+
 /// Recycles buffers by size so the hot path does not map and fault fresh pages for every
 /// expert. Holds at most `max_idle_bytes` of idle buffers.
 pub struct BufferPool {
-    idle: Mutex<HashMap<usize, Vec<AlignedBuf>>>,
+    idle: Mutex<HashMap<usize, Vec<Box<dyn HostBuffer>>>>,
     max_idle_bytes: usize,
+    alloc: Arc<HostAllocator>,
 }
 
 impl BufferPool {
+    /// A pool of ordinary (pageable) page-aligned buffers.
     pub fn new(max_idle_bytes: usize) -> Arc<Self> {
+        Self::with_allocator(
+            max_idle_bytes,
+            Arc::new(|len| Box::new(AlignedBuf::new(len)) as Box<dyn HostBuffer>),
+        )
+    }
+
+    pub fn with_allocator(max_idle_bytes: usize, alloc: Arc<HostAllocator>) -> Arc<Self> {
         Arc::new(BufferPool {
             idle: Mutex::default(),
             max_idle_bytes,
+            alloc,
         })
     }
 
@@ -256,33 +286,38 @@ impl BufferPool {
     pub fn take(self: &Arc<Self>, len: usize) -> PooledBuf {
         let reused = self.lock().get_mut(&len).and_then(Vec::pop);
         PooledBuf {
-            buf: Some(reused.unwrap_or_else(|| AlignedBuf::new(len))),
+            buf: Some(reused.unwrap_or_else(|| (self.alloc)(len))),
+            len,
             pool: Arc::clone(self),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Vec<AlignedBuf>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Vec<Box<dyn HostBuffer>>>> {
         self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn give_back(&self, buf: AlignedBuf) {
+    fn give_back(&self, len: usize, buf: Box<dyn HostBuffer>) {
         let mut idle = self.lock();
         let held: usize = idle.iter().map(|(len, v)| len * v.len()).sum();
-        if held + buf.len <= self.max_idle_bytes {
-            idle.entry(buf.len).or_default().push(buf);
+        if held + len <= self.max_idle_bytes {
+            idle.entry(len).or_default().push(buf);
         }
     }
 }
 
 /// A buffer that returns to its pool when dropped.
 pub struct PooledBuf {
-    buf: Option<AlignedBuf>,
+    buf: Option<Box<dyn HostBuffer>>,
+    len: usize,
     pool: Arc<BufferPool>,
 }
 
 impl PooledBuf {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        self.buf.as_mut().map_or(&mut [], AlignedBuf::as_mut_slice)
+        match self.buf.as_mut() {
+            Some(b) => &mut b.bytes_mut()[..self.len],
+            None => &mut [],
+        }
     }
 
     /// Freezes the buffer into a shareable blob of its first `len` bytes.
@@ -293,14 +328,14 @@ impl PooledBuf {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        self.buf.as_ref().map_or(&[], AlignedBuf::as_ref)
+        self.buf.as_ref().map_or(&[], |b| &b.bytes()[..self.len])
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.pool.give_back(buf);
+            self.pool.give_back(self.len, buf);
         }
     }
 }

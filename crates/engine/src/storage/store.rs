@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::blob::Blob;
-use super::io::{BufferPool, DIRECT_ALIGN, IoMode, IoPool, PooledBuf, SourceFile, Warmth};
+use super::io::{BufferPool, DIRECT_ALIGN, HostAllocator, IoMode, IoPool, PooledBuf, SourceFile, Warmth};
 use super::quant::{Encoding, MatrixView};
 use crate::error::{Error, Result};
 use crate::model::weights::{ExpertSource, ExpertView, PendingExpert};
@@ -31,12 +31,14 @@ pub enum ExpertIo {
 }
 
 /// Settings of an [`ExpertStore`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct StoreConfig {
     pub io: ExpertIo,
     /// Byte budget of the in-process LRU expert cache (0: no cache).
     pub cache_bytes: u64,
     pub io_threads: usize,
+    /// Where expert buffers come from (default: pageable, page-aligned heap memory).
+    pub host_memory: Option<Arc<HostAllocator>>,
 }
 
 impl Default for StoreConfig {
@@ -45,7 +47,19 @@ impl Default for StoreConfig {
             io: ExpertIo::Read(IoMode::PageCache),
             cache_bytes: 0,
             io_threads: 8,
+            host_memory: None,
         }
+    }
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("io", &self.io)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("io_threads", &self.io_threads)
+            .field("host_memory", &self.host_memory.as_ref().map(|_| "custom"))
+            .finish()
     }
 }
 
@@ -271,7 +285,10 @@ impl ExpertStore {
         Arc::new(ExpertStore {
             io: IoPool::new(config.io_threads),
             // Enough idle buffers for a few layers' worth of experts in flight.
-            buffers: BufferPool::new(256 << 20),
+            buffers: match &config.host_memory {
+                Some(alloc) => BufferPool::with_allocator(256 << 20, Arc::clone(alloc)),
+                None => BufferPool::new(256 << 20),
+            },
             cache,
             stats: Arc::default(),
             verified: Arc::default(),

@@ -5,13 +5,11 @@
 //! expert used in many tokens outlives a burst of one-off ones (recency and frequency).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
 
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::ExpertCacheStats;
 use crate::error::Result;
 use crate::model::weights::ExpertView;
-use crate::storage::quant::MatrixView;
 
 /// A routed expert in VRAM: gate, up and down.
 #[derive(Clone)]
@@ -23,9 +21,9 @@ impl CudaExpert {
         [g, u, d]
     }
 
-    /// VRAM the expert occupies.
+    /// VRAM the expert occupies (its three matrices share one allocation).
     fn bytes(&self) -> u64 {
-        self.0.iter().map(|m| m.mem.len() as u64).sum()
+        self.0[0].mem.len() as u64
     }
 }
 
@@ -87,14 +85,11 @@ impl VramCache {
 
     /// Copies a fetched expert to the device and keeps it when the budget allows.
     pub fn insert(&self, backend: &CudaBackend, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
-        let start = Instant::now();
-        let upload = |m: &MatrixView| backend.upload_matrix(m);
-        let expert = CudaExpert(Arc::new([upload(&view.gate)?, upload(&view.up)?, upload(&view.down)?]));
+        let expert = CudaExpert(Arc::new(backend.upload_expert(view)?));
         let bytes = view.storage_bytes() as u64;
         let mut inner = self.lock();
         inner.stats.misses += 1;
         inner.stats.uploaded_bytes += bytes;
-        inner.stats.upload_nanos += start.elapsed().as_nanos() as u64;
         let budget = match inner.budget {
             Some(b) => b,
             None => {

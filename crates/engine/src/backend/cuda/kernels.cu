@@ -101,48 +101,126 @@ extern "C" __global__ void dequant_rows(const u8* w, const u8* scales, const u8*
 // ---------------------------------------------------------------------------------------
 // One-token matrix-vector products: y[r] = W[r, :] . x
 
-// Sums of x over consecutive `chunk`-wide pieces.
-extern "C" __global__ void chunk_sums(const float* x, int cols, int chunk, float* out) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i * chunk >= cols) return;
-    float s = 0.0f;
-    for (int j = 0; j < chunk; ++j) s += x[i * chunk + j];
-    out[i] = s;
+// Affine weights with 2, 4 or 8 bits, one token: y[r] = epilogue(W[r, :] . x).
+//
+// Each lane reads 16 bytes of codes at a time (a "piece": 128 / BITS codes); a warp's 32
+// loads are one coalesced 512-byte read. x is staged in shared memory with 4 floats of
+// padding per piece (so the 16-byte reads of 8 neighbouring lanes hit distinct banks) and
+// with the sum of x over each piece beside it.
+//
+// Codes become floats without an int-to-float conversion: placing a code q in the top of
+// the mantissa of 1.0f gives f = 1 + q * 2^-BITS exactly, and
+//   scale * (q . x) + bias * sum(x) = 2^BITS scale * (f . x) + (bias - 2^BITS scale) * sum(x).
+//
+// DUAL: a second matrix w2 (same shape and format) is multiplied too and the output is
+// silu(W x) * (W2 x) (gate and up of a SwiGLU). Otherwise y = alpha * dot + beta * y.
+#define PIECE_PAD 4
+#define ROWS_UNROLL 4
+
+struct Affine {
+    const u8* w;
+    const u8* scales;
+    const u8* biases;
+};
+
+template <int BITS>
+__device__ __forceinline__ float piece_fdot(uint4 v, const float* xs) {
+    constexpr int PER_WORD = 32 / BITS;
+    constexpr int TOP = 23 - BITS;
+    constexpr u32 MASK = ((1u << BITS) - 1u) << TOP;
+    u32 words[4] = {v.x, v.y, v.z, v.w};
+    float acc0 = 0.0f, acc1 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#pragma unroll
+        for (int j = 0; j < PER_WORD; j += 4) {
+            float4 x4 = *(const float4*)(xs + k * PER_WORD + j);
+            float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int shift = TOP - (j + e) * BITS;
+                u32 m = (shift >= 0 ? (words[k] << shift) : (words[k] >> -shift)) & MASK;
+                float f = __uint_as_float(m | 0x3F800000u);
+                if (e & 1) acc1 += f * xv[e]; else acc0 += f * xv[e];
+            }
+        }
+    }
+    return acc0 + acc1;
 }
 
-// Affine weights with 2, 4 or 8 bits: one warp per row, each lane reading 16 bytes of codes
-// at a time (128 / bits codes). y[r] = sum over pieces of scale * (q . x) + bias * sum(x),
-// the bias term using `piece_sums` (x summed per 16-byte piece of codes).
-extern "C" __global__ void matvec_affine_pow2(const u8* w, const u8* scales, const u8* biases, int bits, int group,
-                                              int dtype, const float* x, const float* piece_sums, int rows, int cols,
-                                              float* y) {
-    int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (warp >= rows) return;
-    long long r = warp;
-    int per_piece = 128 / bits;
-    int pieces = cols / per_piece;
-    int groups = cols / group;
-    const uint4* row = (const uint4*)(w + r * (long long)cols * bits / 8);
-    u32 mask = (1u << bits) - 1u;
-    int per_word = 32 / bits;
-    float acc = 0.0f;
-    for (int p = lane; p < pieces; p += 32) {
-        uint4 v = row[p];
-        u32 words[4] = {v.x, v.y, v.z, v.w};
-        const float* xp = x + p * per_piece;
-        float dot = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            u32 word = words[k];
-            for (int j = 0; j < per_word; ++j) dot += (float)((word >> (j * bits)) & mask) * xp[k * per_word + j];
-        }
-        long long g = r * groups + (long long)(p * per_piece) / group;
-        acc += load_float(scales, dtype, g) * dot + load_float(biases, dtype, g) * piece_sums[p];
+template <int BITS, bool DUAL>
+__device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y,
+                            float alpha, float beta) {
+    constexpr int PF = 128 / BITS;  // codes (and x values) per 16-byte piece
+    extern __shared__ float smem[];
+    int pieces = cols / PF;
+    float* xs = smem;                          // pieces * (PF + PIECE_PAD)
+    float* sums = smem + pieces * (PF + PIECE_PAD);  // pieces
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[(i / PF) * (PF + PIECE_PAD) + i % PF] = x[i];
+    __syncthreads();
+    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+        float s = 0.0f;
+        for (int j = 0; j < PF; ++j) s += xs[p * (PF + PIECE_PAD) + j];
+        sums[p] = s;
     }
-    acc = warp_sum(acc);
-    if (lane == 0) y[r] = acc;
+    __syncthreads();
+    const float lift = (float)(1 << BITS);
+    int lane = threadIdx.x & 31;
+    int warps = blockDim.x >> 5;
+    int groups = cols / group;
+    long long row_bytes = (long long)cols * BITS / 8;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+        const uint4* ra = (const uint4*)(a.w + r * row_bytes);
+        const uint4* rb = DUAL ? (const uint4*)(b.w + r * row_bytes) : ra;
+        float acc_a = 0.0f, acc_b = 0.0f;
+        for (int base = 0; base < pieces; base += 32 * ROWS_UNROLL) {
+            uint4 va[ROWS_UNROLL], vb[ROWS_UNROLL];
+#pragma unroll
+            for (int u = 0; u < ROWS_UNROLL; ++u) {
+                int p = base + u * 32 + lane;
+                if (p < pieces) {
+                    va[u] = ra[p];
+                    if (DUAL) vb[u] = rb[p];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ROWS_UNROLL; ++u) {
+                int p = base + u * 32 + lane;
+                if (p >= pieces) break;
+                const float* xp = xs + p * (PF + PIECE_PAD);
+                long long g = (long long)r * groups + (long long)p * PF / group;
+                float s = load_float(a.scales, dtype, g) * lift;
+                acc_a += s * piece_fdot<BITS>(va[u], xp) + (load_float(a.biases, dtype, g) - s) * sums[p];
+                if (DUAL) {
+                    float s2 = load_float(b.scales, dtype, g) * lift;
+                    acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (load_float(b.biases, dtype, g) - s2) * sums[p];
+                }
+            }
+        }
+        acc_a = warp_sum(acc_a);
+        if (DUAL) acc_b = warp_sum(acc_b);
+        if (lane == 0) {
+            if (DUAL) y[r] = siluf(acc_a) * acc_b;
+            else y[r] = alpha * acc_a + (beta != 0.0f ? beta * y[r] : 0.0f);
+        }
+    }
 }
+
+#define MATVEC_POW2(BITS)                                                                                          \
+    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group, int dtype, \
+                                              const float* x, int rows, int cols, float* y, float alpha, float beta) { \
+        Affine a = {w, scales, biases};                                                                            \
+        matvec_pow2<BITS, false>(a, a, group, dtype, x, rows, cols, y, alpha, beta);                               \
+    }                                                                                                              \
+    extern "C" __global__ void swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2,        \
+                                              const u8* scales2, const u8* biases2, int group, int dtype,          \
+                                              const float* x, int rows, int cols, float* y) {                      \
+        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                                \
+        matvec_pow2<BITS, true>(a, b, group, dtype, x, rows, cols, y, 1.0f, 0.0f);                                 \
+    }
+MATVEC_POW2(2)
+MATVEC_POW2(4)
+MATVEC_POW2(8)
 
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
 extern "C" __global__ void matvec_affine_any(const u8* w, const u8* scales, const u8* biases, int bits, int group,
@@ -204,6 +282,12 @@ extern "C" __global__ void gated_rms_norm(const float* x, const float* z, const 
     float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x)
         out[base + i] = weight[i] * (x[base + i] * inv) * siluf(z[base + i]);
+}
+
+// y += alpha * x (with `transposed_unused` kept 0: the signature leaves room for strides).
+extern "C" __global__ void axpy(float* y, const float* x, float alpha, int transposed_unused, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] += alpha * x[i];
 }
 
 extern "C" __global__ void add_assign(float* x, const float* y, long long n) {

@@ -15,13 +15,15 @@ pub const SOURCE: &str = include_str!("kernels.cu");
 /// Every kernel the backend launches.
 pub struct Kernels {
     pub dequant_rows: CudaFunction,
-    pub chunk_sums: CudaFunction,
-    pub matvec_affine_pow2: CudaFunction,
+    /// One-token affine matvec for 2, 4, 8 bits, and the fused SwiGLU (gate and up) variant.
+    pub matvec_q: [CudaFunction; 3],
+    pub swiglu_q: [CudaFunction; 3],
     pub matvec_affine_any: CudaFunction,
     pub matvec_dense: CudaFunction,
     pub rms_norm: CudaFunction,
     pub gated_rms_norm: CudaFunction,
     pub add_assign: CudaFunction,
+    pub axpy: CudaFunction,
     pub mul_sigmoid: CudaFunction,
     pub silu_mul: CudaFunction,
     pub split_query_gate: CudaFunction,
@@ -46,13 +48,14 @@ impl Kernels {
         };
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
-            chunk_sums: f("chunk_sums")?,
-            matvec_affine_pow2: f("matvec_affine_pow2")?,
+            matvec_q: [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?],
+            swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
             matvec_affine_any: f("matvec_affine_any")?,
             matvec_dense: f("matvec_dense")?,
             rms_norm: f("rms_norm")?,
             gated_rms_norm: f("gated_rms_norm")?,
             add_assign: f("add_assign")?,
+            axpy: f("axpy")?,
             mul_sigmoid: f("mul_sigmoid")?,
             silu_mul: f("silu_mul")?,
             split_query_gate: f("split_query_gate")?,

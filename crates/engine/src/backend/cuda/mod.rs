@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
 use crate::storage::checkpoint::DType;
+use crate::storage::io::{AlignedBuf, HostAllocator, HostBuffer};
 use crate::storage::quant::{Encoding, MatrixView};
 
 fn cuda<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> Error + '_ {
@@ -72,6 +73,12 @@ fn dtype_code(d: DType) -> i32 {
 }
 
 impl CudaMatrix {
+    fn affine_parts(&self) -> Result<((usize, usize), (usize, usize))> {
+        self.scales
+            .zip(self.biases)
+            .ok_or_else(|| Error::Cuda("an affine matrix without scales and biases".into()))
+    }
+
     /// `(bits, group, dtype code)`: bits 0 for dense matrices.
     fn format(&self) -> (i32, i32, i32) {
         match self.encoding {
@@ -84,6 +91,34 @@ impl CudaMatrix {
         }
     }
 }
+
+/// Page-locked host memory from the CUDA driver, for expert buffers.
+struct PinnedBuf {
+    _slice: cudarc::driver::PinnedHostSlice<u8>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the memory is plain page-locked host memory owned by `_slice`.
+unsafe impl Send for PinnedBuf {}
+// SAFETY: shared access is read-only.
+unsafe impl Sync for PinnedBuf {}
+
+impl HostBuffer for PinnedBuf {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is valid for `len` bytes while `_slice` lives.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Host blobs whose asynchronous copies to the device are still in flight.
+#[derive(Default)]
+struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<crate::storage::blob::Blob>)>);
 
 /// Scratch buffers reused across calls.
 #[derive(Default)]
@@ -100,6 +135,9 @@ pub struct CudaBackend {
     name: String,
     scratch: Mutex<Scratch>,
     cache: VramCache,
+    /// Multiprocessors, to size grids.
+    sms: usize,
+    in_flight: Mutex<InFlight>,
 }
 
 const THREADS: u32 = 256;
@@ -150,6 +188,13 @@ impl CudaBackend {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the GPU"))?;
+        // One stream orders everything; cudarc's per-buffer event tracking would only add
+        // an event record per kernel argument.
+        // SAFETY: all work runs on the default stream, so no buffer is used across streams.
+        unsafe { ctx.disable_event_tracking() };
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda("reading the multiprocessor count"))? as usize;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(cuda("reading the compute capability"))?;
@@ -170,12 +215,98 @@ impl CudaBackend {
             name,
             scratch: Mutex::default(),
             cache,
+            sms,
+            in_flight: Mutex::default(),
         })
     }
 
     /// Free and total device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(cuda("querying device memory"))
+    }
+
+    /// An allocator of page-locked host buffers (page-aligned, as direct I/O needs), falling
+    /// back to ordinary memory when the driver refuses.
+    pub fn pinned_allocator(&self) -> Arc<HostAllocator> {
+        let ctx = Arc::clone(&self.ctx);
+        Arc::new(move |len: usize| -> Box<dyn HostBuffer> {
+            let size = len.max(1).next_multiple_of(4096);
+            // SAFETY: the memory is written by reads before anything reads it.
+            let pinned = unsafe { ctx.alloc_pinned_with_flags::<u8>(size, 0) };
+            if let Ok(mut slice) = pinned
+                && let Ok(ptr) = slice.as_mut_ptr()
+                && (ptr as usize) % 4096 == 0
+            {
+                return Box::new(PinnedBuf {
+                    _slice: slice,
+                    ptr,
+                    len: size,
+                });
+            }
+            Box::new(AlignedBuf::new(len))
+        })
+    }
+
+    /// Copies an expert's matrices into one new device allocation, asynchronously on the
+    /// compute stream (so it is ordered before the kernels that use it); the host bytes are
+    /// kept alive until the copy has finished.
+    fn upload_expert(&self, view: &ExpertView) -> Result<[CudaMatrix; 3]> {
+        let matrices = [&view.gate, &view.up, &view.down];
+        let mut parts = Vec::with_capacity(9);
+        let mut total = 0usize;
+        let mut place = |blob: &crate::storage::blob::Blob| {
+            let at = total.next_multiple_of(256);
+            total = at + blob.len();
+            parts.push((blob.clone(), at));
+            (at, blob.len())
+        };
+        let layout: Vec<_> = matrices
+            .iter()
+            .map(|m| {
+                (
+                    place(&m.data),
+                    m.scales.as_ref().map(&mut place),
+                    m.biases.as_ref().map(&mut place),
+                )
+            })
+            .collect();
+        // SAFETY: every byte the kernels read is written by the copies below.
+        let mem = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(cuda("allocating an expert"))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (base, _guard) = mem.device_ptr(&self.stream);
+            for (blob, at) in &parts {
+                // SAFETY: the destination range lies inside `mem`; the source stays alive in
+                // `in_flight` until the event recorded after these copies has completed.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(base + *at as u64, blob.bytes(), self.stream.cu_stream())
+                }
+                .map_err(cuda("copying an expert to the device"))?;
+            }
+        }
+        let event = self.stream.record_event(None).map_err(cuda("recording an event"))?;
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            in_flight.0.retain(|(e, _)| !e.is_complete());
+            in_flight.0.push((event, parts.into_iter().map(|(b, _)| b).collect()));
+        }
+        let mem = Arc::new(mem);
+        let mut built = layout
+            .into_iter()
+            .zip(matrices)
+            .map(|((data, scales, biases), m)| CudaMatrix {
+                rows: m.rows,
+                cols: m.cols,
+                encoding: m.encoding,
+                mem: Arc::clone(&mem),
+                data,
+                scales,
+                biases,
+            });
+        match (built.next(), built.next(), built.next()) {
+            (Some(g), Some(u), Some(d)) => Ok([g, u, d]),
+            _ => Err(Error::Cuda("an expert has three matrices".into())),
+        }
     }
 
     /// The stream every operation runs on (benchmarks time it with events).
@@ -241,83 +372,114 @@ impl CudaBackend {
         })
     }
 
-    /// One-token product `y = W x`.
-    fn matvec(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
-        let out = self.tensor(1, w.rows)?;
+    /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
+    /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
+    /// enough for shared memory.
+    fn pow2_plan(&self, w: &CudaMatrix) -> Option<(usize, LaunchConfig)> {
+        let Encoding::Affine { bits, group_size, .. } = w.encoding else {
+            return None;
+        };
+        let index = match bits {
+            2 => 0,
+            4 => 1,
+            8 => 2,
+            _ => return None,
+        };
+        let per_piece = (128 / bits) as usize;
+        if w.cols % per_piece != 0 || group_size % per_piece != 0 || w.data.0 % 16 != 0 {
+            return None;
+        }
+        let pieces = w.cols / per_piece;
+        let smem = (pieces * (per_piece + 4) + pieces) * 4;
+        if smem > 48 * 1024 {
+            return None;
+        }
+        let blocks = w.rows.div_ceil(8).min(self.sms * 8);
+        Some((
+            index,
+            LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+        ))
+    }
+
+    /// One-token product into `y`: `y = alpha * (W x) + beta * y`.
+    fn matvec_into(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaMatrix,
+        y: &mut CudaSlice<f32>,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
         let (bits, group, dtype) = w.format();
         let (rows, cols) = (w.rows as i32, w.cols as i32);
-        let warps = LaunchConfig {
+        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        if let Some((index, cfg)) = self.pow2_plan(w) {
+            let (s, b) = w.affine_parts()?;
+            let (scales, biases) = (w.mem.slice(s.0..s.0 + s.1), w.mem.slice(b.0..b.0 + b.1));
+            let f = &self.k.matvec_q[index];
+            return launch!(
+                self, f, cfg, &data, &scales, &biases, &group, &dtype, x, &rows, &cols, y, &alpha, &beta
+            );
+        }
+        if alpha != 1.0 || beta != 0.0 {
+            let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
+            let n = w.rows as i64;
+            let zero = 0i32;
+            return launch!(self, &self.k.axpy, grid_for(w.rows), y, &tmp, &alpha, &zero, &n);
+        }
+        let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
+        self.stream.memcpy_dtod(&tmp, y).map_err(cuda("copying"))
+    }
+
+    /// The general (warp per row, x from global memory) one-token kernels.
+    fn matvec_plain(
+        &self,
+        x: &CudaSlice<f32>,
+        w: &CudaMatrix,
+        bits: i32,
+        group: i32,
+        dtype: i32,
+    ) -> Result<CudaSlice<f32>> {
+        let out = self.tensor(1, w.rows)?.buf;
+        let (rows, cols) = (w.rows as i32, w.cols as i32);
+        let cfg = LaunchConfig {
             grid_dim: ((w.rows as u32).div_ceil(THREADS / 32), 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
         if bits == 0 {
-            launch!(
-                self,
-                &self.k.matvec_dense,
-                warps,
-                &data,
-                &dtype,
-                &x.buf,
-                &rows,
-                &cols,
-                &out.buf
-            )?;
-            return Ok(out);
-        }
-        let (Some(s), Some(bi)) = (w.scales, w.biases) else {
-            return Err(Error::Cuda("an affine matrix without scales".into()));
-        };
-        let scales = w.mem.slice(s.0..s.0 + s.1);
-        let biases = w.mem.slice(bi.0..bi.0 + bi.1);
-        let per_piece = if matches!(bits, 2 | 4 | 8) { 128 / bits } else { 0 };
-        let pieces_fit = per_piece > 0 && cols % per_piece == 0 && group % per_piece == 0 && (w.data.0 % 16 == 0);
-        if pieces_fit {
-            let pieces = (cols / per_piece) as usize;
-            let sums = self.alloc(pieces)?;
-            launch!(
-                self,
-                &self.k.chunk_sums,
-                grid_for(pieces),
-                &x.buf,
-                &cols,
-                &per_piece,
-                &sums
-            )?;
-            launch!(
-                self,
-                &self.k.matvec_affine_pow2,
-                warps,
-                &data,
-                &scales,
-                &biases,
-                &bits,
-                &group,
-                &dtype,
-                &x.buf,
-                &sums,
-                &rows,
-                &cols,
-                &out.buf
-            )?;
+            launch!(self, &self.k.matvec_dense, cfg, &data, &dtype, x, &rows, &cols, &out)?;
         } else {
+            let (s, b) = w.affine_parts()?;
+            let (scales, biases) = (w.mem.slice(s.0..s.0 + s.1), w.mem.slice(b.0..b.0 + b.1));
             launch!(
                 self,
                 &self.k.matvec_affine_any,
-                warps,
+                cfg,
                 &data,
                 &scales,
                 &biases,
                 &bits,
                 &group,
                 &dtype,
-                &x.buf,
+                x,
                 &rows,
                 &cols,
-                &out.buf
+                &out
             )?;
         }
+        Ok(out)
+    }
+
+    /// One-token product `y = W x`.
+    fn matvec(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
+        let mut out = self.tensor(1, w.rows)?;
+        self.matvec_into(&x.buf, w, &mut out.buf, 1.0, 0.0)?;
         Ok(out)
     }
 
@@ -837,6 +999,59 @@ impl Backend for CudaBackend {
 
     fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> [&'a CudaMatrix; 3] {
         expert.matrices()
+    }
+
+    fn expert_ffn(
+        &self,
+        x: &CudaTensor,
+        expert: &CudaExpert,
+        rows: &[usize],
+        weights: &[f32],
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let [gate, up, down] = expert.matrices();
+        let fused = match (rows, self.pow2_plan(gate), self.pow2_plan(down)) {
+            (&[0], Some(plan), Some(_)) if x.rows == 1 && gate.encoding == up.encoding && up.data.0 % 16 == 0 => {
+                Some(plan)
+            }
+            _ => None,
+        };
+        let Some((index, cfg)) = fused else {
+            return crate::backend::expert_ffn_unfused(self, x, expert, rows, weights, out);
+        };
+        // Gate, up and SiLU in one launch; down and the weighted sum into `out` in another.
+        let mut act = self.tensor(1, gate.rows)?;
+        let (_, group, dtype) = gate.format();
+        let ((gs, gb), (us, ub)) = (gate.affine_parts()?, up.affine_parts()?);
+        let (gd, gsv, gbv) = (
+            gate.mem.slice(gate.data.0..gate.data.0 + gate.data.1),
+            gate.mem.slice(gs.0..gs.0 + gs.1),
+            gate.mem.slice(gb.0..gb.0 + gb.1),
+        );
+        let (ud, usv, ubv) = (
+            up.mem.slice(up.data.0..up.data.0 + up.data.1),
+            up.mem.slice(us.0..us.0 + us.1),
+            up.mem.slice(ub.0..ub.0 + ub.1),
+        );
+        let (rows_i, cols_i) = (gate.rows as i32, gate.cols as i32);
+        launch!(
+            self,
+            &self.k.swiglu_q[index],
+            cfg,
+            &gd,
+            &gsv,
+            &gbv,
+            &ud,
+            &usv,
+            &ubv,
+            &group,
+            &dtype,
+            &x.buf,
+            &rows_i,
+            &cols_i,
+            &mut act.buf
+        )?;
+        self.matvec_into(&act.buf, down, &mut out.buf, weights[0], 1.0)
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
