@@ -59,7 +59,12 @@ def main():
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--warmup", type=int, default=48)
     p.add_argument("--ks", default="4,10")
-    p.add_argument("--caps", default="0,16,24,auto", help="VRAM expert cache caps in GiB, or auto")
+    p.add_argument("--caps", default="0,16,24,auto",
+                   help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
+                        "scaled by layers/60 so the cached share of experts matches the full model")
+    p.add_argument("--host-cache-mib", type=int, default=0,
+                   help="pinned in-process expert cache; with --prefetch every expert is in host RAM first")
+    p.add_argument("--prefetch", action="store_true")
     p.add_argument("--hbm-gbps", type=float, required=True, help="device-to-device copy, read + write")
     p.add_argument("--h2d-gbps", type=float, required=True, help="pinned host-to-device copy")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
@@ -93,7 +98,11 @@ def main():
             cmd = [a.bin, "generate", "--model", model, "--device", "cuda", "--prompt", "The", "--experts-per-token", k,
                    "--max-tokens", a.tokens, "--warmup-tokens", a.warmup, "--stats-json", stats]
             if cap != "auto":
-                cmd += ["--gpu-expert-cache-gib", cap]
+                cmd += ["--gpu-expert-cache-gib", f"{float(cap) * a.layers / 60:.3f}"]
+            if a.host_cache_mib:
+                cmd += ["--expert-cache-mib", a.host_cache_mib]
+            if a.prefetch:
+                cmd += ["--prefetch-experts"]
             r = run(cmd)
             s = json.loads(stats.read_text())
             calls = max(s["decode_calls"], 1)
@@ -106,17 +115,18 @@ def main():
             outside = phases["lm_head"] / calls
             per_layer = (sec - outside) / a.layers
             floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
+            host_share = 100 * io["cache_hits"] / max(io["fetches"], 1)
             rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / (60 * per_layer + outside),
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
-                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, v["budget_bytes"] / 2**30))
+                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, v["budget_bytes"] / 2**30, host_share))
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
 
     print()
     print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {a.layers} of 60 layers, random routing; "
           f"dense {dense / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
           f"disk {disk_gbps:.2f} GB/s (same session)")
-    head = ("K", "cap GiB", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
-            "MB/tok disk", "floor tok/s", "of floor", "budget GiB")
+    head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
+            "MB/tok disk", "floor tok/s", "of floor", "budget GiB", "host hits in pinned cache %")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))

@@ -162,6 +162,29 @@ fn every_operation_matches_the_cpu() {
             b.download(&out)
         });
     }
+    for (encoding, count) in [("q4/g64", 10usize), ("q2/g64", 17), ("q8/g64", 3), ("q5/g64", 4)] {
+        let name = format!("experts_ffn_one_token {encoding} x {count} experts");
+        same_on_both!(name, &cpu, &gpu, 1e-4, (encoding, count), |b, p: (&str, usize)| {
+            let (enc, count) = p;
+            let mut rng = SmallRng::seed_from_u64(12);
+            let experts = (0..count)
+                .map(|e| {
+                    let view = flash_moe_engine::model::weights::ExpertView {
+                        gate: matrix(&mut rng, 128, 512, enc),
+                        up: matrix(&mut rng, 128, 512, enc),
+                        down: matrix(&mut rng, 512, 128, enc),
+                    };
+                    b.load_expert(0, e, &view)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<_> = experts.iter().collect();
+            let weights: Vec<f32> = (0..count).map(|i| 0.05 * (i + 1) as f32).collect();
+            let x = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
+            let mut out = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
+            b.experts_ffn_one_token(&x, &refs, &weights, &mut out)?;
+            b.download(&out)
+        });
+    }
     same_on_both!("embed q4/g64", &cpu, &gpu, 1e-6, (), |b, _p: ()| {
         let mut rng = SmallRng::seed_from_u64(2);
         let w = b.load_matrix(&matrix(&mut rng, 300, 128, "q4/g64"))?;

@@ -36,6 +36,10 @@ pub struct Args {
     /// Print where the time went (per layer and phase), expert I/O and peak memory.
     #[arg(long)]
     timing: bool,
+    /// Read every expert into the in-process cache before generating (with
+    /// --expert-cache-mib big enough: RAM-resident experts, no disk reads afterwards).
+    #[arg(long)]
+    prefetch_experts: bool,
     /// Generate this many tokens first, unmeasured and not printed, to warm the caches.
     #[arg(long, default_value_t = 0)]
     warmup_tokens: usize,
@@ -68,6 +72,9 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         seed: args.seed,
     });
     let io = Some(store.stats());
+    if args.prefetch_experts {
+        model.prefetch_experts()?;
+    }
     if args.warmup_tokens > 0 {
         generate(
             model,

@@ -169,6 +169,20 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         expert_ffn_unfused(self, x, expert, rows, weights, out)
     }
+    /// One token's routed experts at once: `out += sum_e weights[e] * ffn_e(x)`, summed in
+    /// the order given. Backends may batch them into a few launches.
+    fn experts_ffn_one_token(
+        &self,
+        x: &Self::Tensor,
+        experts: &[&Self::Expert],
+        weights: &[f32],
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        for (expert, &w) in experts.iter().zip(weights) {
+            self.expert_ffn(x, expert, &[0], &[w], out)?;
+        }
+        Ok(())
+    }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None

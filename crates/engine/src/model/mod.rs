@@ -133,6 +133,17 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Reads every routed expert once through storage, so that its in-process cache (when it
+    /// has room) holds them all before the first token.
+    pub fn prefetch_experts(&self) -> Result<()> {
+        for layer in &self.layers {
+            if let Ffn::Moe(moe) = &layer.ffn {
+                moe.prefetch()?;
+            }
+        }
+        Ok(())
+    }
+
     /// A fresh, empty sequence state.
     pub fn new_state(&self) -> Result<ModelState<B>> {
         let layers = self

@@ -72,6 +72,17 @@ impl<B: Backend> SparseMoe<B> {
         })
     }
 
+    /// Reads every expert of the layer once through storage, filling its caches.
+    pub fn prefetch(&self) -> Result<()> {
+        let all: Vec<usize> = (0..self.experts.num_experts()).collect();
+        for chunk in all.chunks(64) {
+            for pending in self.experts.fetch(chunk)? {
+                pending.wait()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Routes every token, runs each chosen expert once on all the tokens that chose it, and
     /// adds the gated shared expert.
     pub fn forward(
@@ -106,8 +117,10 @@ impl<B: Backend> SparseMoe<B> {
         let mut out = b.zeros(tokens, self.hidden)?;
         // Experts are used in index order, whatever order they arrive in, so the sum is the
         // same bit for bit however the bytes were fetched.
-        for ((e, (rows, weights)), ready) in by_expert.into_iter().zip(resident.iter_mut()) {
-            let expert = match ready.take() {
+        let mut ready = Vec::with_capacity(by_expert.len());
+        let mut token_weights = Vec::with_capacity(by_expert.len());
+        for ((e, (rows, weights)), resident) in by_expert.into_iter().zip(resident.iter_mut()) {
+            let expert = match resident.take() {
                 Some(expert) => expert,
                 None => {
                     let fetched = pending
@@ -118,7 +131,18 @@ impl<B: Backend> SparseMoe<B> {
                     b.load_expert(self.layer, e, &view)?
                 }
             };
-            b.expert_ffn(x, &expert, &rows, &weights, &mut out)?;
+            if tokens == 1 {
+                // One token: all experts together once they are all here.
+                ready.push(expert);
+                token_weights.push(weights[0]);
+            } else {
+                b.expert_ffn(x, &expert, &rows, &weights, &mut out)?;
+                clock.charge(times, Phase::ExpertCompute);
+            }
+        }
+        if !ready.is_empty() {
+            let experts: Vec<&B::Expert> = ready.iter().collect();
+            b.experts_ffn_one_token(x, &experts, &token_weights, &mut out)?;
             clock.charge(times, Phase::ExpertCompute);
         }
         if let Some((mlp, gate)) = &self.shared {

@@ -222,6 +222,114 @@ MATVEC_POW2(2)
 MATVEC_POW2(4)
 MATVEC_POW2(8)
 
+// All routed experts of a layer for one token, in two launches. The pointers travel in the
+// kernel parameters; experts are summed in batch order, so results do not depend on which
+// experts were already on the device.
+#define MAX_BATCH 16
+
+struct ExpertBatch {
+    const u8* w[MAX_BATCH][9];  // gate w/s/b, up w/s/b, down w/s/b
+    float weight[MAX_BATCH];
+    int count;
+};
+
+// act[e, r] = silu(gate_e[r] . x) * (up_e[r] . x) for every expert e of the batch.
+template <int BITS>
+__device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, const float* x, int rows, int cols,
+                             float* act) {
+    constexpr int PF = 128 / BITS;
+    extern __shared__ float smem[];
+    int pieces = cols / PF;
+    float* xs = smem;
+    float* sums = smem + pieces * (PF + PIECE_PAD);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[(i / PF) * (PF + PIECE_PAD) + i % PF] = x[i];
+    __syncthreads();
+    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
+        float s = 0.0f;
+        for (int j = 0; j < PF; ++j) s += xs[p * (PF + PIECE_PAD) + j];
+        sums[p] = s;
+    }
+    __syncthreads();
+    const float lift = (float)(1 << BITS);
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int groups = cols / group;
+    long long row_bytes = (long long)cols * BITS / 8;
+    for (int rr = blockIdx.x * warps + (threadIdx.x >> 5); rr < batch.count * rows; rr += gridDim.x * warps) {
+        int e = rr / rows, r = rr % rows;
+        const uint4* ga = (const uint4*)(batch.w[e][0] + r * row_bytes);
+        const uint4* ua = (const uint4*)(batch.w[e][3] + r * row_bytes);
+        float acc_g = 0.0f, acc_u = 0.0f;
+        for (int p = lane; p < pieces; p += 32) {
+            uint4 vg = ga[p], vu = ua[p];
+            const float* xp = xs + p * (PF + PIECE_PAD);
+            long long g = (long long)r * groups + (long long)p * PF / group;
+            float sg = load_float(batch.w[e][1], dtype, g) * lift;
+            float su = load_float(batch.w[e][4], dtype, g) * lift;
+            acc_g += sg * piece_fdot<BITS>(vg, xp) + (load_float(batch.w[e][2], dtype, g) - sg) * sums[p];
+            acc_u += su * piece_fdot<BITS>(vu, xp) + (load_float(batch.w[e][5], dtype, g) - su) * sums[p];
+        }
+        acc_g = warp_sum(acc_g);
+        acc_u = warp_sum(acc_u);
+        if (lane == 0) act[(long long)e * rows + r] = siluf(acc_g) * acc_u;
+    }
+}
+
+// out[r] += sum over experts e (in order) of weight_e * (down_e[r] . act[e]).
+template <int BITS>
+__device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const float* act, int rows, int cols,
+                           float* out) {
+    constexpr int PF = 128 / BITS;
+    extern __shared__ float smem[];
+    int pieces = cols / PF;
+    int stride = pieces * (PF + PIECE_PAD) + pieces;  // per expert: padded act, then piece sums
+    for (int i = threadIdx.x; i < batch.count * cols; i += blockDim.x) {
+        int e = i / cols, c = i % cols;
+        smem[e * stride + (c / PF) * (PF + PIECE_PAD) + c % PF] = act[i];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < batch.count * pieces; i += blockDim.x) {
+        int e = i / pieces, p = i % pieces;
+        float s = 0.0f;
+        for (int j = 0; j < PF; ++j) s += smem[e * stride + p * (PF + PIECE_PAD) + j];
+        smem[e * stride + pieces * (PF + PIECE_PAD) + p] = s;
+    }
+    __syncthreads();
+    const float lift = (float)(1 << BITS);
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int groups = cols / group;
+    long long row_bytes = (long long)cols * BITS / 8;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+        float total = 0.0f;
+        for (int e = 0; e < batch.count; ++e) {
+            const uint4* da = (const uint4*)(batch.w[e][6] + r * row_bytes);
+            const float* xs = smem + e * stride;
+            const float* sums = xs + pieces * (PF + PIECE_PAD);
+            float acc = 0.0f;
+            for (int p = lane; p < pieces; p += 32) {
+                uint4 v = da[p];
+                long long g = (long long)r * groups + (long long)p * PF / group;
+                float s = load_float(batch.w[e][7], dtype, g) * lift;
+                acc += s * piece_fdot<BITS>(v, xs + p * (PF + PIECE_PAD)) + (load_float(batch.w[e][8], dtype, g) - s) * sums[p];
+            }
+            total += batch.weight[e] * warp_sum(acc);
+        }
+        if (lane == 0) out[r] += total;
+    }
+}
+
+#define EXPERT_BATCH(BITS)                                                                                     \
+    extern "C" __global__ void swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x,    \
+                                                    int rows, int cols, float* act) {                          \
+        swiglu_batch<BITS>(batch, group, dtype, x, rows, cols, act);                                           \
+    }                                                                                                          \
+    extern "C" __global__ void down_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* act,    \
+                                                  int rows, int cols, float* out) {                            \
+        down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                           \
+    }
+EXPERT_BATCH(2)
+EXPERT_BATCH(4)
+EXPERT_BATCH(8)
+
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
 extern "C" __global__ void matvec_affine_any(const u8* w, const u8* scales, const u8* biases, int bits, int group,
                                              int dtype, const float* x, int rows, int cols, float* y) {

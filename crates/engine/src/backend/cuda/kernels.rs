@@ -9,6 +9,10 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::error::{Error, Result};
 
+/// Dynamic shared memory allowed to the kernels that need more than the default 48 KiB
+/// (Hopper allows 227 KiB per block).
+pub const MAX_DYNAMIC_SHARED: i32 = 200 * 1024;
+
 /// The kernel source, embedded in the binary.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
@@ -18,6 +22,9 @@ pub struct Kernels {
     /// One-token affine matvec for 2, 4, 8 bits, and the fused SwiGLU (gate and up) variant.
     pub matvec_q: [CudaFunction; 3],
     pub swiglu_q: [CudaFunction; 3],
+    /// All routed experts of a token in two launches (2, 4, 8 bits).
+    pub swiglu_batch_q: [CudaFunction; 3],
+    pub down_batch_q: [CudaFunction; 3],
     pub matvec_affine_any: CudaFunction,
     pub matvec_dense: CudaFunction,
     pub rms_norm: CudaFunction,
@@ -46,10 +53,26 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
         };
+        // The batched down projection keeps every expert's activation in shared memory.
+        let big_smem = |name: &str| {
+            let func = f(name)?;
+            func.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                MAX_DYNAMIC_SHARED,
+            )
+            .map_err(|e| Error::Cuda(format!("raising the shared memory of `{name}`: {e}")))?;
+            Ok::<_, Error>(func)
+        };
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q: [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?],
             swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
+            swiglu_batch_q: [f("swiglu_batch_q2")?, f("swiglu_batch_q4")?, f("swiglu_batch_q8")?],
+            down_batch_q: [
+                big_smem("down_batch_q2")?,
+                big_smem("down_batch_q4")?,
+                big_smem("down_batch_q8")?,
+            ],
             matvec_affine_any: f("matvec_affine_any")?,
             matvec_dense: f("matvec_dense")?,
             rms_norm: f("rms_norm")?,

@@ -116,6 +116,22 @@ impl HostBuffer for PinnedBuf {
     }
 }
 
+/// Experts per batched launch (`MAX_BATCH` in kernels.cu).
+const MAX_BATCH: usize = 16;
+
+/// The `ExpertBatch` kernel parameter of kernels.cu: per expert the device addresses of
+/// gate, up and down (codes, scales, biases), the routing weights and the count.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ExpertBatchParams {
+    w: [[u64; 9]; MAX_BATCH],
+    weight: [f32; MAX_BATCH],
+    count: i32,
+}
+
+// SAFETY: plain old data laid out as the C struct the kernels take by value.
+unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
+
 /// Host blobs whose asynchronous copies to the device are still in flight.
 #[derive(Default)]
 struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<crate::storage::blob::Blob>)>);
@@ -924,31 +940,41 @@ impl Backend for CudaBackend {
 
     fn route_top_k(&self, logits: &CudaTensor, k: usize, renormalize: bool) -> Result<Vec<Route>> {
         let (t, experts) = (logits.rows, logits.cols);
-        let idx = self.stream.alloc_zeros::<i32>(t * k).map_err(cuda("allocating"))?;
-        let weights = self.alloc(t * k)?;
+        // Indices and weights in one buffer, so the host waits for one copy only.
+        let mut routes = self.tensor(2 * t, k)?;
         let cfg = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: ((experts + 32) * 4) as u32,
         };
         let (e, kk, renorm) = (experts as i32, k as i32, i32::from(renormalize));
-        launch!(
-            self,
-            &self.k.route_top_k,
-            cfg,
-            &logits.buf,
-            &e,
-            &kk,
-            &renorm,
-            &idx,
-            &weights
-        )?;
-        let idx = self.stream.clone_dtoh(&idx).map_err(cuda("copying routes"))?;
-        let weights = self.stream.clone_dtoh(&weights).map_err(cuda("copying routes"))?;
+        {
+            let (mut idx, weights) = routes.buf.split_at_mut(t * k);
+            // SAFETY: i32 and f32 have the same size; the kernel writes indices as i32.
+            let mut idx =
+                unsafe { idx.transmute_mut::<i32>(t * k) }.ok_or_else(|| Error::Cuda("route buffer layout".into()))?;
+            let mut weights = weights;
+            launch!(
+                self,
+                &self.k.route_top_k,
+                cfg,
+                &logits.buf,
+                &e,
+                &kk,
+                &renorm,
+                &mut idx,
+                &mut weights
+            )?;
+        }
+        let host = self
+            .stream
+            .clone_dtoh(&routes.buf.slice(0..2 * t * k))
+            .map_err(cuda("copying routes"))?;
+        let (idx, weights) = host.split_at(t * k);
         Ok(idx
             .chunks(k)
             .zip(weights.chunks(k))
-            .map(|(i, w)| i.iter().map(|&e| e as usize).zip(w.iter().copied()).collect())
+            .map(|(i, w)| i.iter().map(|e| e.to_bits() as usize).zip(w.iter().copied()).collect())
             .collect())
     }
 
@@ -1052,6 +1078,102 @@ impl Backend for CudaBackend {
             &mut act.buf
         )?;
         self.matvec_into(&act.buf, down, &mut out.buf, weights[0], 1.0)
+    }
+
+    fn experts_ffn_one_token(
+        &self,
+        x: &CudaTensor,
+        experts: &[&CudaExpert],
+        weights: &[f32],
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let Some(first) = experts.first() else { return Ok(()) };
+        let [gate0, _, down0] = first.matrices();
+        let plans = (self.pow2_plan(gate0), self.pow2_plan(down0));
+        let uniform = experts.iter().all(|e| {
+            let [g, u, d] = e.matrices();
+            g.encoding == gate0.encoding
+                && u.encoding == gate0.encoding
+                && d.encoding == down0.encoding
+                && (g.rows, g.cols, d.rows, d.cols) == (gate0.rows, gate0.cols, down0.rows, down0.cols)
+                && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
+        });
+        let (Some((index, gate_cfg)), Some((_, down_cfg))) = plans else {
+            return experts
+                .iter()
+                .zip(weights)
+                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
+        };
+        if !uniform || x.rows != 1 || gate0.encoding != down0.encoding {
+            return experts
+                .iter()
+                .zip(weights)
+                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
+        }
+        let (_, group, dtype) = gate0.format();
+        let (inter, hidden) = (gate0.rows, gate0.cols);
+        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
+        if batch == 0 {
+            return experts
+                .iter()
+                .zip(weights)
+                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
+        }
+        for (chunk, chunk_weights) in experts.chunks(batch).zip(weights.chunks(batch)) {
+            let mut params = ExpertBatchParams {
+                w: [[0; 9]; MAX_BATCH],
+                weight: [0.0; MAX_BATCH],
+                count: chunk.len() as i32,
+            };
+            for (slot, (e, &w)) in chunk.iter().zip(chunk_weights).enumerate() {
+                params.weight[slot] = w;
+                for (m, matrix) in e.matrices().iter().enumerate() {
+                    let (s, b) = matrix.affine_parts()?;
+                    use cudarc::driver::DevicePtr;
+                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
+                    for (k, offset) in [matrix.data.0, s.0, b.0].into_iter().enumerate() {
+                        params.w[slot][3 * m + k] = base + offset as u64;
+                    }
+                }
+            }
+            let count = chunk.len();
+            let mut act = self.tensor(count, inter)?;
+            let (rows_i, cols_i) = (inter as i32, hidden as i32);
+            let swiglu_cfg = LaunchConfig {
+                grid_dim: ((count * inter).div_ceil(8).min(self.sms * 8) as u32, 1, 1),
+                ..gate_cfg
+            };
+            launch!(
+                self,
+                &self.k.swiglu_batch_q[index],
+                swiglu_cfg,
+                &params,
+                &group,
+                &dtype,
+                &x.buf,
+                &rows_i,
+                &cols_i,
+                &mut act.buf
+            )?;
+            let down_cfg = LaunchConfig {
+                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
+                ..down_cfg
+            };
+            let (rows_d, cols_d) = (hidden as i32, inter as i32);
+            launch!(
+                self,
+                &self.k.down_batch_q[index],
+                down_cfg,
+                &params,
+                &group,
+                &dtype,
+                &act.buf,
+                &rows_d,
+                &cols_d,
+                &mut out.buf
+            )?;
+        }
+        Ok(())
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
