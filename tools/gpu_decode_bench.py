@@ -92,9 +92,10 @@ def main():
     hbm = a.hbm_gbps * 1e9 / 2  # the copy counts each byte twice (read and write)
     h2d = a.h2d_gbps * 1e9
     rows = []
+    runs = {}
     for k in map(int, a.ks.split(",")):
         for cap in a.caps.split(","):
-            stats = Path(a.out) / f"decode-k{k}-cap{cap}.json"
+            stats = work / f"decode-k{k}-cap{cap}.json"
             cmd = [a.bin, "generate", "--model", model, "--device", "cuda", "--prompt", "The", "--experts-per-token", k,
                    "--max-tokens", a.tokens, "--warmup-tokens", a.warmup, "--stats-json", stats]
             if cap != "auto":
@@ -105,6 +106,7 @@ def main():
                 cmd += ["--prefetch-experts"]
             r = run(cmd)
             s = json.loads(stats.read_text())
+            runs[f"k{k}-cap{cap}"] = s
             calls = max(s["decode_calls"], 1)
             v = s["decode_vram"] or {"hits": 0, "misses": 0, "budget_bytes": 0}
             hits, misses = v["hits"] / calls, v["misses"] / calls
@@ -131,7 +133,7 @@ def main():
     for r in rows:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
     json.dump({"layers": a.layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "hbm_gbps": hbm / 1e9,
-               "h2d_gbps": h2d / 1e9, "rows": rows}, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
+               "h2d_gbps": h2d / 1e9, "rows": rows, "runs": runs}, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
 
 
 if __name__ == "__main__":

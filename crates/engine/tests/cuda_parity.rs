@@ -368,10 +368,14 @@ fn every_fixture_model_matches_the_cpu() {
             .collect();
         let prefill = meta["prefill"].as_u64().unwrap() as usize;
         for prefill in [ids.len(), prefill] {
-            let cpu = fixture_logits(CpuBackend::new(), &dir, &ids, prefill).unwrap();
+            let name = dir.display();
+            let cpu = fixture_logits(CpuBackend::new(), &dir, &ids, prefill)
+                .unwrap_or_else(|e| panic!("{name} prefill {prefill} on the CPU: {e}"));
             // Once with no VRAM cache, once with one: the cache must not change a bit.
-            let gpu_plain = fixture_logits(gpu(Some(0)).unwrap(), &dir, &ids, prefill).unwrap();
-            let gpu_cached = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill).unwrap();
+            let gpu_plain = fixture_logits(gpu(Some(0)).unwrap(), &dir, &ids, prefill)
+                .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA without a VRAM cache: {e}"));
+            let gpu_cached = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill)
+                .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA with a VRAM cache: {e}"));
             assert!(
                 gpu_plain == gpu_cached,
                 "{}: the VRAM expert cache changed the logits",

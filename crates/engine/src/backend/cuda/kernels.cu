@@ -281,7 +281,9 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     constexpr int PF = 128 / BITS;
     extern __shared__ float smem[];
     int pieces = cols / PF;
-    int stride = pieces * (PF + PIECE_PAD) + pieces;  // per expert: padded act, then piece sums
+    // Per expert: padded act, then piece sums; rounded to 4 floats so that every expert's
+    // act stays 16-byte aligned for the float4 reads.
+    int stride = (pieces * (PF + PIECE_PAD) + pieces + 3) & ~3;
     for (int i = threadIdx.x; i < batch.count * cols; i += blockDim.x) {
         int e = i / cols, c = i % cols;
         smem[e * stride + (c / PF) * (PF + PIECE_PAD) + c % PF] = act[i];

@@ -406,7 +406,9 @@ impl CudaBackend {
             return None;
         }
         let pieces = w.cols / per_piece;
-        let smem = (pieces * (per_piece + 4) + pieces) * 4;
+        // x padded per piece, then the piece sums, rounded to 16 bytes (the batched down
+        // projection stacks one such block per expert).
+        let smem = (pieces * (per_piece + 4) + pieces).next_multiple_of(4) * 4;
         if smem > 48 * 1024 {
             return None;
         }
