@@ -84,6 +84,10 @@ pub trait Backend: Send + Sync {
     fn mul_sigmoid(&self, x: &mut Self::Tensor, gate: &Self::Tensor) -> Result<()>;
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `silu(x · gateᵀ) * (x · upᵀ)`: the first half of a SwiGLU MLP. Backends may fuse it.
+    fn swiglu(&self, x: &Self::Tensor, gate: &Self::Matrix, up: &Self::Matrix) -> Result<Self::Tensor> {
+        self.silu_mul(&self.matmul(x, gate)?, &self.matmul(x, up)?)
+    }
 
     // --- full attention --------------------------------------------------------------------
     /// Splits a `q_proj` output whose heads hold `[query | gate]` into `(query, gate)`.

@@ -35,7 +35,7 @@ impl<B: Backend> SwiGlu<B> {
     }
 
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let act = b.silu_mul(&b.matmul(x, &self.gate)?, &b.matmul(x, &self.up)?)?;
+        let act = b.swiglu(x, &self.gate, &self.up)?;
         b.matmul(&act, &self.down)
     }
 }

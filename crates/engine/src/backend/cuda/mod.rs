@@ -73,6 +73,11 @@ fn dtype_code(d: DType) -> i32 {
 }
 
 impl CudaMatrix {
+    /// The device bytes of one part (`(offset, len)` in the allocation).
+    fn part(&self, (offset, len): (usize, usize)) -> cudarc::driver::CudaView<'_, u8> {
+        self.mem.slice(offset..offset + len)
+    }
+
     fn affine_parts(&self) -> Result<((usize, usize), (usize, usize))> {
         self.scales
             .zip(self.biases)
@@ -412,7 +417,9 @@ impl CudaBackend {
         if smem > 48 * 1024 {
             return None;
         }
-        let blocks = w.rows.div_ceil(8).min(self.sms * 8);
+        // Each block stages x once; about two blocks per multiprocessor keep that staging a
+        // small share of the traffic while every multiprocessor streams weights.
+        let blocks = w.rows.div_ceil(8).min(2 * self.sms);
         Some((
             index,
             LaunchConfig {
@@ -434,10 +441,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let (bits, group, dtype) = w.format();
         let (rows, cols) = (w.rows as i32, w.cols as i32);
-        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        let data = w.part(w.data);
         if let Some((index, cfg)) = self.pow2_plan(w) {
             let (s, b) = w.affine_parts()?;
-            let (scales, biases) = (w.mem.slice(s.0..s.0 + s.1), w.mem.slice(b.0..b.0 + b.1));
+            let (scales, biases) = (w.part(s), w.part(b));
             let f = &self.k.matvec_q[index];
             return launch!(
                 self, f, cfg, &data, &scales, &biases, &group, &dtype, x, &rows, &cols, y, &alpha, &beta
@@ -469,12 +476,12 @@ impl CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        let data = w.part(w.data);
         if bits == 0 {
             launch!(self, &self.k.matvec_dense, cfg, &data, &dtype, x, &rows, &cols, &out)?;
         } else {
             let (s, b) = w.affine_parts()?;
-            let (scales, biases) = (w.mem.slice(s.0..s.0 + s.1), w.mem.slice(b.0..b.0 + b.1));
+            let (scales, biases) = (w.part(s), w.part(b));
             launch!(
                 self,
                 &self.k.matvec_affine_any,
@@ -511,11 +518,11 @@ impl CudaBackend {
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (bits, group, dtype) = w.format();
-        let data = w.mem.slice(w.data.0..w.data.0 + w.data.1);
+        let data = w.part(w.data);
         // Dense matrices have no scales; any valid pointer stands in.
         let (s, bi) = (w.scales.unwrap_or(w.data), w.biases.unwrap_or(w.data));
-        let scales = w.mem.slice(s.0..s.0 + s.1);
-        let biases = w.mem.slice(bi.0..bi.0 + bi.1);
+        let scales = w.part(s);
+        let biases = w.part(bi);
         let null_ids = self.stream.null::<i32>().map_err(cuda("allocating"))?;
         let ids = ids.unwrap_or(&null_ids);
         let (first, cols) = (first as i64, w.cols as i32);
@@ -1029,39 +1036,19 @@ impl Backend for CudaBackend {
         expert.matrices()
     }
 
-    fn expert_ffn(
-        &self,
-        x: &CudaTensor,
-        expert: &CudaExpert,
-        rows: &[usize],
-        weights: &[f32],
-        out: &mut CudaTensor,
-    ) -> Result<()> {
-        let [gate, up, down] = expert.matrices();
-        let fused = match (rows, self.pow2_plan(gate), self.pow2_plan(down)) {
-            (&[0], Some(plan), Some(_)) if x.rows == 1 && gate.encoding == up.encoding && up.data.0 % 16 == 0 => {
-                Some(plan)
-            }
-            _ => None,
+    fn swiglu(&self, x: &CudaTensor, gate: &CudaMatrix, up: &CudaMatrix) -> Result<CudaTensor> {
+        let plan = self
+            .pow2_plan(gate)
+            .filter(|_| x.rows == 1 && gate.encoding == up.encoding && up.data.0 % 16 == 0);
+        let Some((index, cfg)) = plan else {
+            return self.silu_mul(&self.matmul(x, gate)?, &self.matmul(x, up)?);
         };
-        let Some((index, cfg)) = fused else {
-            return crate::backend::expert_ffn_unfused(self, x, expert, rows, weights, out);
-        };
-        // Gate, up and SiLU in one launch; down and the weighted sum into `out` in another.
         let mut act = self.tensor(1, gate.rows)?;
         let (_, group, dtype) = gate.format();
         let ((gs, gb), (us, ub)) = (gate.affine_parts()?, up.affine_parts()?);
-        let (gd, gsv, gbv) = (
-            gate.mem.slice(gate.data.0..gate.data.0 + gate.data.1),
-            gate.mem.slice(gs.0..gs.0 + gs.1),
-            gate.mem.slice(gb.0..gb.0 + gb.1),
-        );
-        let (ud, usv, ubv) = (
-            up.mem.slice(up.data.0..up.data.0 + up.data.1),
-            up.mem.slice(us.0..us.0 + us.1),
-            up.mem.slice(ub.0..ub.0 + ub.1),
-        );
-        let (rows_i, cols_i) = (gate.rows as i32, gate.cols as i32);
+        let (gd, gsv, gbv) = (gate.part(gate.data), gate.part(gs), gate.part(gb));
+        let (ud, usv, ubv) = (up.part(up.data), up.part(us), up.part(ub));
+        let (rows, cols) = (gate.rows as i32, gate.cols as i32);
         launch!(
             self,
             &self.k.swiglu_q[index],
@@ -1075,10 +1062,27 @@ impl Backend for CudaBackend {
             &group,
             &dtype,
             &x.buf,
-            &rows_i,
-            &cols_i,
+            &rows,
+            &cols,
             &mut act.buf
         )?;
+        Ok(act)
+    }
+
+    fn expert_ffn(
+        &self,
+        x: &CudaTensor,
+        expert: &CudaExpert,
+        rows: &[usize],
+        weights: &[f32],
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        if x.rows != 1 || rows != [0] {
+            return crate::backend::expert_ffn_unfused(self, x, expert, rows, weights, out);
+        }
+        // One token: gate, up and SiLU in one launch; down and the weighted sum in another.
+        let [gate, up, down] = expert.matrices();
+        let act = self.swiglu(x, gate, up)?;
         self.matvec_into(&act.buf, down, &mut out.buf, weights[0], 1.0)
     }
 
@@ -1142,7 +1146,7 @@ impl Backend for CudaBackend {
             let mut act = self.tensor(count, inter)?;
             let (rows_i, cols_i) = (inter as i32, hidden as i32);
             let swiglu_cfg = LaunchConfig {
-                grid_dim: ((count * inter).div_ceil(8).min(self.sms * 8) as u32, 1, 1),
+                grid_dim: ((count * inter).div_ceil(8).min(2 * self.sms) as u32, 1, 1),
                 ..gate_cfg
             };
             launch!(
