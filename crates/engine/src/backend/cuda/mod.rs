@@ -417,9 +417,10 @@ impl CudaBackend {
         if smem > 48 * 1024 {
             return None;
         }
-        // Each block stages x once; about two blocks per multiprocessor keep that staging a
-        // small share of the traffic while every multiprocessor streams weights.
-        let blocks = w.rows.div_ceil(8).min(2 * self.sms);
+        // Eight blocks per multiprocessor: enough loads in flight to stream the largest
+        // matrices (lm_head) near memory speed. (Two per multiprocessor, which stages x less
+        // often, measured slower: docs/perf.md.)
+        let blocks = w.rows.div_ceil(8).min(8 * self.sms);
         Some((
             index,
             LaunchConfig {
@@ -1146,7 +1147,7 @@ impl Backend for CudaBackend {
             let mut act = self.tensor(count, inter)?;
             let (rows_i, cols_i) = (inter as i32, hidden as i32);
             let swiglu_cfg = LaunchConfig {
-                grid_dim: ((count * inter).div_ceil(8).min(2 * self.sms) as u32, 1, 1),
+                grid_dim: ((count * inter).div_ceil(8).min(8 * self.sms) as u32, 1, 1),
                 ..gate_cfg
             };
             launch!(
