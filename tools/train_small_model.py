@@ -19,6 +19,12 @@ Two steps, deterministic given the seeds:
 
       python3 tools/train_small_model.py train --data train-data --out model --steps 1500
 
+  export (CPU): rewrites the trained checkpoint in the layout of the real Qwen/Qwen3.5
+  repos (a qwen3_5_moe config with text_config, weights under model.language_model., fused
+  experts), which transformers, mlx-lm and flash-moe all load.
+
+      python3 tools/train_small_model.py export --src model --out model-hf
+
 The exact commands used for the bundled model are in models/README.md.
 """
 
@@ -147,6 +153,25 @@ def train(data: Path, out: Path, steps: int, seed: int, batch: int, max_seconds:
         "torch": torch.__version__, "log": log}, indent=1))
 
 
+def export(src: Path, out: Path):
+    import shutil
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from make_fixtures import save_vlm_layout
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    save_vlm_layout(model, out, torch.bfloat16)
+    for name in ("tokenizer.json", "tokenizer_config.json", "train_log.json"):
+        shutil.copy(src / name, out / name)
+    config = json.loads((out / "config.json").read_text())
+    config["text_config"]["eos_token_id"] = model.config.eos_token_id
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -159,9 +184,14 @@ def main():
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early after this long")
+    c = sub.add_parser("export")
+    c.add_argument("--src", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.out)
+    elif args.cmd == "export":
+        export(args.src, args.out)
     else:
         train(args.data, args.out, args.steps, args.seed, args.batch, args.max_seconds)
 

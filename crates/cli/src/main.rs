@@ -38,6 +38,10 @@ enum Command {
     Synth(commands::synth::Args),
     /// Measure the disk for the decode access pattern: k random experts per layer, in parallel.
     BenchIo(commands::bench_io::Args),
+    /// Perplexity on a text, and agreement with a reference model.
+    Eval(commands::eval::Args),
+    /// How routing behaves over a text: expert reuse between tokens, LRU hit rates.
+    RouteStats(commands::eval::RouteArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,5 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify(args) => commands::convert::verify(args),
         Command::Synth(args) => commands::synth::run(args),
         Command::BenchIo(args) => commands::bench_io::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::RouteStats(args) => commands::eval::route_stats(args),
     }
 }

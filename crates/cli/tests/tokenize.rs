@@ -53,3 +53,67 @@ fn generate_streams_text_and_reports_speed() {
     ]);
     assert_eq!(run.stdout, again.stdout);
 }
+
+/// The README's first command: the bundled trained model writes text that looks like the
+/// Python it was trained on (a random-weight model writes byte soup).
+#[test]
+fn bundled_model_writes_python() {
+    let model = fixtures().join("../../models/tiny-qwen35moe-4bit");
+    let run = flash_moe(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "def read_config(path):",
+        "--max-tokens",
+        "60",
+        "--device",
+        "cpu",
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let text = String::from_utf8_lossy(&run.stdout);
+    let printable = text
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || c.is_ascii_whitespace())
+        .count();
+    assert!(
+        printable * 10 >= text.chars().count() * 9,
+        "mostly ASCII expected: {text:?}"
+    );
+    let words = ["def ", "return", "self", "import", "\"\"\"", "if ", "for ", "None"];
+    assert!(words.iter().any(|w| text.contains(w)), "no Python in {text:?}");
+}
+
+/// `flash-moe eval` gives the perplexity mlx-lm computes for the bundled model on the first
+/// windows of its held-out text (tools/eval_reference.py wrote the reference).
+#[test]
+fn eval_perplexity_matches_mlx_lm() {
+    let root = fixtures().join("../..");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("bundled-eval-reference.json")).unwrap())
+            .unwrap();
+    let tokens = (reference["window"].as_u64().unwrap() * reference["windows"].as_u64().unwrap()).to_string();
+    let out = tempfile::tempdir().unwrap();
+    let json = out.path().join("eval.json");
+    let run = flash_moe(&[
+        "eval",
+        "--model",
+        root.join("models/tiny-qwen35moe-4bit").to_str().unwrap(),
+        "--text",
+        root.join("models/heldout.txt").to_str().unwrap(),
+        "--max-tokens",
+        &tokens,
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(ours["predictions"], reference["predictions"]);
+    let (a, b) = (
+        ours["perplexity"].as_f64().unwrap(),
+        reference["perplexity"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() / b < 1e-4, "flash-moe {a} vs mlx-lm {b}");
+}

@@ -2,6 +2,7 @@
 
 pub mod bench_io;
 pub mod convert;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod logits;

@@ -1,6 +1,7 @@
 //! Sequences and generation loops on top of a loaded model.
 
 pub mod bench_io;
+pub mod eval;
 pub mod inventory;
 pub mod sampler;
 

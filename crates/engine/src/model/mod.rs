@@ -53,6 +53,8 @@ pub struct ModelState<B: Backend> {
     layers: Vec<LayerState<B>>,
     /// Time spent per layer and phase, over every call on this state.
     pub profile: Profile,
+    /// When set, the experts each token was routed to, per layer (empty for dense layers).
+    pub routing: Option<Vec<Vec<Vec<usize>>>>,
 }
 
 /// Which rows of logits a forward call returns.
@@ -163,6 +165,7 @@ impl<B: Backend> Model<B> {
             position: 0,
             layers,
             profile: Profile::new(self.config.num_layers()),
+            routing: None,
         })
     }
 
@@ -183,7 +186,7 @@ impl<B: Backend> Model<B> {
             .iter()
             .zip(state.layers.iter_mut())
             .zip(state.profile.layers.iter_mut());
-        for ((layer, layer_state), times) in layers {
+        for (index, ((layer, layer_state), times)) in layers.enumerate() {
             let h = b.rms_norm(&x, &layer.input_norm, eps)?;
             clock.charge(times, Phase::Other);
             let mixed = match (&layer.mixer, layer_state) {
@@ -203,7 +206,10 @@ impl<B: Backend> Model<B> {
             let h = b.rms_norm(&x, &layer.post_attention_norm, eps)?;
             clock.charge(times, Phase::Other);
             let ffn = match &layer.ffn {
-                Ffn::Moe(moe) => moe.forward(b, &h, self.experts_per_token, times, &mut clock)?,
+                Ffn::Moe(moe) => {
+                    let log = state.routing.as_mut().and_then(|r| r.get_mut(index));
+                    moe.forward(b, &h, self.experts_per_token, times, &mut clock, log)?
+                }
                 Ffn::Dense(mlp) => {
                     let out = mlp.forward(b, &h)?;
                     clock.charge(times, Phase::ExpertCompute);

@@ -92,9 +92,13 @@ impl<B: Backend> SparseMoe<B> {
         experts_per_token: usize,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
+        routing_log: Option<&mut Vec<Vec<usize>>>,
     ) -> Result<B::Tensor> {
         let tokens = b.shape(x).0;
         let routes = b.route_top_k(&b.matmul(x, &self.router)?, experts_per_token, self.renormalize)?;
+        if let Some(log) = routing_log {
+            log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
+        }
         let mut by_expert: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
         for (t, route) in routes.iter().enumerate() {
             for &(e, w) in route {

@@ -22,7 +22,7 @@ use super::packed::{
 use super::quant::{Encoding, MatrixView};
 use super::quantize::quantize_affine;
 use super::store::{ExpertIo, ExpertLocator, ExpertStore, StoreConfig};
-use super::write::{HashingWriter, PlannedTensor, SafetensorsWriter};
+use super::write::{HashingWriter, PlannedTensor, SafetensorsWriter, write_model_dir};
 use crate::error::{Error, Result};
 use crate::model::config::{FfnKind, ModelConfig};
 use crate::model::weights::ExpertView;
@@ -171,22 +171,7 @@ fn dense_quantization(
 impl ConversionPlan {
     /// Runs the conversion into `dst`, calling `progress` with input bytes as they are done.
     pub fn run(self, dst: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Manifest> {
-        if dst.exists() {
-            return Err(Error::InvalidInput(format!("{} already exists", dst.display())));
-        }
-        let tmp = partial_dir(dst);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(tmp.join("experts")).map_err(|e| Error::io(&tmp, e))?;
-        let result = self.write_all(&tmp, progress).and_then(|manifest| {
-            std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
-            Ok(manifest)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        result
+        write_model_dir(dst, |tmp| self.write_all(tmp, progress))
     }
 
     fn write_all(&self, tmp: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Manifest> {
@@ -374,15 +359,6 @@ impl ConversionPlan {
             record
         })
     }
-}
-
-/// The hidden directory a conversion writes into before it is renamed to `dst`.
-pub fn partial_dir(dst: &Path) -> PathBuf {
-    let name = dst
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dst.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
 /// Expert `e` with its bytes memory-mapped from the source files.

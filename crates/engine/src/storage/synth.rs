@@ -18,13 +18,12 @@ use rayon::prelude::*;
 use serde_json::{Map, Value, json};
 
 use super::checkpoint::DType;
-use super::convert::partial_dir;
 use super::packed::{
     DENSE_FILE, FORMAT, FileDigest, MANIFEST, Manifest, MatrixRecord, MatrixShape, VERSION, record_layout,
     write_layer_file,
 };
 use super::quant::Encoding;
-use super::write::{HashingWriter, PlannedTensor, SafetensorsWriter};
+use super::write::{HashingWriter, PlannedTensor, SafetensorsWriter, write_model_dir};
 use crate::error::{Error, Result};
 use crate::model::config::{Family, FfnKind, LayerKind, ModelConfig};
 use crate::model::presets;
@@ -342,22 +341,7 @@ impl SynthPlan {
 
     /// Writes the model into `dst` (which must not exist), via a hidden partial directory.
     pub fn run(self, dst: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Manifest> {
-        if dst.exists() {
-            return Err(Error::InvalidInput(format!("{} already exists", dst.display())));
-        }
-        let tmp = partial_dir(dst);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(tmp.join("experts")).map_err(|e| Error::io(&tmp, e))?;
-        let result = self.write_all(&tmp, progress).and_then(|m| {
-            std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
-            Ok(m)
-        });
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        result
+        write_model_dir(dst, |tmp| self.write_all(tmp, progress))
     }
 
     fn write_all(&self, tmp: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<Manifest> {

@@ -10,6 +10,33 @@ use serde_json::{Map, Value, json};
 use super::packed::FileDigest;
 use crate::error::{Error, Result};
 
+/// Writes a model directory so that it appears complete or not at all: `fill` writes into a
+/// hidden directory next to `dst` (with its `experts/` folder made), which is renamed to `dst`
+/// only when `fill` succeeds and removed when it fails. An interrupted run leaves only the
+/// hidden directory, which holds no manifest and so never loads as a packed model.
+pub fn write_model_dir<T>(dst: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    if dst.exists() {
+        return Err(Error::InvalidInput(format!("{} already exists", dst.display())));
+    }
+    let name = dst
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dst.with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(tmp.join("experts")).map_err(|e| Error::io(&tmp, e))?;
+    let result = fill(&tmp).and_then(|value| {
+        std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))?;
+        Ok(value)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
 /// A buffered file writer that counts bytes and hashes them (xxh3-64) as they pass.
 pub struct HashingWriter {
     path: PathBuf,
