@@ -150,7 +150,12 @@ mod tests {
     fn kernels_compile_with_nvrtc() {
         // SAFETY: only probes whether the shared library can be opened.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            eprintln!("skipped: NVRTC (libnvrtc.so) is not installed here; the GPU checks compile the kernels");
+            // Written past the harness's output capture, so the skip shows in every log.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "kernels_compile_with_nvrtc: SKIPPED, NVRTC (libnvrtc.so) is not installed here"
+            );
             return;
         }
         if let Err(e) = super::compile_ptx("sm_90") {
