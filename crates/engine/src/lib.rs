@@ -6,9 +6,11 @@
 //! - [`backend`]: where arithmetic happens (CPU now; CUDA slots in beside it);
 //! - [`storage`]: checkpoint readers, weight encodings, experts;
 //! - [`engine`]: sequences, sampling and generation loops;
-//! - [`tokenizer`]: text to ids and back.
+//! - [`tokenizer`]: text to ids and back;
+//! - [`chat`]: chat templates and the parsing of replies into reasoning, answer and tool calls.
 
 pub mod backend;
+pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod model;
