@@ -55,6 +55,8 @@ pub enum Error {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    #[error("the prompt has {tokens} tokens and the context holds {limit}")]
+    ContextLength { tokens: usize, limit: usize },
 
     // --- devices ---------------------------------------------------------------------
     #[error("CUDA: {0}")]

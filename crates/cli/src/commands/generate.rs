@@ -70,6 +70,7 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
+        ..SamplingParams::default()
     });
     let io = Some(store.stats());
     if args.prefetch_experts {

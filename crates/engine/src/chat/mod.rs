@@ -67,7 +67,9 @@ impl Message {
             let calls: Vec<Value> = self
                 .tool_calls
                 .iter()
-                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                .map(
+                    |c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}),
+                )
                 .collect();
             m.insert("tool_calls".into(), Value::Array(calls));
         }

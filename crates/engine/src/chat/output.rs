@@ -66,7 +66,11 @@ impl OutputParser {
             })
             .collect();
         OutputParser {
-            section: if in_reasoning { Section::Reasoning } else { Section::Content },
+            section: if in_reasoning {
+                Section::Reasoning
+            } else {
+                Section::Content
+            },
             pending: String::new(),
             section_start: true,
             held_space: String::new(),
@@ -147,7 +151,11 @@ impl OutputParser {
             });
             return;
         }
-        let keep = if at_end { 0 } else { partial_tag_len(&self.pending, tags) };
+        let keep = if at_end {
+            0
+        } else {
+            partial_tag_len(&self.pending, tags)
+        };
         let text: String = self.pending.drain(..self.pending.len() - keep).collect();
         self.emit(&text, events);
         if at_end {
@@ -212,7 +220,10 @@ impl OutputParser {
                 Some(end) => (&after[..end], &after[end + "</parameter>".len()..]),
                 // A missing close tag: the value runs to the next parameter or the function's end.
                 None => {
-                    let end = after.find("<parameter=").or_else(|| after.find("</function>")).unwrap_or(after.len());
+                    let end = after
+                        .find("<parameter=")
+                        .or_else(|| after.find("</function>"))
+                        .unwrap_or(after.len());
                     (&after[..end], &after[end..])
                 }
             };
@@ -358,7 +369,10 @@ mod tests {
     #[test]
     fn text_like_tags_passes_through() {
         let mut p = OutputParser::new(&[], false, "c");
-        assert_eq!(run(&mut p, "a < b <tool and <th"), vec![ChatEvent::Content("a < b <tool and <th".into())]);
+        assert_eq!(
+            run(&mut p, "a < b <tool and <th"),
+            vec![ChatEvent::Content("a < b <tool and <th".into())]
+        );
     }
 
     #[test]
@@ -378,6 +392,9 @@ mod tests {
         assert_eq!(typed_value("3", None), json!("3"));
         assert_eq!(typed_value("2.5", Some(&json!({"type": "number"}))), json!(2.5));
         assert_eq!(typed_value("x", Some(&json!({"type": "integer"}))), json!("x"));
-        assert_eq!(typed_value("{\"a\":1}", Some(&json!({"anyOf": [{"type": "object"}]}))), json!({"a": 1}));
+        assert_eq!(
+            typed_value("{\"a\":1}", Some(&json!({"anyOf": [{"type": "object"}]}))),
+            json!({"a": 1})
+        );
     }
 }

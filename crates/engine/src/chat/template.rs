@@ -150,7 +150,10 @@ impl ChatTemplate {
                 ctx.insert(key.into(), Value::String(v.clone()));
             }
         }
-        let template = self.env.get_template("chat").map_err(|e| template_error(&self.path, e))?;
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| template_error(&self.path, e))?;
         template
             .render(JinjaValue::from(minijinja::value::Serde(&ctx)))
             .map_err(|e| template_error(&self.path, e))
@@ -174,10 +177,28 @@ fn strftime_now(format: String) -> String {
     let (year, month, day) = civil_from_days(days);
     let (h, m, s) = (secs / 3600 % 24, secs / 60 % 60, secs % 60);
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let month_name = MONTHS[(month - 1) as usize];
     let day_name = DAYS[days.rem_euclid(7) as usize];
     let mut out = String::new();
@@ -228,7 +249,8 @@ fn tojson(value: JinjaValue, kwargs: Kwargs) -> std::result::Result<JinjaValue, 
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let _: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let json: Value = serde_json::to_value(&value).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let json: Value =
+        serde_json::to_value(&value).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let json = if sort_keys == Some(true) { sorted(json) } else { json };
     let mut out = String::new();
     python_json(&json, indent, 0, &mut out);
@@ -310,10 +332,14 @@ mod tests {
 
     #[test]
     fn tojson_writes_python_style() {
-        let v: Value = serde_json::from_str(r#"{"b": [1, 2.5, "<x&y>"], "a": {"k": null, "t": true}, "e": 1e-5}"#).unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"b": [1, 2.5, "<x&y>"], "a": {"k": null, "t": true}, "e": 1e-5}"#).unwrap();
         let mut out = String::new();
         python_json(&v, None, 0, &mut out);
-        assert_eq!(out, r#"{"b": [1, 2.5, "<x&y>"], "a": {"k": null, "t": true}, "e": 1e-05}"#);
+        assert_eq!(
+            out,
+            r#"{"b": [1, 2.5, "<x&y>"], "a": {"k": null, "t": true}, "e": 1e-05}"#
+        );
         let mut out = String::new();
         python_json(&serde_json::json!({"a": [1]}), Some(2), 0, &mut out);
         assert_eq!(out, "{\n  \"a\": [\n    1\n  ]\n}");

@@ -4,6 +4,8 @@ pub mod bench_io;
 pub mod eval;
 pub mod inventory;
 pub mod sampler;
+pub mod session;
+pub mod stop;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,4 +1,7 @@
-//! Next-token choice: greedy, or temperature sampling with top-k and top-p filtering.
+//! Next-token choice: penalties on tokens already seen, then greedy or temperature sampling
+//! with top-k, top-p and min-p filtering.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,7 +13,16 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 keeps every token.
     pub top_k: usize,
+    /// Drops tokens whose probability is below `min_p` times the most likely one's (0: off).
+    pub min_p: f32,
     pub seed: u64,
+    /// OpenAI's: subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted per occurrence among the tokens generated so far.
+    pub frequency_penalty: f32,
+    /// Hugging Face's (1 = off): logits of tokens in the prompt or output are divided by it
+    /// when positive and multiplied by it when negative.
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -19,43 +31,113 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
         }
     }
 }
 
+impl SamplingParams {
+    fn penalizes(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
+    }
+}
+
+/// Below this log-probability ratio to the best token a candidate cannot matter
+/// (e^-30 ≈ 1e-13), so sampling never sorts the whole vocabulary.
+const NEGLIGIBLE: f32 = 30.0;
+
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Occurrences of each generated token (for presence and frequency penalties).
+    generated: HashMap<u32, u32>,
+    /// Tokens of the prompt (for the repetition penalty).
+    prompt: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            generated: HashMap::new(),
+            prompt: Vec::new(),
+        }
     }
 
+    /// Tells the sampler the prompt, for the repetition penalty.
+    pub fn set_prompt(&mut self, prompt: &[u32]) {
+        if self.params.repetition_penalty != 1.0 {
+            self.prompt = prompt.to_vec();
+            self.prompt.sort_unstable();
+            self.prompt.dedup();
+        }
+    }
+
+    /// Picks the next token from `logits` and remembers it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
+        let id = if self.params.penalizes() {
+            let mut adjusted = logits.to_vec();
+            self.apply_penalties(&mut adjusted);
+            self.choose(&adjusted)
+        } else {
+            self.choose(logits)
+        };
+        *self.generated.entry(id).or_default() += 1;
+        id
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let seen = self.prompt.iter().chain(self.generated.keys());
+            for &id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        for (&id, &count) in &self.generated {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+            }
+        }
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        if p.temperature <= 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        if self.params.top_k > 0 {
-            order.truncate(self.params.top_k);
+        let max = logits[argmax(logits) as usize];
+        let floor = max - NEGLIGIBLE * p.temperature;
+        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i] >= floor).collect();
+        if p.top_k > 0 && order.len() > p.top_k {
+            order.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+            order.truncate(p.top_k);
         }
-        let max = logits[order[0]];
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let weights: Vec<f32> = order
             .iter()
-            .map(|&i| ((logits[i] - max) / self.params.temperature).exp())
+            .map(|&i| ((logits[i] - max) / p.temperature).exp())
             .collect();
         let total: f32 = weights.iter().sum();
-        // Smallest prefix whose probability reaches top_p.
-        let mut keep = weights.len();
+        // min-p: the best token has weight 1, so the cut is on the weight itself.
+        let mut keep = weights.iter().take_while(|&&w| w >= p.min_p).count().max(1);
+        // top-p: the smallest prefix whose probability reaches it.
         let mut cumulative = 0.0;
-        for (i, w) in weights.iter().enumerate() {
+        for (i, w) in weights[..keep].iter().enumerate() {
             cumulative += w / total;
-            if cumulative >= self.params.top_p {
+            if cumulative >= p.top_p {
                 keep = i + 1;
                 break;
             }
@@ -87,6 +169,11 @@ pub fn argmax(values: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    fn sampled(params: SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(params);
+        (0..n).map(|_| s.sample(logits)).collect()
+    }
+
     #[test]
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
@@ -107,13 +194,12 @@ mod tests {
             ..Default::default()
         };
         let logits = [0.0f32; 50];
-        let a: Vec<u32> = (0..5)
-            .scan(Sampler::new(params.clone()), |s, _| Some(s.sample(&logits)))
-            .collect();
-        let b: Vec<u32> = (0..5)
-            .scan(Sampler::new(params), |s, _| Some(s.sample(&logits)))
-            .collect();
-        assert_eq!(a, b);
+        let a = sampled(params.clone(), &logits, 5);
+        assert_eq!(a, sampled(params, &logits, 5));
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "uniform logits gave one token five times: {a:?}"
+        );
     }
 
     #[test]
@@ -124,10 +210,39 @@ mod tests {
             seed: 3,
             ..Default::default()
         };
-        let mut s = Sampler::new(params);
         // Token 2 holds ~84% of the mass, so a top_p of 0.5 keeps only it.
-        for _ in 0..20 {
-            assert_eq!(s.sample(&[0.0, 1.0, 3.0]), 2);
-        }
+        assert!(sampled(params, &[0.0, 1.0, 3.0], 20).iter().all(|&t| t == 2));
+    }
+
+    #[test]
+    fn min_p_drops_unlikely_tokens() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.2,
+            seed: 5,
+            ..Default::default()
+        };
+        // exp(-2) = 0.135 < 0.2: token 0 goes; exp(-1) = 0.37 stays.
+        let picks = sampled(params, &[0.0, 1.0, 2.0], 200);
+        assert!(!picks.contains(&0));
+        assert!(picks.contains(&1) && picks.contains(&2));
+    }
+
+    #[test]
+    fn penalties_steer_away_from_repeats() {
+        // Greedy with a frequency penalty alternates between two near-equal tokens.
+        let params = SamplingParams {
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(sampled(params, &[1.0, 0.5, -5.0], 4), vec![0, 1, 0, 1]);
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::new(params);
+        s.set_prompt(&[0]);
+        // Token 0 (in the prompt) drops from 1.0 to 0.5, below token 1's 0.8.
+        assert_eq!(s.sample(&[1.0, 0.8]), 1);
     }
 }

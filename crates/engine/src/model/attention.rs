@@ -21,10 +21,19 @@ pub struct GatedAttention<B: Backend> {
 }
 
 /// The KV cache of one attention layer: `[positions, kv_heads * head_dim]` each.
-#[derive(Clone)]
 pub struct KvCache<B: Backend> {
     pub keys: B::Tensor,
     pub values: B::Tensor,
+}
+
+// By hand: a derive would ask for `B: Clone`, and a backend is not a value to copy.
+impl<B: Backend> Clone for KvCache<B> {
+    fn clone(&self) -> Self {
+        KvCache {
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+        }
+    }
 }
 
 impl<B: Backend> GatedAttention<B> {

@@ -22,12 +22,21 @@ pub struct GatedDeltaNet<B: Backend> {
 }
 
 /// The recurrent state of one linear-attention layer.
-#[derive(Clone)]
 pub struct DeltaState<B: Backend> {
     /// The last `kernel - 1` conv inputs, `[kernel - 1, conv_dim]`.
     pub conv: B::Tensor,
     /// `[value_heads, key_head_dim * value_head_dim]`, f32.
     pub recurrent: B::Tensor,
+}
+
+// By hand: a derive would ask for `B: Clone`.
+impl<B: Backend> Clone for DeltaState<B> {
+    fn clone(&self) -> Self {
+        DeltaState {
+            conv: self.conv.clone(),
+            recurrent: self.recurrent.clone(),
+        }
+    }
 }
 
 impl<B: Backend> GatedDeltaNet<B> {

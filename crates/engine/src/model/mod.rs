@@ -38,15 +38,23 @@ struct DecoderLayer<B: Backend> {
 }
 
 /// Per-layer state of one sequence.
-#[derive(Clone)]
 pub enum LayerState<B: Backend> {
     Attention(KvCache<B>),
     Linear(DeltaState<B>),
 }
 
+// The Clone impls are by hand: a derive would ask for `B: Clone`.
+impl<B: Backend> Clone for LayerState<B> {
+    fn clone(&self) -> Self {
+        match self {
+            LayerState::Attention(c) => LayerState::Attention(c.clone()),
+            LayerState::Linear(s) => LayerState::Linear(s.clone()),
+        }
+    }
+}
+
 /// Everything a sequence carries between calls: caches, recurrent state and position.
 /// Cloning it snapshots the sequence.
-#[derive(Clone)]
 pub struct ModelState<B: Backend> {
     /// Tokens processed so far; the next token sits at this position.
     pub position: usize,
@@ -55,6 +63,17 @@ pub struct ModelState<B: Backend> {
     pub profile: Profile,
     /// When set, the experts each token was routed to, per layer (empty for dense layers).
     pub routing: Option<Vec<Vec<Vec<usize>>>>,
+}
+
+impl<B: Backend> Clone for ModelState<B> {
+    fn clone(&self) -> Self {
+        ModelState {
+            position: self.position,
+            layers: self.layers.clone(),
+            profile: self.profile.clone(),
+            routing: self.routing.clone(),
+        }
+    }
 }
 
 /// Which rows of logits a forward call returns.
@@ -144,6 +163,19 @@ impl<B: Backend> Model<B> {
             }
         }
         Ok(())
+    }
+
+    /// Bytes a sequence state holds at `position` tokens: KV caches plus the fixed
+    /// recurrent and conv state (f32).
+    pub fn state_bytes(&self, position: usize) -> usize {
+        let (a, l) = (&self.config.attention, &self.config.linear);
+        let per_layer = |kind: &LayerKind| match kind {
+            LayerKind::FullAttention => 2 * position * a.num_kv_heads * a.head_dim,
+            LayerKind::LinearAttention => {
+                (l.conv_kernel - 1) * l.conv_dim() + l.num_value_heads * l.key_head_dim * l.value_head_dim
+            }
+        };
+        4 * self.config.layers.iter().map(per_layer).sum::<usize>()
     }
 
     /// A fresh, empty sequence state.

@@ -1,0 +1,268 @@
+//! A long-lived generation session, as a chat or a server keeps one: each request's prompt
+//! starts from the longest prefix already computed. Recurrent (linear-attention) state
+//! cannot be rewound, so reuse works from snapshots of the whole sequence state (KV caches,
+//! recurrent and conv state, and the logits after the last token) taken at chosen points.
+
+use std::time::{Duration, Instant};
+
+use super::sampler::{Sampler, SamplingParams};
+use super::stop::StopMatcher;
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{Logits, Model, ModelState};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// Prompt tokens run per forward call: bounds the attention scores' memory on long prompts.
+const PREFILL_CHUNK: usize = 512;
+
+/// One generation.
+#[derive(Clone, Debug)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// Prompt lengths worth a snapshot for later requests (for a chat: where the conversation
+    /// ends before the assistant's header). The whole prompt and the whole generated
+    /// sequence are always snapshotted.
+    pub checkpoints: Vec<usize>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model emitted an end-of-sequence token.
+    Eos,
+    /// A stop string was generated.
+    StopString,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The receiver went away.
+    Cancelled,
+}
+
+/// What a generation did.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub prompt_tokens: usize,
+    /// Prompt tokens restored from a snapshot instead of computed.
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+    pub finish: FinishReason,
+    pub prefill_time: Duration,
+    pub decode_time: Duration,
+}
+
+/// Where generated text goes.
+pub trait TextSink {
+    /// Takes the next piece of text; false stops the generation.
+    fn text(&mut self, piece: &str) -> bool;
+    /// Checked between forward calls, so a long prefill stops when nobody waits for it.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(&str) -> bool> TextSink for F {
+    fn text(&mut self, piece: &str) -> bool {
+        self(piece)
+    }
+}
+
+struct Snapshot<B: Backend> {
+    tokens: Vec<u32>,
+    state: ModelState<B>,
+    logits: Vec<f32>,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Snapshots kept within a byte budget, least recently used dropped first.
+pub struct Session<B: Backend> {
+    snapshots: Vec<Snapshot<B>>,
+    budget_bytes: usize,
+    max_context: usize,
+    clock: u64,
+}
+
+impl<B: Backend> Session<B> {
+    /// `max_context`: the longest sequence allowed; `budget_bytes`: memory for snapshots.
+    pub fn new(max_context: usize, budget_bytes: usize) -> Self {
+        Session {
+            snapshots: Vec::new(),
+            budget_bytes,
+            max_context,
+            clock: 0,
+        }
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    /// Forgets every snapshot.
+    pub fn clear(&mut self) {
+        self.snapshots.clear();
+    }
+
+    /// Runs one request, streaming its text into `sink`.
+    pub fn generate(
+        &mut self,
+        model: &Model<B>,
+        tokenizer: &Tokenizer,
+        request: &GenerationRequest,
+        sink: &mut dyn TextSink,
+    ) -> Result<Completion> {
+        let prompt = &request.prompt;
+        if prompt.is_empty() {
+            return Err(Error::InvalidInput("the prompt is empty".into()));
+        }
+        if prompt.len() >= self.max_context {
+            return Err(Error::ContextLength {
+                tokens: prompt.len(),
+                limit: self.max_context,
+            });
+        }
+        let start = Instant::now();
+        let (mut state, mut logits, cached) = self.restore(model, prompt)?;
+        let mut completion = Completion {
+            prompt_tokens: prompt.len(),
+            cached_tokens: cached,
+            completion_tokens: 0,
+            finish: FinishReason::Cancelled,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        };
+        let mut marks: Vec<usize> = request
+            .checkpoints
+            .iter()
+            .copied()
+            .filter(|&c| c > cached && c < prompt.len())
+            .collect();
+        marks.sort_unstable();
+        marks.dedup();
+        marks.push(prompt.len());
+        let mut pos = cached;
+        for mark in marks {
+            while pos < mark {
+                if sink.cancelled() {
+                    return Ok(completion);
+                }
+                let end = (pos + PREFILL_CHUNK).min(mark);
+                logits = model
+                    .backend()
+                    .download(&model.forward(&prompt[pos..end], &mut state, Logits::Last)?)?;
+                pos = end;
+            }
+            self.save(model, &prompt[..mark], &state, &logits);
+        }
+        completion.prefill_time = start.elapsed();
+        let start = Instant::now();
+        let mut tokens = prompt.clone();
+        let (finish, generated) = self.decode(model, tokenizer, request, &mut state, &mut logits, &mut tokens, sink)?;
+        self.save(model, &tokens, &state, &logits);
+        completion.finish = finish;
+        completion.completion_tokens = generated;
+        completion.decode_time = start.elapsed();
+        Ok(completion)
+    }
+
+    /// Samples until a stop, extending `tokens` (and `state`) with every token run.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        model: &Model<B>,
+        tokenizer: &Tokenizer,
+        request: &GenerationRequest,
+        state: &mut ModelState<B>,
+        logits: &mut Vec<f32>,
+        tokens: &mut Vec<u32>,
+        sink: &mut dyn TextSink,
+    ) -> Result<(FinishReason, usize)> {
+        let mut sampler = Sampler::new(request.sampling.clone());
+        sampler.set_prompt(&request.prompt);
+        let mut decoder = StreamDecoder::default();
+        let mut stops = StopMatcher::new(&request.stop);
+        let budget = request.max_tokens.min(self.max_context - request.prompt.len());
+        let mut generated = 0;
+        while generated < budget {
+            let id = sampler.sample(logits);
+            generated += 1;
+            if tokenizer.is_eos(id) {
+                return flush(&mut stops, sink, FinishReason::Eos, generated);
+            }
+            let (text, stopped) = stops.push(&decoder.push(tokenizer, id)?);
+            if !text.is_empty() && !sink.text(&text) {
+                return Ok((FinishReason::Cancelled, generated));
+            }
+            if stopped {
+                return Ok((FinishReason::StopString, generated));
+            }
+            if generated == budget || sink.cancelled() {
+                break;
+            }
+            *logits = model.backend().download(&model.forward(&[id], state, Logits::Last)?)?;
+            tokens.push(id);
+        }
+        if sink.cancelled() {
+            return Ok((FinishReason::Cancelled, generated));
+        }
+        flush(&mut stops, sink, FinishReason::Length, generated)
+    }
+
+    /// The state after the longest snapshotted prefix of `prompt`, its logits and length.
+    fn restore(&mut self, model: &Model<B>, prompt: &[u32]) -> Result<(ModelState<B>, Vec<f32>, usize)> {
+        self.clock += 1;
+        let best = self
+            .snapshots
+            .iter_mut()
+            .filter(|s| s.tokens.len() <= prompt.len() && prompt.starts_with(&s.tokens))
+            .max_by_key(|s| s.tokens.len());
+        match best {
+            Some(s) => {
+                s.last_used = self.clock;
+                Ok((s.state.clone(), s.logits.clone(), s.tokens.len()))
+            }
+            None => Ok((model.new_state()?, Vec::new(), 0)),
+        }
+    }
+
+    fn save(&mut self, model: &Model<B>, tokens: &[u32], state: &ModelState<B>, logits: &[f32]) {
+        self.clock += 1;
+        if let Some(s) = self.snapshots.iter_mut().find(|s| s.tokens == tokens) {
+            s.last_used = self.clock;
+            return;
+        }
+        let bytes = model.state_bytes(tokens.len()) + 4 * logits.len();
+        if bytes > self.budget_bytes {
+            return;
+        }
+        while self.snapshots.iter().map(|s| s.bytes).sum::<usize>() + bytes > self.budget_bytes {
+            let oldest = (0..self.snapshots.len()).min_by_key(|&i| self.snapshots[i].last_used);
+            match oldest {
+                Some(i) => drop(self.snapshots.swap_remove(i)),
+                None => break,
+            }
+        }
+        self.snapshots.push(Snapshot {
+            tokens: tokens.to_vec(),
+            state: state.clone(),
+            logits: logits.to_vec(),
+            bytes,
+            last_used: self.clock,
+        });
+    }
+}
+
+fn flush(
+    stops: &mut StopMatcher,
+    sink: &mut dyn TextSink,
+    finish: FinishReason,
+    generated: usize,
+) -> Result<(FinishReason, usize)> {
+    let rest = stops.finish();
+    if !rest.is_empty() && !sink.text(&rest) {
+        return Ok((FinishReason::Cancelled, generated));
+    }
+    Ok((finish, generated))
+}
