@@ -98,6 +98,14 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         minijinja_contrib::add_to_environment(&mut env);
         env.add_filter("tojson", tojson);
+        env.add_filter("string", python_string);
+        env.add_test("iterable", is_python_iterable);
+        env.set_formatter(|out, state, value| match python_scalar(value) {
+            Some(text) => out
+                .write_str(&text)
+                .map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string())),
+            None => minijinja::escape_formatter(out, state, value),
+        });
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source.clone())
@@ -138,9 +146,14 @@ impl ChatTemplate {
         let messages: Vec<Value> = messages.iter().map(Message::to_template_value).collect();
         let mut ctx = serde_json::Map::new();
         ctx.insert("messages".into(), Value::Array(messages));
-        if !tools.is_empty() {
-            ctx.insert("tools".into(), Value::Array(tools.to_vec()));
-        }
+        // transformers passes `tools` and `documents` as None when there are none.
+        let tools = if tools.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(tools.to_vec())
+        };
+        ctx.insert("tools".into(), tools);
+        ctx.insert("documents".into(), Value::Null);
         ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
         if let Some(t) = enable_thinking {
             ctx.insert("enable_thinking".into(), Value::Bool(t));
@@ -162,6 +175,36 @@ impl ChatTemplate {
 
 fn template_error(path: &Path, e: JinjaError) -> Error {
     Error::InvalidInput(format!("chat template {}: {e:#}", path.display()))
+}
+
+/// A scalar as Python's `str` writes it where minijinja differs: floats (`1e-05`, `3.0`),
+/// `None`, `True`, `False`. None for anything else.
+fn python_scalar(value: &JinjaValue) -> Option<String> {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::None => Some("None".into()),
+        ValueKind::Bool => Some(if value.is_true() { "True" } else { "False" }.into()),
+        ValueKind::Number if !value.is_integer() => f64::try_from(value.clone()).ok().map(python_float),
+        _ => None,
+    }
+}
+
+/// `|string` with Python's formatting of scalars.
+fn python_string(state: &minijinja::State, value: &JinjaValue) -> std::result::Result<JinjaValue, JinjaError> {
+    match python_scalar(value) {
+        Some(text) => Ok(JinjaValue::from(text)),
+        None => minijinja::filters::string(state, value),
+    }
+}
+
+/// `is iterable` as in Python: none, undefined, numbers and booleans are not (minijinja
+/// iterates none as an empty sequence).
+fn is_python_iterable(value: &JinjaValue) -> bool {
+    use minijinja::value::ValueKind;
+    !matches!(
+        value.kind(),
+        ValueKind::None | ValueKind::Undefined | ValueKind::Number | ValueKind::Bool
+    ) && value.try_iter().is_ok()
 }
 
 fn raise_exception(message: String) -> std::result::Result<JinjaValue, JinjaError> {
@@ -349,6 +392,28 @@ mod tests {
     fn civil_dates() {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_779), (2026, 11, 22));
+    }
+
+    #[test]
+    fn python_scalars_and_iterables() {
+        let t = ChatTemplate::new(
+            "{% for k, v in messages[0].tool_calls[0].function.arguments|items %}[{{ v|string }}|{{ v }}|{{ v is iterable }}]{% endfor %}".into(),
+            PathBuf::from("x"),
+            false,
+            None,
+            None,
+        )
+        .unwrap();
+        let mut m = Message::text("assistant", "");
+        m.tool_calls.push(crate::chat::ToolCall {
+            id: "a".into(),
+            name: "f".into(),
+            arguments: serde_json::json!({"a": null, "b": 1e-5, "c": true, "d": [1], "e": "s", "f": 2}),
+        });
+        assert_eq!(
+            t.render(&[m], &[], false, None).unwrap(),
+            "[None|None|False][1e-05|1e-05|False][True|True|False][[1]|[1]|True][s|s|True][2|2|False]"
+        );
     }
 
     #[test]

@@ -1,0 +1,581 @@
+//! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use flash_moe_engine::chat::{Message, ToolCall, parse_arguments};
+use flash_moe_engine::engine::session::{Completion, FinishReason, GenerationRequest};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::common::{
+    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, ToolChoice, parse_body, prepare_chat, random_id,
+    unix_time,
+};
+use super::errors::{ApiError, ErrorKind, Flavor};
+
+const FLAVOR: Flavor = Flavor::OpenAi;
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    tools: Vec<Tool>,
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    #[serde(flatten)]
+    sampling: Sampling,
+    stop: Option<Stop>,
+    n: Option<usize>,
+    logprobs: Option<bool>,
+    chat_template_kwargs: Option<TemplateKwargs>,
+    reasoning_effort: Option<String>,
+    response_format: Option<ResponseFormat>,
+}
+
+#[derive(Deserialize)]
+struct Sampling {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    seed: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+}
+
+impl Sampling {
+    fn input(self) -> SamplingInput {
+        SamplingInput {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct TemplateKwargs {
+    enable_thinking: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ResponseFormat {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Tool {
+    #[serde(rename = "type")]
+    kind: String,
+    function: FunctionDef,
+}
+
+#[derive(Deserialize, serde::Serialize)]
+struct FunctionDef {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    description: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameters: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+    reasoning_content: Option<String>,
+    reasoning: Option<String>,
+    tool_calls: Option<Vec<CallIn>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CallIn {
+    id: Option<String>,
+    function: CallFunction,
+}
+
+#[derive(Deserialize)]
+struct CallFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+fn content_text(content: Option<Content>) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(Content::Text(t)) => Ok(t),
+        Some(Content::Parts(parts)) => parts
+            .into_iter()
+            .map(|p| match (p.kind.as_str(), p.text) {
+                ("text", Some(t)) => Ok(t),
+                (kind, _) => Err(ApiError::invalid(
+                    FLAVOR,
+                    format!("content parts of type `{kind}` are not supported (text only)"),
+                )
+                .with_param("messages")),
+            })
+            .collect(),
+    }
+}
+
+fn to_message(m: ChatMessage) -> Result<Message, ApiError> {
+    let role = match m.role.as_str() {
+        "developer" => "system".to_string(),
+        "system" | "user" | "assistant" | "tool" => m.role.clone(),
+        other => {
+            return Err(ApiError::invalid(FLAVOR, format!("unknown message role `{other}`")).with_param("messages"));
+        }
+    };
+    let tool_calls = m
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCall {
+            id: c.id.unwrap_or_else(|| format!("call_{i}")),
+            name: c.function.name,
+            arguments: match c.function.arguments {
+                Value::String(s) => parse_arguments(&s),
+                Value::Null => json!({}),
+                other => other,
+            },
+        })
+        .collect();
+    Ok(Message {
+        role,
+        content: content_text(m.content)?,
+        reasoning_content: m.reasoning_content.or(m.reasoning),
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+        name: m.name,
+    })
+}
+
+fn tool_choice(value: Option<Value>) -> Result<ToolChoice, ApiError> {
+    let bad = || {
+        ApiError::invalid(FLAVOR, "`tool_choice` must be none, auto, required or a function").with_param("tool_choice")
+    };
+    Ok(match value {
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            _ => return Err(bad()),
+        },
+        Some(v) => ToolChoice::Function(
+            v.pointer("/function/name")
+                .and_then(Value::as_str)
+                .ok_or_else(bad)?
+                .to_string(),
+        ),
+    })
+}
+
+pub async fn chat_completions(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    match chat(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(body, FLAVOR)?;
+    state.check_model(&req.model, FLAVOR)?;
+    unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
+    unsupported(req.logprobs == Some(true), "logprobs", "logprobs are not supported")?;
+    unsupported(
+        req.response_format.as_ref().is_some_and(|f| f.kind != "text"),
+        "response_format",
+        "only the `text` response format is supported",
+    )?;
+    if let Some(t) = req.tools.iter().find(|t| t.kind != "function") {
+        return Err(
+            ApiError::invalid(FLAVOR, format!("tools of type `{}` are not supported", t.kind)).with_param("tools"),
+        );
+    }
+    let choice = tool_choice(req.tool_choice)?;
+    if let ToolChoice::Function(name) = &choice
+        && !req.tools.iter().any(|t| &t.function.name == name)
+    {
+        return Err(ApiError::invalid(
+            FLAVOR,
+            format!("`tool_choice` names `{name}`, which is not among the tools"),
+        )
+        .with_param("tool_choice"));
+    }
+    let enable_thinking = req
+        .chat_template_kwargs
+        .and_then(|k| k.enable_thinking)
+        .or(req.reasoning_effort.map(|e| e != "none"));
+    let input = ChatInput {
+        messages: req.messages.into_iter().map(to_message).collect::<Result<_, _>>()?,
+        tools: req
+            .tools
+            .into_iter()
+            .map(|t| json!({"type": "function", "function": t.function}))
+            .collect(),
+        tool_choice: choice,
+        enable_thinking,
+        max_tokens: req.max_completion_tokens.or(req.max_tokens),
+        sampling: req.sampling.input().resolve(&state.defaults, FLAVOR)?,
+        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+    };
+    let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+    let prepared = {
+        let state = state.clone();
+        tokio::task::spawn_blocking(move || prepare_chat(&state, input, FLAVOR))
+            .await
+            .map_err(|e| ApiError::new(FLAVOR, ErrorKind::Internal, e.to_string()))??
+    };
+    let events = state.submit(prepared.request, FLAVOR)?;
+    let answer = AnswerStream::new(events, Some(prepared.parser));
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{}", random_id(24)),
+        created: unix_time(),
+        model: state.model_names[0].clone(),
+    };
+    if req.stream {
+        return Ok(stream_chat(answer, meta, include_usage));
+    }
+    let answer = answer.collect(FLAVOR).await?;
+    let done = answer
+        .done
+        .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
+    let mut message = json!({"role": "assistant", "content": (!answer.content.is_empty() || answer.tool_calls.is_empty()).then_some(answer.content)});
+    if !answer.reasoning.is_empty() {
+        message["reasoning_content"] = json!(answer.reasoning);
+    }
+    if !answer.tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(
+            answer
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(i, c)| call_json(i, c, false))
+                .collect(),
+        );
+    }
+    let finish = finish_reason(&done, !answer.tool_calls.is_empty());
+    Ok(Json(json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+        "usage": usage(&done),
+    }))
+    .into_response())
+}
+
+fn unsupported(bad: bool, param: &str, message: &str) -> Result<(), ApiError> {
+    if bad {
+        Err(ApiError::invalid(FLAVOR, message).with_param(param))
+    } else {
+        Ok(())
+    }
+}
+
+struct ResponseMeta {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+fn call_json(index: usize, call: &ToolCall, streamed: bool) -> Value {
+    let mut v =
+        json!({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json()}});
+    if streamed {
+        v["index"] = json!(index);
+    }
+    v
+}
+
+fn finish_reason(done: &Completion, called: bool) -> &'static str {
+    match done.finish {
+        FinishReason::Length => "length",
+        _ if called => "tool_calls",
+        _ => "stop",
+    }
+}
+
+fn usage(done: &Completion) -> Value {
+    json!({
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    })
+}
+
+/// Streams chunks as server-sent events. A client that disconnects closes the channel, which
+/// drops the answer stream, which stops the engine.
+fn stream_chat(mut answer: AnswerStream, meta: ResponseMeta, include_usage: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+            Event::default().data(body.to_string())
+        };
+        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+        let mut calls = 0;
+        loop {
+            for event in events.drain(..) {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            let piece = tokio::select! {
+                piece = answer.next() => piece,
+                () = tx.closed() => return,
+            };
+            let Some(piece) = piece else { break };
+            match piece {
+                Piece::Reasoning(t) => events.push(chunk(json!({"reasoning_content": t}), None)),
+                Piece::Content(t) => events.push(chunk(json!({"content": t}), None)),
+                Piece::ToolCall(c) => {
+                    events.push(chunk(json!({"tool_calls": [call_json(calls, &c, true)]}), None));
+                    calls += 1;
+                }
+                Piece::Done(done) => {
+                    events.push(chunk(json!({}), Some(finish_reason(&done, calls > 0))));
+                    if include_usage {
+                        let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                            "model": meta.model, "choices": [], "usage": usage(&done)});
+                        events.push(Event::default().data(body.to_string()));
+                    }
+                }
+                Piece::Failed(message) => {
+                    let error = ApiError::new(FLAVOR, ErrorKind::Internal, message);
+                    events.push(Event::default().data(error.body().to_string()));
+                }
+            }
+        }
+        events.push(Event::default().data("[DONE]"));
+        for event in events {
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    prompt: Prompt,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<usize>,
+    #[serde(flatten)]
+    sampling: Sampling,
+    stop: Option<Stop>,
+    n: Option<usize>,
+    logprobs: Option<u32>,
+    #[serde(default)]
+    echo: bool,
+    suffix: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+}
+
+/// The default of OpenAI's legacy completions API.
+const COMPLETIONS_DEFAULT_MAX_TOKENS: usize = 16;
+
+pub async fn completions(State(state): State<SharedState>, body: Result<Bytes, BytesRejection>) -> Response {
+    match complete(state, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let req: CompletionRequest = parse_body(body, FLAVOR)?;
+    state.check_model(&req.model, FLAVOR)?;
+    unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
+    unsupported(req.logprobs.is_some(), "logprobs", "logprobs are not supported")?;
+    unsupported(req.echo, "echo", "echo is not supported")?;
+    unsupported(req.suffix.is_some(), "suffix", "suffix is not supported")?;
+    let prompt = match req.prompt {
+        Prompt::Tokens(ids) => ids,
+        Prompt::Text(text) => state
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::invalid(FLAVOR, e.to_string()))?,
+        Prompt::Texts(mut texts) if texts.len() == 1 => state
+            .tokenizer
+            .encode(&texts.remove(0))
+            .map_err(|e| ApiError::invalid(FLAVOR, e.to_string()))?,
+        Prompt::Texts(_) => {
+            return Err(ApiError::invalid(FLAVOR, "only one prompt per request is supported").with_param("prompt"));
+        }
+    };
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(FLAVOR, "the prompt is empty").with_param("prompt"));
+    }
+    if let Some(&id) = prompt.iter().find(|&&id| id as usize >= state.tokenizer.vocab_size()) {
+        return Err(ApiError::invalid(FLAVOR, format!("token id {id} is out of range")).with_param("prompt"));
+    }
+    if prompt.len() >= state.max_context {
+        return Err(state.context_error(prompt.len(), FLAVOR).with_param("prompt"));
+    }
+    let request = GenerationRequest {
+        prompt,
+        checkpoints: Vec::new(),
+        max_tokens: req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS),
+        sampling: req.sampling.input().resolve(&state.defaults, FLAVOR)?,
+        stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+    };
+    let answer = AnswerStream::new(state.submit(request, FLAVOR)?, None);
+    let meta = ResponseMeta {
+        id: format!("cmpl-{}", random_id(24)),
+        created: unix_time(),
+        model: state.model_names[0].clone(),
+    };
+    if req.stream {
+        return Ok(stream_completion(
+            answer,
+            meta,
+            req.stream_options.is_some_and(|o| o.include_usage),
+        ));
+    }
+    let answer = answer.collect(FLAVOR).await?;
+    let done = answer
+        .done
+        .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
+    Ok(Json(json!({
+        "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+        "choices": [{"index": 0, "text": answer.content, "logprobs": null, "finish_reason": finish_reason(&done, false)}],
+        "usage": usage(&done),
+    }))
+    .into_response())
+}
+
+fn stream_completion(mut answer: AnswerStream, meta: ResponseMeta, include_usage: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let chunk = |text: &str, finish: Option<&str>| {
+            let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]});
+            Event::default().data(body.to_string())
+        };
+        loop {
+            let piece = tokio::select! {
+                piece = answer.next() => piece,
+                () = tx.closed() => return,
+            };
+            let mut out = Vec::new();
+            match &piece {
+                None => out.push(Event::default().data("[DONE]")),
+                Some(Piece::Content(t)) => out.push(chunk(t, None)),
+                Some(Piece::Done(done)) => {
+                    out.push(chunk("", Some(finish_reason(done, false))));
+                    if include_usage {
+                        let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created,
+                            "model": meta.model, "choices": [], "usage": usage(done)});
+                        out.push(Event::default().data(body.to_string()));
+                    }
+                }
+                Some(Piece::Failed(message)) => {
+                    let error = ApiError::new(FLAVOR, ErrorKind::Internal, message.clone());
+                    out.push(Event::default().data(error.body().to_string()));
+                }
+                Some(_) => {}
+            }
+            for event in out {
+                if tx.send(Ok(event)).await.is_err() {
+                    return;
+                }
+            }
+            if piece.is_none() {
+                return;
+            }
+        }
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+pub async fn list_models(State(state): State<SharedState>) -> Json<Value> {
+    let data: Vec<Value> = state.model_names.iter().map(|name| model_json(&state, name)).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn get_model(State(state): State<SharedState>, Path(id): Path<String>) -> Response {
+    match state.check_model(&id, FLAVOR) {
+        Ok(()) => Json(model_json(&state, &id)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+fn model_json(state: &SharedState, name: &str) -> Value {
+    json!({"id": name, "object": "model", "created": state.started, "owned_by": "flash-moe", "max_model_len": state.max_context})
+}
