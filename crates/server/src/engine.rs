@@ -124,6 +124,7 @@ pub fn run_engine<B: Backend>(
         };
         // The handler may be gone already; nothing to do then.
         let _ = job.events.blocking_send(event);
+        metrics.set_vram_cache(model.backend().expert_cache_stats());
         metrics.running_changed(-1);
     }
 }

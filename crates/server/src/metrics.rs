@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use flash_moe_engine::backend::ExpertCacheStats;
 use flash_moe_engine::engine::session::{Completion, FinishReason};
 
 /// Extra metric lines from outside the server (the expert store, the GPU cache).
@@ -25,6 +26,7 @@ pub struct Metrics {
     /// Decode tok/s of the last finished request, as f64 bits.
     last_decode_rate: AtomicU64,
     extra: Option<ExtraMetrics>,
+    vram_cache: Mutex<Option<ExpertCacheStats>>,
 }
 
 impl Metrics {
@@ -70,6 +72,11 @@ impl Metrics {
             let rate = (done.completion_tokens - 1) as f64 / done.decode_time.as_secs_f64().max(1e-9);
             self.last_decode_rate.store(rate.to_bits(), Ordering::Relaxed);
         }
+    }
+
+    /// The GPU expert cache's counters, as of the last finished request.
+    pub fn set_vram_cache(&self, stats: Option<ExpertCacheStats>) {
+        *self.vram_cache.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }
 
     /// Everything, in the Prometheus text exposition format.
@@ -150,6 +157,26 @@ impl Metrics {
             "Decode rate of the last finished request.",
             format!("{rate:.3}"),
         );
+        if let Some(c) = *self.vram_cache.lock().unwrap_or_else(|p| p.into_inner()) {
+            metric(
+                "flash_moe_gpu_expert_cache_hits_total",
+                "counter",
+                "Routed experts found in VRAM.",
+                c.hits.to_string(),
+            );
+            metric(
+                "flash_moe_gpu_expert_cache_misses_total",
+                "counter",
+                "Routed experts uploaded to VRAM.",
+                c.misses.to_string(),
+            );
+            metric(
+                "flash_moe_gpu_expert_cache_resident_bytes",
+                "gauge",
+                "VRAM held by cached experts.",
+                c.resident_bytes.to_string(),
+            );
+        }
         if let Some(extra) = &self.extra {
             out.push_str(&extra());
         }

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod serve;
 pub mod synth;
 pub mod timing;
 pub mod tokenize;

@@ -7,6 +7,9 @@ pub mod template;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::Result;
+use crate::tokenizer::Tokenizer;
+
 pub use output::{ChatEvent, OutputParser};
 pub use template::{ChatTemplate, ToolCallFormat};
 
@@ -87,4 +90,95 @@ impl Message {
 /// text that is not JSON is kept as a string.
 pub fn parse_arguments(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// How the model may use tools.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ToolChoice {
+    #[default]
+    Auto,
+    /// Tools are left out of the prompt.
+    None,
+    /// Some tool call must come first.
+    Required,
+    /// A call of this function must come first.
+    Function(String),
+}
+
+/// A conversation made ready for generation.
+pub struct ChatPrompt {
+    pub prompt: Vec<u32>,
+    /// Where the conversation ends before the assistant's header: the point a later turn of
+    /// the same conversation shares, worth a snapshot.
+    pub checkpoints: Vec<usize>,
+    /// The parser for the answer, primed with what the prompt already opened.
+    pub parser: OutputParser,
+}
+
+/// Renders a conversation with the model's template and tokenizes it. Forced tool use
+/// (`Required` or a named function) writes the start of the call into the prompt, closing an
+/// open thinking block first.
+pub fn build_prompt(
+    template: &ChatTemplate,
+    tokenizer: &Tokenizer,
+    messages: &[Message],
+    tools: &[Value],
+    choice: &ToolChoice,
+    enable_thinking: Option<bool>,
+) -> Result<ChatPrompt> {
+    let tools: &[Value] = if *choice == ToolChoice::None { &[] } else { tools };
+    let full = template.render(messages, tools, true, enable_thinking)?;
+    let head = template.render(messages, tools, false, enable_thinking)?;
+    let header = match full.strip_prefix(head.as_str()) {
+        Some(header) => header,
+        None => full.rsplit("<|im_start|>").next().unwrap_or(""),
+    };
+    let in_reasoning = header.rfind("<think>") > header.rfind("</think>");
+    let forced = forced_call_prefix(choice, in_reasoning, template.tool_call_format());
+    let prompt = tokenizer.encode(&format!("{full}{forced}"))?;
+    let head_ids = tokenizer.encode(&head)?;
+    let checkpoints = if prompt.starts_with(&head_ids) {
+        vec![head_ids.len()]
+    } else {
+        Vec::new()
+    };
+    let mut parser = OutputParser::new(tools, in_reasoning, format!("call_{}_", random_suffix()));
+    parser.push(&forced);
+    Ok(ChatPrompt {
+        prompt,
+        checkpoints,
+        parser,
+    })
+}
+
+fn forced_call_prefix(choice: &ToolChoice, in_reasoning: bool, format: ToolCallFormat) -> String {
+    let name = match choice {
+        ToolChoice::Auto | ToolChoice::None => return String::new(),
+        ToolChoice::Required => None,
+        ToolChoice::Function(name) => Some(name),
+    };
+    let mut prefix = String::from(if in_reasoning {
+        "\n</think>\n\n<tool_call>\n"
+    } else {
+        "<tool_call>\n"
+    });
+    if let Some(name) = name {
+        match format {
+            ToolCallFormat::QwenXml => prefix.push_str(&format!("<function={name}>\n")),
+            ToolCallFormat::HermesJson => {
+                prefix.push_str(&format!("{{\"name\": {}, \"arguments\": ", Value::String(name.clone())))
+            }
+        }
+    }
+    prefix
+}
+
+/// Eight random alphanumerics, so call ids differ between answers.
+fn random_suffix() -> String {
+    use rand::Rng;
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
 }

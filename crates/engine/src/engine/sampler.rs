@@ -2,9 +2,12 @@
 //! with top-k, top-p and min-p filtering.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
 
 /// Sampling settings. `temperature == 0` means greedy.
 #[derive(Clone, Debug)]
@@ -41,6 +44,35 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// The defaults a model's authors recommend, from `generation_config.json` (`do_sample`,
+    /// `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`) over `fallback`.
+    /// A missing file gives `fallback`.
+    pub fn from_generation_config(dir: &Path, fallback: SamplingParams) -> Result<Self> {
+        let path = dir.join("generation_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(fallback);
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|error| Error::Json {
+            path: path.clone(),
+            error,
+        })?;
+        let float = |key: &str| v.get(key).and_then(serde_json::Value::as_f64).map(|x| x as f32);
+        let mut p = fallback;
+        if let Some(t) = float("temperature") {
+            p.temperature = t;
+        }
+        if v.get("do_sample").and_then(serde_json::Value::as_bool) == Some(false) {
+            p.temperature = 0.0;
+        }
+        p.top_p = float("top_p").unwrap_or(p.top_p);
+        p.min_p = float("min_p").unwrap_or(p.min_p);
+        p.repetition_penalty = float("repetition_penalty").unwrap_or(p.repetition_penalty);
+        if let Some(k) = v.get("top_k").and_then(serde_json::Value::as_u64) {
+            p.top_k = k as usize;
+        }
+        Ok(p)
+    }
+
     fn penalizes(&self) -> bool {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }

@@ -9,16 +9,14 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use flash_moe_engine::chat::{Message, ToolCall};
+use flash_moe_engine::chat::{Message, ToolCall, ToolChoice};
 use flash_moe_engine::engine::session::{Completion, FinishReason};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::common::{
-    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, ToolChoice, parse_body, prepare_chat, random_id,
-};
+use super::common::{AnswerStream, ChatInput, Piece, SamplingInput, SharedState, parse_body, prepare_chat, random_id};
 use super::errors::{ApiError, ErrorKind, Flavor};
 
 const FLAVOR: Flavor = Flavor::Anthropic;

@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use flash_moe_engine::chat::{ChatEvent, ChatTemplate, Message, OutputParser, ToolCall, ToolCallFormat};
+use flash_moe_engine::chat::{ChatEvent, ChatTemplate, Message, OutputParser, ToolCall, ToolChoice, build_prompt};
 use flash_moe_engine::engine::sampler::SamplingParams;
 use flash_moe_engine::engine::session::{Completion, GenerationRequest};
 use flash_moe_engine::tokenizer::Tokenizer;
@@ -147,17 +147,6 @@ impl AppState {
     }
 }
 
-/// How the model may use tools.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ToolChoice {
-    Auto,
-    None,
-    /// Some tool call must come first.
-    Required,
-    /// A call of this function must come first.
-    Function(String),
-}
-
 /// A conversation to answer.
 pub struct ChatInput {
     pub messages: Vec<Message>,
@@ -176,77 +165,32 @@ pub struct PreparedChat {
     pub parser: OutputParser,
 }
 
-/// Renders the conversation with the model's template, tokenizes it, and sets up the parser
-/// of the answer. Forced tool use (`required` or a named function) is done by writing the
-/// start of the call into the prompt (closing the thinking block first).
+/// Renders and tokenizes the conversation (a template that rejects it is the client's
+/// error) and checks it fits the context.
 pub fn prepare_chat(state: &AppState, input: ChatInput, flavor: Flavor) -> Result<PreparedChat, ApiError> {
-    let tools: &[Value] = if input.tool_choice == ToolChoice::None {
-        &[]
-    } else {
-        &input.tools
-    };
-    let render = |generation| {
-        state
-            .template
-            .render(&input.messages, tools, generation, input.enable_thinking)
-            .map_err(|e| ApiError::invalid(flavor, e.to_string()).with_param("messages"))
-    };
-    let full = render(true)?;
-    let head = render(false)?;
-    let header = match full.strip_prefix(head.as_str()) {
-        Some(header) => header,
-        None => full.rsplit("<|im_start|>").next().unwrap_or(""),
-    };
-    let in_reasoning = header.rfind("<think>") > header.rfind("</think>");
-    let forced = forced_call_prefix(&input.tool_choice, in_reasoning, state.template.tool_call_format());
-    let encode = |text: &str| {
-        state
-            .tokenizer
-            .encode(text)
-            .map_err(|e| ApiError::new(flavor, ErrorKind::Internal, e.to_string()))
-    };
-    let prompt = encode(&format!("{full}{forced}"))?;
-    if prompt.len() >= state.max_context {
-        return Err(state.context_error(prompt.len(), flavor));
+    let built = build_prompt(
+        &state.template,
+        &state.tokenizer,
+        &input.messages,
+        &input.tools,
+        &input.tool_choice,
+        input.enable_thinking,
+    )
+    .map_err(|e| ApiError::invalid(flavor, e.to_string()).with_param("messages"))?;
+    if built.prompt.len() >= state.max_context {
+        return Err(state.context_error(built.prompt.len(), flavor));
     }
-    let head_ids = encode(&head)?;
-    let checkpoints = if prompt.starts_with(&head_ids) {
-        vec![head_ids.len()]
-    } else {
-        Vec::new()
-    };
-    let mut parser = OutputParser::new(tools, in_reasoning, format!("call_{}_", random_id(12)));
-    parser.push(&forced);
     let request = GenerationRequest {
         max_tokens: input.max_tokens.unwrap_or(usize::MAX),
-        prompt,
-        checkpoints,
+        prompt: built.prompt,
+        checkpoints: built.checkpoints,
         sampling: input.sampling,
         stop: input.stop,
     };
-    Ok(PreparedChat { request, parser })
-}
-
-fn forced_call_prefix(choice: &ToolChoice, in_reasoning: bool, format: ToolCallFormat) -> String {
-    let name = match choice {
-        ToolChoice::Auto | ToolChoice::None => return String::new(),
-        ToolChoice::Required => None,
-        ToolChoice::Function(name) => Some(name),
-    };
-    let mut prefix = String::from(if in_reasoning {
-        "\n</think>\n\n<tool_call>\n"
-    } else {
-        "<tool_call>\n"
-    });
-    if let Some(name) = name {
-        match format {
-            ToolCallFormat::QwenXml => prefix.push_str(&format!("<function={name}>\n")),
-            ToolCallFormat::HermesJson => {
-                prefix.push_str(&format!("{{\"name\": {}, \"arguments\": ", Value::String(name.clone())))
-            }
-        }
-    }
-    prefix
+    Ok(PreparedChat {
+        request,
+        parser: built.parser,
+    })
 }
 
 /// Sampling settings: the request's, else the model's defaults.

@@ -8,7 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use flash_moe_engine::chat::{Message, ToolCall, parse_arguments};
+use flash_moe_engine::chat::{Message, ToolCall, ToolChoice, parse_arguments};
 use flash_moe_engine::engine::session::{Completion, FinishReason, GenerationRequest};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -16,8 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::common::{
-    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, ToolChoice, parse_body, prepare_chat, random_id,
-    unix_time,
+    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, parse_body, prepare_chat, random_id, unix_time,
 };
 use super::errors::{ApiError, ErrorKind, Flavor};
 
