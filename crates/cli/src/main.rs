@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streamed to stdout.
     Generate(commands::generate::Args),
+    /// Talk to the model in the terminal (multi-turn, thinking, optional bash tool).
+    Chat(commands::chat::Args),
     /// Serve the model over HTTP: OpenAI and Anthropic compatible APIs.
     Serve(commands::serve::Args),
     /// Write the logits of a list of token ids to a .npy file.
@@ -67,6 +69,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Generate(args) => commands::generate::run(args),
+        Command::Chat(args) => commands::chat::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Logits(args) => commands::logits::run(args),
         Command::Tokenize(args) => commands::tokenize::run(args),

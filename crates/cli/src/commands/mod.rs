@@ -1,6 +1,7 @@
 //! One module per subcommand; shared model options here.
 
 pub mod bench_io;
+pub mod chat;
 pub mod convert;
 pub mod eval;
 pub mod generate;

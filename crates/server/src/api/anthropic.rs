@@ -236,7 +236,11 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
         messages: to_messages(req.system, req.messages)?,
         tools,
         tool_choice: choice,
-        enable_thinking: req.thinking.map(|t| t.kind == "enabled"),
+        enable_thinking: req.thinking.and_then(|t| match t.kind.as_str() {
+            "enabled" | "adaptive" => Some(true),
+            "disabled" => Some(false),
+            _ => None,
+        }),
         max_tokens: Some(req.max_tokens),
         sampling: sampling.resolve(&state.defaults, FLAVOR)?,
         stop: req.stop_sequences,
