@@ -19,7 +19,12 @@ fn chat(input: &str, extra: &[&str]) -> (String, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("flash-moe runs");
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("input written");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("input written");
     let out = child.wait_with_output().expect("chat ends");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), common::stderr(&out));
     assert!(out.status.success(), "chat failed:\n{stdout}\n{stderr}");
@@ -31,7 +36,8 @@ fn turns_reuse_the_conversation_and_sessions_round_trip() {
     let dir = common::temp_dir();
     let saved = dir.path().join("conversation.json");
     let saved = saved.to_str().expect("utf-8 path");
-    let input = format!("/system Answer in Python.\ndef main\nimport os\n/save {saved}\n/clear\n/load {saved}\n/quit\n");
+    let input =
+        format!("/system Answer in Python.\ndef main\nimport os\n/save {saved}\n/clear\n/load {saved}\n/quit\n");
     let (stdout, stderr) = chat(&input, &[]);
     assert!(stdout.contains("(system prompt set)"), "{stdout}");
     assert!(stdout.contains("(saved 4 messages"), "{stdout}");

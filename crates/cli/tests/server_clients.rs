@@ -31,7 +31,10 @@ fn client_python() -> Result<String, String> {
     let probe = Command::new(&python).args(["-c", "import openai, anthropic"]).output();
     match probe {
         Ok(out) if out.status.success() => Ok(python),
-        Ok(out) => Err(format!("{python} lacks the SDKs: {}", String::from_utf8_lossy(&out.stderr).trim())),
+        Ok(out) => Err(format!(
+            "{python} lacks the SDKs: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
         Err(e) => Err(format!("cannot run {python}: {e}")),
     }
 }
@@ -52,7 +55,10 @@ fn start_server() -> (Server, String) {
     let mut lines = BufReader::new(stderr).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let line = lines.next().expect("the server prints where it listens").expect("stderr is text");
+        let line = lines
+            .next()
+            .expect("the server prints where it listens")
+            .expect("stderr is text");
         if let Some(url) = line.split("on ").nth(1).and_then(|rest| rest.split(' ').next()) {
             let url = url.trim_end_matches("/v1").to_string();
             // Keep draining stderr so the server never blocks on a full pipe.
@@ -71,7 +77,10 @@ fn official_clients_against_the_server() {
             panic!("FLASH_MOE_REQUIRE_CLIENTS=1 but {reason}")
         }
         Err(reason) => {
-            let _ = writeln!(std::io::stderr(), "server_clients: SKIPPED, {reason} (tools/test.sh installs them)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "server_clients: SKIPPED, {reason} (tools/test.sh installs them)"
+            );
             return;
         }
     };
@@ -83,6 +92,10 @@ fn official_clients_against_the_server() {
         .args(["--max-context", MAX_CONTEXT, "--max-body-mib", MAX_BODY_MIB])
         .output()
         .expect("python runs");
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "client checks failed:\n{report}");
 }

@@ -93,3 +93,55 @@ fn tool_call_format_is_read_from_the_template() {
     assert_eq!(read("qwen35_style.jinja"), ToolCallFormat::QwenXml);
     assert_eq!(read("qwen3_style.jinja"), ToolCallFormat::HermesJson);
 }
+
+#[test]
+fn forced_tool_calls_close_thinking_and_prime_the_parser() {
+    use flash_moe_engine::chat::{ChatEvent, ToolChoice, build_prompt};
+    use flash_moe_engine::tokenizer::Tokenizer;
+    let file = fixtures().join("qwen35_style.jinja");
+    let template = ChatTemplate::new(
+        std::fs::read_to_string(&file).expect("template"),
+        file,
+        false,
+        None,
+        None,
+    )
+    .expect("parses");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-qwen35moe-4bit");
+    let tokenizer = Tokenizer::from_dir(&model, &[]).expect("tokenizer");
+    let tool = serde_json::json!({"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"days": {"type": "integer"}}}}});
+    let messages = [Message::text("user", "Weather?")];
+    let choice = ToolChoice::Function("get_weather".into());
+    let mut built = build_prompt(&template, &tokenizer, &messages, &[tool], &choice, None).expect("builds");
+    let text = tokenizer.decode(&built.prompt).expect("decodes");
+    assert!(
+        text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n<function=get_weather>\n"),
+        "{text:?}"
+    );
+    let head = tokenizer
+        .decode(&built.prompt[..built.checkpoints[0]])
+        .expect("decodes");
+    assert!(
+        head.ends_with("Weather?<|im_end|>\n"),
+        "checkpoint at the end of the conversation: {head:?}"
+    );
+    let mut events = built
+        .parser
+        .push("<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>");
+    events.extend(built.parser.finish());
+    match events.as_slice() {
+        [ChatEvent::ToolCall(call)] => {
+            assert_eq!(call.name, "get_weather");
+            assert_eq!(call.arguments, serde_json::json!({"days": 3}));
+        }
+        other => panic!("expected one tool call, got {other:?}"),
+    }
+    let plain = build_prompt(&template, &tokenizer, &messages, &[], &ToolChoice::Auto, Some(false)).expect("builds");
+    assert!(
+        tokenizer
+            .decode(&plain.prompt)
+            .expect("decodes")
+            .ends_with("<think>\n\n</think>\n\n")
+    );
+}
