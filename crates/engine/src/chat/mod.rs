@@ -142,7 +142,7 @@ pub fn build_prompt(
     } else {
         Vec::new()
     };
-    let mut parser = OutputParser::new(tools, in_reasoning, format!("call_{}_", random_suffix()));
+    let mut parser = OutputParser::new(tools, in_reasoning, format!("call_{}_", random_id(8)));
     parser.push(&forced);
     Ok(ChatPrompt {
         prompt,
@@ -173,12 +173,12 @@ fn forced_call_prefix(choice: &ToolChoice, in_reasoning: bool, format: ToolCallF
     prefix
 }
 
-/// Eight random alphanumerics, so call ids differ between answers.
-fn random_suffix() -> String {
+/// Random alphanumerics, for ids of calls and responses.
+pub fn random_id(len: usize) -> String {
     use rand::Rng;
-    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
     let mut rng = rand::rng();
-    (0..8)
+    (0..len)
         .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
         .collect()
 }

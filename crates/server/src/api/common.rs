@@ -10,6 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+pub use flash_moe_engine::chat::random_id;
 use flash_moe_engine::chat::{ChatEvent, ChatTemplate, Message, OutputParser, ToolCall, ToolChoice, build_prompt};
 use flash_moe_engine::engine::sampler::SamplingParams;
 use flash_moe_engine::engine::session::{Completion, GenerationRequest};
@@ -339,16 +340,6 @@ impl AnswerStream {
         }
         Ok(answer)
     }
-}
-
-/// Random alphanumeric text for response and call ids.
-pub fn random_id(len: usize) -> String {
-    use rand::Rng;
-    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
-        .collect()
 }
 
 pub fn unix_time() -> u64 {
