@@ -25,7 +25,38 @@ Two steps, deterministic given the seeds:
 
       python3 tools/train_small_model.py export --src model --out model-hf
 
-The exact commands used for the bundled model are in models/README.md.
+Chat fine-tune (models/tiny-qwen35moe-chat-4bit): the model above taught to answer in the
+Qwen3.5 chat format of tests/fixtures/chat/qwen35_style.jinja, so that end-to-end tests get
+real XML tool calls out of a real model.
+
+  chat-data (CPU; transformers renders the template): seeded synthetic conversations, each
+  ending in the assistant turn to learn: a get_weather or add tool call (reasoning in
+  <think>, then <tool_call><function=...><parameter=...>), the answer after the tool's result,
+  or plain chat (greetings and a dozen fixed questions, with and without tools), thinking on
+  (80%) or off. The user's wording varies (20 weather phrasings, 11 for add), the replies are
+  a fixed function of the request, so greedy decoding has one right answer. Cities are real
+  names or invented ones, to teach copying; the held-out set asks only about cities that
+  training never names. Each row holds the token ids of the prompt (everything up to and
+  including the generation prompt) and of the target (the rest, through <|im_end|>).
+
+      python3 tools/train_small_model.py chat-data --src model --out chat-data
+
+  chat-train (one GPU or the CPU): fine-tunes a checkpoint (all weights, AdamW, cosine, bf16
+  autocast, loss on the target tokens only), then scores the held-out conversations: the share
+  whose whole target is the argmax at every position under teacher forcing (exactly those
+  that greedy decoding reproduces), on the saved bf16 weights and after a simulation of
+  mlx-lm's 4-bit quantization. Writes an HF checkpoint whose eos ids are <|im_end|> and
+  <|endoftext|>, with the template as chat_template.jinja and greedy generation defaults;
+  `export` then gives the Qwen3.5 layout as above.
+
+      python3 tools/train_small_model.py chat-train --base model --data chat-data --out chat
+
+  chat-check (CPU, mlx-lm): scores the quantized MLX model on held-out conversations and
+  prints its greedy replies for an unseen city, for that call's result, and for "Hello".
+
+      python3 tools/train_small_model.py chat-check --model models/tiny-qwen35moe-chat-4bit --data chat-data
+
+The exact commands used for the bundled models are in models/README.md.
 """
 
 import argparse
@@ -246,6 +277,17 @@ SYSTEMS = [None, None, "You are a helpful assistant.", "You are a helpful assist
            "You are a friendly assistant that can use tools.", "Answer concisely."]
 
 
+# The definition that chat-check (and the end-to-end tests) use: one of the variants trained on.
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city name"}},
+                   "required": ["city"]}}}
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+
+
 def chat_tools(rng: random.Random, need: str):
     """A tool list that holds `need` (get_weather or add), with varied descriptions and order."""
     weather = {"type": "function", "function": {
@@ -270,7 +312,24 @@ def chat_tools(rng: random.Random, need: str):
     return tools if rng.random() < 0.5 else tools[::-1]
 
 
-def chat_city(rng: random.Random, cities):
+def chat_city(rng: random.Random, cities, pieces=None):
+    """A city name. For training, 40% are invented (copy, don't memorise); with `pieces` (the
+    --names broad data) 75% are: syllables, random letters, or 1 to 3 random alphabetic tokens
+    of the vocabulary, so that copying sees token sequences of every kind."""
+    if cities is TRAIN_CITIES and pieces is not None:
+        r = rng.random()
+        if r < 0.25:
+            name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        elif r < 0.5:
+            name = "".join(rng.choice("eeeeaaaoooiiinnnrrrsssttlldkmbgpvhzuuyjwcfé") for _ in range(rng.randint(3, 10)))
+            name = name.capitalize()
+        elif r < 0.75:
+            name = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 3))).capitalize()
+        else:
+            return rng.choice(cities).replace("_", " ")
+        if name.lower() in {c.replace("_", " ").lower() for c in HELDOUT_CITIES}:
+            return rng.choice(cities).replace("_", " ")
+        return name if rng.random() < 0.85 else rng.choice(["San ", "Port ", "New ", "Lake ", "Saint-"]) + name
     if cities is TRAIN_CITIES and rng.random() < 0.4:  # invented names: copy, don't memorise
         name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
         return name if rng.random() < 0.85 else rng.choice(["San ", "Port ", "New ", "Lake "]) + name
@@ -284,7 +343,7 @@ def weather_result(rng: random.Random, city: str):
     return text, f"The weather in {city} is {cond}, {temp} °C."
 
 
-def chat_example(rng: random.Random, cities):
+def chat_example(rng: random.Random, cities, pieces=None):
     """One conversation: (kind, messages up to the last assistant turn, tools, enable_thinking).
     Every reply is a fixed function of the request (only the user's wording varies), so greedy
     decoding has one right answer."""
@@ -297,7 +356,7 @@ def chat_example(rng: random.Random, cities):
     r = rng.random()
     if r < 0.55:
         kind, fn = "weather", "get_weather"
-        city = chat_city(rng, cities)
+        city = chat_city(rng, cities, pieces)
         ask = rng.choice(WEATHER_ASKS).format(c=city)
         args = {"city": city}
         reasoning = f"The user wants the weather in {city}. I will call get_weather."
@@ -334,7 +393,7 @@ def chat_example(rng: random.Random, cities):
     return kind + "_answer", messages, tools, think
 
 
-def chat_data(src: Path, out: Path, n_train: int, n_heldout: int, seed: int):
+def chat_data(src: Path, out: Path, n_train: int, n_heldout: int, seed: int, names: str):
     import gzip
 
     from tokenizers import Tokenizer
@@ -343,13 +402,16 @@ def chat_data(src: Path, out: Path, n_train: int, n_heldout: int, seed: int):
     template = CHAT_TEMPLATE_FILE.read_text()
     render = PreTrainedTokenizerFast(tokenizer_file=str(src / "tokenizer.json"))
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    pieces = None
+    if names == "broad":  # alphabetic vocabulary tokens (Ġ marks a leading space)
+        pieces = sorted(t.lower() for t in tok.get_vocab() if t.isascii() and t.isalpha() and 2 <= len(t) <= 6)
     out.mkdir(parents=True, exist_ok=True)
     stats = {}
     for split, n, cities, s in (("train", n_train, TRAIN_CITIES, seed), ("heldout", n_heldout, HELDOUT_CITIES, seed + 1)):
         rng = random.Random(s)
         rows, samples = [], []
         for _ in range(n):
-            kind, messages, tools, think = chat_example(rng, cities)
+            kind, messages, tools, think = chat_example(rng, cities, pieces)
             kw = dict(tools=tools, tokenize=False, chat_template=template, enable_thinking=think)
             prompt = render.apply_chat_template(messages[:-1], add_generation_prompt=True, **kw)
             full = render.apply_chat_template(messages, **kw)
@@ -370,7 +432,7 @@ def chat_data(src: Path, out: Path, n_train: int, n_heldout: int, seed: int):
         stats[split] = {"conversations": n, "kinds": kinds, "tokens": sum(lengths), "max_len": max(lengths),
                         "target_tokens": sum(len(r["target"]) for r in rows)}
         print(split, stats[split])
-    (out / "stats.json").write_text(json.dumps({"seed": seed, "template": str(CHAT_TEMPLATE_FILE.name), **stats}, indent=1))
+    (out / "stats.json").write_text(json.dumps({"seed": seed, "names": names, "template": str(CHAT_TEMPLATE_FILE.name), **stats}, indent=1))
 
 
 def read_chat_rows(path: Path):
@@ -413,6 +475,29 @@ def chat_exact(model, rows, device, batch=32):
     return {k: round(hits[k] / totals[k], 4) for k in sorted(totals)}
 
 
+def fake_quantize(name, p, group=64):
+    """Rounds a weight in place as mlx_lm.convert quantizes it (affine, groups of 64 along the
+    input dimension, bf16 scales and biases; 8 bits for the router and the shared-expert gate,
+    4 for every other matrix), to see before export whether greedy outputs survive 4 bits."""
+    import torch
+
+    if p.dim() != 2 or p.shape[-1] % group or "norm" in name:
+        return
+    bits = 8 if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")) else 4
+    bins = (1 << bits) - 1
+    w = p.float().reshape(-1, group)
+    w_max, w_min = w.amax(-1, keepdim=True), w.amin(-1, keepdim=True)
+    mask = w_min.abs() > w_max.abs()
+    scales = ((w_max - w_min) / bins).clamp_min(1e-7)
+    scales = torch.where(mask, scales, -scales)
+    edge = torch.where(mask, w_min, w_max)
+    q0 = torch.round(edge / scales)
+    scales = torch.where(q0 != 0, edge / q0, scales)
+    biases = torch.where(q0 == 0, torch.zeros_like(edge), edge)
+    q = torch.clamp(torch.round((w - biases) / scales), 0, bins)
+    p.copy_((q * scales.to(torch.bfloat16).float() + biases.to(torch.bfloat16).float()).reshape(p.shape))
+
+
 def chat_train(base: Path, data: Path, out: Path, steps: int, seed: int, batch: int, lr: float, max_seconds: float):
     import shutil
 
@@ -428,12 +513,14 @@ def chat_train(base: Path, data: Path, out: Path, steps: int, seed: int, batch: 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, output_router_logits=True).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = min(50, steps // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     log = []
     start = time.time()
     model.train()
     for step in range(steps):
+        # Cosine to zero over the steps, or over --max-seconds if that comes first.
+        progress = max(step / steps, (time.time() - start) / max_seconds)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         ids, labels = chat_batch(rng.sample(train_rows, batch), 0)
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
@@ -441,10 +528,10 @@ def chat_train(base: Path, data: Path, out: Path, steps: int, seed: int, batch: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         last = step == steps - 1 or time.time() - start > max_seconds
         if step % 25 == 0 or last:
-            log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.time() - start, 1)})
+            log.append({"step": step, "loss": round(loss.item(), 4), "lr": round(opt.param_groups[0]["lr"], 6),
+                        "seconds": round(time.time() - start, 1)})
             print(log[-1], flush=True)
         if last:
             break
@@ -456,6 +543,13 @@ def chat_train(base: Path, data: Path, out: Path, steps: int, seed: int, batch: 
             p.copy_(p.to(torch.bfloat16).to(torch.float32))
     exact = chat_exact(model, held_rows, device)
     print(f"held-out exact (greedy = target) by kind: {exact}")
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fake_quantize(name, p)
+    exact_q4 = chat_exact(model, held_rows, device)
+    print(f"the same after a simulated mlx-lm 4-bit quantization: {exact_q4}")
+    model.load_state_dict(saved)
     im_end, eot = 2, 0
     model.config.eos_token_id = [im_end, eot]
     model.generation_config.eos_token_id = [im_end, eot]
@@ -471,15 +565,16 @@ def chat_train(base: Path, data: Path, out: Path, steps: int, seed: int, batch: 
     data_stats = json.loads((data / "stats.json").read_text())
     (out / "train_log.json").write_text(json.dumps({
         "command": f"chat-train --steps {steps} --seed {seed} --batch {batch} --lr {lr} --max-seconds {max_seconds}",
-        "base": "tiny-qwen35moe (train --steps 1200, seed 0)", "data": data_stats, "steps_done": log[-1]["step"] + 1,
+        "base": json.loads((base / "train_log.json").read_text()), "data": data_stats, "steps_done": log[-1]["step"] + 1,
         "train_seconds": round(train_seconds, 1), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "heldout_exact_bf16_f32": exact, "transformers": transformers.__version__, "torch": torch.__version__,
+        "heldout_exact_bf16_f32": exact, "heldout_exact_simulated_4bit": exact_q4, "transformers": transformers.__version__, "torch": torch.__version__,
         "log": log}, indent=1))
 
 
-def chat_check(model_dir: Path, data: Path, city: str):
+def chat_check(model_dir: Path, data: Path, city: str, limit: int):
     """Checks an MLX (quantized) export with mlx-lm: the held-out exact rate under teacher forcing
-    and greedy generations for an unseen city, its tool result, and plain chat."""
+    (on `limit` conversations spread over the set: mlx-lm on a CPU takes seconds for each) and
+    greedy generations for an unseen city, its tool result, and plain chat."""
     import mlx.core as mx
     from mlx_lm import load, stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -487,7 +582,8 @@ def chat_check(model_dir: Path, data: Path, city: str):
 
     model, tokenizer = load(str(model_dir))
     hits, totals = {}, {}
-    for r in read_chat_rows(data / "heldout.jsonl.gz"):
+    rows = read_chat_rows(data / "heldout.jsonl.gz")
+    for r in rows[::max(1, len(rows) // limit)][:limit]:
         seq = r["prompt"] + r["target"]
         pred = mx.argmax(model(mx.array([seq]))[0, len(r["prompt"]) - 1:-1], axis=-1).tolist()
         totals[r["kind"]] = totals.get(r["kind"], 0) + 1
@@ -496,7 +592,7 @@ def chat_check(model_dir: Path, data: Path, city: str):
     print(f"held-out exact (greedy = target) by kind: {exact}")
     render = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     template = (model_dir / "chat_template.jinja").read_text()
-    tools = chat_tools(random.Random(0), "get_weather")
+    tools = [WEATHER_TOOL]
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
     cases = [
         ("tool call", [{"role": "user", "content": f"What's the weather in {city}?"}], tools, True),
@@ -540,6 +636,8 @@ def main():
     d.add_argument("--train", type=int, default=6000)
     d.add_argument("--heldout", type=int, default=300)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--names", choices=["basic", "broad"], default="broad",
+                   help="invented city names: syllables only (basic) or also random letters and tokens")
     e = sub.add_parser("chat-train")
     e.add_argument("--base", type=Path, required=True, help="the train output (bf16 HF checkpoint)")
     e.add_argument("--data", type=Path, required=True)
@@ -553,17 +651,18 @@ def main():
     f.add_argument("--model", type=Path, required=True, help="an MLX model dir (mlx_lm.convert output)")
     f.add_argument("--data", type=Path, required=True)
     f.add_argument("--city", default="Lisbon", help="a city the training data never names")
+    f.add_argument("--limit", type=int, default=30, help="held-out conversations to score")
     args = p.parse_args()
     if args.cmd == "prepare":
         prepare(args.out)
     elif args.cmd == "export":
         export(args.src, args.out)
     elif args.cmd == "chat-data":
-        chat_data(args.src, args.out, args.train, args.heldout, args.seed)
+        chat_data(args.src, args.out, args.train, args.heldout, args.seed, args.names)
     elif args.cmd == "chat-train":
         chat_train(args.base, args.data, args.out, args.steps, args.seed, args.batch, args.lr, args.max_seconds)
     elif args.cmd == "chat-check":
-        chat_check(args.model, args.data, args.city)
+        chat_check(args.model, args.data, args.city, args.limit)
     else:
         train(args.data, args.out, args.steps, args.seed, args.batch, args.max_seconds)
 
