@@ -146,5 +146,47 @@ fn main() {
         let rate = view.storage_bytes() as f64 / (us * 1e-6);
         let name = format!("whole expert 3x1024x4096 {bits}-bit, fused");
         println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+        for k in [4usize, 10] {
+            // All K routed experts of a token in one batched pair of launches, as decode runs
+            // them: the expert-sized matrices as the engine reads them.
+            let groups: Vec<Vec<_>> = experts.chunks_exact(k).map(|c| c.iter().collect()).collect();
+            let weights = vec![0.1f32; k];
+            let ms = time_ms(&stream, 5, || {
+                for group in &groups {
+                    b.experts_ffn_one_token(&x, group, &weights, &mut out).expect("experts");
+                }
+            });
+            let us = ms * 1e3 / groups.len() as f64;
+            let rate = (k * view.storage_bytes()) as f64 / (us * 1e-6);
+            let name = format!("{k} experts of one token {bits}-bit, batched");
+            println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+        }
     }
+    host_cost_per_op(&b, &stream);
+}
+
+/// What the host spends issuing one operation: consecutive tiny operations (4096 floats, well
+/// under a microsecond of GPU work each) run at the host's pace, not the GPU's.
+fn host_cost_per_op(b: &CudaBackend, stream: &Arc<CudaStream>) {
+    let v = b.upload(&vec![0.5f32; 4096], 1, 4096).expect("upload");
+    let weight = b.upload(&vec![1.0f32; 4096], 1, 4096).expect("upload");
+    let mut acc = b.zeros(1, 4096).expect("alloc");
+    let calls = 2000;
+    let in_place = time_ms(stream, 5, || {
+        for _ in 0..calls {
+            b.add_assign(&mut acc, &v).expect("add");
+        }
+    });
+    let with_output = time_ms(stream, 5, || {
+        for _ in 0..calls {
+            std::hint::black_box(b.rms_norm(&v, &weight, 1e-6).expect("norm"));
+        }
+    });
+    let us = |ms: f64| ms * 1e3 / calls as f64;
+    println!("{:<44} {:>9.2}", "host us per op, in place (add)", us(in_place));
+    println!(
+        "{:<44} {:>9.2}",
+        "host us per op, new output (rms_norm)",
+        us(with_output)
+    );
 }

@@ -8,6 +8,7 @@
 
 mod expert_cache;
 pub mod kernels;
+mod pool;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -17,6 +18,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKerne
 pub use expert_cache::CudaExpert;
 use expert_cache::VramCache;
 use kernels::Kernels;
+use pool::{BufferPool, PooledBuf};
 
 use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route};
 use crate::error::{Error, Result};
@@ -43,7 +45,7 @@ pub fn is_available() -> bool {
 pub struct CudaTensor {
     rows: usize,
     cols: usize,
-    buf: CudaSlice<f32>,
+    buf: PooledBuf,
 }
 
 impl CudaTensor {
@@ -144,7 +146,7 @@ struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<crate::storage::blob::Blob>)
 /// Scratch buffers reused across calls.
 #[derive(Default)]
 struct Scratch {
-    f32s: Option<CudaSlice<f32>>,
+    f32s: Option<PooledBuf>,
 }
 
 /// Computes on one NVIDIA GPU.
@@ -155,6 +157,7 @@ pub struct CudaBackend {
     k: Kernels,
     name: String,
     scratch: Mutex<Scratch>,
+    pool: Arc<BufferPool>,
     cache: VramCache,
     /// Multiprocessors, to size grids.
     sms: usize,
@@ -230,6 +233,7 @@ impl CudaBackend {
         let cache = VramCache::new(expert_cache_bytes);
         Ok(CudaBackend {
             ctx,
+            pool: BufferPool::new(Arc::clone(&stream)),
             stream,
             blas,
             k,
@@ -335,18 +339,16 @@ impl CudaBackend {
         &self.stream
     }
 
-    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.stream
-            .alloc_zeros::<f32>(n.max(1))
-            .map_err(cuda("allocating device memory"))
+    /// `n` zeroed floats.
+    fn alloc(&self, n: usize) -> Result<PooledBuf> {
+        self.pool.take_zeroed(n)
     }
 
     /// An output tensor the next kernel writes in full (not zeroed).
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
-        // SAFETY: every caller launches a kernel that writes all rows * cols elements before
-        // the tensor is read.
-        let buf =
-            unsafe { self.stream.alloc::<f32>((rows * cols).max(1)) }.map_err(cuda("allocating device memory"))?;
+        // Every caller launches a kernel that writes all rows * cols elements before the
+        // tensor is read.
+        let buf = self.pool.take(rows * cols)?;
         Ok(CudaTensor { rows, cols, buf })
     }
 
@@ -455,21 +457,14 @@ impl CudaBackend {
             let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
             let n = w.rows as i64;
             let zero = 0i32;
-            return launch!(self, &self.k.axpy, grid_for(w.rows), y, &tmp, &alpha, &zero, &n);
+            return launch!(self, &self.k.axpy, grid_for(w.rows), y, &*tmp, &alpha, &zero, &n);
         }
         let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
-        self.stream.memcpy_dtod(&tmp, y).map_err(cuda("copying"))
+        self.stream.memcpy_dtod(&*tmp, y).map_err(cuda("copying"))
     }
 
     /// The general (warp per row, x from global memory) one-token kernels.
-    fn matvec_plain(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaMatrix,
-        bits: i32,
-        group: i32,
-        dtype: i32,
-    ) -> Result<CudaSlice<f32>> {
+    fn matvec_plain(&self, x: &CudaSlice<f32>, w: &CudaMatrix, bits: i32, group: i32, dtype: i32) -> Result<PooledBuf> {
         let out = self.tensor(1, w.rows)?.buf;
         let (rows, cols) = (w.rows as i32, w.cols as i32);
         let cfg = LaunchConfig {
@@ -479,7 +474,7 @@ impl CudaBackend {
         };
         let data = w.part(w.data);
         if bits == 0 {
-            launch!(self, &self.k.matvec_dense, cfg, &data, &dtype, x, &rows, &cols, &out)?;
+            launch!(self, &self.k.matvec_dense, cfg, &data, &dtype, x, &rows, &cols, &*out)?;
         } else {
             let (s, b) = w.affine_parts()?;
             let (scales, biases) = (w.part(s), w.part(b));
@@ -496,7 +491,7 @@ impl CudaBackend {
                 x,
                 &rows,
                 &cols,
-                &out
+                &*out
             )?;
         }
         Ok(out)
@@ -570,7 +565,7 @@ impl CudaBackend {
                 let mut c = out.buf.slice_mut(first..);
                 // SAFETY: A is rows x k in the scratch, B is x (t x k), C starts at column
                 // `first` of the t x n output with leading dimension n.
-                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), &x.buf, &mut c) }
+                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), &*x.buf, &mut c) }
                     .map_err(cuda("cuBLAS SGEMM"))?;
             }
             Ok(())
@@ -610,11 +605,16 @@ impl Backend for CudaBackend {
                 data.len()
             )));
         }
-        let buf = if data.is_empty() {
-            self.alloc(1)?
+        let mut buf = self.pool.take(data.len())?;
+        if data.is_empty() {
+            self.stream
+                .memset_zeros(&mut *buf)
+                .map_err(cuda("zeroing device memory"))?;
         } else {
-            self.to_device(data)?
-        };
+            self.stream
+                .memcpy_htod(data, &mut *buf)
+                .map_err(cuda("copying to the device"))?;
+        }
         Ok(CudaTensor { rows, cols, buf })
     }
 
@@ -697,11 +697,11 @@ impl Backend for CudaBackend {
             self,
             &self.k.rms_norm,
             blocks(x.len() / weight.len(), THREADS),
-            &x.buf,
-            &weight.buf,
+            &*x.buf,
+            &*weight.buf,
             &n,
             &eps,
-            &out.buf
+            &*out.buf
         )?;
         Ok(out)
     }
@@ -709,7 +709,7 @@ impl Backend for CudaBackend {
     fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         Self::check_same("add", x, y)?;
         let n = x.len() as i64;
-        launch!(self, &self.k.add_assign, grid_for(x.len()), &mut x.buf, &y.buf, &n)
+        launch!(self, &self.k.add_assign, grid_for(x.len()), &mut *x.buf, &*y.buf, &n)
     }
 
     fn mul_sigmoid(&self, x: &mut CudaTensor, gate: &CudaTensor) -> Result<()> {
@@ -721,8 +721,8 @@ impl Backend for CudaBackend {
             self,
             &self.k.mul_sigmoid,
             grid_for(x.len()),
-            &mut x.buf,
-            &gate.buf,
+            &mut *x.buf,
+            &*gate.buf,
             &cols,
             &gate_cols,
             &n
@@ -737,9 +737,9 @@ impl Backend for CudaBackend {
             self,
             &self.k.silu_mul,
             grid_for(gate.len()),
-            &gate.buf,
-            &up.buf,
-            &out.buf,
+            &*gate.buf,
+            &*up.buf,
+            &*out.buf,
             &n
         )?;
         Ok(out)
@@ -758,11 +758,11 @@ impl Backend for CudaBackend {
             self,
             &self.k.split_query_gate,
             grid_for(q.len()),
-            &qg.buf,
+            &*qg.buf,
             &heads,
             &d,
-            &q.buf,
-            &gate.buf,
+            &*q.buf,
+            &*gate.buf,
             &n
         )?;
         Ok((q, gate))
@@ -782,7 +782,7 @@ impl Backend for CudaBackend {
             self,
             &self.k.rope,
             grid_for(n),
-            &mut x.buf,
+            &mut *x.buf,
             &cols,
             &hd,
             &rot,
@@ -821,8 +821,8 @@ impl Backend for CudaBackend {
                 self,
                 &self.k.attention_scores,
                 grid,
-                &q.buf,
-                &keys.buf,
+                &*q.buf,
+                &*keys.buf,
                 &heads,
                 &kv_heads,
                 &d,
@@ -836,13 +836,13 @@ impl Backend for CudaBackend {
                 &self.k.attention_values,
                 grid,
                 &*scores,
-                &values.buf,
+                &*values.buf,
                 &heads,
                 &kv_heads,
                 &d,
                 &p0,
                 &cap,
-                &out.buf
+                &*out.buf
             )
         })?;
         Ok(out)
@@ -860,20 +860,20 @@ impl Backend for CudaBackend {
             self,
             &self.k.causal_conv1d_silu,
             grid_for(x.len()),
-            &x.buf,
-            &weight.buf,
-            &state.buf,
+            &*x.buf,
+            &*weight.buf,
+            &*state.buf,
             &rows,
             &c,
             &kernel,
-            &out.buf
+            &*out.buf
         )?;
         launch!(
             self,
             &self.k.conv_state_update,
             grid_for(x.cols),
-            &x.buf,
-            &mut state.buf,
+            &*x.buf,
+            &mut *state.buf,
             &rows,
             &c,
             &kernel
@@ -914,18 +914,18 @@ impl Backend for CudaBackend {
             self,
             &self.k.gated_delta_rule,
             cfg,
-            &qkv.buf,
-            &a.buf,
-            &b.buf,
-            &a_log.buf,
-            &dt_bias.buf,
-            &mut state.buf,
+            &*qkv.buf,
+            &*a.buf,
+            &*b.buf,
+            &*a_log.buf,
+            &*dt_bias.buf,
+            &mut *state.buf,
             &rows,
             &nk,
             &nv,
             &dk,
             &dv,
-            &out.buf
+            &*out.buf
         )?;
         Ok(out)
     }
@@ -938,12 +938,12 @@ impl Backend for CudaBackend {
             self,
             &self.k.gated_rms_norm,
             blocks(x.len() / weight.len(), 128),
-            &x.buf,
-            &z.buf,
-            &weight.buf,
+            &*x.buf,
+            &*z.buf,
+            &*weight.buf,
             &n,
             &eps,
-            &out.buf
+            &*out.buf
         )?;
         Ok(out)
     }
@@ -968,7 +968,7 @@ impl Backend for CudaBackend {
                 self,
                 &self.k.route_top_k,
                 cfg,
-                &logits.buf,
+                &*logits.buf,
                 &e,
                 &kk,
                 &renorm,
@@ -996,10 +996,10 @@ impl Backend for CudaBackend {
             self,
             &self.k.gather_rows,
             grid_for(out.len()),
-            &x.buf,
+            &*x.buf,
             &dev_rows,
             &cols,
-            &out.buf,
+            &*out.buf,
             &n
         )?;
         Ok(out)
@@ -1016,8 +1016,8 @@ impl Backend for CudaBackend {
             self,
             &self.k.scatter_add_rows,
             grid_for(y.len()),
-            &mut out.buf,
-            &y.buf,
+            &mut *out.buf,
+            &*y.buf,
             &dev_rows,
             &dev_weights,
             &cols,
@@ -1062,10 +1062,10 @@ impl Backend for CudaBackend {
             &ubv,
             &group,
             &dtype,
-            &x.buf,
+            &*x.buf,
             &rows,
             &cols,
-            &mut act.buf
+            &mut *act.buf
         )?;
         Ok(act)
     }
@@ -1157,10 +1157,10 @@ impl Backend for CudaBackend {
                 &params,
                 &group,
                 &dtype,
-                &x.buf,
+                &*x.buf,
                 &rows_i,
                 &cols_i,
-                &mut act.buf
+                &mut *act.buf
             )?;
             let down_cfg = LaunchConfig {
                 shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
@@ -1174,10 +1174,10 @@ impl Backend for CudaBackend {
                 &params,
                 &group,
                 &dtype,
-                &act.buf,
+                &*act.buf,
                 &rows_d,
                 &cols_d,
-                &mut out.buf
+                &mut *out.buf
             )?;
         }
         Ok(())
