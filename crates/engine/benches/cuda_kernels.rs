@@ -153,7 +153,8 @@ fn main() {
             let weights = vec![0.1f32; k];
             let ms = time_ms(&stream, 5, || {
                 for group in &groups {
-                    b.experts_ffn_one_token(&x, group, &weights, &mut out).expect("experts");
+                    b.experts_ffn_one_token(&x, group, &weights, None, &mut out)
+                        .expect("experts");
                 }
             });
             let us = ms * 1e3 / groups.len() as f64;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
-use flash_moe_engine::backend::{AttentionShape, Backend};
+use flash_moe_engine::backend::{AttentionShape, Backend, SharedExpert};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Logits;
 use flash_moe_engine::model::config::LinearAttentionConfig;
@@ -162,10 +162,28 @@ fn every_operation_matches_the_cpu() {
             b.download(&out)
         });
     }
-    for (encoding, count) in [("q4/g64", 10usize), ("q2/g64", 17), ("q8/g64", 3), ("q5/g64", 4)] {
-        let name = format!("experts_ffn_one_token {encoding} x {count} experts");
-        same_on_both!(name, &cpu, &gpu, 1e-4, (encoding, count), |b, p: (&str, usize)| {
-            let (enc, count) = p;
+    // With a shared expert of the routed experts' encoding (batched with them on CUDA), of
+    // another encoding (run on its own), and without one.
+    let cases = [
+        ("q4/g64", 10usize, Some("q4/g64")),
+        ("q4/g64", 15, Some("q4/g64")),
+        ("q4/g64", 4, Some("q8/g64")),
+        ("q2/g64", 17, Some("q2/g64")),
+        ("q8/g64", 3, Some("q8/g64")),
+        ("q5/g64", 4, None),
+    ];
+    for (encoding, count, shared) in cases {
+        let name = format!(
+            "experts_ffn_one_token {encoding} x {count}, shared {}",
+            shared.unwrap_or("none")
+        );
+        same_on_both!(name, &cpu, &gpu, 1e-4, (encoding, count, shared), |b,
+                                                                          p: (
+            &str,
+            usize,
+            Option<&str>
+        )| {
+            let (enc, count, shared_enc) = p;
             let mut rng = SmallRng::seed_from_u64(12);
             let experts = (0..count)
                 .map(|e| {
@@ -179,9 +197,38 @@ fn every_operation_matches_the_cpu() {
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<_> = experts.iter().collect();
             let weights: Vec<f32> = (0..count).map(|i| 0.05 * (i + 1) as f32).collect();
+            let shared = match shared_enc {
+                Some(enc) => Some([
+                    b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
+                    b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
+                    b.load_matrix(&matrix(&mut rng, 512, 128, enc))?,
+                    b.load_matrix(&matrix(&mut rng, 1, 512, "q8/g64"))?,
+                ]),
+                None => None,
+            };
+            let shared = shared
+                .as_ref()
+                .map(|[gate_proj, up_proj, down_proj, gate]| SharedExpert {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                    gate,
+                });
             let x = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
             let mut out = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
-            b.experts_ffn_one_token(&x, &refs, &weights, &mut out)?;
+            b.experts_ffn_one_token(&x, &refs, &weights, shared.as_ref(), &mut out)?;
+            b.download(&out)
+        });
+    }
+    for (encoding, rows) in [("q4/g64", 1usize), ("q5/g64", 1), ("q4/g64", 3)] {
+        let name = format!("matmul_add {encoding} x {rows} rows");
+        same_on_both!(name, &cpu, &gpu, 1e-5, (encoding, rows), |b, p: (&str, usize)| {
+            let (enc, rows) = p;
+            let mut rng = SmallRng::seed_from_u64(13);
+            let w = b.load_matrix(&matrix(&mut rng, 384, 512, enc))?;
+            let x = b.upload(&random(&mut rng, rows * 512, 1.0), rows, 512)?;
+            let mut out = b.upload(&random(&mut rng, rows * 384, 1.0), rows, 384)?;
+            b.matmul_add(&x, &w, &mut out)?;
             b.download(&out)
         });
     }

@@ -77,6 +77,10 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
     /// `x · wᵀ`: `[T, in]` by `[out, in]` gives `[T, out]`.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
+    /// `out += x · wᵀ`: an output projection added into the residual stream.
+    fn matmul_add(&self, x: &Self::Tensor, w: &Self::Matrix, out: &mut Self::Tensor) -> Result<()> {
+        self.add_assign(out, &self.matmul(x, w)?)
+    }
     /// RMS-normalises every `weight.len()`-wide slice of each row and multiplies by `weight`.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
@@ -173,24 +177,51 @@ pub trait Backend: Send + Sync {
     ) -> Result<()> {
         expert_ffn_unfused(self, x, expert, rows, weights, out)
     }
-    /// One token's routed experts at once: `out += sum_e weights[e] * ffn_e(x)`, summed in
-    /// the order given. Backends may batch them into a few launches.
+    /// One token's routed experts and the shared expert, if any, at once:
+    /// `out += sum_e weights[e] * ffn_e(x) + shared(x)`, summed in the order given, the shared
+    /// expert last. Backends may batch them into a few launches.
     fn experts_ffn_one_token(
         &self,
         x: &Self::Tensor,
         experts: &[&Self::Expert],
         weights: &[f32],
+        shared: Option<&SharedExpert<'_, Self>>,
         out: &mut Self::Tensor,
     ) -> Result<()> {
         for (expert, &w) in experts.iter().zip(weights) {
             self.expert_ffn(x, expert, &[0], &[w], out)?;
         }
-        Ok(())
+        match shared {
+            Some(s) => shared_expert_ffn(self, x, s, out),
+            None => Ok(()),
+        }
     }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None
     }
+}
+
+/// The shared expert of a mixture-of-experts block, which every token uses:
+/// `sigmoid(gate . x) * down_proj(silu(gate_proj x) * up_proj x)`.
+pub struct SharedExpert<'a, B: Backend + ?Sized> {
+    pub gate_proj: &'a B::Matrix,
+    pub up_proj: &'a B::Matrix,
+    pub down_proj: &'a B::Matrix,
+    /// `[1, hidden]`: the logit of the expert's sigmoid gate.
+    pub gate: &'a B::Matrix,
+}
+
+/// `out += shared(x)` for every row of `x`, as a sequence of the backend's plain operations.
+pub fn shared_expert_ffn<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    shared: &SharedExpert<'_, B>,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    let mut y = b.matmul(&b.swiglu(x, shared.gate_proj, shared.up_proj)?, shared.down_proj)?;
+    b.mul_sigmoid(&mut y, &b.matmul(x, shared.gate)?)?;
+    b.add_assign(out, &y)
 }
 
 /// [`Backend::expert_ffn`] as a sequence of the backend's plain operations.

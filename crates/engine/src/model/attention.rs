@@ -68,8 +68,16 @@ impl<B: Backend> GatedAttention<B> {
         })
     }
 
-    /// Attention for `T` tokens at positions `pos0..pos0 + T`, appending them to `cache`.
-    pub fn forward(&self, b: &B, x: &B::Tensor, cache: &mut KvCache<B>, pos0: usize) -> Result<B::Tensor> {
+    /// Attention for `T` tokens at positions `pos0..pos0 + T`, appending them to `cache`;
+    /// the output is added to `residual`.
+    pub fn forward_into(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        cache: &mut KvCache<B>,
+        pos0: usize,
+        residual: &mut B::Tensor,
+    ) -> Result<()> {
         let hd = self.shape.head_dim;
         let (q, gate) = b.split_query_gate(&b.matmul(x, &self.q_proj)?, self.shape.num_heads, hd)?;
         let mut q = b.rms_norm(&q, &self.q_norm, self.eps)?;
@@ -81,6 +89,6 @@ impl<B: Backend> GatedAttention<B> {
         b.append_rows(&mut cache.values, &v)?;
         let mut out = b.attention(&q, &cache.keys, &cache.values, self.shape, pos0)?;
         b.mul_sigmoid(&mut out, &gate)?;
-        b.matmul(&out, &self.o_proj)
+        b.matmul_add(&out, &self.o_proj, residual)
     }
 }

@@ -69,7 +69,14 @@ impl<B: Backend> GatedDeltaNet<B> {
         })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Tensor, state: &mut DeltaState<B>) -> Result<B::Tensor> {
+    /// Adds the layer's output for `x` to `residual`, continuing `state`.
+    pub fn forward_into(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        state: &mut DeltaState<B>,
+        residual: &mut B::Tensor,
+    ) -> Result<()> {
         let mixed = b.matmul(x, &self.in_proj_qkv)?;
         let z = b.matmul(x, &self.in_proj_z)?;
         let beta_logits = b.matmul(x, &self.in_proj_b)?;
@@ -85,6 +92,6 @@ impl<B: Backend> GatedDeltaNet<B> {
             &self.dims,
         )?;
         let normed = b.gated_rms_norm(&core, &z, &self.norm, self.eps)?;
-        b.matmul(&normed, &self.out_proj)
+        b.matmul_add(&normed, &self.out_proj, residual)
     }
 }

@@ -221,35 +221,31 @@ impl<B: Backend> Model<B> {
         for (index, ((layer, layer_state), times)) in layers.enumerate() {
             let h = b.rms_norm(&x, &layer.input_norm, eps)?;
             clock.charge(times, Phase::Other);
-            let mixed = match (&layer.mixer, layer_state) {
+            match (&layer.mixer, layer_state) {
                 (Mixer::Attention(attn), LayerState::Attention(cache)) => {
-                    let out = attn.forward(b, &h, cache, pos0)?;
+                    attn.forward_into(b, &h, cache, pos0, &mut x)?;
                     clock.charge(times, Phase::Attention);
-                    out
                 }
                 (Mixer::Linear(delta), LayerState::Linear(s)) => {
-                    let out = delta.forward(b, &h, s)?;
+                    delta.forward_into(b, &h, s, &mut x)?;
                     clock.charge(times, Phase::LinearAttention);
-                    out
                 }
                 _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
-            };
-            b.add_assign(&mut x, &mixed)?;
+            }
             let h = b.rms_norm(&x, &layer.post_attention_norm, eps)?;
             clock.charge(times, Phase::Other);
-            let ffn = match &layer.ffn {
+            match &layer.ffn {
                 Ffn::Moe(moe) => {
                     let log = state.routing.as_mut().and_then(|r| r.get_mut(index));
-                    moe.forward(b, &h, self.experts_per_token, times, &mut clock, log)?
+                    moe.forward_into(b, &h, self.experts_per_token, times, &mut clock, log, &mut x)?;
                 }
                 Ffn::Dense(mlp) => {
                     let out = mlp.forward(b, &h)?;
                     clock.charge(times, Phase::ExpertCompute);
-                    out
+                    b.add_assign(&mut x, &out)?;
+                    clock.charge(times, Phase::Other);
                 }
-            };
-            b.add_assign(&mut x, &ffn)?;
-            clock.charge(times, Phase::Other);
+            }
         }
         state.position += ids.len();
         state.profile.calls += 1;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::Backend;
+use crate::backend::{Backend, SharedExpert, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -45,7 +45,6 @@ pub struct SparseMoe<B: Backend> {
     experts: Arc<dyn ExpertSource>,
     shared: Option<(SwiGlu<B>, B::Matrix)>,
     renormalize: bool,
-    hidden: usize,
     layer: usize,
 }
 
@@ -67,7 +66,6 @@ impl<B: Backend> SparseMoe<B> {
             experts: src.experts(layer)?,
             shared,
             renormalize: m.norm_topk_prob,
-            hidden: h,
             layer,
         })
     }
@@ -84,8 +82,9 @@ impl<B: Backend> SparseMoe<B> {
     }
 
     /// Routes every token, runs each chosen expert once on all the tokens that chose it, and
-    /// adds the gated shared expert.
-    pub fn forward(
+    /// adds their weighted outputs and the gated shared expert's to `out` (the residual).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_into(
         &self,
         b: &B,
         x: &B::Tensor,
@@ -93,7 +92,8 @@ impl<B: Backend> SparseMoe<B> {
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
         routing_log: Option<&mut Vec<Vec<usize>>>,
-    ) -> Result<B::Tensor> {
+        out: &mut B::Tensor,
+    ) -> Result<()> {
         let tokens = b.shape(x).0;
         let routes = b.route_top_k(&b.matmul(x, &self.router)?, experts_per_token, self.renormalize)?;
         if let Some(log) = routing_log {
@@ -118,7 +118,6 @@ impl<B: Backend> SparseMoe<B> {
             .collect();
         let mut pending = self.experts.fetch(&missing)?.into_iter();
         clock.charge(times, Phase::Routing);
-        let mut out = b.zeros(tokens, self.hidden)?;
         // Experts are used in index order, whatever order they arrive in, so the sum is the
         // same bit for bit however the bytes were fetched.
         let mut ready = Vec::with_capacity(by_expert.len());
@@ -140,22 +139,24 @@ impl<B: Backend> SparseMoe<B> {
                 ready.push(expert);
                 token_weights.push(weights[0]);
             } else {
-                b.expert_ffn(x, &expert, &rows, &weights, &mut out)?;
+                b.expert_ffn(x, &expert, &rows, &weights, out)?;
                 clock.charge(times, Phase::ExpertCompute);
             }
         }
-        if !ready.is_empty() {
+        let shared = self.shared.as_ref().map(|(mlp, gate)| SharedExpert {
+            gate_proj: &mlp.gate,
+            up_proj: &mlp.up,
+            down_proj: &mlp.down,
+            gate,
+        });
+        if tokens == 1 {
             let experts: Vec<&B::Expert> = ready.iter().collect();
-            b.experts_ffn_one_token(x, &experts, &token_weights, &mut out)?;
-            clock.charge(times, Phase::ExpertCompute);
+            b.experts_ffn_one_token(x, &experts, &token_weights, shared.as_ref(), out)?;
+        } else if let Some(shared) = &shared {
+            shared_expert_ffn(b, x, shared, out)?;
         }
-        if let Some((mlp, gate)) = &self.shared {
-            let mut shared = mlp.forward(b, x)?;
-            b.mul_sigmoid(&mut shared, &b.matmul(x, gate)?)?;
-            b.add_assign(&mut out, &shared)?;
-            clock.charge(times, Phase::ExpertCompute);
-        }
-        Ok(out)
+        clock.charge(times, Phase::ExpertCompute);
+        Ok(())
     }
 }
 

@@ -104,16 +104,17 @@ extern "C" __global__ void dequant_rows(const u8* w, const u8* scales, const u8*
 // Affine weights with 2, 4 or 8 bits, one token: y[r] = epilogue(W[r, :] . x).
 //
 // Each lane reads 16 bytes of codes at a time (a "piece": 128 / BITS codes); a warp's 32
-// loads are one coalesced 512-byte read. x is staged in shared memory with 4 floats of
+// loads are one coalesced 512-byte read, and each lane has ROWS_UNROLL pieces (of each
+// matrix) in flight before it uses the first. x is staged in shared memory with 4 floats of
 // padding per piece (so the 16-byte reads of 8 neighbouring lanes hit distinct banks) and
 // with the sum of x over each piece beside it.
 //
-// Codes become floats without an int-to-float conversion: placing a code q in the top of
-// the mantissa of 1.0f gives f = 1 + q * 2^-BITS exactly, and
+// Codes become floats without an int-to-float conversion: a code q placed at the top of the
+// mantissa of 1.0 gives f = 1 + q * 2^-BITS exactly, and
 //   scale * (q . x) + bias * sum(x) = 2^BITS scale * (f . x) + (bias - 2^BITS scale) * sum(x).
-//
-// DUAL: a second matrix w2 (same shape and format) is multiplied too and the output is
-// silu(W x) * (W2 x) (gate and up of a SwiGLU). Otherwise y = alpha * dot + beta * y.
+// The codes are placed in pairs, as two f16 values in one 32-bit word (one shift and one
+// mask per two codes), then widened to f32: the integer pipe, not memory, bounded the
+// one-code-at-a-time f32 form (two integer operations per code); see docs/perf.md.
 #define PIECE_PAD 4
 #define ROWS_UNROLL 4
 
@@ -123,39 +124,58 @@ struct Affine {
     const u8* biases;
 };
 
+__device__ __forceinline__ void halves_to_floats(u32 v, float& lo, float& hi) {
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;\n\t}"
+        : "=f"(lo), "=f"(hi)
+        : "r"(v));
+}
+
+// The PER_WORD values f = 1 + q * 2^-BITS of the codes in one 32-bit word, in order.
+template <int BITS>
+__device__ __forceinline__ void word_floats(u32 w, float* f) {
+    constexpr int PER_WORD = 32 / BITS;
+    // Code c and code c + PER_WORD/2 sit 16 bits apart: one shift puts both at the top of
+    // the mantissa of an f16 (bits TOP..9 of each half), one mask keeps them, 1.0 goes under.
+    constexpr int HALF = PER_WORD / 2;
+    constexpr int TOP = 10 - BITS;
+    constexpr u32 MASK = (((1u << BITS) - 1u) << TOP) * 0x10001u;
+#pragma unroll
+    for (int c = 0; c < HALF; ++c) {
+        const int shift = TOP - c * BITS;
+        u32 m = ((shift >= 0 ? (w << shift) : (w >> -shift)) & MASK) | 0x3C003C00u;
+        halves_to_floats(m, f[c], f[c + HALF]);
+    }
+}
+
+// f . x over one piece: 128 / BITS codes against the staged x of that piece.
 template <int BITS>
 __device__ __forceinline__ float piece_fdot(uint4 v, const float* xs) {
     constexpr int PER_WORD = 32 / BITS;
-    constexpr int TOP = 23 - BITS;
-    constexpr u32 MASK = ((1u << BITS) - 1u) << TOP;
     u32 words[4] = {v.x, v.y, v.z, v.w};
     float acc0 = 0.0f, acc1 = 0.0f;
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
+        float f[PER_WORD];
+        word_floats<BITS>(words[k], f);
 #pragma unroll
         for (int j = 0; j < PER_WORD; j += 4) {
             float4 x4 = *(const float4*)(xs + k * PER_WORD + j);
-            float xv[4] = {x4.x, x4.y, x4.z, x4.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int shift = TOP - (j + e) * BITS;
-                u32 m = (shift >= 0 ? (words[k] << shift) : (words[k] >> -shift)) & MASK;
-                float f = __uint_as_float(m | 0x3F800000u);
-                if (e & 1) acc1 += f * xv[e]; else acc0 += f * xv[e];
-            }
+            acc0 += f[j] * x4.x;
+            acc1 += f[j + 1] * x4.y;
+            acc0 += f[j + 2] * x4.z;
+            acc1 += f[j + 3] * x4.w;
         }
     }
     return acc0 + acc1;
 }
 
-template <int BITS, bool DUAL>
-__device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y,
-                            float alpha, float beta) {
-    constexpr int PF = 128 / BITS;  // codes (and x values) per 16-byte piece
-    extern __shared__ float smem[];
+// Stages `cols` floats of x into shared memory, padded per piece, with the piece sums after
+// them (both laid out as the row dot products read them). Ends with a barrier.
+template <int BITS>
+__device__ __forceinline__ void stage_x(const float* x, int cols, float* xs) {
+    constexpr int PF = 128 / BITS;
     int pieces = cols / PF;
-    float* xs = smem;                          // pieces * (PF + PIECE_PAD)
-    float* sums = smem + pieces * (PF + PIECE_PAD);  // pieces
+    float* sums = xs + pieces * (PF + PIECE_PAD);
     for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[(i / PF) * (PF + PIECE_PAD) + i % PF] = x[i];
     __syncthreads();
     for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
@@ -164,39 +184,62 @@ __device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const floa
         sums[p] = s;
     }
     __syncthreads();
+}
+
+// This lane's share of row r of `a` (and of `b` when DUAL) dotted with the staged x: lane l
+// takes pieces l, l + 32, ... The caller sums over the warp.
+template <int BITS, bool DUAL>
+__device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long long r, int pieces, int group,
+                                        int dtype, const float* xs, float& acc_a, float& acc_b) {
+    constexpr int PF = 128 / BITS;
     const float lift = (float)(1 << BITS);
+    const float* sums = xs + pieces * (PF + PIECE_PAD);
     int lane = threadIdx.x & 31;
-    int warps = blockDim.x >> 5;
-    int groups = cols / group;
-    long long row_bytes = (long long)cols * BITS / 8;
-    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
-        const uint4* ra = (const uint4*)(a.w + r * row_bytes);
-        const uint4* rb = DUAL ? (const uint4*)(b.w + r * row_bytes) : ra;
-        float acc_a = 0.0f, acc_b = 0.0f;
-        for (int base = 0; base < pieces; base += 32 * ROWS_UNROLL) {
-            uint4 va[ROWS_UNROLL], vb[ROWS_UNROLL];
+    int group_shift = __ffs(group) - 1;  // groups are powers of two (checked by the host)
+    long long first_group = r * (((long long)pieces * PF) >> group_shift);
+    const uint4* ra = (const uint4*)a.w + r * pieces;
+    const uint4* rb = (const uint4*)b.w + r * pieces;
+    // Two matrices at a time hold twice the registers per load in flight: half as many keep
+    // the occupancy (and so the loads in flight per multiprocessor) up.
+    constexpr int UNROLL = DUAL ? ROWS_UNROLL / 2 : ROWS_UNROLL;
+    for (int base = 0; base < pieces; base += 32 * UNROLL) {
+        uint4 va[UNROLL], vb[UNROLL];
 #pragma unroll
-            for (int u = 0; u < ROWS_UNROLL; ++u) {
-                int p = base + u * 32 + lane;
-                if (p < pieces) {
-                    va[u] = ra[p];
-                    if (DUAL) vb[u] = rb[p];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < ROWS_UNROLL; ++u) {
-                int p = base + u * 32 + lane;
-                if (p >= pieces) break;
-                const float* xp = xs + p * (PF + PIECE_PAD);
-                long long g = (long long)r * groups + (long long)p * PF / group;
-                float s = load_float(a.scales, dtype, g) * lift;
-                acc_a += s * piece_fdot<BITS>(va[u], xp) + (load_float(a.biases, dtype, g) - s) * sums[p];
-                if (DUAL) {
-                    float s2 = load_float(b.scales, dtype, g) * lift;
-                    acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (load_float(b.biases, dtype, g) - s2) * sums[p];
-                }
+        for (int u = 0; u < UNROLL; ++u) {
+            int p = base + u * 32 + lane;
+            if (p < pieces) {
+                va[u] = ra[p];
+                if (DUAL) vb[u] = rb[p];
             }
         }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            int p = base + u * 32 + lane;
+            if (p >= pieces) break;
+            const float* xp = xs + p * (PF + PIECE_PAD);
+            long long g = first_group + ((p * PF) >> group_shift);
+            float s = load_float(a.scales, dtype, g) * lift;
+            acc_a += s * piece_fdot<BITS>(va[u], xp) + (load_float(a.biases, dtype, g) - s) * sums[p];
+            if (DUAL) {
+                float s2 = load_float(b.scales, dtype, g) * lift;
+                acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (load_float(b.biases, dtype, g) - s2) * sums[p];
+            }
+        }
+    }
+}
+
+// DUAL: a second matrix w2 (same shape and format) is multiplied too and the output is
+// silu(W x) * (W2 x) (gate and up of a SwiGLU). Otherwise y = alpha * dot + beta * y.
+template <int BITS, bool DUAL>
+__device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y,
+                            float alpha, float beta) {
+    extern __shared__ float smem[];
+    stage_x<BITS>(x, cols, smem);
+    int pieces = cols / (128 / BITS);
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
+        float acc_a = 0.0f, acc_b = 0.0f;
+        row_dot<BITS, DUAL>(a, b, r, pieces, group, dtype, smem, acc_a, acc_b);
         acc_a = warp_sum(acc_a);
         if (DUAL) acc_b = warp_sum(acc_b);
         if (lane == 0) {
@@ -206,21 +249,22 @@ __device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const floa
     }
 }
 
-#define MATVEC_POW2(BITS)                                                                                          \
+#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                                        \
     extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group, int dtype, \
                                               const float* x, int rows, int cols, float* y, float alpha, float beta) { \
         Affine a = {w, scales, biases};                                                                            \
         matvec_pow2<BITS, false>(a, a, group, dtype, x, rows, cols, y, alpha, beta);                               \
     }                                                                                                              \
-    extern "C" __global__ void swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2,        \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2,        \
                                               const u8* scales2, const u8* biases2, int group, int dtype,          \
                                               const float* x, int rows, int cols, float* y) {                      \
         Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                                \
         matvec_pow2<BITS, true>(a, b, group, dtype, x, rows, cols, y, 1.0f, 0.0f);                                 \
     }
-MATVEC_POW2(2)
-MATVEC_POW2(4)
-MATVEC_POW2(8)
+// Blocks per multiprocessor the SwiGLU kernel is compiled for: as many as fit without spills.
+MATVEC_POW2(2, 2)
+MATVEC_POW2(4, 3)
+MATVEC_POW2(8, 3)
 
 // All routed experts of a layer for one token, in two launches. The pointers travel in the
 // kernel parameters; experts are summed in batch order, so results do not depend on which
@@ -230,51 +274,37 @@ MATVEC_POW2(8)
 struct ExpertBatch {
     const u8* w[MAX_BATCH][9];  // gate w/s/b, up w/s/b, down w/s/b
     float weight[MAX_BATCH];
+    // The shared expert's slot (-1 for none), weighted by sigmoid(*shared_logit) instead.
+    const float* shared_logit;
     int count;
+    int shared_slot;
 };
 
-// act[e, r] = silu(gate_e[r] . x) * (up_e[r] . x) for every expert e of the batch.
+// act[e, r] = silu(gate_e[r] . x) * (up_e[r] . x) for every expert e of the batch: one warp
+// per (expert, row), x staged once per block.
 template <int BITS>
 __device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, const float* x, int rows, int cols,
                              float* act) {
-    constexpr int PF = 128 / BITS;
     extern __shared__ float smem[];
-    int pieces = cols / PF;
-    float* xs = smem;
-    float* sums = smem + pieces * (PF + PIECE_PAD);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[(i / PF) * (PF + PIECE_PAD) + i % PF] = x[i];
-    __syncthreads();
-    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
-        float s = 0.0f;
-        for (int j = 0; j < PF; ++j) s += xs[p * (PF + PIECE_PAD) + j];
-        sums[p] = s;
-    }
-    __syncthreads();
-    const float lift = (float)(1 << BITS);
+    stage_x<BITS>(x, cols, smem);
+    int pieces = cols / (128 / BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    int groups = cols / group;
-    long long row_bytes = (long long)cols * BITS / 8;
     for (int rr = blockIdx.x * warps + (threadIdx.x >> 5); rr < batch.count * rows; rr += gridDim.x * warps) {
         int e = rr / rows, r = rr % rows;
-        const uint4* ga = (const uint4*)(batch.w[e][0] + r * row_bytes);
-        const uint4* ua = (const uint4*)(batch.w[e][3] + r * row_bytes);
+        Affine gate = {batch.w[e][0], batch.w[e][1], batch.w[e][2]};
+        Affine up = {batch.w[e][3], batch.w[e][4], batch.w[e][5]};
         float acc_g = 0.0f, acc_u = 0.0f;
-        for (int p = lane; p < pieces; p += 32) {
-            uint4 vg = ga[p], vu = ua[p];
-            const float* xp = xs + p * (PF + PIECE_PAD);
-            long long g = (long long)r * groups + (long long)p * PF / group;
-            float sg = load_float(batch.w[e][1], dtype, g) * lift;
-            float su = load_float(batch.w[e][4], dtype, g) * lift;
-            acc_g += sg * piece_fdot<BITS>(vg, xp) + (load_float(batch.w[e][2], dtype, g) - sg) * sums[p];
-            acc_u += su * piece_fdot<BITS>(vu, xp) + (load_float(batch.w[e][5], dtype, g) - su) * sums[p];
-        }
+        row_dot<BITS, true>(gate, up, r, pieces, group, dtype, smem, acc_g, acc_u);
         acc_g = warp_sum(acc_g);
         acc_u = warp_sum(acc_u);
         if (lane == 0) act[(long long)e * rows + r] = siluf(acc_g) * acc_u;
     }
 }
 
-// out[r] += sum over experts e (in order) of weight_e * (down_e[r] . act[e]).
+// out[r] += sum over experts e of weight_e * (down_e[r] . act[e]). One warp per row; the
+// lanes walk the (expert, piece) pairs of the row in order, ROWS_UNROLL loads in flight each,
+// so a row of a narrow matrix (1024 columns: one piece per lane per expert) still keeps
+// several loads in flight.
 template <int BITS>
 __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const float* act, int rows, int cols,
                            float* out) {
@@ -298,29 +328,42 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     __syncthreads();
     const float lift = (float)(1 << BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    int groups = cols / group;
-    long long row_bytes = (long long)cols * BITS / 8;
+    int group_shift = __ffs(group) - 1;  // groups are powers of two (checked by the host)
+    long long groups = cols >> group_shift;
+    int items = batch.count * pieces;
+    float shared_weight = batch.shared_slot >= 0 ? sigmoidf(*batch.shared_logit) : 0.0f;
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
         float total = 0.0f;
-        for (int e = 0; e < batch.count; ++e) {
-            const uint4* da = (const uint4*)(batch.w[e][6] + r * row_bytes);
-            const float* xs = smem + e * stride;
-            const float* sums = xs + pieces * (PF + PIECE_PAD);
-            float acc = 0.0f;
-            for (int p = lane; p < pieces; p += 32) {
-                uint4 v = da[p];
-                long long g = (long long)r * groups + (long long)p * PF / group;
-                float s = load_float(batch.w[e][7], dtype, g) * lift;
-                acc += s * piece_fdot<BITS>(v, xs + p * (PF + PIECE_PAD)) + (load_float(batch.w[e][8], dtype, g) - s) * sums[p];
+        int e = lane / pieces, p = lane % pieces;  // this lane's next (expert, piece)
+        for (int base = 0; base < items; base += 32 * ROWS_UNROLL) {
+            uint4 v[ROWS_UNROLL];
+            int ue[ROWS_UNROLL], up[ROWS_UNROLL];
+#pragma unroll
+            for (int u = 0; u < ROWS_UNROLL; ++u) {
+                ue[u] = e;
+                up[u] = p;
+                if (base + u * 32 + lane < items) v[u] = ((const uint4*)batch.w[e][6] + (long long)r * pieces)[p];
+                for (p += 32; p >= pieces; p -= pieces) ++e;
             }
-            total += batch.weight[e] * warp_sum(acc);
+#pragma unroll
+            for (int u = 0; u < ROWS_UNROLL; ++u) {
+                if (base + u * 32 + lane >= items) break;
+                int ex = ue[u], px = up[u];
+                const float* xs = smem + ex * stride;
+                long long g = r * groups + ((px * PF) >> group_shift);
+                float s = load_float(batch.w[ex][7], dtype, g) * lift;
+                float dot = s * piece_fdot<BITS>(v[u], xs + px * (PF + PIECE_PAD)) +
+                            (load_float(batch.w[ex][8], dtype, g) - s) * xs[pieces * (PF + PIECE_PAD) + px];
+                total += (ex == batch.shared_slot ? shared_weight : batch.weight[ex]) * dot;
+            }
         }
+        total = warp_sum(total);
         if (lane == 0) out[r] += total;
     }
 }
 
-#define EXPERT_BATCH(BITS)                                                                                     \
-    extern "C" __global__ void swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x,    \
+#define EXPERT_BATCH(BITS, MIN_BLOCKS)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x,    \
                                                     int rows, int cols, float* act) {                          \
         swiglu_batch<BITS>(batch, group, dtype, x, rows, cols, act);                                           \
     }                                                                                                          \
@@ -328,9 +371,10 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
                                                   int rows, int cols, float* out) {                            \
         down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                           \
     }
-EXPERT_BATCH(2)
-EXPERT_BATCH(4)
-EXPERT_BATCH(8)
+// Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
+EXPERT_BATCH(2, 2)
+EXPERT_BATCH(4, 3)
+EXPERT_BATCH(8, 3)
 
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
 extern "C" __global__ void matvec_affine_any(const u8* w, const u8* scales, const u8* biases, int bits, int group,

@@ -20,7 +20,7 @@ use expert_cache::VramCache;
 use kernels::Kernels;
 use pool::{BufferPool, PooledBuf};
 
-use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route};
+use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route, SharedExpert};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -127,13 +127,23 @@ impl HostBuffer for PinnedBuf {
 const MAX_BATCH: usize = 16;
 
 /// The `ExpertBatch` kernel parameter of kernels.cu: per expert the device addresses of
-/// gate, up and down (codes, scales, biases), the routing weights and the count.
+/// gate, up and down (codes, scales, biases), the routing weights and the count; the slot of
+/// the shared expert (-1 for none), weighted by the sigmoid of the logit at `shared_logit`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct ExpertBatchParams {
     w: [[u64; 9]; MAX_BATCH],
     weight: [f32; MAX_BATCH],
+    shared_logit: u64,
     count: i32,
+    shared_slot: i32,
+}
+
+/// One expert of a batched launch: its gate, up and down, and how its output is weighted.
+struct BatchSlot<'a> {
+    matrices: [&'a CudaMatrix; 3],
+    /// The routing weight; `None` for the shared expert (sigmoid of its gate logit).
+    weight: Option<f32>,
 }
 
 // SAFETY: plain old data laid out as the C struct the kernels take by value.
@@ -395,6 +405,109 @@ impl CudaBackend {
         })
     }
 
+    /// All experts of one token in two launches per `MAX_BATCH` of them (gate/up with SiLU,
+    /// then down with the weighted sum into `out`), when they share one 2/4/8-bit encoding
+    /// and shape. Returns false, having done nothing, when they do not.
+    fn expert_batch(
+        &self,
+        x: &CudaTensor,
+        slots: &[BatchSlot],
+        shared_gate: Option<&CudaMatrix>,
+        out: &mut CudaTensor,
+    ) -> Result<bool> {
+        let Some(first) = slots.first() else { return Ok(true) };
+        let [gate0, _, down0] = first.matrices;
+        let (Some((index, gate_cfg)), Some((_, down_cfg))) = (self.pow2_plan(gate0), self.pow2_plan(down0)) else {
+            return Ok(false);
+        };
+        let uniform = gate0.encoding == down0.encoding
+            && slots.iter().all(|slot| {
+                let [g, u, d] = slot.matrices;
+                g.encoding == gate0.encoding
+                    && u.encoding == gate0.encoding
+                    && d.encoding == down0.encoding
+                    && (g.rows, g.cols, u.rows, u.cols) == (gate0.rows, gate0.cols, gate0.rows, gate0.cols)
+                    && (d.rows, d.cols) == (down0.rows, down0.cols)
+                    && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
+            });
+        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
+        if !uniform || batch == 0 {
+            return Ok(false);
+        }
+        // The shared expert's gate logit, read on the device by the down kernel.
+        let shared_logit = shared_gate.map(|gate| self.matmul(x, gate)).transpose()?;
+        let (_, group, dtype) = gate0.format();
+        let (inter, hidden) = (gate0.rows, gate0.cols);
+        for chunk in slots.chunks(batch) {
+            let mut params = ExpertBatchParams {
+                w: [[0; 9]; MAX_BATCH],
+                weight: [0.0; MAX_BATCH],
+                shared_logit: 0,
+                count: chunk.len() as i32,
+                shared_slot: -1,
+            };
+            use cudarc::driver::DevicePtr;
+            let _logit_guard = match (&shared_logit, chunk.iter().position(|s| s.weight.is_none())) {
+                (Some(logit), Some(slot)) => {
+                    let (ptr, guard) = logit.buf.device_ptr(&self.stream);
+                    params.shared_logit = ptr;
+                    params.shared_slot = slot as i32;
+                    Some(guard)
+                }
+                _ => None,
+            };
+            for (slot, s) in chunk.iter().enumerate() {
+                params.weight[slot] = s.weight.unwrap_or(0.0);
+                for (m, matrix) in s.matrices.iter().enumerate() {
+                    let (sc, bi) = matrix.affine_parts()?;
+                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
+                    for (k, offset) in [matrix.data.0, sc.0, bi.0].into_iter().enumerate() {
+                        params.w[slot][3 * m + k] = base + offset as u64;
+                    }
+                }
+            }
+            let count = chunk.len();
+            let mut act = self.tensor(count, inter)?;
+            let (rows_i, cols_i) = (inter as i32, hidden as i32);
+            let swiglu_cfg = LaunchConfig {
+                grid_dim: ((count * inter).div_ceil(8).min(8 * self.sms) as u32, 1, 1),
+                ..gate_cfg
+            };
+            let f = &self.k.swiglu_batch_q[index];
+            launch!(
+                self,
+                f,
+                swiglu_cfg,
+                &params,
+                &group,
+                &dtype,
+                &*x.buf,
+                &rows_i,
+                &cols_i,
+                &mut *act.buf
+            )?;
+            let down_cfg = LaunchConfig {
+                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
+                ..down_cfg
+            };
+            let (rows_d, cols_d) = (hidden as i32, inter as i32);
+            let f = &self.k.down_batch_q[index];
+            launch!(
+                self,
+                f,
+                down_cfg,
+                &params,
+                &group,
+                &dtype,
+                &*act.buf,
+                &rows_d,
+                &cols_d,
+                &mut *out.buf
+            )?;
+        }
+        Ok(true)
+    }
+
     /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
     /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
     /// enough for shared memory.
@@ -409,7 +522,10 @@ impl CudaBackend {
             _ => return None,
         };
         let per_piece = (128 / bits) as usize;
-        if w.cols % per_piece != 0 || group_size % per_piece != 0 || w.data.0 % 16 != 0 {
+        // The kernels find a piece's group with a shift: groups are powers of two (MLX uses
+        // 32, 64 or 128).
+        let fits = w.cols % per_piece == 0 && group_size % per_piece == 0 && group_size.is_power_of_two();
+        if !fits || w.data.0 % 16 != 0 {
             return None;
         }
         let pieces = w.cols / per_piece;
@@ -1087,100 +1203,45 @@ impl Backend for CudaBackend {
         self.matvec_into(&act.buf, down, &mut out.buf, weights[0], 1.0)
     }
 
+    fn matmul_add(&self, x: &CudaTensor, w: &CudaMatrix, out: &mut CudaTensor) -> Result<()> {
+        if x.rows != 1 || x.cols != w.cols || out.rows != 1 || out.cols != w.rows {
+            return self.add_assign(out, &self.matmul(x, w)?);
+        }
+        self.matvec_into(&x.buf, w, &mut out.buf, 1.0, 1.0)
+    }
+
     fn experts_ffn_one_token(
         &self,
         x: &CudaTensor,
         experts: &[&CudaExpert],
         weights: &[f32],
+        shared: Option<&SharedExpert<'_, Self>>,
         out: &mut CudaTensor,
     ) -> Result<()> {
-        let Some(first) = experts.first() else { return Ok(()) };
-        let [gate0, _, down0] = first.matrices();
-        let plans = (self.pow2_plan(gate0), self.pow2_plan(down0));
-        let uniform = experts.iter().all(|e| {
-            let [g, u, d] = e.matrices();
-            g.encoding == gate0.encoding
-                && u.encoding == gate0.encoding
-                && d.encoding == down0.encoding
-                && (g.rows, g.cols, d.rows, d.cols) == (gate0.rows, gate0.cols, down0.rows, down0.cols)
-                && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
-        });
-        let (Some((index, gate_cfg)), Some((_, down_cfg))) = plans else {
-            return experts
-                .iter()
-                .zip(weights)
-                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
-        };
-        if !uniform || x.rows != 1 || gate0.encoding != down0.encoding {
-            return experts
-                .iter()
-                .zip(weights)
-                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
+        let mut slots: Vec<BatchSlot> = experts
+            .iter()
+            .zip(weights)
+            .map(|(e, &w)| BatchSlot {
+                matrices: e.matrices(),
+                weight: Some(w),
+            })
+            .collect();
+        if let Some(s) = shared {
+            slots.push(BatchSlot {
+                matrices: [s.gate_proj, s.up_proj, s.down_proj],
+                weight: None,
+            });
         }
-        let (_, group, dtype) = gate0.format();
-        let (inter, hidden) = (gate0.rows, gate0.cols);
-        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
-        if batch == 0 {
-            return experts
-                .iter()
-                .zip(weights)
-                .try_for_each(|(e, &w)| self.expert_ffn(x, e, &[0], &[w], out));
+        if x.rows == 1 && self.expert_batch(x, &slots, shared.map(|s| s.gate), out)? {
+            return Ok(());
         }
-        for (chunk, chunk_weights) in experts.chunks(batch).zip(weights.chunks(batch)) {
-            let mut params = ExpertBatchParams {
-                w: [[0; 9]; MAX_BATCH],
-                weight: [0.0; MAX_BATCH],
-                count: chunk.len() as i32,
-            };
-            for (slot, (e, &w)) in chunk.iter().zip(chunk_weights).enumerate() {
-                params.weight[slot] = w;
-                for (m, matrix) in e.matrices().iter().enumerate() {
-                    let (s, b) = matrix.affine_parts()?;
-                    use cudarc::driver::DevicePtr;
-                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
-                    for (k, offset) in [matrix.data.0, s.0, b.0].into_iter().enumerate() {
-                        params.w[slot][3 * m + k] = base + offset as u64;
-                    }
-                }
-            }
-            let count = chunk.len();
-            let mut act = self.tensor(count, inter)?;
-            let (rows_i, cols_i) = (inter as i32, hidden as i32);
-            let swiglu_cfg = LaunchConfig {
-                grid_dim: ((count * inter).div_ceil(8).min(8 * self.sms) as u32, 1, 1),
-                ..gate_cfg
-            };
-            launch!(
-                self,
-                &self.k.swiglu_batch_q[index],
-                swiglu_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*x.buf,
-                &rows_i,
-                &cols_i,
-                &mut *act.buf
-            )?;
-            let down_cfg = LaunchConfig {
-                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
-                ..down_cfg
-            };
-            let (rows_d, cols_d) = (hidden as i32, inter as i32);
-            launch!(
-                self,
-                &self.k.down_batch_q[index],
-                down_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*act.buf,
-                &rows_d,
-                &cols_d,
-                &mut *out.buf
-            )?;
+        for (expert, &w) in experts.iter().zip(weights) {
+            self.expert_ffn(x, expert, &[0], &[w], out)?;
         }
-        Ok(())
+        match shared {
+            Some(s) => crate::backend::shared_expert_ffn(self, x, s, out),
+            None => Ok(()),
+        }
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
