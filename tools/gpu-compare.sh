@@ -7,7 +7,7 @@
 #
 # ROUNDS (default 2) sets the alternations; DECODE_ARGS goes to tools/gpu_decode_bench.py.
 # Logs go to $OUT (default /tmp/gpu-compare): parity.log, base.log and new.log, each with
-# every round's kernel table and decode table.
+# every round's kernel table, decode table and time per phase, and each run's decode JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 base=$1
@@ -35,7 +35,8 @@ for round in $(seq "$rounds"); do
     # shellcheck disable=SC2086
     python3 tools/gpu_decode_bench.py --bin "$dist/flash-moe" --hbm-gbps "$hbm" --h2d-gbps "$h2d" \
       --out "$work" ${DECODE_ARGS:-} >"$work/decode.log" 2>&1
-    grep -vE '^\$ ' "$work/decode.log" | tail -n 12 >>"$log"
+    grep -vE '^\$ ' "$work/decode.log" | grep -E '^  K=|\||^decode benchmark' >>"$log"
+    cp "$work/decode-bench.json" "$out/$name-round$round.json"
     tail -n 6 "$work/decode.log"
   done
 done

@@ -89,7 +89,9 @@ def main():
             while fh.read(64 << 20):
                 pass
 
-    hbm = a.hbm_gbps * 1e9 / 2  # the copy counts each byte twice (read and write)
+    # A stream of reads moves bytes at the copy's read + write rate (on an H200: 4.2 TB/s for
+    # the copy, 4.4 TB/s for a read-only kernel), so weights read once cost bytes / that rate.
+    hbm = a.hbm_gbps * 1e9
     h2d = a.h2d_gbps * 1e9
     rows = []
     runs = {}
@@ -122,6 +124,8 @@ def main():
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
                          (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, v["budget_bytes"] / 2**30, host_share))
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
+            print(f"  K={k} cap {cap}: ms per token by phase: " +
+                  ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
 
     print()
     print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {a.layers} of 60 layers, random routing; "
