@@ -483,6 +483,7 @@ static void bench_experts(int bits) {
         for (int first = 0; first + k <= n; first += k) {
             ExpertBatch bt{};
             bt.count = k;
+            bt.shared_slot = -1;
             for (int j = 0; j < k; ++j) {
                 const Matrix* mats[3] = {&gate[first + j], &up[first + j], &down[first + j]};
                 for (int m = 0; m < 3; ++m) {

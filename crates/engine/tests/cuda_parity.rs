@@ -197,27 +197,58 @@ fn every_operation_matches_the_cpu() {
                 .collect::<Result<Vec<_>>>()?;
             let refs: Vec<_> = experts.iter().collect();
             let weights: Vec<f32> = (0..count).map(|i| 0.05 * (i + 1) as f32).collect();
+            let x = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
+            let mut out = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
             let shared = match shared_enc {
-                Some(enc) => Some([
-                    b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
-                    b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
-                    b.load_matrix(&matrix(&mut rng, 512, 128, enc))?,
-                    b.load_matrix(&matrix(&mut rng, 1, 512, "q8/g64"))?,
-                ]),
+                Some(enc) => {
+                    let gate = b.load_matrix(&matrix(&mut rng, 1, 512, "q8/g64"))?;
+                    Some((
+                        [
+                            b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
+                            b.load_matrix(&matrix(&mut rng, 128, 512, enc))?,
+                            b.load_matrix(&matrix(&mut rng, 512, 128, enc))?,
+                        ],
+                        b.matmul(&x, &gate)?,
+                    ))
+                }
                 None => None,
             };
             let shared = shared
                 .as_ref()
-                .map(|[gate_proj, up_proj, down_proj, gate]| SharedExpert {
+                .map(|([gate_proj, up_proj, down_proj], gate_logit)| SharedExpert {
                     gate_proj,
                     up_proj,
                     down_proj,
-                    gate,
+                    gate_logit,
                 });
-            let x = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
-            let mut out = b.upload(&random(&mut rng, 512, 1.0), 1, 512)?;
             b.experts_ffn_one_token(&x, &refs, &weights, shared.as_ref(), &mut out)?;
             b.download(&out)
+        });
+    }
+    // Matrices of one encoding (rows of very different counts), of mixed encodings, and with
+    // more than one input row.
+    let many = [
+        (["q4/g64", "q4/g64", "q4/g64", "q4/g64"], 1usize),
+        (["q8/g64", "q8/g64", "q8/g64", "q8/g64"], 1),
+        (["q4/g64", "q8/g64", "q4/g64", "q4/g64"], 1),
+        (["q4/g64", "q4/g64", "q4/g64", "q4/g64"], 2),
+    ];
+    for (encodings, rows) in many {
+        let name = format!("matmul_many {} x {rows} rows", encodings.join(","));
+        same_on_both!(name, &cpu, &gpu, 1e-5, (encodings, rows), |b, p: ([&str; 4], usize)| {
+            let (encs, rows) = p;
+            let mut rng = SmallRng::seed_from_u64(14);
+            let ws = [(encs[0], 640usize), (encs[1], 256), (encs[2], 8), (encs[3], 24)]
+                .iter()
+                .map(|&(enc, r)| b.load_matrix(&matrix(&mut rng, r, 512, enc)))
+                .collect::<Result<Vec<_>>>()?;
+            let x = b.upload(&random(&mut rng, rows * 512, 1.0), rows, 512)?;
+            let refs: Vec<_> = ws.iter().collect();
+            let mut all = Vec::new();
+            for out in b.matmul_many(&x, &refs)? {
+                all.extend(b.download(&out)?);
+            }
+            Ok(all)
         });
     }
     for (encoding, rows) in [("q4/g64", 1usize), ("q5/g64", 1), ("q4/g64", 3)] {

@@ -77,6 +77,11 @@ pub trait Backend: Send + Sync {
     fn embed(&self, table: &Self::Matrix, ids: &[u32]) -> Result<Self::Tensor>;
     /// `x · wᵀ`: `[T, in]` by `[out, in]` gives `[T, out]`.
     fn matmul(&self, x: &Self::Tensor, w: &Self::Matrix) -> Result<Self::Tensor>;
+    /// `x · wᵀ` for each of several matrices that read the same `x` (a layer's input
+    /// projections). Backends may do them in one launch.
+    fn matmul_many(&self, x: &Self::Tensor, ws: &[&Self::Matrix]) -> Result<Vec<Self::Tensor>> {
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
     /// `out += x · wᵀ`: an output projection added into the residual stream.
     fn matmul_add(&self, x: &Self::Tensor, w: &Self::Matrix, out: &mut Self::Tensor) -> Result<()> {
         self.add_assign(out, &self.matmul(x, w)?)
@@ -202,14 +207,27 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// [`Backend::matmul_many`] for a fixed number of matrices, as an array.
+pub fn project<B: Backend + ?Sized, const N: usize>(
+    b: &B,
+    x: &B::Tensor,
+    ws: [&B::Matrix; N],
+) -> Result<[B::Tensor; N]> {
+    let outs = b.matmul_many(x, &ws)?;
+    let got = outs.len();
+    outs.try_into()
+        .map_err(|_| crate::error::Error::InvalidInput(format!("matmul_many returned {got} outputs for {N} matrices")))
+}
+
 /// The shared expert of a mixture-of-experts block, which every token uses:
-/// `sigmoid(gate . x) * down_proj(silu(gate_proj x) * up_proj x)`.
+/// `sigmoid(gate_logit) * down_proj(silu(gate_proj x) * up_proj x)`.
 pub struct SharedExpert<'a, B: Backend + ?Sized> {
     pub gate_proj: &'a B::Matrix,
     pub up_proj: &'a B::Matrix,
     pub down_proj: &'a B::Matrix,
-    /// `[1, hidden]`: the logit of the expert's sigmoid gate.
-    pub gate: &'a B::Matrix,
+    /// `[rows, 1]`: the logit of the expert's sigmoid gate for each row of `x` (computed
+    /// with the router logits, which read the same input).
+    pub gate_logit: &'a B::Tensor,
 }
 
 /// `out += shared(x)` for every row of `x`, as a sequence of the backend's plain operations.
@@ -220,7 +238,7 @@ pub fn shared_expert_ffn<B: Backend + ?Sized>(
     out: &mut B::Tensor,
 ) -> Result<()> {
     let mut y = b.matmul(&b.swiglu(x, shared.gate_proj, shared.up_proj)?, shared.down_proj)?;
-    b.mul_sigmoid(&mut y, &b.matmul(x, shared.gate)?)?;
+    b.mul_sigmoid(&mut y, shared.gate_logit)?;
     b.add_assign(out, &y)
 }
 

@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::weights::{LayerWeight as W, Weight, WeightSource};
-use crate::backend::{AttentionShape, Backend};
+use crate::backend::{AttentionShape, Backend, project};
 use crate::error::Result;
 
 pub struct GatedAttention<B: Backend> {
@@ -79,10 +79,10 @@ impl<B: Backend> GatedAttention<B> {
         residual: &mut B::Tensor,
     ) -> Result<()> {
         let hd = self.shape.head_dim;
-        let (q, gate) = b.split_query_gate(&b.matmul(x, &self.q_proj)?, self.shape.num_heads, hd)?;
+        let [query_gate, k, v] = project(b, x, [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let (q, gate) = b.split_query_gate(&query_gate, self.shape.num_heads, hd)?;
         let mut q = b.rms_norm(&q, &self.q_norm, self.eps)?;
-        let mut k = b.rms_norm(&b.matmul(x, &self.k_proj)?, &self.k_norm, self.eps)?;
-        let v = b.matmul(x, &self.v_proj)?;
+        let mut k = b.rms_norm(&k, &self.k_norm, self.eps)?;
         b.rope(&mut q, hd, self.rotary_dim, self.rope_theta, pos0)?;
         b.rope(&mut k, hd, self.rotary_dim, self.rope_theta, pos0)?;
         b.append_rows(&mut cache.keys, &k)?;

@@ -4,7 +4,7 @@
 
 use super::config::{LinearAttentionConfig, ModelConfig};
 use super::weights::{LayerWeight as W, Weight, WeightSource};
-use crate::backend::Backend;
+use crate::backend::{Backend, project};
 use crate::error::Result;
 
 pub struct GatedDeltaNet<B: Backend> {
@@ -77,10 +77,8 @@ impl<B: Backend> GatedDeltaNet<B> {
         state: &mut DeltaState<B>,
         residual: &mut B::Tensor,
     ) -> Result<()> {
-        let mixed = b.matmul(x, &self.in_proj_qkv)?;
-        let z = b.matmul(x, &self.in_proj_z)?;
-        let beta_logits = b.matmul(x, &self.in_proj_b)?;
-        let a = b.matmul(x, &self.in_proj_a)?;
+        let projections = [&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_b, &self.in_proj_a];
+        let [mixed, z, beta_logits, a] = project(b, x, projections)?;
         let qkv = b.causal_conv1d_silu(&mixed, &self.conv_weight, &mut state.conv)?;
         let core = b.gated_delta_rule(
             &qkv,

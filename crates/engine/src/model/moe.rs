@@ -95,7 +95,14 @@ impl<B: Backend> SparseMoe<B> {
         out: &mut B::Tensor,
     ) -> Result<()> {
         let tokens = b.shape(x).0;
-        let routes = b.route_top_k(&b.matmul(x, &self.router)?, experts_per_token, self.renormalize)?;
+        // The router and the shared expert's gate read the same input: one launch where the
+        // backend can, and the gate logit is ready before the routing decision comes back.
+        let mut logits = match &self.shared {
+            Some((_, gate)) => b.matmul_many(x, &[&self.router, gate])?,
+            None => vec![b.matmul(x, &self.router)?],
+        };
+        let shared_logit = if logits.len() > 1 { logits.pop() } else { None };
+        let routes = b.route_top_k(&logits[0], experts_per_token, self.renormalize)?;
         if let Some(log) = routing_log {
             log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
         }
@@ -143,12 +150,16 @@ impl<B: Backend> SparseMoe<B> {
                 clock.charge(times, Phase::ExpertCompute);
             }
         }
-        let shared = self.shared.as_ref().map(|(mlp, gate)| SharedExpert {
-            gate_proj: &mlp.gate,
-            up_proj: &mlp.up,
-            down_proj: &mlp.down,
-            gate,
-        });
+        let shared = self
+            .shared
+            .as_ref()
+            .zip(shared_logit.as_ref())
+            .map(|((mlp, _), gate_logit)| SharedExpert {
+                gate_proj: &mlp.gate,
+                up_proj: &mlp.up,
+                down_proj: &mlp.down,
+                gate_logit,
+            });
         if tokens == 1 {
             let experts: Vec<&B::Expert> = ready.iter().collect();
             b.experts_ffn_one_token(x, &experts, &token_weights, shared.as_ref(), out)?;

@@ -412,7 +412,7 @@ impl CudaBackend {
         &self,
         x: &CudaTensor,
         slots: &[BatchSlot],
-        shared_gate: Option<&CudaMatrix>,
+        shared_logit: Option<&CudaTensor>,
         out: &mut CudaTensor,
     ) -> Result<bool> {
         let Some(first) = slots.first() else { return Ok(true) };
@@ -434,8 +434,6 @@ impl CudaBackend {
         if !uniform || batch == 0 {
             return Ok(false);
         }
-        // The shared expert's gate logit, read on the device by the down kernel.
-        let shared_logit = shared_gate.map(|gate| self.matmul(x, gate)).transpose()?;
         let (_, group, dtype) = gate0.format();
         let (inter, hidden) = (gate0.rows, gate0.cols);
         for chunk in slots.chunks(batch) {
@@ -447,7 +445,8 @@ impl CudaBackend {
                 shared_slot: -1,
             };
             use cudarc::driver::DevicePtr;
-            let _logit_guard = match (&shared_logit, chunk.iter().position(|s| s.weight.is_none())) {
+            // The shared expert's gate logit is read on the device by the down kernel.
+            let _logit_guard = match (shared_logit, chunk.iter().position(|s| s.weight.is_none())) {
                 (Some(logit), Some(slot)) => {
                     let (ptr, guard) = logit.buf.device_ptr(&self.stream);
                     params.shared_logit = ptr;
@@ -1232,7 +1231,7 @@ impl Backend for CudaBackend {
                 weight: None,
             });
         }
-        if x.rows == 1 && self.expert_batch(x, &slots, shared.map(|s| s.gate), out)? {
+        if x.rows == 1 && self.expert_batch(x, &slots, shared.map(|s| s.gate_logit), out)? {
             return Ok(());
         }
         for (expert, &w) in experts.iter().zip(weights) {
