@@ -1,8 +1,9 @@
 // Kernel lab for the one-token quantized products: times the engine's own kernels
 // (crates/engine/src/backend/cuda/kernels.cu, included as is) at the sizes decode uses,
 // against a device-to-device copy and a read-only stream measured in the same run, under
-// two grid sizings, and checks each result against the plain warp-per-row kernel
-// (matvec_affine_any: integer codes, per-group scale and bias, x from global memory).
+// two grid sizings, together with an experimental tensor-core variant defined below, and
+// checks each result against the plain warp-per-row kernel (matvec_affine_any: integer
+// codes, per-group scale and bias, x from global memory).
 //
 // Built and run on a GPU machine (no cargo needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90 tools/matvec_lab.cu -o lab && ./lab
@@ -18,8 +19,8 @@
 // Experimental, not used by the engine: 4-bit, group-64 products with bf16 scales on the
 // tensor cores (one token). See docs/perf.md for how it compares with the scalar kernels.
 //
-// The scalar kernels above spend about five instructions per code (the integer pipe and the
-// issue slots, not memory, bound them). Here pairs of codes become the bf16 values
+// The scalar kernels of kernels.cu spend about five instructions per code (the integer pipe
+// and the issue slots, not memory, bound them). Here pairs of codes become the bf16 values
 // f = 1 + q/16 (exact) with one shift and one mask, and mma.m16n8k16 multiplies 16 rows at
 // once by x. x is split into three bf16 parts (hi + mid + lo = x to about 2^-27), so the
 // products keep f32 accuracy; each part sits in its own column of the B operand, and the two
