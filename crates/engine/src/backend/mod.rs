@@ -193,13 +193,7 @@ pub trait Backend: Send + Sync {
         shared: Option<&SharedExpert<'_, Self>>,
         out: &mut Self::Tensor,
     ) -> Result<()> {
-        for (expert, &w) in experts.iter().zip(weights) {
-            self.expert_ffn(x, expert, &[0], &[w], out)?;
-        }
-        match shared {
-            Some(s) => shared_expert_ffn(self, x, s, out),
-            None => Ok(()),
-        }
+        experts_ffn_one_by_one(self, x, experts, weights, shared, out)
     }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
@@ -228,6 +222,24 @@ pub struct SharedExpert<'a, B: Backend + ?Sized> {
     /// `[rows, 1]`: the logit of the expert's sigmoid gate for each row of `x` (computed
     /// with the router logits, which read the same input).
     pub gate_logit: &'a B::Tensor,
+}
+
+/// [`Backend::experts_ffn_one_token`] one expert at a time, the shared expert last.
+pub fn experts_ffn_one_by_one<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    experts: &[&B::Expert],
+    weights: &[f32],
+    shared: Option<&SharedExpert<'_, B>>,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    for (expert, &w) in experts.iter().zip(weights) {
+        b.expert_ffn(x, expert, &[0], &[w], out)?;
+    }
+    match shared {
+        Some(s) => shared_expert_ffn(b, x, s, out),
+        None => Ok(()),
+    }
 }
 
 /// `out += shared(x)` for every row of `x`, as a sequence of the backend's plain operations.

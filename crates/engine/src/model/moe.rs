@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, SharedExpert, shared_expert_ffn};
+use crate::backend::{Backend, SharedExpert, project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -97,12 +97,14 @@ impl<B: Backend> SparseMoe<B> {
         let tokens = b.shape(x).0;
         // The router and the shared expert's gate read the same input: one launch where the
         // backend can, and the gate logit is ready before the routing decision comes back.
-        let mut logits = match &self.shared {
-            Some((_, gate)) => b.matmul_many(x, &[&self.router, gate])?,
-            None => vec![b.matmul(x, &self.router)?],
+        let (router_logits, shared_logit) = match &self.shared {
+            Some((_, gate)) => {
+                let [router_logits, shared_logit] = project(b, x, [&self.router, gate])?;
+                (router_logits, Some(shared_logit))
+            }
+            None => (b.matmul(x, &self.router)?, None),
         };
-        let shared_logit = if logits.len() > 1 { logits.pop() } else { None };
-        let routes = b.route_top_k(&logits[0], experts_per_token, self.renormalize)?;
+        let routes = b.route_top_k(&router_logits, experts_per_token, self.renormalize)?;
         if let Some(log) = routing_log {
             log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
         }

@@ -249,17 +249,18 @@ __device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const floa
     }
 }
 
-#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                                        \
-    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group, int dtype, \
-                                              const float* x, int rows, int cols, float* y, float alpha, float beta) { \
-        Affine a = {w, scales, biases};                                                                            \
-        matvec_pow2<BITS, false>(a, a, group, dtype, x, rows, cols, y, alpha, beta);                               \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2,        \
-                                              const u8* scales2, const u8* biases2, int group, int dtype,          \
-                                              const float* x, int rows, int cols, float* y) {                      \
-        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                                \
-        matvec_pow2<BITS, true>(a, b, group, dtype, x, rows, cols, y, 1.0f, 0.0f);                                 \
+#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                      \
+    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,    \
+                                              int dtype, const float* x, int rows, int cols, float* y,       \
+                                              float alpha, float beta) {                                     \
+        Affine a = {w, scales, biases};                                                                      \
+        matvec_pow2<BITS, false>(a, a, group, dtype, x, rows, cols, y, alpha, beta);                         \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
+        swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2, const u8* scales2,     \
+                       const u8* biases2, int group, int dtype, const float* x, int rows, int cols, float* y) { \
+        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                          \
+        matvec_pow2<BITS, true>(a, b, group, dtype, x, rows, cols, y, 1.0f, 0.0f);                           \
     }
 // Blocks per multiprocessor the SwiGLU kernel is compiled for: as many as fit without spills.
 MATVEC_POW2(2, 2)
@@ -362,14 +363,15 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     }
 }
 
-#define EXPERT_BATCH(BITS, MIN_BLOCKS)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x,    \
-                                                    int rows, int cols, float* act) {                          \
-        swiglu_batch<BITS>(batch, group, dtype, x, rows, cols, act);                                           \
-    }                                                                                                          \
-    extern "C" __global__ void down_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* act,    \
-                                                  int rows, int cols, float* out) {                            \
-        down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                           \
+#define EXPERT_BATCH(BITS, MIN_BLOCKS)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
+        swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,    \
+                             float* act) {                                                                   \
+        swiglu_batch<BITS>(batch, group, dtype, x, rows, cols, act);                                         \
+    }                                                                                                        \
+    extern "C" __global__ void down_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* act, \
+                                                  int rows, int cols, float* out) {                          \
+        down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                         \
     }
 // Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
 EXPERT_BATCH(2, 2)

@@ -139,15 +139,15 @@ struct ExpertBatchParams {
     shared_slot: i32,
 }
 
+// SAFETY: plain old data laid out as the C struct the kernels take by value.
+unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
+
 /// One expert of a batched launch: its gate, up and down, and how its output is weighted.
 struct BatchSlot<'a> {
     matrices: [&'a CudaMatrix; 3],
     /// The routing weight; `None` for the shared expert (sigmoid of its gate logit).
     weight: Option<f32>,
 }
-
-// SAFETY: plain old data laid out as the C struct the kernels take by value.
-unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
 
 /// Host blobs whose asynchronous copies to the device are still in flight.
 #[derive(Default)]
@@ -1234,13 +1234,7 @@ impl Backend for CudaBackend {
         if x.rows == 1 && self.expert_batch(x, &slots, shared.map(|s| s.gate_logit), out)? {
             return Ok(());
         }
-        for (expert, &w) in experts.iter().zip(weights) {
-            self.expert_ffn(x, expert, &[0], &[w], out)?;
-        }
-        match shared {
-            Some(s) => crate::backend::shared_expert_ffn(self, x, s, out),
-            None => Ok(()),
-        }
+        crate::backend::experts_ffn_one_by_one(self, x, experts, weights, shared, out)
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
