@@ -14,6 +14,7 @@ use flash_moe_engine::backend::{AttentionShape, Backend, SharedExpert};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Logits;
 use flash_moe_engine::model::config::LinearAttentionConfig;
+use flash_moe_engine::model::weights::ExpertView;
 use flash_moe_engine::storage::blob::Blob;
 use flash_moe_engine::storage::checkpoint::DType;
 use flash_moe_engine::storage::quant::MatrixView;
@@ -67,6 +68,34 @@ macro_rules! same_on_both {
         eprintln!("{:<44} relative L2 {err:.2e}", $name);
         assert!(err < $tol, "{}: relative L2 {err:.3e}", $name);
     }};
+}
+
+/// The expert with its parts copied into one buffer, 16 bytes apart, the way a record read
+/// from disk holds them (the CUDA backend then uploads the record in one copy).
+fn as_one_record(mut view: ExpertView) -> ExpertView {
+    let mut bytes = vec![0u8; 16];
+    let mut ranges = Vec::new();
+    for m in [&view.gate, &view.up, &view.down] {
+        for part in [Some(&m.data), m.scales.as_ref(), m.biases.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            ranges.push((bytes.len(), part.len()));
+            bytes.extend_from_slice(part.bytes());
+            bytes.resize(bytes.len().next_multiple_of(16) + 16, 0);
+        }
+    }
+    let record = Blob::from_vec(bytes);
+    let mut ranges = ranges.into_iter().map(|(at, len)| record.sub(at, len));
+    for m in [&mut view.gate, &mut view.up, &mut view.down] {
+        for part in [Some(&mut m.data), m.scales.as_mut(), m.biases.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            *part = ranges.next().expect("one range per part");
+        }
+    }
+    view
 }
 
 fn matrix(rng: &mut SmallRng, rows: usize, cols: usize, encoding: &str) -> MatrixView {
@@ -148,7 +177,7 @@ fn every_operation_matches_the_cpu() {
         same_on_both!(name, &cpu, &gpu, 1e-4, (encoding, tokens), |b, p: (&str, usize)| {
             let (enc, tokens) = p;
             let mut rng = SmallRng::seed_from_u64(11);
-            let view = flash_moe_engine::model::weights::ExpertView {
+            let view = ExpertView {
                 gate: matrix(&mut rng, 256, 512, enc),
                 up: matrix(&mut rng, 256, 512, enc),
                 down: matrix(&mut rng, 512, 256, enc),
@@ -187,11 +216,13 @@ fn every_operation_matches_the_cpu() {
             let mut rng = SmallRng::seed_from_u64(12);
             let experts = (0..count)
                 .map(|e| {
-                    let view = flash_moe_engine::model::weights::ExpertView {
+                    let view = ExpertView {
                         gate: matrix(&mut rng, 128, 512, enc),
                         up: matrix(&mut rng, 128, 512, enc),
                         down: matrix(&mut rng, 512, 128, enc),
                     };
+                    // Every other expert arrives as one record, as from the expert store.
+                    let view = if e % 2 == 1 { as_one_record(view) } else { view };
                     b.load_expert(0, e, &view)
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -230,6 +261,7 @@ fn every_operation_matches_the_cpu() {
     let many = [
         (["q4/g64", "q4/g64", "q4/g64", "q4/g64"], 1usize),
         (["q8/g64", "q8/g64", "q8/g64", "q8/g64"], 1),
+        (["q2/g32", "q2/g32", "q2/g32", "q2/g32"], 1),
         (["q4/g64", "q8/g64", "q4/g64", "q4/g64"], 1),
         (["q4/g64", "q4/g64", "q4/g64", "q4/g64"], 2),
     ];

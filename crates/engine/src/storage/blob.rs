@@ -38,6 +38,28 @@ impl Blob {
         }
     }
 
+    /// The smallest blob holding all of `parts` and each part's offset in it, when they are
+    /// ranges of one buffer (an expert record's segments); `None` when they are not.
+    pub fn enclosing(parts: &[&Blob]) -> Option<(Blob, Vec<usize>)> {
+        let first = parts.first()?;
+        let owner = |b: &Blob| Arc::as_ptr(&b.owner) as *const u8;
+        if parts.iter().any(|b| owner(b) != owner(first)) {
+            return None;
+        }
+        let start = parts.iter().map(|b| b.start).min()?;
+        let end = parts.iter().map(|b| b.start + b.len).max()?;
+        let span = first.sub_of_owner(start, end - start);
+        Some((span, parts.iter().map(|b| b.start - start).collect()))
+    }
+
+    fn sub_of_owner(&self, start: usize, len: usize) -> Blob {
+        Blob {
+            owner: Arc::clone(&self.owner),
+            start,
+            len,
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]
     }
@@ -54,5 +76,24 @@ impl Blob {
 impl std::fmt::Debug for Blob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Blob({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enclosing_spans_the_parts_of_one_buffer() {
+        let record = Blob::from_vec((0..100u8).collect());
+        let (a, b) = (record.sub(10, 5), record.sub(40, 20));
+        let Some((span, offsets)) = Blob::enclosing(&[&b, &a]) else {
+            panic!("parts of one buffer have an enclosing blob");
+        };
+        assert_eq!(span.bytes(), &record.bytes()[10..60]);
+        assert_eq!(offsets, [30, 0]);
+        assert_eq!(&span.bytes()[offsets[0]..offsets[0] + b.len()], b.bytes());
+        let other = Blob::from_vec(vec![0; 8]);
+        assert!(Blob::enclosing(&[&a, &other]).is_none());
     }
 }

@@ -169,20 +169,46 @@ __device__ __forceinline__ float piece_fdot(uint4 v, const float* xs) {
     return acc0 + acc1;
 }
 
-// Stages `cols` floats of x into shared memory, padded per piece, with the piece sums after
-// them (both laid out as the row dot products read them). Ends with a barrier.
+// Stages x into shared memory, padded per piece, with the piece sums after them (both laid
+// out as the row dot products read them); no barrier. x is `count` vectors of `cols` floats
+// (the inputs of a batch of experts, one after the other); vector e goes to xs + e * stride.
+// Each thread loads the float4 chunks t, t + blockDim, ... all at once (STAGE_VECS per
+// round), so staging costs one memory round trip instead of one per float; a piece's sum is
+// reduced over the neighbouring lanes that hold its chunks. x is 16-byte aligned; blockDim
+// is a multiple of 32.
+#define STAGE_VECS 4
+template <int BITS>
+__device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, float* xs) {
+    constexpr int PF = 128 / BITS;
+    constexpr int CHUNKS = PF / 4;  // float4 chunks per piece: 4, 8 or 16 lanes
+    int pieces = cols / PF, chunks = count * cols / 4;
+    for (int base = 0; base < chunks; base += STAGE_VECS * blockDim.x) {
+        float4 v[STAGE_VECS];
+#pragma unroll
+        for (int j = 0; j < STAGE_VECS; ++j) {
+            int c = base + j * blockDim.x + threadIdx.x;
+            v[j] = c < chunks ? ((const float4*)x)[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int j = 0; j < STAGE_VECS; ++j) {
+            if (base + j * blockDim.x >= chunks) break;  // the same for the whole block
+            int c = base + j * blockDim.x + threadIdx.x;
+            float sum = (v[j].x + v[j].y) + (v[j].z + v[j].w);
+            for (int o = CHUNKS / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (c < chunks) {
+                int piece = c / CHUNKS, e = piece / pieces, p = piece % pieces;
+                float* dst = xs + e * stride;
+                *(float4*)(dst + p * (PF + PIECE_PAD) + (c % CHUNKS) * 4) = v[j];
+                if (c % CHUNKS == 0) dst[pieces * (PF + PIECE_PAD) + p] = sum;
+            }
+        }
+    }
+}
+
+// One vector of `cols` floats, then a barrier.
 template <int BITS>
 __device__ __forceinline__ void stage_x(const float* x, int cols, float* xs) {
-    constexpr int PF = 128 / BITS;
-    int pieces = cols / PF;
-    float* sums = xs + pieces * (PF + PIECE_PAD);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[(i / PF) * (PF + PIECE_PAD) + i % PF] = x[i];
-    __syncthreads();
-    for (int p = threadIdx.x; p < pieces; p += blockDim.x) {
-        float s = 0.0f;
-        for (int j = 0; j < PF; ++j) s += xs[p * (PF + PIECE_PAD) + j];
-        sums[p] = s;
-    }
+    stage_x_async<BITS>(x, 1, cols, 0, xs);
     __syncthreads();
 }
 
@@ -267,6 +293,45 @@ MATVEC_POW2(2, 2)
 MATVEC_POW2(4, 3)
 MATVEC_POW2(8, 3)
 
+// Up to MAX_MULTI matrices that read the same x (same encoding and width, any heights) in
+// one launch: x is staged once per block and the rows are numbered across the matrices.
+#define MAX_MULTI 4
+
+struct MatvecMulti {
+    const u8* w[MAX_MULTI][3];  // codes, scales, biases
+    float* y[MAX_MULTI];
+    int rows[MAX_MULTI];
+    int count;
+};
+
+template <int BITS>
+__device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const float* x, int cols) {
+    extern __shared__ float smem[];
+    stage_x<BITS>(x, cols, smem);
+    int pieces = cols / (128 / BITS);
+    int total = 0;
+    for (int k = 0; k < m.count; ++k) total += m.rows[k];
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int rr = blockIdx.x * warps + (threadIdx.x >> 5); rr < total; rr += gridDim.x * warps) {
+        int k = 0, r = rr;
+        while (r >= m.rows[k]) r -= m.rows[k++];
+        Affine a = {m.w[k][0], m.w[k][1], m.w[k][2]};
+        float acc = 0.0f, unused = 0.0f;
+        row_dot<BITS, false>(a, a, r, pieces, group, dtype, smem, acc, unused);
+        acc = warp_sum(acc);
+        if (lane == 0) m.y[k][r] = acc;
+    }
+}
+
+#define MATVEC_MULTI(BITS)                                                                                 \
+    extern "C" __global__ void matvec_multi_q##BITS(MatvecMulti m, int group, int dtype, const float* x,    \
+                                                    int cols) {                                              \
+        matvec_multi<BITS>(m, group, dtype, x, cols);                                                        \
+    }
+MATVEC_MULTI(2)
+MATVEC_MULTI(4)
+MATVEC_MULTI(8)
+
 // All routed experts of a layer for one token, in two launches. The pointers travel in the
 // kernel parameters; experts are summed in batch order, so results do not depend on which
 // experts were already on the device.
@@ -315,17 +380,7 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     // Per expert: padded act, then piece sums; rounded to 4 floats so that every expert's
     // act stays 16-byte aligned for the float4 reads.
     int stride = (pieces * (PF + PIECE_PAD) + pieces + 3) & ~3;
-    for (int i = threadIdx.x; i < batch.count * cols; i += blockDim.x) {
-        int e = i / cols, c = i % cols;
-        smem[e * stride + (c / PF) * (PF + PIECE_PAD) + c % PF] = act[i];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < batch.count * pieces; i += blockDim.x) {
-        int e = i / pieces, p = i % pieces;
-        float s = 0.0f;
-        for (int j = 0; j < PF; ++j) s += smem[e * stride + p * (PF + PIECE_PAD) + j];
-        smem[e * stride + pieces * (PF + PIECE_PAD) + p] = s;
-    }
+    stage_x_async<BITS>(act, batch.count, cols, stride, smem);
     __syncthreads();
     const float lift = (float)(1 << BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -418,17 +473,38 @@ extern "C" __global__ void matvec_dense(const u8* w, int dtype, const float* x, 
 // Norms and elementwise operations.
 
 // RMSNorm over each `n`-wide group (one block per group), times weight[n].
+// One block per row. A row of up to 16 floats per thread (4096 with 256 threads) is read
+// once, as float4s all in flight together, and kept in registers; longer rows loop.
+#define RMS_VECS 4
 extern "C" __global__ void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
     __shared__ float scratch[32];
     const float* src = x + (long long)blockIdx.x * n;
     float* dst = out + (long long)blockIdx.x * n;
+    if ((n & 3) == 0 && n <= 4 * RMS_VECS * (int)blockDim.x) {
+        float4 v[RMS_VECS];
+        float ss = 0.0f;
+#pragma unroll
+        for (int j = 0; j < RMS_VECS; ++j) {
+            int c = 4 * (j * blockDim.x + threadIdx.x);
+            v[j] = c < n ? *(const float4*)(src + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+        float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+#pragma unroll
+        for (int j = 0; j < RMS_VECS; ++j) {
+            int c = 4 * (j * blockDim.x + threadIdx.x);
+            if (c >= n) break;
+            float4 w = *(const float4*)(weight + c);
+            *(float4*)(dst + c) = make_float4(v[j].x * inv * w.x, v[j].y * inv * w.y, v[j].z * inv * w.z,
+                                              v[j].w * inv * w.w);
+        }
+        return;
+    }
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += src[i] * src[i];
     float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
 }
-
-// The gated RMSNorm of Gated DeltaNet: per group, normalise, times weight, times silu(z).
 extern "C" __global__ void gated_rms_norm(const float* x, const float* z, const float* weight, int n, float eps,
                                           float* out) {
     __shared__ float scratch[32];
@@ -590,87 +666,89 @@ extern "C" __global__ void conv_state_update(const float* x, float* state, int r
     }
 }
 
-#define DK_PER_LANE_MAX 8
-#define COLS_PER_WARP 4
+#define DELTA_KEY_MAX 256
+#define DELTA_ROWS_PER_WARP 16
 
-// The gated delta rule. Grid: (value heads, column blocks); each warp owns COLS_PER_WARP
-// columns j of the head's state S [dk, dv]; lane l holds rows i = l, l + 32, ... (dk <= 256).
-// Per token: S *= exp(g); delta = (v - S^T k) * beta; S += k delta^T; o = S^T q.
+// The gated delta rule. Per token: S *= exp(g); delta = (v - S^T k) * beta; S += k delta^T;
+// o = S^T q, for each value head's state S [dk, dv] (dk <= 256).
+// Grid: (value heads, blocks of 32 value columns); block: one warp per 16 key rows. Lane l of
+// every warp owns column col0 + l, so each row of state a warp reads or writes is one
+// coalesced 128-byte line; the sums over key rows are taken within each thread, then across
+// the block's warps through shared memory.
 extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, const float* b, const float* a_log,
                                             const float* dt_bias, float* state, int rows, int nk, int nv, int dk,
                                             int dv, float* out) {
+    __shared__ float qs[DELTA_KEY_MAX], ks[DELTA_KEY_MAX];
+    __shared__ float part[DELTA_KEY_MAX / DELTA_ROWS_PER_WARP][32];
+    __shared__ float scratch[32];
     int h = blockIdx.x;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    int col0 = (blockIdx.y * warps + warp) * COLS_PER_WARP;
-    if (col0 >= dv) return;
+    int col = blockIdx.y * 32 + lane;
+    bool live = col < dv;
+    int row0 = warp * DELTA_ROWS_PER_WARP;
     int kh = h / (nv / nk);
     int key_dim = nk * dk, conv_dim = 2 * key_dim + nv * dv;
     float* S = state + (long long)h * dk * dv;
-    float s[DK_PER_LANE_MAX][COLS_PER_WARP];
+    float s[DELTA_ROWS_PER_WARP];
 #pragma unroll
-    for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-        int i = r * 32 + lane;
-#pragma unroll
-        for (int c = 0; c < COLS_PER_WARP; ++c)
-            s[r][c] = (i < dk && col0 + c < dv) ? S[(long long)i * dv + col0 + c] : 0.0f;
+    for (int r = 0; r < DELTA_ROWS_PER_WARP; ++r) {
+        int i = row0 + r;
+        s[r] = (live && i < dk) ? S[(long long)i * dv + col] : 0.0f;
     }
     float q_scale = rsqrtf((float)dk);
     float A = expf(a_log[h]);
+    // The block has at least 2 dk threads (one warp per 16 rows): thread i < dk loads q_i, k_i.
+    int i = threadIdx.x;
     for (int t = 0; t < rows; ++t) {
         const float* row = qkv + (long long)t * conv_dim;
-        float qv[DK_PER_LANE_MAX], kv[DK_PER_LANE_MAX];
-        float qq = 0.0f, kk = 0.0f;
-#pragma unroll
-        for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-            int i = r * 32 + lane;
-            qv[r] = i < dk ? row[kh * dk + i] : 0.0f;
-            kv[r] = i < dk ? row[key_dim + kh * dk + i] : 0.0f;
-            qq += qv[r] * qv[r];
-            kk += kv[r] * kv[r];
-        }
-        float qn = rsqrtf(warp_sum(qq) + 1e-6f) * q_scale, kn = rsqrtf(warp_sum(kk) + 1e-6f);
-#pragma unroll
-        for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-            qv[r] *= qn;
-            kv[r] *= kn;
+        float qv = i < dk ? row[kh * dk + i] : 0.0f;
+        float kv = i < dk ? row[key_dim + kh * dk + i] : 0.0f;
+        float qn = rsqrtf(block_sum(qv * qv, scratch) + 1e-6f) * q_scale;
+        float kn = rsqrtf(block_sum(kv * kv, scratch) + 1e-6f);
+        // Rows past dk (up to the last warp's 16) read zeros.
+        if (i < warps * DELTA_ROWS_PER_WARP) {
+            qs[i] = qv * qn;
+            ks[i] = kv * kn;
         }
         float av = a[(long long)t * nv + h] + dt_bias[h];
         float softplus = av > 20.0f ? av : log1pf(expf(av));
         float decay = expf(-A * softplus);
         float beta = sigmoidf(b[(long long)t * nv + h]);
+        __syncthreads();
+        float read = 0.0f;
 #pragma unroll
-        for (int c = 0; c < COLS_PER_WARP; ++c) {
-            if (col0 + c >= dv) break;  // uniform across the warp
-            float read = 0.0f;
-#pragma unroll
-            for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-                s[r][c] *= decay;
-                read += s[r][c] * kv[r];
-            }
-            read = warp_sum(read);
-            float v = row[2 * key_dim + h * dv + col0 + c];
-            float delta = (v - read) * beta;
-            float o = 0.0f;
-#pragma unroll
-            for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-                s[r][c] += kv[r] * delta;
-                o += s[r][c] * qv[r];
-            }
-            o = warp_sum(o);
-            if (lane == 0) out[(long long)t * nv * dv + h * dv + col0 + c] = o;
+        for (int r = 0; r < DELTA_ROWS_PER_WARP; ++r) {
+            s[r] *= decay;
+            read += s[r] * ks[row0 + r];
         }
+        part[warp][lane] = read;
+        __syncthreads();
+        read = 0.0f;
+        for (int w = 0; w < warps; ++w) read += part[w][lane];
+        float v = live ? row[2 * key_dim + h * dv + col] : 0.0f;
+        float delta = (v - read) * beta;
+        float o = 0.0f;
+#pragma unroll
+        for (int r = 0; r < DELTA_ROWS_PER_WARP; ++r) {
+            s[r] += ks[row0 + r] * delta;
+            o += s[r] * qs[row0 + r];
+        }
+        __syncthreads();  // every warp has read `part`
+        part[warp][lane] = o;
+        __syncthreads();
+        if (warp == 0 && live) {
+            o = 0.0f;
+            for (int w = 0; w < warps; ++w) o += part[w][lane];
+            out[(long long)t * nv * dv + h * dv + col] = o;
+        }
+        __syncthreads();  // before the next token rewrites qs, ks and part
     }
 #pragma unroll
-    for (int r = 0; r < DK_PER_LANE_MAX; ++r) {
-        int i = r * 32 + lane;
-#pragma unroll
-        for (int c = 0; c < COLS_PER_WARP; ++c)
-            if (i < dk && col0 + c < dv) S[(long long)i * dv + col0 + c] = s[r][c];
+    for (int r = 0; r < DELTA_ROWS_PER_WARP; ++r) {
+        int i = row0 + r;
+        if (live && i < dk) S[(long long)i * dv + col] = s[r];
     }
 }
-
-// ---------------------------------------------------------------------------------------
-// Router: softmax over the experts, then the k largest (ties to the lower index).
 extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
                                        float* weights) {
     extern __shared__ float probs[];  // experts floats, then 32 ints of per-warp winners

@@ -22,6 +22,8 @@ pub struct Kernels {
     /// One-token affine matvec for 2, 4, 8 bits, and the fused SwiGLU (gate and up) variant.
     pub matvec_q: [CudaFunction; 3],
     pub swiglu_q: [CudaFunction; 3],
+    /// Up to `MAX_MULTI` matrices reading the same x, one token, one launch (2, 4, 8 bits).
+    pub matvec_multi_q: [CudaFunction; 3],
     /// All routed experts of a token in two launches (2, 4, 8 bits).
     pub swiglu_batch_q: [CudaFunction; 3],
     pub down_batch_q: [CudaFunction; 3],
@@ -67,6 +69,7 @@ impl Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q: [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?],
             swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
+            matvec_multi_q: [f("matvec_multi_q2")?, f("matvec_multi_q4")?, f("matvec_multi_q8")?],
             swiglu_batch_q: [f("swiglu_batch_q2")?, f("swiglu_batch_q4")?, f("swiglu_batch_q8")?],
             down_batch_q: [
                 big_smem("down_batch_q2")?,

@@ -24,6 +24,7 @@ use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route, SharedExp
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
+use crate::storage::blob::Blob;
 use crate::storage::checkpoint::DType;
 use crate::storage::io::{AlignedBuf, HostAllocator, HostBuffer};
 use crate::storage::quant::{Encoding, MatrixView};
@@ -142,6 +143,55 @@ struct ExpertBatchParams {
 // SAFETY: plain old data laid out as the C struct the kernels take by value.
 unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
 
+/// How an expert's parts travel to its device allocation: the copies (host range, device
+/// offset), each part's device offset, and the allocation's size. One copy of the whole
+/// record when the parts lie close together in one host buffer (a record read from disk or
+/// held in the host cache): the per-copy cost of a DMA transfer is paid once, not nine times.
+/// Device offsets keep each part's host alignment modulo 256, so the kernels' 16-byte loads
+/// stay aligned wherever the host's were. Otherwise one copy per part, each at a multiple of 256.
+fn expert_copies(blobs: &[&Blob]) -> (Vec<(Blob, usize)>, Vec<usize>, usize) {
+    /// Padding between a record's parts that one copy may carry along.
+    const SLACK: usize = 64 << 10;
+    let sum: usize = blobs.iter().map(|b| b.len()).sum();
+    if let Some((span, within)) = Blob::enclosing(blobs)
+        && span.len() <= sum + SLACK
+    {
+        let lead = span.bytes().as_ptr() as usize % 256;
+        let total = lead + span.len();
+        return (
+            vec![(span, lead)],
+            within.into_iter().map(|o| lead + o).collect(),
+            total,
+        );
+    }
+    let mut total = 0usize;
+    let offsets = blobs
+        .iter()
+        .map(|b| {
+            let at = total.next_multiple_of(256);
+            total = at + b.len();
+            at
+        })
+        .collect::<Vec<_>>();
+    let copies = blobs.iter().zip(&offsets).map(|(b, &at)| ((*b).clone(), at)).collect();
+    (copies, offsets, total)
+}
+
+/// Matrices of one same-input launch, as `struct MatvecMulti` in kernels.cu.
+const MAX_MULTI: usize = 4;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MatvecMultiParams {
+    w: [[u64; 3]; MAX_MULTI],
+    y: [u64; MAX_MULTI],
+    rows: [i32; MAX_MULTI],
+    count: i32,
+}
+
+// SAFETY: plain old data laid out as the C struct the kernels take by value.
+unsafe impl cudarc::driver::DeviceRepr for MatvecMultiParams {}
+
 /// One expert of a batched launch: its gate, up and down, and how its output is weighted.
 struct BatchSlot<'a> {
     matrices: [&'a CudaMatrix; 3],
@@ -151,7 +201,7 @@ struct BatchSlot<'a> {
 
 /// Host blobs whose asynchronous copies to the device are still in flight.
 #[derive(Default)]
-struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<crate::storage::blob::Blob>)>);
+struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<Blob>)>);
 
 /// Scratch buffers reused across calls.
 #[derive(Default)]
@@ -204,6 +254,38 @@ fn blocks(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Keeps memory freed to the device's default pool (evicted experts) in the pool. Its
+/// release threshold is 0 by default, so every synchronisation (one per layer, at the
+/// routing decision) handed freed memory back to the driver, and the next expert's
+/// allocation had to map fresh memory.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool, which lives as long as the context;
+    // the attribute takes a pointer to a u64.
+    let status = unsafe {
+        let got = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
+        if got != sys::CUresult::CUDA_SUCCESS {
+            got
+        } else {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        }
+    };
+    match status {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        // No memory pools (some virtualised GPUs): cudarc then allocates synchronously.
+        sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Ok(()),
+        e => Err(Error::Cuda(format!(
+            "setting the memory pool's release threshold: {e:?}"
+        ))),
+    }
+}
+
 impl CudaBackend {
     /// Opens GPU `ordinal`, compiles the kernels for it and sets aside `expert_cache_bytes` of
     /// VRAM for routed experts (`None`: what is free after `reserve_bytes`, with headroom).
@@ -233,6 +315,7 @@ impl CudaBackend {
             .compute_capability()
             .map_err(cuda("reading the compute capability"))?;
         let arch = format!("sm_{major}{minor}");
+        keep_freed_memory(&ctx)?;
         let k = Kernels::load(&ctx, &arch)?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(cuda("creating the cuBLAS handle"))?;
@@ -287,30 +370,18 @@ impl CudaBackend {
     /// kept alive until the copy has finished.
     fn upload_expert(&self, view: &ExpertView) -> Result<[CudaMatrix; 3]> {
         let matrices = [&view.gate, &view.up, &view.down];
-        let mut parts = Vec::with_capacity(9);
-        let mut total = 0usize;
-        let mut place = |blob: &crate::storage::blob::Blob| {
-            let at = total.next_multiple_of(256);
-            total = at + blob.len();
-            parts.push((blob.clone(), at));
-            (at, blob.len())
-        };
-        let layout: Vec<_> = matrices
+        let blobs: Vec<&Blob> = matrices
             .iter()
-            .map(|m| {
-                (
-                    place(&m.data),
-                    m.scales.as_ref().map(&mut place),
-                    m.biases.as_ref().map(&mut place),
-                )
-            })
+            .flat_map(|m| [Some(&m.data), m.scales.as_ref(), m.biases.as_ref()])
+            .flatten()
             .collect();
+        let (copies, offsets, total) = expert_copies(&blobs);
         // SAFETY: every byte the kernels read is written by the copies below.
         let mem = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(cuda("allocating an expert"))?;
         {
             use cudarc::driver::DevicePtr;
             let (base, _guard) = mem.device_ptr(&self.stream);
-            for (blob, at) in &parts {
+            for (blob, at) in &copies {
                 // SAFETY: the destination range lies inside `mem`; the source stays alive in
                 // `in_flight` until the event recorded after these copies has completed.
                 unsafe {
@@ -323,13 +394,15 @@ impl CudaBackend {
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
             in_flight.0.retain(|(e, _)| !e.is_complete());
-            in_flight.0.push((event, parts.into_iter().map(|(b, _)| b).collect()));
+            in_flight.0.push((event, copies.into_iter().map(|(b, _)| b).collect()));
         }
         let mem = Arc::new(mem);
-        let mut built = layout
-            .into_iter()
-            .zip(matrices)
-            .map(|((data, scales, biases), m)| CudaMatrix {
+        let mut placed = blobs.iter().zip(offsets).map(|(b, at)| (at, b.len()));
+        let mut built = matrices.into_iter().map(|m| {
+            let data = placed.next().unwrap_or_default();
+            let scales = m.scales.as_ref().and_then(|_| placed.next());
+            let biases = m.biases.as_ref().and_then(|_| placed.next());
+            CudaMatrix {
                 rows: m.rows,
                 cols: m.cols,
                 encoding: m.encoding,
@@ -337,7 +410,8 @@ impl CudaBackend {
                 data,
                 scales,
                 biases,
-            });
+            }
+        });
         match (built.next(), built.next(), built.next()) {
             (Some(g), Some(u), Some(d)) => Ok([g, u, d]),
             _ => Err(Error::Cuda("an expert has three matrices".into())),
@@ -546,6 +620,61 @@ impl CudaBackend {
                 shared_mem_bytes: smem as u32,
             },
         ))
+    }
+
+    /// One-token products of matrices that read the same `x`, in one launch when they share
+    /// a 2/4/8-bit encoding and width (any heights); `None`, having done nothing, otherwise.
+    fn matvec_multi(&self, x: &CudaTensor, ws: &[&CudaMatrix]) -> Result<Option<Vec<CudaTensor>>> {
+        let Some((&first, _)) = ws.split_first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let Some((index, cfg)) = self.pow2_plan(first) else {
+            return Ok(None);
+        };
+        let same = ws.len() <= MAX_MULTI
+            && ws.iter().all(|w| {
+                w.encoding == first.encoding
+                    && w.cols == first.cols
+                    && self.pow2_plan(w).is_some_and(|(i, _)| i == index)
+            });
+        if !same {
+            return Ok(None);
+        }
+        let outs = ws.iter().map(|w| self.tensor(1, w.rows)).collect::<Result<Vec<_>>>()?;
+        let mut params = MatvecMultiParams {
+            w: [[0; 3]; MAX_MULTI],
+            y: [0; MAX_MULTI],
+            rows: [0; MAX_MULTI],
+            count: ws.len() as i32,
+        };
+        use cudarc::driver::DevicePtr;
+        for (k, (w, out)) in ws.iter().zip(&outs).enumerate() {
+            let (sc, bi) = w.affine_parts()?;
+            let (base, _guard) = w.mem.device_ptr(&self.stream);
+            for (j, offset) in [w.data.0, sc.0, bi.0].into_iter().enumerate() {
+                params.w[k][j] = base + offset as u64;
+            }
+            params.y[k] = out.buf.device_ptr(&self.stream).0;
+            params.rows[k] = w.rows as i32;
+        }
+        let total: usize = ws.iter().map(|w| w.rows).sum();
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(8).min(8 * self.sms) as u32, 1, 1),
+            ..cfg
+        };
+        let (_, group, dtype) = first.format();
+        let cols = first.cols as i32;
+        launch!(
+            self,
+            &self.k.matvec_multi_q[index],
+            cfg,
+            &params,
+            &group,
+            &dtype,
+            &*x.buf,
+            &cols
+        )?;
+        Ok(Some(outs))
     }
 
     /// One-token product into `y`: `y = alpha * (W x) + beta * y`.
@@ -805,6 +934,16 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn matmul_many(&self, x: &CudaTensor, ws: &[&CudaMatrix]) -> Result<Vec<CudaTensor>> {
+        if x.rows == 1
+            && ws.iter().all(|w| w.cols == x.cols)
+            && let Some(outs) = self.matvec_multi(x, ws)?
+        {
+            return Ok(outs);
+        }
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
+
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
         let n = weight.len() as i32;
         let out = self.tensor(x.rows, x.cols)?;
@@ -1018,10 +1157,10 @@ impl Backend for CudaBackend {
             ));
         }
         let out = self.tensor(qkv.rows, nv * dv)?;
-        let warps = dv.div_ceil(4).min(4) as u32;
+        // One warp per 16 key rows, one block per 32 value columns (DELTA_ROWS_PER_WARP).
         let cfg = LaunchConfig {
-            grid_dim: (nv as u32, (dv as u32).div_ceil(4 * warps), 1),
-            block_dim: (32 * warps, 1, 1),
+            grid_dim: (nv as u32, (dv as u32).div_ceil(32), 1),
+            block_dim: (32 * (dk as u32).div_ceil(16), 1, 1),
             shared_mem_bytes: 0,
         };
         let (rows, nk, nv, dk, dv) = (qkv.rows as i32, nk as i32, nv as i32, dk as i32, dv as i32);
