@@ -46,8 +46,9 @@ def dense_bytes(binary, model):
     for label, value, unit in re.findall(r"^\s+(\S.*?)\s{2,}[\d.]+\w?\s+params\s+([\d.]+) (\w+)", out, re.M):
         scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}[unit]
         sizes[label.strip()] = float(value) * scale
-    # Per token every dense matrix is read once, except the embedding (one row).
-    return sum(v for k, v in sizes.items() if k not in ("embedding", "routed experts"))
+    # Per token every dense matrix is read once, except the embedding (one row). The lm_head
+    # is read once per token whatever the depth.
+    return sum(v for k, v in sizes.items() if k not in ("embedding", "routed experts")), sizes.get("lm_head", 0.0)
 
 
 def main():
@@ -79,7 +80,7 @@ def main():
         a.layers = max(1, min(60, int((free - 8e9 - 2.2e9) // per_layer)))
     model = work / f"syn397-{a.layers}l-{a.experts or 512}e"
     synth(a.bin, model, a.layers, a.experts)
-    dense = dense_bytes(a.bin, model)
+    dense, lm_head = dense_bytes(a.bin, model)
     disk = run([a.bin, "bench-io", "--model", model, "--tokens", 4]).stdout
     disk_gbps = float(re.search(r"throughput ([\d.]+) GB/s", disk).group(1))
     print(disk.strip())
@@ -116,13 +117,24 @@ def main():
             cold = io["bytes_cold"] / calls
             sec = s["decode_seconds"] / calls
             phases = s["decode_phase_seconds"]
+            # After the forward pass returns: the logits' download, which waits for the GPU to
+            # finish the last layer's experts (their copies too) and the lm_head, then sampling.
+            # The last layer's share of it cannot be told apart from the per-token costs here,
+            # so the 60-layer estimate scales all of it with depth: it is a lower bound (with
+            # every expert in VRAM, about 0.3 ms of download and sampling per token is counted
+            # 60 / layers times).
+            after = sec - sum(phases.values()) / calls
             outside = phases["lm_head"] / calls
             per_layer = (sec - outside) / a.layers
             floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
+            floor_outside = lm_head / hbm
+            est60 = 60 * per_layer + outside
+            floor60 = 60 * (floor - floor_outside) / a.layers + floor_outside
             host_share = 100 * io["cache_hits"] / max(io["fetches"], 1)
-            rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / (60 * per_layer + outside),
+            rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / est60,
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
-                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, v["budget_bytes"] / 2**30, host_share))
+                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, floor60 / est60,
+                         after * 1e3, v["budget_bytes"] / 2**30, host_share))
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
             print(f"  K={k} cap {cap}: ms per token by phase: " +
                   ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
@@ -132,7 +144,8 @@ def main():
           f"dense {dense / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
           f"disk {disk_gbps:.2f} GB/s (same session)")
     head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
-            "MB/tok disk", "floor tok/s", "of floor", "budget GiB", "host hits in pinned cache %")
+            "MB/tok disk", "floor tok/s", "of floor", "60-layer of floor (est.)", "ms/token after the layers",
+            "budget GiB", "host hits in pinned cache %")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))

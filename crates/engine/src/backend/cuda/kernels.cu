@@ -749,54 +749,53 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
         if (live && i < dk) S[(long long)i * dv + col] = s[r];
     }
 }
+
 extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
                                        float* weights) {
-    extern __shared__ float probs[];  // experts floats, then 32 ints of per-warp winners
-    __shared__ float scratch[32];
+    // One warp per token, no block barriers: the softmax stays in shared memory, each lane
+    // keeps the best expert among its own (e = lane, lane + 32, ...), and each of the k
+    // rounds takes the warp's best (largest probability, lowest index on ties); only the lane
+    // that owned the winner looks for its next best.
+    extern __shared__ float probs[];
+    int lane = threadIdx.x;
     const float* row = logits + (long long)blockIdx.x * experts;
     float m = NEG_INF;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) m = fmaxf(m, row[e]);
-    m = block_max(m, scratch);
+    for (int e = lane; e < experts; e += 32) m = fmaxf(m, row[e]);
+    m = warp_max(m);
     float sum = 0.0f;
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    for (int e = lane; e < experts; e += 32) {
         probs[e] = expf(row[e] - m);
         sum += probs[e];
     }
-    sum = block_sum(sum, scratch);
+    sum = warp_sum(sum);
+    auto lane_best = [&](float& bv, int& bi) {
+        bv = -1.0f;
+        bi = 0x7fffffff;
+        for (int e = lane; e < experts; e += 32)
+            if (probs[e] > bv) bv = probs[e], bi = e;
+    };
+    float mine_v;
+    int mine_i;
+    lane_best(mine_v, mine_i);
     float chosen_sum = 0.0f;
     for (int r = 0; r < k; ++r) {
-        // Block argmax: the largest probability, lowest index on ties.
-        float bv = -1.0f;
-        int bi = 0x7fffffff;
-        for (int e = threadIdx.x; e < experts; e += blockDim.x)
-            if (probs[e] > bv || (probs[e] == bv && e < bi)) bv = probs[e], bi = e;
+        float bv = mine_v;
+        int bi = mine_i;
         for (int o = 16; o > 0; o >>= 1) {
             float ov = __shfl_xor_sync(0xffffffffu, bv, o);
             int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
         }
-        __syncthreads();
-        if ((threadIdx.x & 31) == 0) {
-            scratch[threadIdx.x >> 5] = bv;
-            ((int*)probs)[experts + (threadIdx.x >> 5)] = bi;
+        if (lane == 0) {
+            idx[blockIdx.x * k + r] = bi;
+            weights[blockIdx.x * k + r] = bv / sum;
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            int warps = (blockDim.x + 31) >> 5;
-            float v = scratch[0];
-            int i = ((int*)probs)[experts];
-            for (int w = 1; w < warps; ++w) {
-                float ov = scratch[w];
-                int oi = ((int*)probs)[experts + w];
-                if (ov > v || (ov == v && oi < i)) v = ov, i = oi;
-            }
-            idx[blockIdx.x * k + r] = i;
-            weights[blockIdx.x * k + r] = v / sum;
-            probs[i] = -1.0f;  // taken
+        chosen_sum += bv / sum;
+        if (bi == mine_i) {
+            probs[bi] = -1.0f;  // taken
+            lane_best(mine_v, mine_i);
         }
-        __syncthreads();
-        chosen_sum += weights[blockIdx.x * k + r];
     }
-    if (renormalize && threadIdx.x == 0)
+    if (renormalize && lane == 0)
         for (int r = 0; r < k; ++r) weights[blockIdx.x * k + r] /= chosen_sum;
 }

@@ -26,6 +26,9 @@ pub struct Kernels {
     pub matvec_multi_q: [CudaFunction; 3],
     /// All routed experts of a token in two launches (2, 4, 8 bits).
     pub swiglu_batch_q: [CudaFunction; 3],
+    /// Blocks of 256 threads of each `swiglu_batch_q` one multiprocessor holds at once (its
+    /// registers bound it), to size grids in whole waves.
+    pub swiglu_batch_resident: [u32; 3],
     pub down_batch_q: [CudaFunction; 3],
     pub matvec_affine_any: CudaFunction,
     pub matvec_dense: CudaFunction,
@@ -65,12 +68,23 @@ impl Kernels {
             .map_err(|e| Error::Cuda(format!("raising the shared memory of `{name}`: {e}")))?;
             Ok::<_, Error>(func)
         };
+        let swiglu_batch_q = [f("swiglu_batch_q2")?, f("swiglu_batch_q4")?, f("swiglu_batch_q8")?];
+        let resident = |func: &CudaFunction| {
+            func.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .map_err(|e| Error::Cuda(format!("querying a kernel's occupancy: {e}")))
+        };
+        let swiglu_batch_resident = [
+            resident(&swiglu_batch_q[0])?,
+            resident(&swiglu_batch_q[1])?,
+            resident(&swiglu_batch_q[2])?,
+        ];
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q: [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?],
             swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
             matvec_multi_q: [f("matvec_multi_q2")?, f("matvec_multi_q4")?, f("matvec_multi_q8")?],
-            swiglu_batch_q: [f("swiglu_batch_q2")?, f("swiglu_batch_q4")?, f("swiglu_batch_q8")?],
+            swiglu_batch_q,
+            swiglu_batch_resident,
             down_batch_q: [
                 big_smem("down_batch_q2")?,
                 big_smem("down_batch_q4")?,

@@ -543,7 +543,16 @@ impl CudaBackend {
             let mut act = self.tensor(count, inter)?;
             let (rows_i, cols_i) = (inter as i32, hidden as i32);
             let swiglu_cfg = LaunchConfig {
-                grid_dim: ((count * inter).div_ceil(8).min(8 * self.sms) as u32, 1, 1),
+                // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
+                // against the 3 that fit) left most multiprocessors idle at the end.
+                grid_dim: (
+                    (count * inter)
+                        .div_ceil(8)
+                        .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms)
+                        as u32,
+                    1,
+                    1,
+                ),
                 ..gate_cfg
             };
             let f = &self.k.swiglu_batch_q[index];
@@ -1208,8 +1217,9 @@ impl Backend for CudaBackend {
         let mut routes = self.tensor(2 * t, k)?;
         let cfg = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: ((experts + 32) * 4) as u32,
+            // One warp per token (the kernel uses no block barriers).
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: (experts * 4) as u32,
         };
         let (e, kk, renorm) = (experts as i32, k as i32, i32::from(renormalize));
         {
