@@ -149,6 +149,7 @@ def main():
     print(" | ".join(head))
     for r in rows:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
+    Path(a.out).mkdir(parents=True, exist_ok=True)
     json.dump({"layers": a.layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "hbm_gbps": hbm / 1e9,
                "h2d_gbps": h2d / 1e9, "rows": rows, "runs": runs}, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
 

@@ -637,33 +637,40 @@ extern "C" __global__ void attention_values(float* scores, const float* v, int h
 // ---------------------------------------------------------------------------------------
 // Gated DeltaNet.
 
-// Depthwise causal conv + SiLU. state holds the previous K-1 input rows [K-1, C].
-extern "C" __global__ void causal_conv1d_silu(const float* x, const float* w, const float* state, int rows, int c,
+// Causal depthwise convolution with SiLU over [state rows | x rows] (the state holds the
+// previous kernel - 1 input rows, [kernel - 1, C]), and the state moved on to the last
+// kernel - 1 inputs, in one pass: one thread per channel walks the rows with the window in
+// registers (kernel <= CONV_KERNEL_MAX).
+#define CONV_KERNEL_MAX 8
+extern "C" __global__ void causal_conv1d_silu(const float* x, const float* w, float* state, int rows, int c,
                                               int kernel, float* out) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)rows * c) return;
-    int t = i / c, ch = i % c;
-    float acc = 0.0f;
-    for (int j = 0; j < kernel; ++j) {
-        int hist = t + j;  // index into [state rows | x rows]
-        float v = hist < kernel - 1 ? state[(long long)hist * c + ch] : x[(long long)(hist - (kernel - 1)) * c + ch];
-        acc += w[(long long)ch * kernel + j] * v;
-    }
-    out[i] = siluf(acc);
-}
-
-// The new conv state: the last K-1 rows of [state | x]. One thread per channel.
-extern "C" __global__ void conv_state_update(const float* x, float* state, int rows, int c, int kernel) {
     int ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= c) return;
     int keep = kernel - 1;
-    float old[8];
-    for (int i = 0; i < keep && i < 8; ++i) old[i] = state[(long long)i * c + ch];
-    for (int i = 0; i < keep; ++i) {
-        int hist = rows + i;  // position in [state | x] of new row i
-        float v = hist < keep ? old[hist] : x[(long long)(hist - keep) * c + ch];
-        state[(long long)i * c + ch] = v;
+    float taps[CONV_KERNEL_MAX], window[CONV_KERNEL_MAX];
+#pragma unroll
+    for (int j = 0; j < CONV_KERNEL_MAX; ++j) {
+        taps[j] = j < kernel ? w[(long long)ch * kernel + j] : 0.0f;
+        window[j] = j < keep ? state[(long long)j * c + ch] : 0.0f;
     }
+    for (int t = 0; t < rows; ++t) {
+        float v = x[(long long)t * c + ch];
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < CONV_KERNEL_MAX - 1; ++j)
+            if (j < keep) acc += taps[j] * window[j];
+#pragma unroll
+        for (int j = 0; j < CONV_KERNEL_MAX; ++j)
+            if (j == keep) acc += taps[j] * v;
+        out[(long long)t * c + ch] = siluf(acc);
+#pragma unroll
+        for (int j = 0; j < CONV_KERNEL_MAX - 1; ++j)
+            if (j + 1 < keep) window[j] = window[j + 1];
+            else if (j + 1 == keep) window[j] = v;
+    }
+#pragma unroll
+    for (int j = 0; j < CONV_KERNEL_MAX - 1; ++j)
+        if (j < keep) state[(long long)j * c + ch] = window[j];
 }
 
 #define DELTA_KEY_MAX 256

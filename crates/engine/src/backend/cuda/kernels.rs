@@ -45,7 +45,6 @@ pub struct Kernels {
     pub attention_scores: CudaFunction,
     pub attention_values: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
-    pub conv_state_update: CudaFunction,
     pub gated_delta_rule: CudaFunction,
     pub route_top_k: CudaFunction,
 }
@@ -105,7 +104,6 @@ impl Kernels {
             attention_scores: f("attention_scores")?,
             attention_values: f("attention_values")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,
-            conv_state_update: f("conv_state_update")?,
             gated_delta_rule: f("gated_delta_rule")?,
             route_top_k: f("route_top_k")?,
         })

@@ -207,6 +207,9 @@ struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<Blob>)>);
 #[derive(Default)]
 struct Scratch {
     f32s: Option<PooledBuf>,
+    /// Page-locked host memory that downloads land in (a copy to pageable memory goes
+    /// through the driver's own staging, several times slower for the logits).
+    host: Option<cudarc::driver::PinnedHostSlice<f32>>,
 }
 
 /// Computes on one NVIDIA GPU.
@@ -454,6 +457,30 @@ impl CudaBackend {
             Some(buf) => f(buf),
             None => Err(Error::Cuda("scratch buffer missing".into())),
         }
+    }
+
+    /// Copies `n` floats from the device and waits for them.
+    fn download_floats(&self, src: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        let mut s = self.scratch();
+        if s.host.as_ref().is_none_or(|h| h.len() < n) {
+            // SAFETY: the copy below writes the first `n` floats before they are read; flags 0
+            // (not write-combined) keep host reads of it fast.
+            s.host = Some(
+                unsafe { self.ctx.alloc_pinned_with_flags::<f32>(n.next_power_of_two(), 0) }
+                    .map_err(cuda("allocating page-locked memory"))?,
+            );
+        }
+        let Some(host) = s.host.as_mut() else {
+            return Err(Error::Cuda("page-locked buffer missing".into()));
+        };
+        // A slice of exactly `n` floats: the copy's size is the destination's. Into
+        // page-locked memory the copy is truly asynchronous, hence the wait.
+        let all = host.as_mut_slice().map_err(cuda("reaching page-locked memory"))?;
+        self.stream
+            .memcpy_dtoh(&src.slice(0..n), &mut all[..n])
+            .map_err(cuda("copying from the device"))?;
+        self.stream.synchronize().map_err(cuda("waiting for the device"))?;
+        Ok(all[..n].to_vec())
     }
 
     /// Uploads a host matrix as one allocation: data, scales, biases at 256-byte offsets.
@@ -875,9 +902,7 @@ impl Backend for CudaBackend {
         if t.len() == 0 {
             return Ok(Vec::new());
         }
-        self.stream
-            .clone_dtoh(&t.buf.slice(0..t.len()))
-            .map_err(cuda("copying from the device"))
+        self.download_floats(&t.buf, t.len())
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -1117,29 +1142,25 @@ impl Backend for CudaBackend {
                 "causal_conv1d: weight, state and input disagree".into(),
             ));
         }
+        if weight.cols > 8 {
+            return Err(Error::InvalidInput(format!(
+                "causal_conv1d: kernel of {} taps (the CUDA kernel takes up to 8)",
+                weight.cols
+            )));
+        }
         let out = self.tensor(x.rows, x.cols)?;
         let (rows, c, kernel) = (x.rows as i32, x.cols as i32, weight.cols as i32);
         launch!(
             self,
             &self.k.causal_conv1d_silu,
-            grid_for(x.len()),
+            grid_for(x.cols),
             &*x.buf,
             &*weight.buf,
-            &*state.buf,
+            &mut *state.buf,
             &rows,
             &c,
             &kernel,
             &*out.buf
-        )?;
-        launch!(
-            self,
-            &self.k.conv_state_update,
-            grid_for(x.cols),
-            &*x.buf,
-            &mut *state.buf,
-            &rows,
-            &c,
-            &kernel
         )?;
         Ok(out)
     }
@@ -1240,10 +1261,7 @@ impl Backend for CudaBackend {
                 &mut weights
             )?;
         }
-        let host = self
-            .stream
-            .clone_dtoh(&routes.buf.slice(0..2 * t * k))
-            .map_err(cuda("copying routes"))?;
+        let host = self.download_floats(&routes.buf, 2 * t * k)?;
         let (idx, weights) = host.split_at(t * k);
         Ok(idx
             .chunks(k)
