@@ -1408,3 +1408,44 @@ impl Backend for CudaBackend {
         Some(self.cache.stats())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each part lands on the device, as a host address would (base 256-aligned).
+    fn device_addrs(blobs: &[&Blob]) -> (Vec<usize>, usize, usize) {
+        let (copies, offsets, total) = expert_copies(blobs);
+        for (blob, at) in &copies {
+            assert!(at + blob.len() <= total, "a copy overruns the allocation");
+        }
+        (offsets, copies.len(), total)
+    }
+
+    #[test]
+    fn a_record_goes_in_one_copy_with_its_alignment_kept() {
+        let record = Blob::from_vec(vec![7u8; 200_000]);
+        let parts = [record.sub(48, 1000), record.sub(4096, 5000), record.sub(12_288, 64)];
+        let refs: Vec<&Blob> = parts.iter().collect();
+        let (offsets, copies, total) = device_addrs(&refs);
+        assert_eq!(copies, 1);
+        let lead = parts[0].bytes().as_ptr() as usize % 256;
+        assert_eq!(offsets, [lead, lead + 4096 - 48, lead + 12_288 - 48]);
+        assert_eq!(total, lead + 12_288 + 64 - 48);
+        for (part, at) in parts.iter().zip(&offsets) {
+            assert_eq!(part.bytes().as_ptr() as usize % 256, at % 256, "alignment kept");
+        }
+    }
+
+    #[test]
+    fn scattered_parts_go_one_copy_each_at_256_byte_offsets() {
+        let (a, b) = (Blob::from_vec(vec![1u8; 1000]), Blob::from_vec(vec![2u8; 300]));
+        let (offsets, copies, total) = device_addrs(&[&a, &b]);
+        assert_eq!((offsets, copies, total), (vec![0, 1024], 2, 1324));
+        // Parts of one buffer, but far apart: not worth one copy of everything between.
+        let big = Blob::from_vec(vec![0u8; 1 << 20]);
+        let (far_a, far_b) = (big.sub(0, 100), big.sub(900_000, 100));
+        let (_, copies, total) = device_addrs(&[&far_a, &far_b]);
+        assert_eq!((copies, total), (2, 356));
+    }
+}
