@@ -461,6 +461,9 @@ impl CudaBackend {
 
     /// Copies `n` floats from the device and waits for them.
     fn download_floats(&self, src: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
         let mut s = self.scratch();
         if s.host.as_ref().is_none_or(|h| h.len() < n) {
             // SAFETY: the copy below writes the first `n` floats before they are read; flags 0
