@@ -4,7 +4,8 @@
 # binaries tools/build-dist.sh puts in $DIST (default dist/): flash-moe, cuda_parity and
 # cuda_kernels. Logs go to $OUT (default /tmp/gpu-check); a short table comes last.
 #
-# DECODE_ARGS passes options to tools/gpu_decode_bench.py (e.g. "--layers 2 --experts 64").
+# DECODE_ARGS passes options to tools/gpu_decode_bench.py (e.g. "--layers 2 --experts 64", or
+# "--layers 4,8" for the 60-layer estimate from two depths).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=${DIST:-dist}

@@ -9,6 +9,11 @@ floor those bytes set at the bandwidths measured in the same session (device-to-
 pinned host-to-device copy, cold disk reads). Routing in the synthetic model comes from
 random router weights: close to uniform over the experts, the worst case for any cache.
 
+With two depths (`--layers 4,8`) it also prints a closer 60-layer estimate: the time of a
+layer from the difference between the depths, the rest as the per-token cost (lm_head,
+logits download, sampling), which one depth alone cannot tell apart from the last layer's work.
+`--device cpu` runs the script where there is no GPU (to try it, not to measure).
+
 Standard library only (runs under the GPU machine's python3).
 """
 
@@ -51,35 +56,11 @@ def dense_bytes(binary, model):
     return sum(v for k, v in sizes.items() if k not in ("embedding", "routed experts")), sizes.get("lm_head", 0.0)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bin", default="dist/flash-moe")
-    p.add_argument("--workdir", default="/root/flash-moe-bench")
-    p.add_argument("--layers", type=int, help="default: what the disk holds, leaving 8 GB")
-    p.add_argument("--experts", type=int, help="experts per layer (default: the real 512)")
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--warmup", type=int, default=48)
-    p.add_argument("--ks", default="4,10")
-    p.add_argument("--caps", default="0,16,24,auto",
-                   help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
-                        "scaled by layers/60 so the cached share of experts matches the full model")
-    p.add_argument("--host-cache-mib", type=int, default=0,
-                   help="pinned in-process expert cache; with --prefetch every expert is in host RAM first")
-    p.add_argument("--prefetch", action="store_true")
-    p.add_argument("--hbm-gbps", type=float, required=True, help="device-to-device copy, read + write")
-    p.add_argument("--h2d-gbps", type=float, required=True, help="pinned host-to-device copy")
-    p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
-    a = p.parse_args()
-
+def measure(a, layers, hbm, h2d):
+    """Every (K, cap) run at one depth: the table's rows, each run's stats, and the model's sizes."""
     work = Path(a.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    if a.layers is None:
-        free = shutil.disk_usage(work).free
-        experts = a.experts or 512
-        per_layer = experts * EXPERT_RECORD + 60e6
-        a.layers = max(1, min(60, int((free - 8e9 - 2.2e9) // per_layer)))
-    model = work / f"syn397-{a.layers}l-{a.experts or 512}e"
-    synth(a.bin, model, a.layers, a.experts)
+    model = work / f"syn397-{layers}l-{a.experts or 512}e"
+    synth(a.bin, model, layers, a.experts)
     dense, lm_head = dense_bytes(a.bin, model)
     disk = run([a.bin, "bench-io", "--model", model, "--tokens", 4]).stdout
     disk_gbps = float(re.search(r"throughput ([\d.]+) GB/s", disk).group(1))
@@ -89,20 +70,16 @@ def main():
         with open(f, "rb") as fh:
             while fh.read(64 << 20):
                 pass
-
-    # A stream of reads moves bytes at the copy's read + write rate (on an H200: 4.2 TB/s for
-    # the copy, 4.4 TB/s for a read-only kernel), so weights read once cost bytes / that rate.
-    hbm = a.hbm_gbps * 1e9
-    h2d = a.h2d_gbps * 1e9
     rows = []
     runs = {}
     for k in map(int, a.ks.split(",")):
         for cap in a.caps.split(","):
             stats = work / f"decode-k{k}-cap{cap}.json"
-            cmd = [a.bin, "generate", "--model", model, "--device", "cuda", "--prompt", "The", "--experts-per-token", k,
-                   "--max-tokens", a.tokens, "--warmup-tokens", a.warmup, "--stats-json", stats]
+            cmd = [a.bin, "generate", "--model", model, "--device", a.device, "--prompt", "The",
+                   "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
+                   "--stats-json", stats]
             if cap != "auto":
-                cmd += ["--gpu-expert-cache-gib", f"{float(cap) * a.layers / 60:.3f}"]
+                cmd += ["--gpu-expert-cache-gib", f"{float(cap) * layers / 60:.3f}"]
             if a.host_cache_mib:
                 cmd += ["--expert-cache-mib", a.host_cache_mib]
             if a.prefetch:
@@ -122,14 +99,14 @@ def main():
             # The last layer's share of it cannot be told apart from the per-token costs here,
             # so the 60-layer estimate scales all of it with depth: it is a lower bound (with
             # every expert in VRAM, about 0.3 ms of download and sampling per token is counted
-            # 60 / layers times).
+            # 60 / layers times). Two depths (--layers 4,8) give a closer estimate.
             after = sec - sum(phases.values()) / calls
             outside = phases["lm_head"] / calls
-            per_layer = (sec - outside) / a.layers
+            per_layer = (sec - outside) / layers
             floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
             floor_outside = lm_head / hbm
             est60 = 60 * per_layer + outside
-            floor60 = 60 * (floor - floor_outside) / a.layers + floor_outside
+            floor60 = 60 * (floor - floor_outside) / layers + floor_outside
             host_share = 100 * io["cache_hits"] / max(io["fetches"], 1)
             rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / est60,
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
@@ -138,20 +115,91 @@ def main():
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
             print(f"  K={k} cap {cap}: ms per token by phase: " +
                   ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
+    return {"layers": layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "rows": rows, "runs": runs}
 
+
+def print_table(m, hbm, h2d):
     print()
-    print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {a.layers} of 60 layers, random routing; "
-          f"dense {dense / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
-          f"disk {disk_gbps:.2f} GB/s (same session)")
+    print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {m['layers']} of 60 layers, random routing; "
+          f"dense {m['dense_bytes'] / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, "
+          f"H2D {h2d / 1e9:.1f} GB/s, disk {m['disk_gbps']:.2f} GB/s (same session)")
     head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
             "MB/tok disk", "floor tok/s", "of floor", "60-layer of floor (est.)", "ms/token after the layers",
             "budget GiB", "host hits in pinned cache %")
     print(" | ".join(head))
-    for r in rows:
+    for r in m["rows"]:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
+
+
+def two_depths(shallow, deep):
+    """Per-layer time and floor from the difference between two depths; what remains at the
+    shallow depth is the per-token cost (lm_head, logits download, sampling)."""
+    span = deep["layers"] - shallow["layers"]
+    out = []
+    for s, d in zip(shallow["rows"], deep["rows"]):
+        t_s, t_d = 1 / s[2], 1 / d[2]
+        f_s, f_d = 1 / s[9], 1 / d[9]
+        per_layer, floor_layer = (t_d - t_s) / span, (f_d - f_s) / span
+        fixed, floor_fixed = t_s - shallow["layers"] * per_layer, f_s - shallow["layers"] * floor_layer
+        est60, floor60 = 60 * per_layer + fixed, 60 * floor_layer + floor_fixed
+        out.append((s[0], s[1], per_layer * 1e3, fixed * 1e3, 1 / est60, 1 / floor60, floor60 / est60, s[5], d[5]))
+    print()
+    print(f"60 layers from two depths ({shallow['layers']} and {deep['layers']} layers): the time of a layer is the "
+          f"difference over {span} layers; the hit rates should match, or the deeper run's layers look cheaper "
+          f"(more hits) or dearer")
+    print(" | ".join(("K", "cap GiB (60-layer)", "ms/layer", "ms/token besides", "60-layer tok/s",
+                      "60-layer floor tok/s", "of floor", f"VRAM hit% ({shallow['layers']} layers)",
+                      f"VRAM hit% ({deep['layers']} layers)")))
+    for r in out:
+        print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bin", default="dist/flash-moe")
+    p.add_argument("--device", default="cuda", help="cpu only to try this script where there is no GPU")
+    p.add_argument("--workdir", default="/root/flash-moe-bench")
+    p.add_argument("--layers", help="one depth, or two (e.g. 4,8) for a closer 60-layer estimate; "
+                                    "default: what the disk holds, leaving 8 GB")
+    p.add_argument("--experts", type=int, help="experts per layer (default: the real 512)")
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--warmup", type=int, default=48)
+    p.add_argument("--ks", default="4,10")
+    p.add_argument("--caps", default="0,16,24,auto",
+                   help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
+                        "scaled by layers/60 so the cached share of experts matches the full model")
+    p.add_argument("--host-cache-mib", type=int, default=0,
+                   help="pinned in-process expert cache; with --prefetch every expert is in host RAM first")
+    p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--hbm-gbps", type=float, required=True, help="device-to-device copy, read + write")
+    p.add_argument("--h2d-gbps", type=float, required=True, help="pinned host-to-device copy")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = p.parse_args()
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if a.layers is None:
+        free = shutil.disk_usage(work).free
+        per_layer = (a.experts or 512) * EXPERT_RECORD + 60e6
+        depths = [max(1, min(60, int((free - 8e9 - 2.2e9) // per_layer)))]
+    else:
+        depths = sorted(int(d) for d in a.layers.split(","))
+    if len(depths) > 2:
+        p.error("--layers takes one depth or two")
+    # A stream of reads moves bytes at the copy's read + write rate (on an H200: 4.2 TB/s for
+    # the copy, 4.4 TB/s for a read-only kernel), so weights read once cost bytes / that rate.
+    hbm = a.hbm_gbps * 1e9
+    h2d = a.h2d_gbps * 1e9
+    measured = [measure(a, layers, hbm, h2d) for layers in depths]
+    for m in measured:
+        print_table(m, hbm, h2d)
+    result = dict(measured[-1], hbm_gbps=hbm / 1e9, h2d_gbps=h2d / 1e9)
+    if len(measured) == 2:
+        result["two_depths"] = two_depths(*measured)
+        result["by_depth"] = {m["layers"]: m for m in measured}
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    json.dump({"layers": a.layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "hbm_gbps": hbm / 1e9,
-               "h2d_gbps": h2d / 1e9, "rows": rows, "runs": runs}, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
+    json.dump(result, open(Path(a.out) / "decode-bench.json", "w"), indent=1)
 
 
 if __name__ == "__main__":
