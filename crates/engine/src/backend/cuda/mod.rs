@@ -461,8 +461,17 @@ impl CudaBackend {
 
     /// Copies `n` floats from the device and waits for them.
     fn download_floats(&self, src: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        /// Larger downloads (the logits of a whole prompt, for evaluation) go straight to
+        /// pageable memory rather than pinning a buffer as large as the result.
+        const PINNED_MAX_FLOATS: usize = 1 << 22;
         if n == 0 {
             return Ok(Vec::new());
+        }
+        if n > PINNED_MAX_FLOATS {
+            return self
+                .stream
+                .clone_dtoh(&src.slice(0..n))
+                .map_err(cuda("copying from the device"));
         }
         let mut s = self.scratch();
         if s.host.as_ref().is_none_or(|h| h.len() < n) {
