@@ -1,7 +1,8 @@
 // Kernel lab for the one-token quantized products: times the engine's own kernels
 // (crates/engine/src/backend/cuda/kernels.cu, included as is) at the sizes decode uses,
 // against a device-to-device copy and a read-only stream measured in the same run, under
-// two grid sizings, together with an experimental tensor-core variant defined below, and
+// two grid sizings, together with experimental tensor-core variants defined below (one warp
+// per 16-row tile, and split-K with S warps per tile for mid-size matrices), and
 // checks each result against the plain warp-per-row kernel (matvec_affine_any: integer
 // codes, per-group scale and bias, x from global memory).
 //
@@ -45,25 +46,41 @@ __device__ __forceinline__ u16 bf16_rn(float f) {
 }
 
 // x as three bf16 parts laid out as the B fragments read them, then the f32 sum of x over
-// each group of 64. Ends with a barrier.
+// each group of 64. Ends with a barrier. As in the engine's stage_x_async: float4 loads all in
+// flight (one memory round trip), a group's sum by shuffles over the 16 lanes holding it.
 __device__ void stage_x_mma(const float* x, int cols, u16* parts, float* gsum) {
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = x[c];
-        u16 hi = bf16_rn(v);
-        float r1 = v - bf16_to_f32(hi);
-        u16 mid = bf16_rn(r1);
-        u16 lo = bf16_rn(r1 - bf16_to_f32(mid));
-        // Column c of chunk (c & ~31): word j = (c & 31) / 8, code k = c & 7, pair 4j + (k & 3),
-        // low half for k < 4.
-        int k = c & 7, pos = (c & ~31) + 2 * (((c & 31) >> 3) * 4 + (k & 3)) + (k >> 2);
-        parts[pos] = hi;
-        parts[cols + pos] = mid;
-        parts[2 * cols + pos] = lo;
-    }
-    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int g = threadIdx.x >> 5; g < cols / 64; g += warps) {
-        float sum = warp_sum(x[g * 64 + lane] + x[g * 64 + 32 + lane]);
-        if (lane == 0) gsum[g] = sum;
+    int chunks = cols / 4;
+    for (int base = 0; base < chunks; base += STAGE_VECS * blockDim.x) {
+        float4 v[STAGE_VECS];
+#pragma unroll
+        for (int j = 0; j < STAGE_VECS; ++j) {
+            int c = base + j * blockDim.x + threadIdx.x;
+            v[j] = c < chunks ? ((const float4*)x)[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int j = 0; j < STAGE_VECS; ++j) {
+            if (base + j * blockDim.x >= chunks) break;  // the same for the whole block
+            int c = base + j * blockDim.x + threadIdx.x;
+            float sum = (v[j].x + v[j].y) + (v[j].z + v[j].w);
+            for (int o = 8; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            if (c >= chunks) continue;
+            if ((c & 15) == 0) gsum[c >> 4] = sum;
+            float vals[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int col = 4 * c + i;
+                u16 hi = bf16_rn(vals[i]);
+                float r1 = vals[i] - bf16_to_f32(hi);
+                u16 mid = bf16_rn(r1);
+                u16 lo = bf16_rn(r1 - bf16_to_f32(mid));
+                // Column col of chunk (col & ~31): word j = (col & 31) / 8, code k = col & 7, pair
+                // 4j + (k & 3), low half for k < 4.
+                int k = col & 7, pos = (col & ~31) + 2 * (((col & 31) >> 3) * 4 + (k & 3)) + (k >> 2);
+                parts[pos] = hi;
+                parts[cols + pos] = mid;
+                parts[2 * cols + pos] = lo;
+            }
+        }
     }
     __syncthreads();
 }
@@ -127,12 +144,12 @@ __device__ __forceinline__ void mma_step(uint4 ca, uint4 cb, StepScales sc, cons
 }
 
 // This lane's share of rows r0 + g (acc_a) and r0 + g + 8 (acc_b) of a 4-bit, group-64
-// matrix with bf16 scales times the staged x. The loads of MMA_STEPS_IN_FLIGHT steps are
-// issued before the first is used (the arithmetic per step is short: without that, latency
-// bounds the kernel). Rows past the end are read as the last row; the caller drops them and
-// sums over the four lanes t of each g.
-__device__ __forceinline__ void tile_dot_q4(const Affine& m, int r0, int rows, int cols, const u16* parts,
-                                            const float* gsum, float& acc_a, float& acc_b) {
+// matrix with bf16 scales times the staged x, over the 128-column steps [s_begin, s_end). The
+// loads of MMA_STEPS_IN_FLIGHT steps are issued before the first is used (the arithmetic per
+// step is short: without that, latency bounds the kernel). Rows past the end are read as the
+// last row; the caller drops them and sums over the four lanes t of each g.
+__device__ __forceinline__ void tile_dot_q4(const Affine& m, int r0, int rows, int cols, int s_begin, int s_end,
+                                            const u16* parts, const float* gsum, float& acc_a, float& acc_b) {
     int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     int ra = min(r0 + g, rows - 1), rb = min(r0 + g + 8, rows - 1);
     int steps = cols >> 7;
@@ -145,18 +162,18 @@ __device__ __forceinline__ void tile_dot_q4(const Affine& m, int r0, int rows, i
     const u32* bb = (const u32*)m.biases + (long long)rb * steps;
     bool feeds_b = g < 6 && g / 3 == (t >> 1);  // this lane's B column holds its chunk's group
     const uint4* xb = (const uint4*)(parts + (g % 3) * cols + t * 32);
-    for (int s0 = 0; s0 < steps; s0 += MMA_STEPS_IN_FLIGHT) {
+    for (int s0 = s_begin; s0 < s_end; s0 += MMA_STEPS_IN_FLIGHT) {
         uint4 ca[MMA_STEPS_IN_FLIGHT], cb[MMA_STEPS_IN_FLIGHT];
         StepScales sc[MMA_STEPS_IN_FLIGHT];
 #pragma unroll
         for (int u = 0; u < MMA_STEPS_IN_FLIGHT; ++u) {
-            int s = min(s0 + u, steps - 1);
+            int s = min(s0 + u, s_end - 1);
             ca[u] = wa[s * 4], cb[u] = wb[s * 4];
             sc[u] = {sa[s], sb[s], ba[s], bb[s]};
         }
 #pragma unroll
         for (int u = 0; u < MMA_STEPS_IN_FLIGHT; ++u)
-            if (s0 + u < steps) mma_step(ca[u], cb[u], sc[u], xb, feeds_b, gsum, s0 + u, acc_a, acc_b);
+            if (s0 + u < s_end) mma_step(ca[u], cb[u], sc[u], xb, feeds_b, gsum, s0 + u, acc_a, acc_b);
     }
 }
 
@@ -176,7 +193,7 @@ extern "C" __global__ void matvec_mma_q4(const u8* w, const u8* scales, const u8
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int tile = blockIdx.x * warps + (threadIdx.x >> 5); tile < (rows + 15) / 16; tile += gridDim.x * warps) {
         float a = 0.0f, b = 0.0f;
-        tile_dot_q4(m, tile * 16, rows, cols, (const u16*)smem, gsum, a, b);
+        tile_dot_q4(m, tile * 16, rows, cols, 0, cols >> 7, (const u16*)smem, gsum, a, b);
         a = tile_sum(a);
         b = tile_sum(b);
         int ra = tile * 16 + (lane >> 2), rb = ra + 8;
@@ -184,6 +201,44 @@ extern "C" __global__ void matvec_mma_q4(const u8* w, const u8* scales, const u8
             if (ra < rows) y[ra] = alpha * a + (beta != 0.0f ? beta * y[ra] : 0.0f);
             if (rb < rows) y[rb] = alpha * b + (beta != 0.0f ? beta * y[rb] : 0.0f);
         }
+    }
+}
+
+// Mid-size matrices: a tile of 16 rows split over S warps along the columns (each warp a
+// contiguous range of 128-column steps), the partial sums meeting in shared memory (`meet`:
+// 16 floats per warp, after gsum), so that a 12288-row matrix still gives every
+// multiprocessor enough warps. A block of 8 warps takes 8 / S tiles at a time.
+#define MMA_SPLIT_STAGE_FLOATS(cols) (MMA_STAGE_FLOATS(cols) + 16 * 8)
+
+template <int S>
+__global__ void matvec_mma_q4_split(const u8* w, const u8* scales, const u8* biases, const float* x, int rows,
+                                    int cols, float* y) {
+    extern __shared__ float smem[];
+    float* gsum = smem + (3 * cols) / 2;
+    float* meet = gsum + cols / 64;
+    stage_x_mma(x, cols, (u16*)smem, gsum);
+    Affine m = {w, scales, biases};
+    constexpr int TILES = 8 / S;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+    int tiles = (rows + 15) / 16, steps = cols >> 7, slice = warp % S;
+    int s_begin = slice * steps / S, s_end = (slice + 1) * steps / S;
+    for (int base = blockIdx.x * TILES; base < tiles; base += gridDim.x * TILES) {
+        int tile = base + warp / S;
+        float a = 0.0f, b = 0.0f;
+        if (tile < tiles) tile_dot_q4(m, tile * 16, rows, cols, s_begin, s_end, (const u16*)smem, gsum, a, b);
+        a = tile_sum(a);
+        b = tile_sum(b);
+        if ((lane & 3) == 0) meet[warp * 16 + g] = a, meet[warp * 16 + g + 8] = b;
+        __syncthreads();
+        if (slice == 0 && tile < tiles && (lane & 3) == 0) {
+            // The tile's S warps are warp, warp + 1, ..., warp + S - 1.
+            float sa = 0.0f, sb = 0.0f;
+            for (int k = 0; k < S; ++k) sa += meet[(warp + k) * 16 + g], sb += meet[(warp + k) * 16 + g + 8];
+            int ra = tile * 16 + g;
+            if (ra < rows) y[ra] = sa;
+            if (ra + 8 < rows) y[ra + 8] = sb;
+        }
+        __syncthreads();
     }
 }
 
@@ -201,7 +256,7 @@ __device__ __forceinline__ void swiglu_pair_q4(const Affine& gate, const Affine&
     float a = 0.0f, b = 0.0f;
     bool odd = warp & 1;
     Affine m = {odd ? up.w : gate.w, odd ? up.scales : gate.scales, odd ? up.biases : gate.biases};
-    if (y) tile_dot_q4(m, r0, rows, cols, parts, gsum, a, b);
+    if (y) tile_dot_q4(m, r0, rows, cols, 0, cols >> 7, parts, gsum, a, b);
     a = tile_sum(a);
     b = tile_sum(b);
     if (odd && (lane & 3) == 0) pair_meet[g] = a, pair_meet[g + 8] = b;
@@ -388,6 +443,30 @@ static void launch_matvec(const Matrix& m, const float* x, float* y, int grid) {
         matvec_q2<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
 }
 
+// The split-K tensor-core variant with S warps per 16-row tile, checked and timed like the rest.
+template <int S>
+static void bench_split(const char* name, const std::vector<Matrix>& ms, const float* x, float* y, const float* ref) {
+    int rows = ms[0].rows, cols = ms[0].cols, copies = (int)ms.size();
+    size_t smem = MMA_SPLIT_STAGE_FLOATS(cols) * 4;
+    const void* kernel = (const void*)matvec_mma_q4_split<S>;
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem));
+    int blocks_needed = ((rows + 15) / 16 + 8 / S - 1) / (8 / S);
+    int grid = std::min(blocks_needed, per_sm * g_sms);
+    auto launch = [&](const Matrix& m) {
+        matvec_mma_q4_split<S><<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y);
+    };
+    CHECK(cudaMemset(y, 0xff, (size_t)rows * 4));
+    launch(ms[0]);
+    double err = rel_l2(fetch(y, rows), fetch(ref, rows));
+    int i = 0;
+    double us = median_us(7, std::max(copies, 8), [&] { launch(ms[i++ % copies]); });
+    char label[128];
+    snprintf(label, sizeof label, "%s, tensor cores split %d, grid %d (err %.1e)", name, S, grid, err);
+    row(label, us, (double)ms[0].bytes());
+}
+
 static void bench_matvec(const char* name, int rows, int cols, int bits, int copies) {
     std::vector<Matrix> ms;
     for (int i = 0; i < copies; ++i) ms.push_back(make_matrix(rows, cols, bits, 1000 + 17 * i));
@@ -399,6 +478,8 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
     reference_matvec(ms[0], x, ref);
     if (bits == 4) {
         size_t smem = MMA_STAGE_FLOATS(cols) * 4;
+        CHECK(cudaFuncSetAttribute((const void*)matvec_mma_q4, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   200 * 1024));
         int grid = grid_for((const void*)matvec_mma_q4, smem, rows / 2, true);
         auto launch = [&](const Matrix& m) {
             matvec_mma_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, 1.0f, 0.0f);
@@ -411,6 +492,11 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
         char label[128];
         snprintf(label, sizeof label, "%s, tensor cores, grid %d (err %.1e)", name, grid, err);
         row(label, us, (double)ms[0].bytes());
+        if (rows < 100000) {
+            bench_split<2>(name, ms, x, y, ref);
+            bench_split<4>(name, ms, x, y, ref);
+            bench_split<8>(name, ms, x, y, ref);
+        }
     }
     const void* kernel = bits == 4 ? (const void*)matvec_q4 : (const void*)matvec_q2;
     for (int resident = 0; resident < 2; ++resident) {
@@ -546,6 +632,7 @@ int main() {
     CHECK(cudaFree(dst));
     bench_matvec("lm_head 248320x4096 4-bit", 248320, 4096, 4, 1);
     bench_matvec("in_proj 12288x4096 4-bit", 12288, 4096, 4, 8);
+    bench_matvec("out_proj 4096x8192 4-bit", 4096, 8192, 4, 8);
     bench_matvec("lm_head 248320x4096 2-bit", 248320, 4096, 2, 1);
     bench_experts(4);
     bench_experts(2);
