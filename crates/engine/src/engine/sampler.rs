@@ -186,7 +186,6 @@ impl Sampler {
     }
 }
 
-/// Index of the largest value; the first one on ties.
 /// The index of the largest value, the first one on ties (NaNs are passed over). Two passes
 /// the compiler vectorizes: lane-wise maxima over chunks, then the first chunk holding the
 /// maximum; a 248K-entry vocabulary takes a few microseconds, not a quarter of a millisecond.
