@@ -188,7 +188,7 @@ impl Sampler {
 
 /// The index of the largest value, the first one on ties (NaNs are passed over). Two passes
 /// the compiler vectorizes: lane-wise maxima over chunks, then the first chunk holding the
-/// maximum; a 248K-entry vocabulary takes a few microseconds, not a quarter of a millisecond.
+/// maximum (248K entries: 32 us instead of 166 on the dev VM).
 pub fn argmax(values: &[f32]) -> u32 {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
