@@ -5,6 +5,11 @@
 //! with NVRTC for the GPU found (`kernels.rs`). Weights keep their stored encoding in VRAM;
 //! one-token products read them with fused dequantizing kernels, batched products
 //! (prefill) dequantize row blocks to f32 and call cuBLAS SGEMM.
+//!
+//! Here: the device, its tensors and matrices, and the operations of the backend seam.
+//! `matvec.rs`: the matrix products; `experts.rs`: expert uploads and the batched expert
+//! launches; `expert_cache.rs`: the VRAM tier of the expert cache; `pool.rs`: reused
+//! activation buffers; `kernels.rs` and `kernels.cu`: the CUDA C and its compilation.
 
 mod expert_cache;
 pub mod kernels;
@@ -12,7 +17,7 @@ mod pool;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 pub use expert_cache::CudaExpert;
@@ -24,7 +29,6 @@ use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route, SharedExp
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
-use crate::storage::blob::Blob;
 use crate::storage::checkpoint::DType;
 use crate::storage::io::{AlignedBuf, HostAllocator, HostBuffer};
 use crate::storage::quant::{Encoding, MatrixView};
@@ -124,85 +128,6 @@ impl HostBuffer for PinnedBuf {
     }
 }
 
-/// Experts per batched launch (`MAX_BATCH` in kernels.cu).
-const MAX_BATCH: usize = 16;
-
-/// The `ExpertBatch` kernel parameter of kernels.cu: per expert the device addresses of
-/// gate, up and down (codes, scales, biases), the routing weights and the count; the slot of
-/// the shared expert (-1 for none), weighted by the sigmoid of the logit at `shared_logit`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ExpertBatchParams {
-    w: [[u64; 9]; MAX_BATCH],
-    weight: [f32; MAX_BATCH],
-    shared_logit: u64,
-    count: i32,
-    shared_slot: i32,
-}
-
-// SAFETY: plain old data laid out as the C struct the kernels take by value.
-unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
-
-/// How an expert's parts travel to its device allocation: the copies (host range, device
-/// offset), each part's device offset, and the allocation's size. One copy of the whole
-/// record when the parts lie close together in one host buffer (a record read from disk or
-/// held in the host cache): the per-copy cost of a DMA transfer is paid once, not nine times.
-/// Device offsets keep each part's host alignment modulo 256, so the kernels' 16-byte loads
-/// stay aligned wherever the host's were. Otherwise one copy per part, each at a multiple of 256.
-fn expert_copies(blobs: &[&Blob]) -> (Vec<(Blob, usize)>, Vec<usize>, usize) {
-    /// Padding between a record's parts that one copy may carry along.
-    const SLACK: usize = 64 << 10;
-    let sum: usize = blobs.iter().map(|b| b.len()).sum();
-    if let Some((span, within)) = Blob::enclosing(blobs)
-        && span.len() <= sum + SLACK
-    {
-        let lead = span.bytes().as_ptr() as usize % 256;
-        let total = lead + span.len();
-        return (
-            vec![(span, lead)],
-            within.into_iter().map(|o| lead + o).collect(),
-            total,
-        );
-    }
-    let mut total = 0usize;
-    let offsets = blobs
-        .iter()
-        .map(|b| {
-            let at = total.next_multiple_of(256);
-            total = at + b.len();
-            at
-        })
-        .collect::<Vec<_>>();
-    let copies = blobs.iter().zip(&offsets).map(|(b, &at)| ((*b).clone(), at)).collect();
-    (copies, offsets, total)
-}
-
-/// Matrices of one same-input launch, as `struct MatvecMulti` in kernels.cu.
-const MAX_MULTI: usize = 4;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MatvecMultiParams {
-    w: [[u64; 3]; MAX_MULTI],
-    y: [u64; MAX_MULTI],
-    rows: [i32; MAX_MULTI],
-    count: i32,
-}
-
-// SAFETY: plain old data laid out as the C struct the kernels take by value.
-unsafe impl cudarc::driver::DeviceRepr for MatvecMultiParams {}
-
-/// One expert of a batched launch: its gate, up and down, and how its output is weighted.
-struct BatchSlot<'a> {
-    matrices: [&'a CudaMatrix; 3],
-    /// The routing weight; `None` for the shared expert (sigmoid of its gate logit).
-    weight: Option<f32>,
-}
-
-/// Host blobs whose asynchronous copies to the device are still in flight.
-#[derive(Default)]
-struct InFlight(Vec<(cudarc::driver::CudaEvent, Vec<Blob>)>);
-
 /// Scratch buffers reused across calls.
 #[derive(Default)]
 struct Scratch {
@@ -240,6 +165,12 @@ macro_rules! launch {
         unsafe { builder.launch(cfg) }.map(|_| ()).map_err(cuda("launching a kernel"))
     }};
 }
+
+// After `launch!`, which they use.
+mod experts;
+mod matvec;
+
+use experts::{BatchSlot, InFlight};
 
 fn grid_for(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -368,59 +299,6 @@ impl CudaBackend {
         })
     }
 
-    /// Copies an expert's matrices into one new device allocation, asynchronously on the
-    /// compute stream (so it is ordered before the kernels that use it); the host bytes are
-    /// kept alive until the copy has finished.
-    fn upload_expert(&self, view: &ExpertView) -> Result<[CudaMatrix; 3]> {
-        let matrices = [&view.gate, &view.up, &view.down];
-        let blobs: Vec<&Blob> = matrices
-            .iter()
-            .flat_map(|m| [Some(&m.data), m.scales.as_ref(), m.biases.as_ref()])
-            .flatten()
-            .collect();
-        let (copies, offsets, total) = expert_copies(&blobs);
-        // SAFETY: every byte the kernels read is written by the copies below.
-        let mem = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(cuda("allocating an expert"))?;
-        {
-            use cudarc::driver::DevicePtr;
-            let (base, _guard) = mem.device_ptr(&self.stream);
-            for (blob, at) in &copies {
-                // SAFETY: the destination range lies inside `mem`; the source stays alive in
-                // `in_flight` until the event recorded after these copies has completed.
-                unsafe {
-                    cudarc::driver::result::memcpy_htod_async(base + *at as u64, blob.bytes(), self.stream.cu_stream())
-                }
-                .map_err(cuda("copying an expert to the device"))?;
-            }
-        }
-        let event = self.stream.record_event(None).map_err(cuda("recording an event"))?;
-        {
-            let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
-            in_flight.0.retain(|(e, _)| !e.is_complete());
-            in_flight.0.push((event, copies.into_iter().map(|(b, _)| b).collect()));
-        }
-        let mem = Arc::new(mem);
-        let mut placed = blobs.iter().zip(offsets).map(|(b, at)| (at, b.len()));
-        let mut built = matrices.into_iter().map(|m| {
-            let data = placed.next().unwrap_or_default();
-            let scales = m.scales.as_ref().and_then(|_| placed.next());
-            let biases = m.biases.as_ref().and_then(|_| placed.next());
-            CudaMatrix {
-                rows: m.rows,
-                cols: m.cols,
-                encoding: m.encoding,
-                mem: Arc::clone(&mem),
-                data,
-                scales,
-                biases,
-            }
-        });
-        match (built.next(), built.next(), built.next()) {
-            (Some(g), Some(u), Some(d)) => Ok([g, u, d]),
-            _ => Err(Error::Cuda("an expert has three matrices".into())),
-        }
-    }
-
     /// The stream every operation runs on (benchmarks time it with events).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -516,353 +394,6 @@ impl CudaBackend {
             scales,
             biases,
         })
-    }
-
-    /// All experts of one token in two launches per `MAX_BATCH` of them (gate/up with SiLU,
-    /// then down with the weighted sum into `out`), when they share one 2/4/8-bit encoding
-    /// and shape. Returns false, having done nothing, when they do not.
-    fn expert_batch(
-        &self,
-        x: &CudaTensor,
-        slots: &[BatchSlot],
-        shared_logit: Option<&CudaTensor>,
-        out: &mut CudaTensor,
-    ) -> Result<bool> {
-        let Some(first) = slots.first() else { return Ok(true) };
-        let [gate0, _, down0] = first.matrices;
-        let (Some((index, gate_cfg)), Some((_, down_cfg))) = (self.pow2_plan(gate0), self.pow2_plan(down0)) else {
-            return Ok(false);
-        };
-        let uniform = gate0.encoding == down0.encoding
-            && slots.iter().all(|slot| {
-                let [g, u, d] = slot.matrices;
-                g.encoding == gate0.encoding
-                    && u.encoding == gate0.encoding
-                    && d.encoding == down0.encoding
-                    && (g.rows, g.cols, u.rows, u.cols) == (gate0.rows, gate0.cols, gate0.rows, gate0.cols)
-                    && (d.rows, d.cols) == (down0.rows, down0.cols)
-                    && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
-            });
-        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
-        if !uniform || batch == 0 {
-            return Ok(false);
-        }
-        let (_, group, dtype) = gate0.format();
-        let (inter, hidden) = (gate0.rows, gate0.cols);
-        for chunk in slots.chunks(batch) {
-            let mut params = ExpertBatchParams {
-                w: [[0; 9]; MAX_BATCH],
-                weight: [0.0; MAX_BATCH],
-                shared_logit: 0,
-                count: chunk.len() as i32,
-                shared_slot: -1,
-            };
-            use cudarc::driver::DevicePtr;
-            // The shared expert's gate logit is read on the device by the down kernel.
-            let _logit_guard = match (shared_logit, chunk.iter().position(|s| s.weight.is_none())) {
-                (Some(logit), Some(slot)) => {
-                    let (ptr, guard) = logit.buf.device_ptr(&self.stream);
-                    params.shared_logit = ptr;
-                    params.shared_slot = slot as i32;
-                    Some(guard)
-                }
-                _ => None,
-            };
-            for (slot, s) in chunk.iter().enumerate() {
-                params.weight[slot] = s.weight.unwrap_or(0.0);
-                for (m, matrix) in s.matrices.iter().enumerate() {
-                    let (sc, bi) = matrix.affine_parts()?;
-                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
-                    for (k, offset) in [matrix.data.0, sc.0, bi.0].into_iter().enumerate() {
-                        params.w[slot][3 * m + k] = base + offset as u64;
-                    }
-                }
-            }
-            let count = chunk.len();
-            let mut act = self.tensor(count, inter)?;
-            let (rows_i, cols_i) = (inter as i32, hidden as i32);
-            let swiglu_cfg = LaunchConfig {
-                // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
-                // against the 3 that fit) left most multiprocessors idle at the end.
-                grid_dim: (
-                    (count * inter)
-                        .div_ceil(8)
-                        .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms)
-                        as u32,
-                    1,
-                    1,
-                ),
-                ..gate_cfg
-            };
-            let f = &self.k.swiglu_batch_q[index];
-            launch!(
-                self,
-                f,
-                swiglu_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*x.buf,
-                &rows_i,
-                &cols_i,
-                &mut *act.buf
-            )?;
-            let down_cfg = LaunchConfig {
-                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
-                ..down_cfg
-            };
-            let (rows_d, cols_d) = (hidden as i32, inter as i32);
-            let f = &self.k.down_batch_q[index];
-            launch!(
-                self,
-                f,
-                down_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*act.buf,
-                &rows_d,
-                &cols_d,
-                &mut *out.buf
-            )?;
-        }
-        Ok(true)
-    }
-
-    /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
-    /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
-    /// enough for shared memory.
-    fn pow2_plan(&self, w: &CudaMatrix) -> Option<(usize, LaunchConfig)> {
-        let Encoding::Affine { bits, group_size, .. } = w.encoding else {
-            return None;
-        };
-        let index = match bits {
-            2 => 0,
-            4 => 1,
-            8 => 2,
-            _ => return None,
-        };
-        let per_piece = (128 / bits) as usize;
-        // The kernels find a piece's group with a shift: groups are powers of two (MLX uses
-        // 32, 64 or 128).
-        let fits = w.cols % per_piece == 0 && group_size % per_piece == 0 && group_size.is_power_of_two();
-        if !fits || w.data.0 % 16 != 0 {
-            return None;
-        }
-        let pieces = w.cols / per_piece;
-        // x padded per piece, then the piece sums, rounded to 16 bytes (the batched down
-        // projection stacks one such block per expert).
-        let smem = (pieces * (per_piece + 4) + pieces).next_multiple_of(4) * 4;
-        if smem > 48 * 1024 {
-            return None;
-        }
-        // Eight blocks per multiprocessor: enough loads in flight to stream the largest
-        // matrices (lm_head) near memory speed. (Two per multiprocessor, which stages x less
-        // often, measured slower: docs/perf.md.)
-        let blocks = w.rows.div_ceil(8).min(8 * self.sms);
-        Some((
-            index,
-            LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: smem as u32,
-            },
-        ))
-    }
-
-    /// One-token products of matrices that read the same `x`, in one launch when they share
-    /// a 2/4/8-bit encoding and width (any heights); `None`, having done nothing, otherwise.
-    fn matvec_multi(&self, x: &CudaTensor, ws: &[&CudaMatrix]) -> Result<Option<Vec<CudaTensor>>> {
-        let Some((&first, _)) = ws.split_first() else {
-            return Ok(Some(Vec::new()));
-        };
-        let Some((index, cfg)) = self.pow2_plan(first) else {
-            return Ok(None);
-        };
-        let same = ws.len() <= MAX_MULTI
-            && ws.iter().all(|w| {
-                w.encoding == first.encoding
-                    && w.cols == first.cols
-                    && self.pow2_plan(w).is_some_and(|(i, _)| i == index)
-            });
-        if !same {
-            return Ok(None);
-        }
-        let outs = ws.iter().map(|w| self.tensor(1, w.rows)).collect::<Result<Vec<_>>>()?;
-        let mut params = MatvecMultiParams {
-            w: [[0; 3]; MAX_MULTI],
-            y: [0; MAX_MULTI],
-            rows: [0; MAX_MULTI],
-            count: ws.len() as i32,
-        };
-        use cudarc::driver::DevicePtr;
-        for (k, (w, out)) in ws.iter().zip(&outs).enumerate() {
-            let (sc, bi) = w.affine_parts()?;
-            let (base, _guard) = w.mem.device_ptr(&self.stream);
-            for (j, offset) in [w.data.0, sc.0, bi.0].into_iter().enumerate() {
-                params.w[k][j] = base + offset as u64;
-            }
-            params.y[k] = out.buf.device_ptr(&self.stream).0;
-            params.rows[k] = w.rows as i32;
-        }
-        let total: usize = ws.iter().map(|w| w.rows).sum();
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(8).min(8 * self.sms) as u32, 1, 1),
-            ..cfg
-        };
-        let (_, group, dtype) = first.format();
-        let cols = first.cols as i32;
-        launch!(
-            self,
-            &self.k.matvec_multi_q[index],
-            cfg,
-            &params,
-            &group,
-            &dtype,
-            &*x.buf,
-            &cols
-        )?;
-        Ok(Some(outs))
-    }
-
-    /// One-token product into `y`: `y = alpha * (W x) + beta * y`.
-    fn matvec_into(
-        &self,
-        x: &CudaSlice<f32>,
-        w: &CudaMatrix,
-        y: &mut CudaSlice<f32>,
-        alpha: f32,
-        beta: f32,
-    ) -> Result<()> {
-        let (bits, group, dtype) = w.format();
-        let (rows, cols) = (w.rows as i32, w.cols as i32);
-        let data = w.part(w.data);
-        if let Some((index, cfg)) = self.pow2_plan(w) {
-            let (s, b) = w.affine_parts()?;
-            let (scales, biases) = (w.part(s), w.part(b));
-            let f = &self.k.matvec_q[index];
-            return launch!(
-                self, f, cfg, &data, &scales, &biases, &group, &dtype, x, &rows, &cols, y, &alpha, &beta
-            );
-        }
-        if alpha != 1.0 || beta != 0.0 {
-            let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
-            let n = w.rows as i64;
-            let zero = 0i32;
-            return launch!(self, &self.k.axpy, grid_for(w.rows), y, &*tmp, &alpha, &zero, &n);
-        }
-        let tmp = self.matvec_plain(x, w, bits, group, dtype)?;
-        self.stream.memcpy_dtod(&*tmp, y).map_err(cuda("copying"))
-    }
-
-    /// The general (warp per row, x from global memory) one-token kernels.
-    fn matvec_plain(&self, x: &CudaSlice<f32>, w: &CudaMatrix, bits: i32, group: i32, dtype: i32) -> Result<PooledBuf> {
-        let out = self.tensor(1, w.rows)?.buf;
-        let (rows, cols) = (w.rows as i32, w.cols as i32);
-        let cfg = LaunchConfig {
-            grid_dim: ((w.rows as u32).div_ceil(THREADS / 32), 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let data = w.part(w.data);
-        if bits == 0 {
-            launch!(self, &self.k.matvec_dense, cfg, &data, &dtype, x, &rows, &cols, &*out)?;
-        } else {
-            let (s, b) = w.affine_parts()?;
-            let (scales, biases) = (w.part(s), w.part(b));
-            launch!(
-                self,
-                &self.k.matvec_affine_any,
-                cfg,
-                &data,
-                &scales,
-                &biases,
-                &bits,
-                &group,
-                &dtype,
-                x,
-                &rows,
-                &cols,
-                &*out
-            )?;
-        }
-        Ok(out)
-    }
-
-    /// One-token product `y = W x`.
-    fn matvec(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
-        let mut out = self.tensor(1, w.rows)?;
-        self.matvec_into(&x.buf, w, &mut out.buf, 1.0, 0.0)?;
-        Ok(out)
-    }
-
-    /// Decodes rows of `w` to f32 into `out`: rows `ids` when given, else `first..first + n`.
-    fn dequant_rows(
-        &self,
-        w: &CudaMatrix,
-        ids: Option<&CudaSlice<i32>>,
-        first: usize,
-        n: usize,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let (bits, group, dtype) = w.format();
-        let data = w.part(w.data);
-        // Dense matrices have no scales; any valid pointer stands in.
-        let (s, bi) = (w.scales.unwrap_or(w.data), w.biases.unwrap_or(w.data));
-        let scales = w.part(s);
-        let biases = w.part(bi);
-        let null_ids = self.stream.null::<i32>().map_err(cuda("allocating"))?;
-        let ids = ids.unwrap_or(&null_ids);
-        let (first, cols) = (first as i64, w.cols as i32);
-        launch!(
-            self,
-            &self.k.dequant_rows,
-            blocks(n, THREADS),
-            &data,
-            &scales,
-            &biases,
-            &bits,
-            &group,
-            &dtype,
-            ids,
-            &first,
-            &cols,
-            out
-        )
-    }
-
-    /// Batched product `x . Wᵀ` for several tokens: row blocks of W decoded to f32, then
-    /// SGEMM into the matching columns of the output.
-    fn matmul_batched(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
-        let (t, k, n) = (x.rows, w.cols, w.rows);
-        let mut out = self.tensor(t, n)?;
-        let block_rows = (64usize << 20) / k.max(1);
-        let block_rows = block_rows.clamp(1, n);
-        self.with_scratch(block_rows * k, |scratch| {
-            for first in (0..n).step_by(block_rows) {
-                let rows = block_rows.min(n - first);
-                self.dequant_rows(w, None, first, rows, scratch)?;
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_T,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: rows as i32,
-                    n: t as i32,
-                    k: k as i32,
-                    alpha: 1.0f32,
-                    lda: k as i32,
-                    ldb: k as i32,
-                    beta: 0.0f32,
-                    ldc: n as i32,
-                };
-                let mut c = out.buf.slice_mut(first..);
-                // SAFETY: A is rows x k in the scratch, B is x (t x k), C starts at column
-                // `first` of the t x n output with leading dimension n.
-                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), &*x.buf, &mut c) }
-                    .map_err(cuda("cuBLAS SGEMM"))?;
-            }
-            Ok(())
-        })?;
-        Ok(out)
     }
 
     fn check_same(op: &str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
@@ -1418,46 +949,5 @@ impl Backend for CudaBackend {
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         Some(self.cache.stats())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Where each part lands on the device, as a host address would (base 256-aligned).
-    fn device_addrs(blobs: &[&Blob]) -> (Vec<usize>, usize, usize) {
-        let (copies, offsets, total) = expert_copies(blobs);
-        for (blob, at) in &copies {
-            assert!(at + blob.len() <= total, "a copy overruns the allocation");
-        }
-        (offsets, copies.len(), total)
-    }
-
-    #[test]
-    fn a_record_goes_in_one_copy_with_its_alignment_kept() {
-        let record = Blob::from_vec(vec![7u8; 200_000]);
-        let parts = [record.sub(48, 1000), record.sub(4096, 5000), record.sub(12_288, 64)];
-        let refs: Vec<&Blob> = parts.iter().collect();
-        let (offsets, copies, total) = device_addrs(&refs);
-        assert_eq!(copies, 1);
-        let lead = parts[0].bytes().as_ptr() as usize % 256;
-        assert_eq!(offsets, [lead, lead + 4096 - 48, lead + 12_288 - 48]);
-        assert_eq!(total, lead + 12_288 + 64 - 48);
-        for (part, at) in parts.iter().zip(&offsets) {
-            assert_eq!(part.bytes().as_ptr() as usize % 256, at % 256, "alignment kept");
-        }
-    }
-
-    #[test]
-    fn scattered_parts_go_one_copy_each_at_256_byte_offsets() {
-        let (a, b) = (Blob::from_vec(vec![1u8; 1000]), Blob::from_vec(vec![2u8; 300]));
-        let (offsets, copies, total) = device_addrs(&[&a, &b]);
-        assert_eq!((offsets, copies, total), (vec![0, 1024], 2, 1324));
-        // Parts of one buffer, but far apart: not worth one copy of everything between.
-        let big = Blob::from_vec(vec![0u8; 1 << 20]);
-        let (far_a, far_b) = (big.sub(0, 100), big.sub(900_000, 100));
-        let (_, copies, total) = device_addrs(&[&far_a, &far_b]);
-        assert_eq!((copies, total), (2, 356));
     }
 }

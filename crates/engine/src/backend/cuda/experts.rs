@@ -1,0 +1,282 @@
+//! Routed experts on the device: uploading a fetched expert (one copy per record) and the
+//! batched launches that run all of a token's experts in two kernels.
+
+use std::sync::{Arc, PoisonError};
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{CudaBackend, CudaMatrix, CudaTensor, cuda, kernels};
+use crate::error::{Error, Result};
+use crate::model::weights::ExpertView;
+use crate::storage::blob::Blob;
+
+/// Experts per batched launch (`MAX_BATCH` in kernels.cu).
+const MAX_BATCH: usize = 16;
+
+/// The `ExpertBatch` kernel parameter of kernels.cu: per expert the device addresses of
+/// gate, up and down (codes, scales, biases), the routing weights and the count; the slot of
+/// the shared expert (-1 for none), weighted by the sigmoid of the logit at `shared_logit`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ExpertBatchParams {
+    w: [[u64; 9]; MAX_BATCH],
+    weight: [f32; MAX_BATCH],
+    shared_logit: u64,
+    count: i32,
+    shared_slot: i32,
+}
+
+// SAFETY: plain old data laid out as the C struct the kernels take by value.
+unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
+
+/// How an expert's parts travel to its device allocation: the copies (host range, device
+/// offset), each part's device offset, and the allocation's size. One copy of the whole
+/// record when the parts lie close together in one host buffer (a record read from disk or
+/// held in the host cache): the per-copy cost of a DMA transfer is paid once, not nine times.
+/// Device offsets keep each part's host alignment modulo 256, so the kernels' 16-byte loads
+/// stay aligned wherever the host's were. Otherwise one copy per part, each at a multiple of 256.
+fn expert_copies(blobs: &[&Blob]) -> (Vec<(Blob, usize)>, Vec<usize>, usize) {
+    /// Padding between a record's parts that one copy may carry along.
+    const SLACK: usize = 64 << 10;
+    let sum: usize = blobs.iter().map(|b| b.len()).sum();
+    if let Some((span, within)) = Blob::enclosing(blobs)
+        && span.len() <= sum + SLACK
+    {
+        let lead = span.bytes().as_ptr() as usize % 256;
+        let total = lead + span.len();
+        return (
+            vec![(span, lead)],
+            within.into_iter().map(|o| lead + o).collect(),
+            total,
+        );
+    }
+    let mut total = 0usize;
+    let offsets = blobs
+        .iter()
+        .map(|b| {
+            let at = total.next_multiple_of(256);
+            total = at + b.len();
+            at
+        })
+        .collect::<Vec<_>>();
+    let copies = blobs.iter().zip(&offsets).map(|(b, &at)| ((*b).clone(), at)).collect();
+    (copies, offsets, total)
+}
+
+/// One expert of a batched launch: its gate, up and down, and how its output is weighted.
+pub(super) struct BatchSlot<'a> {
+    pub(super) matrices: [&'a CudaMatrix; 3],
+    /// The routing weight; `None` for the shared expert (sigmoid of its gate logit).
+    pub(super) weight: Option<f32>,
+}
+
+/// Host blobs whose asynchronous copies to the device are still in flight.
+#[derive(Default)]
+pub(super) struct InFlight(pub(super) Vec<(cudarc::driver::CudaEvent, Vec<Blob>)>);
+
+impl CudaBackend {
+    /// Copies an expert's matrices into one new device allocation, asynchronously on the
+    /// compute stream (so it is ordered before the kernels that use it); the host bytes are
+    /// kept alive until the copy has finished.
+    pub(super) fn upload_expert(&self, view: &ExpertView) -> Result<[CudaMatrix; 3]> {
+        let matrices = [&view.gate, &view.up, &view.down];
+        let blobs: Vec<&Blob> = matrices
+            .iter()
+            .flat_map(|m| [Some(&m.data), m.scales.as_ref(), m.biases.as_ref()])
+            .flatten()
+            .collect();
+        let (copies, offsets, total) = expert_copies(&blobs);
+        // SAFETY: every byte the kernels read is written by the copies below.
+        let mem = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(cuda("allocating an expert"))?;
+        {
+            use cudarc::driver::DevicePtr;
+            let (base, _guard) = mem.device_ptr(&self.stream);
+            for (blob, at) in &copies {
+                // SAFETY: the destination range lies inside `mem`; the source stays alive in
+                // `in_flight` until the event recorded after these copies has completed.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(base + *at as u64, blob.bytes(), self.stream.cu_stream())
+                }
+                .map_err(cuda("copying an expert to the device"))?;
+            }
+        }
+        let event = self.stream.record_event(None).map_err(cuda("recording an event"))?;
+        {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            in_flight.0.retain(|(e, _)| !e.is_complete());
+            in_flight.0.push((event, copies.into_iter().map(|(b, _)| b).collect()));
+        }
+        let mem = Arc::new(mem);
+        let mut placed = blobs.iter().zip(offsets).map(|(b, at)| (at, b.len()));
+        let mut built = matrices.into_iter().map(|m| {
+            let data = placed.next().unwrap_or_default();
+            let scales = m.scales.as_ref().and_then(|_| placed.next());
+            let biases = m.biases.as_ref().and_then(|_| placed.next());
+            CudaMatrix {
+                rows: m.rows,
+                cols: m.cols,
+                encoding: m.encoding,
+                mem: Arc::clone(&mem),
+                data,
+                scales,
+                biases,
+            }
+        });
+        match (built.next(), built.next(), built.next()) {
+            (Some(g), Some(u), Some(d)) => Ok([g, u, d]),
+            _ => Err(Error::Cuda("an expert has three matrices".into())),
+        }
+    }
+
+    /// All experts of one token in two launches per `MAX_BATCH` of them (gate/up with SiLU,
+    /// then down with the weighted sum into `out`), when they share one 2/4/8-bit encoding
+    /// and shape. Returns false, having done nothing, when they do not.
+    pub(super) fn expert_batch(
+        &self,
+        x: &CudaTensor,
+        slots: &[BatchSlot],
+        shared_logit: Option<&CudaTensor>,
+        out: &mut CudaTensor,
+    ) -> Result<bool> {
+        let Some(first) = slots.first() else { return Ok(true) };
+        let [gate0, _, down0] = first.matrices;
+        let (Some((index, gate_cfg)), Some((_, down_cfg))) = (self.pow2_plan(gate0), self.pow2_plan(down0)) else {
+            return Ok(false);
+        };
+        let uniform = gate0.encoding == down0.encoding
+            && slots.iter().all(|slot| {
+                let [g, u, d] = slot.matrices;
+                g.encoding == gate0.encoding
+                    && u.encoding == gate0.encoding
+                    && d.encoding == down0.encoding
+                    && (g.rows, g.cols, u.rows, u.cols) == (gate0.rows, gate0.cols, gate0.rows, gate0.cols)
+                    && (d.rows, d.cols) == (down0.rows, down0.cols)
+                    && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
+            });
+        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
+        if !uniform || batch == 0 {
+            return Ok(false);
+        }
+        let (_, group, dtype) = gate0.format();
+        let (inter, hidden) = (gate0.rows, gate0.cols);
+        for chunk in slots.chunks(batch) {
+            let mut params = ExpertBatchParams {
+                w: [[0; 9]; MAX_BATCH],
+                weight: [0.0; MAX_BATCH],
+                shared_logit: 0,
+                count: chunk.len() as i32,
+                shared_slot: -1,
+            };
+            use cudarc::driver::DevicePtr;
+            // The shared expert's gate logit is read on the device by the down kernel.
+            let _logit_guard = match (shared_logit, chunk.iter().position(|s| s.weight.is_none())) {
+                (Some(logit), Some(slot)) => {
+                    let (ptr, guard) = logit.buf.device_ptr(&self.stream);
+                    params.shared_logit = ptr;
+                    params.shared_slot = slot as i32;
+                    Some(guard)
+                }
+                _ => None,
+            };
+            for (slot, s) in chunk.iter().enumerate() {
+                params.weight[slot] = s.weight.unwrap_or(0.0);
+                for (m, matrix) in s.matrices.iter().enumerate() {
+                    let (sc, bi) = matrix.affine_parts()?;
+                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
+                    for (k, offset) in [matrix.data.0, sc.0, bi.0].into_iter().enumerate() {
+                        params.w[slot][3 * m + k] = base + offset as u64;
+                    }
+                }
+            }
+            let count = chunk.len();
+            let mut act = self.tensor(count, inter)?;
+            let (rows_i, cols_i) = (inter as i32, hidden as i32);
+            let swiglu_cfg = LaunchConfig {
+                // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
+                // against the 3 that fit) left most multiprocessors idle at the end.
+                grid_dim: (
+                    (count * inter)
+                        .div_ceil(8)
+                        .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms)
+                        as u32,
+                    1,
+                    1,
+                ),
+                ..gate_cfg
+            };
+            let f = &self.k.swiglu_batch_q[index];
+            launch!(
+                self,
+                f,
+                swiglu_cfg,
+                &params,
+                &group,
+                &dtype,
+                &*x.buf,
+                &rows_i,
+                &cols_i,
+                &mut *act.buf
+            )?;
+            let down_cfg = LaunchConfig {
+                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
+                ..down_cfg
+            };
+            let (rows_d, cols_d) = (hidden as i32, inter as i32);
+            let f = &self.k.down_batch_q[index];
+            launch!(
+                self,
+                f,
+                down_cfg,
+                &params,
+                &group,
+                &dtype,
+                &*act.buf,
+                &rows_d,
+                &cols_d,
+                &mut *out.buf
+            )?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each part lands on the device, as a host address would (base 256-aligned).
+    fn device_addrs(blobs: &[&Blob]) -> (Vec<usize>, usize, usize) {
+        let (copies, offsets, total) = expert_copies(blobs);
+        for (blob, at) in &copies {
+            assert!(at + blob.len() <= total, "a copy overruns the allocation");
+        }
+        (offsets, copies.len(), total)
+    }
+
+    #[test]
+    fn a_record_goes_in_one_copy_with_its_alignment_kept() {
+        let record = Blob::from_vec(vec![7u8; 200_000]);
+        let parts = [record.sub(48, 1000), record.sub(4096, 5000), record.sub(12_288, 64)];
+        let refs: Vec<&Blob> = parts.iter().collect();
+        let (offsets, copies, total) = device_addrs(&refs);
+        assert_eq!(copies, 1);
+        let lead = parts[0].bytes().as_ptr() as usize % 256;
+        assert_eq!(offsets, [lead, lead + 4096 - 48, lead + 12_288 - 48]);
+        assert_eq!(total, lead + 12_288 + 64 - 48);
+        for (part, at) in parts.iter().zip(&offsets) {
+            assert_eq!(part.bytes().as_ptr() as usize % 256, at % 256, "alignment kept");
+        }
+    }
+
+    #[test]
+    fn scattered_parts_go_one_copy_each_at_256_byte_offsets() {
+        let (a, b) = (Blob::from_vec(vec![1u8; 1000]), Blob::from_vec(vec![2u8; 300]));
+        let (offsets, copies, total) = device_addrs(&[&a, &b]);
+        assert_eq!((offsets, copies, total), (vec![0, 1024], 2, 1324));
+        // Parts of one buffer, but far apart: not worth one copy of everything between.
+        let big = Blob::from_vec(vec![0u8; 1 << 20]);
+        let (far_a, far_b) = (big.sub(0, 100), big.sub(900_000, 100));
+        let (_, copies, total) = device_addrs(&[&far_a, &far_b]);
+        assert_eq!((copies, total), (2, 356));
+    }
+}
