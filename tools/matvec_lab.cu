@@ -443,10 +443,25 @@ static void launch_matvec(const Matrix& m, const float* x, float* y, int grid) {
         matvec_q2<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
 }
 
+// One variant of a product: checked against the reference (y poisoned first), then timed over
+// the copies of the matrix in turn (so that a small one is not read from L2), and printed.
+template <class F>
+static void check_and_time(const char* label, const std::vector<Matrix>& ms, float* y, const float* ref, F launch) {
+    int rows = ms[0].rows, copies = (int)ms.size();
+    CHECK(cudaMemset(y, 0xff, (size_t)rows * 4));
+    launch(ms[0]);
+    double err = rel_l2(fetch(y, rows), fetch(ref, rows));
+    int i = 0;
+    double us = median_us(7, std::max(copies, 8), [&] { launch(ms[i++ % copies]); });
+    char full[192];
+    snprintf(full, sizeof full, "%s (err %.1e)", label, err);
+    row(full, us, (double)ms[0].bytes());
+}
+
 // The split-K tensor-core variant with S warps per 16-row tile, checked and timed like the rest.
 template <int S>
 static void bench_split(const char* name, const std::vector<Matrix>& ms, const float* x, float* y, const float* ref) {
-    int rows = ms[0].rows, cols = ms[0].cols, copies = (int)ms.size();
+    int rows = ms[0].rows, cols = ms[0].cols;
     size_t smem = MMA_SPLIT_STAGE_FLOATS(cols) * 4;
     const void* kernel = (const void*)matvec_mma_q4_split<S>;
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
@@ -454,17 +469,11 @@ static void bench_split(const char* name, const std::vector<Matrix>& ms, const f
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem));
     int blocks_needed = ((rows + 15) / 16 + 8 / S - 1) / (8 / S);
     int grid = std::min(blocks_needed, per_sm * g_sms);
-    auto launch = [&](const Matrix& m) {
-        matvec_mma_q4_split<S><<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y);
-    };
-    CHECK(cudaMemset(y, 0xff, (size_t)rows * 4));
-    launch(ms[0]);
-    double err = rel_l2(fetch(y, rows), fetch(ref, rows));
-    int i = 0;
-    double us = median_us(7, std::max(copies, 8), [&] { launch(ms[i++ % copies]); });
     char label[128];
-    snprintf(label, sizeof label, "%s, tensor cores split %d, grid %d (err %.1e)", name, S, grid, err);
-    row(label, us, (double)ms[0].bytes());
+    snprintf(label, sizeof label, "%s, tensor cores split %d, grid %d", name, S, grid);
+    check_and_time(label, ms, y, ref, [&](const Matrix& m) {
+        matvec_mma_q4_split<S><<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y);
+    });
 }
 
 static void bench_matvec(const char* name, int rows, int cols, int bits, int copies) {
@@ -481,17 +490,11 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
         CHECK(cudaFuncSetAttribute((const void*)matvec_mma_q4, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                    200 * 1024));
         int grid = grid_for((const void*)matvec_mma_q4, smem, rows / 2, true);
-        auto launch = [&](const Matrix& m) {
-            matvec_mma_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, 1.0f, 0.0f);
-        };
-        CHECK(cudaMemset(y, 0xff, (size_t)rows * 4));
-        launch(ms[0]);
-        double err = rel_l2(fetch(y, rows), fetch(ref, rows));
-        int i = 0;
-        double us = median_us(7, std::max(copies, 8), [&] { launch(ms[i++ % copies]); });
         char label[128];
-        snprintf(label, sizeof label, "%s, tensor cores, grid %d (err %.1e)", name, grid, err);
-        row(label, us, (double)ms[0].bytes());
+        snprintf(label, sizeof label, "%s, tensor cores, grid %d", name, grid);
+        check_and_time(label, ms, y, ref, [&](const Matrix& m) {
+            matvec_mma_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, 1.0f, 0.0f);
+        });
         if (rows < 100000) {
             bench_split<2>(name, ms, x, y, ref);
             bench_split<4>(name, ms, x, y, ref);
@@ -501,15 +504,9 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
     const void* kernel = bits == 4 ? (const void*)matvec_q4 : (const void*)matvec_q2;
     for (int resident = 0; resident < 2; ++resident) {
         int grid = grid_for(kernel, smem_bytes(bits, cols), rows, resident);
-        CHECK(cudaMemset(y, 0xff, (size_t)rows * 4));
-        launch_matvec(ms[0], x, y, grid);
-        double err = rel_l2(fetch(y, rows), fetch(ref, rows));
-        int i = 0;
-        int calls = std::max(copies, 8);
-        double us = median_us(7, calls, [&] { launch_matvec(ms[i++ % copies], x, y, grid); });
         char label[128];
-        snprintf(label, sizeof label, "%s, %s grid %d (err %.1e)", name, resident ? "resident" : "engine", grid, err);
-        row(label, us, (double)ms[0].bytes());
+        snprintf(label, sizeof label, "%s, %s grid %d", name, resident ? "resident" : "engine", grid);
+        check_and_time(label, ms, y, ref, [&](const Matrix& m) { launch_matvec(m, x, y, grid); });
     }
     for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
     cudaFree(x), cudaFree(y), cudaFree(ref);
