@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-lab}
 mkdir -p "$out"
-kernels="matvec_q4|matvec_mma_q4|_Z19matvec_mma_q4_split[^ ]*|swiglu_batch_q4|swiglu_batch_mma_q4|down_batch_q4"
+kernels="matvec_q4|_Z11matvec_xreg[^ ]*|_Z17swiglu_batch_xreg[^ ]*|_Z15down_batch_xreg[^ ]*|swiglu_batch_q4|down_batch_q4"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 # 1556: the kernels' `extern __shared__` arrays share one name, as they may.
 nvcc -O3 -std=c++17 -arch=sm_90 -diag-suppress 1556 -Xptxas -v tools/matvec_lab.cu -o "$out/lab" >"$out/ptxas.log" 2>&1 ||
@@ -17,7 +17,7 @@ grep -A2 -E "properties for ($kernels)$" "$out/ptxas.log" | grep -E "for|Used|sp
 if [ "${NCU:-0}" = 1 ]; then
   sections="--section SpeedOfLight --section Occupancy --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats --section SchedulerStats"
   # The first launch of each kernel: lm_head size for the matvecs, K=10 for the expert batch.
-  for k in ${NCU_KERNELS:-matvec_mma_q4 swiglu_batch_mma_q4 down_batch_q4}; do
+  for k in ${NCU_KERNELS:-matvec_q4 swiglu_batch_q4 down_batch_q4}; do
     # shellcheck disable=SC2086
     LAB_K=10 ncu --clock-control none -k regex:"^$k\$" -c 1 $sections "$out/lab" >"$out/ncu-$k.log" 2>&1
   done

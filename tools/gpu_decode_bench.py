@@ -111,7 +111,8 @@ def measure(a, layers, hbm, h2d):
             rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / est60,
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
                          (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, floor60 / est60,
-                         after * 1e3, v["budget_bytes"] / 2**30, host_share))
+                         after * 1e3, v["budget_bytes"] / 2**30, host_share,
+                         100 * v.get("device_routed", 0) / (calls * layers)))
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
             print(f"  K={k} cap {cap}: ms per token by phase: " +
                   ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
@@ -125,7 +126,7 @@ def print_table(m, hbm, h2d):
           f"H2D {h2d / 1e9:.1f} GB/s, disk {m['disk_gbps']:.2f} GB/s (same session)")
     head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
             "MB/tok disk", "floor tok/s", "of floor", "60-layer of floor (est.)", "ms/token after the layers",
-            "budget GiB", "host hits in pinned cache %")
+            "budget GiB", "host hits in pinned cache %", "layer steps routed on the GPU %")
     print(" | ".join(head))
     for r in m["rows"]:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))

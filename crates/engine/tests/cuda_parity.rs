@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
-use flash_moe_engine::backend::{AttentionShape, Backend, SharedExpert};
+use flash_moe_engine::backend::{AttentionShape, Backend, ExpertCacheStats, SharedExpert};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Logits;
 use flash_moe_engine::model::config::LinearAttentionConfig;
@@ -437,19 +437,31 @@ fn every_operation_matches_the_cpu() {
     });
 }
 
-fn fixture_logits<B: Backend>(backend: B, model: &std::path::Path, ids: &[u32], prefill: usize) -> Result<Vec<f32>> {
+/// The logits of every position, and the backend's expert cache counters; `prefetch` puts
+/// every expert in the backend's cache first (on a GPU with room for them all, one-token
+/// steps are then routed on the device).
+fn fixture_logits<B: Backend>(
+    backend: B,
+    model: &std::path::Path,
+    ids: &[u32],
+    prefill: usize,
+    prefetch: bool,
+) -> Result<(Vec<f32>, Option<ExpertCacheStats>)> {
     let store = ExpertStore::new(StoreConfig {
         io: ExpertIo::Read(flash_moe_engine::storage::io::IoMode::PageCache),
         ..StoreConfig::default()
     });
     let model = load_model(model, backend, Arc::clone(&store))?;
+    if prefetch {
+        model.prefetch_experts()?;
+    }
     let b = model.backend();
     let mut state = model.new_state()?;
     let mut out = b.download(&model.forward(&ids[..prefill], &mut state, Logits::All)?)?;
     for &id in &ids[prefill..] {
         out.extend(b.download(&model.forward(&[id], &mut state, Logits::All)?)?);
     }
-    Ok(out)
+    Ok((out, b.expert_cache_stats()))
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -462,6 +474,7 @@ fn every_fixture_model_matches_the_cpu() {
         return;
     }
     let mut checked = 0;
+    let mut routed_models = 0;
     let mut dirs: Vec<_> = std::fs::read_dir(fixtures())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -479,18 +492,38 @@ fn every_fixture_model_matches_the_cpu() {
         let prefill = meta["prefill"].as_u64().unwrap() as usize;
         for prefill in [ids.len(), prefill] {
             let name = dir.display();
-            let cpu = fixture_logits(CpuBackend::new(), &dir, &ids, prefill)
+            let (cpu, _) = fixture_logits(CpuBackend::new(), &dir, &ids, prefill, false)
                 .unwrap_or_else(|e| panic!("{name} prefill {prefill} on the CPU: {e}"));
-            // Once with no VRAM cache, once with one: the cache must not change a bit.
-            let gpu_plain = fixture_logits(gpu(Some(0)).unwrap(), &dir, &ids, prefill)
+            // Without a VRAM cache, with one, and with every expert in it (routing on the
+            // device): neither may change a bit.
+            let (gpu_plain, _) = fixture_logits(gpu(Some(0)).unwrap(), &dir, &ids, prefill, false)
                 .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA without a VRAM cache: {e}"));
-            let gpu_cached = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill)
+            let (gpu_cached, _) = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill, false)
                 .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA with a VRAM cache: {e}"));
             assert!(
                 gpu_plain == gpu_cached,
                 "{}: the VRAM expert cache changed the logits",
                 dir.display()
             );
+            let (gpu_routed, stats) = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill, true)
+                .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA routing on the device: {e}"));
+            assert!(
+                gpu_plain == gpu_routed,
+                "{}: routing on the device changed the logits",
+                dir.display()
+            );
+            // The 4-bit fixtures' experts all suit the batched kernels: their decode steps
+            // must have been routed on the device, or the comparison above tested nothing.
+            let routed = stats.map_or(0, |s| s.device_routed);
+            let name_str = dir.file_name().unwrap().to_string_lossy();
+            if name_str.ends_with("-4bit") || name_str.ends_with("-4bit-f16") {
+                let decode_steps = ids.len() - prefill;
+                assert!(
+                    decode_steps == 0 || routed > 0,
+                    "{name_str}: no layer step was routed on the device"
+                );
+                routed_models += usize::from(routed > 0);
+            }
             let err = relative_l2(&gpu_plain, &cpu);
             let vocab = cpu.len() / ids.len();
             let same_argmax = gpu_plain
@@ -506,6 +539,10 @@ fn every_fixture_model_matches_the_cpu() {
             checked += 1;
         }
     }
+    assert!(
+        routed_models >= 2,
+        "routing on the device ran for {routed_models} fixture runs"
+    );
     assert!(
         checked >= 12,
         "only {checked} fixture runs found in {}",

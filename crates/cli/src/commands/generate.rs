@@ -36,8 +36,9 @@ pub struct Args {
     /// Print where the time went (per layer and phase), expert I/O and peak memory.
     #[arg(long)]
     timing: bool,
-    /// Read every expert into the in-process cache before generating (with
-    /// --expert-cache-mib big enough: RAM-resident experts, no disk reads afterwards).
+    /// Read every expert into the in-process cache and the GPU's expert cache before
+    /// generating, as far as they hold (with --expert-cache-mib big enough: RAM-resident
+    /// experts, no disk reads afterwards; with every expert in VRAM, routing on the GPU).
     #[arg(long)]
     prefetch_experts: bool,
     /// Generate this many tokens first, unmeasured and not printed, to warm the caches.

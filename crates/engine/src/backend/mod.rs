@@ -23,6 +23,8 @@ pub struct ExpertCacheStats {
     pub misses: u64,
     /// Bytes copied to the device for misses.
     pub uploaded_bytes: u64,
+    /// Layer steps (one token through one layer) routed on the device, no host round trip.
+    pub device_routed: u64,
     pub resident_bytes: u64,
     pub budget_bytes: u64,
 }
@@ -34,9 +36,18 @@ impl ExpertCacheStats {
             hits: self.hits - earlier.hits,
             misses: self.misses - earlier.misses,
             uploaded_bytes: self.uploaded_bytes - earlier.uploaded_bytes,
+            device_routed: self.device_routed - earlier.device_routed,
             ..*self
         }
     }
+}
+
+/// What routing on the device needs to know of a mixture-of-experts layer (one token).
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceRouting {
+    pub layer: usize,
+    pub experts_per_token: usize,
+    pub renormalize: bool,
 }
 
 /// Geometry of one full-attention call.
@@ -194,6 +205,21 @@ pub trait Backend: Send + Sync {
         out: &mut Self::Tensor,
     ) -> Result<()> {
         experts_ffn_one_by_one(self, x, experts, weights, shared, out)
+    }
+    /// One token's routing and experts without a round trip to the host, when the backend
+    /// holds every expert of the layer: the top-k of `router_logits` (as `route_top_k`) picks
+    /// experts that run as in `experts_ffn_one_token` (in index order, the shared expert
+    /// last, so the sums are the same), added into `out`. Returns false, having done nothing,
+    /// when the backend cannot; the host then routes.
+    fn route_and_run_experts(
+        &self,
+        _routing: &DeviceRouting,
+        _x: &Self::Tensor,
+        _router_logits: &Self::Tensor,
+        _shared: Option<&SharedExpert<'_, Self>>,
+        _out: &mut Self::Tensor,
+    ) -> Result<bool> {
+        Ok(false)
     }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {

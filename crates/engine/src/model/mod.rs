@@ -154,12 +154,12 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Reads every routed expert once through storage, so that its in-process cache (when it
-    /// has room) holds them all before the first token.
+    /// Reads every routed expert once through storage, so that its in-process cache and the
+    /// backend's (when they have room) hold them all before the first token.
     pub fn prefetch_experts(&self) -> Result<()> {
         for layer in &self.layers {
             if let Ffn::Moe(moe) = &layer.ffn {
-                moe.prefetch()?;
+                moe.prefetch(&self.backend)?;
             }
         }
         Ok(())

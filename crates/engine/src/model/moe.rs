@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, SharedExpert, project, shared_expert_ffn};
+use crate::backend::{Backend, DeviceRouting, SharedExpert, project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -70,12 +70,14 @@ impl<B: Backend> SparseMoe<B> {
         })
     }
 
-    /// Reads every expert of the layer once through storage, filling its caches.
-    pub fn prefetch(&self) -> Result<()> {
+    /// Reads every expert of the layer once through storage and hands it to the backend,
+    /// filling the caches of both (as far as they hold): with all of a layer's experts in
+    /// VRAM a GPU routes on the device from the first token.
+    pub fn prefetch(&self, b: &B) -> Result<()> {
         let all: Vec<usize> = (0..self.experts.num_experts()).collect();
         for chunk in all.chunks(64) {
-            for pending in self.experts.fetch(chunk)? {
-                pending.wait()?;
+            for (&e, pending) in chunk.iter().zip(self.experts.fetch(chunk)?) {
+                b.load_expert(self.layer, e, &pending.wait()?)?;
             }
         }
         Ok(())
@@ -104,6 +106,30 @@ impl<B: Backend> SparseMoe<B> {
             }
             None => (b.matmul(x, &self.router)?, None),
         };
+        let shared = self
+            .shared
+            .as_ref()
+            .zip(shared_logit.as_ref())
+            .map(|((mlp, _), gate_logit)| SharedExpert {
+                gate_proj: &mlp.gate,
+                up_proj: &mlp.up,
+                down_proj: &mlp.down,
+                gate_logit,
+            });
+        // A backend that holds every expert of the layer routes one token by itself: the host
+        // need not wait for the decision. Not when the routing is to be logged.
+        let routing = DeviceRouting {
+            layer: self.layer,
+            experts_per_token,
+            renormalize: self.renormalize,
+        };
+        if tokens == 1
+            && routing_log.is_none()
+            && b.route_and_run_experts(&routing, x, &router_logits, shared.as_ref(), out)?
+        {
+            clock.charge(times, Phase::ExpertCompute);
+            return Ok(());
+        }
         let routes = b.route_top_k(&router_logits, experts_per_token, self.renormalize)?;
         if let Some(log) = routing_log {
             log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
@@ -152,16 +178,6 @@ impl<B: Backend> SparseMoe<B> {
                 clock.charge(times, Phase::ExpertCompute);
             }
         }
-        let shared = self
-            .shared
-            .as_ref()
-            .zip(shared_logit.as_ref())
-            .map(|((mlp, _), gate_logit)| SharedExpert {
-                gate_proj: &mlp.gate,
-                up_proj: &mlp.up,
-                down_proj: &mlp.down,
-                gate_logit,
-            });
         if tokens == 1 {
             let experts: Vec<&B::Expert> = ready.iter().collect();
             b.experts_ffn_one_token(x, &experts, &token_weights, shared.as_ref(), out)?;

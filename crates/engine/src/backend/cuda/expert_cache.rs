@@ -4,8 +4,10 @@
 //! an evicted candidate with hits left is moved back to the front with one hit fewer, so an
 //! expert used in many tokens outlives a burst of one-off ones (recency and frequency).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use super::experts::LayerTable;
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::ExpertCacheStats;
 use crate::error::Result;
@@ -38,6 +40,11 @@ struct Inner {
     /// Resolved on first use when it was left to the backend.
     budget: Option<u64>,
     stats: ExpertCacheStats,
+    /// Resident experts per layer.
+    per_layer: HashMap<usize, usize>,
+    /// Device-side tables of the layers whose experts are all resident (`None`: they cannot
+    /// run as one batch). Dropped when the layer loses an expert.
+    tables: HashMap<usize, Option<Arc<LayerTable>>>,
 }
 
 pub struct VramCache {
@@ -47,6 +54,17 @@ pub struct VramCache {
 /// VRAM left free for everything else when the budget is chosen automatically.
 const HEADROOM_BYTES: u64 = 2 << 30;
 
+impl Inner {
+    /// Books an expert that left the cache: its bytes, its layer's count, its layer's table.
+    fn forget(&mut self, layer: usize, expert: &CudaExpert) {
+        self.stats.resident_bytes -= expert.bytes();
+        if let Some(n) = self.per_layer.get_mut(&layer) {
+            *n = n.saturating_sub(1);
+        }
+        self.tables.remove(&layer);
+    }
+}
+
 impl VramCache {
     /// `budget`: bytes for experts; `None` sizes it from free memory at the first insert.
     pub fn new(budget: Option<u64>) -> Self {
@@ -55,6 +73,8 @@ impl VramCache {
                 entries: lru::LruCache::unbounded(),
                 budget,
                 stats: ExpertCacheStats::default(),
+                per_layer: HashMap::new(),
+                tables: HashMap::new(),
             }),
         }
     }
@@ -112,16 +132,50 @@ impl VramCache {
                 inner.entries.put(key, old);
                 continue;
             }
-            inner.stats.resident_bytes -= old.expert.bytes();
+            inner.forget(key.0, &old.expert);
         }
         inner.stats.resident_bytes += size;
-        inner.entries.put(
-            (layer, index),
-            Entry {
-                expert: expert.clone(),
-                credit: 0,
-            },
-        );
+        *inner.per_layer.entry(layer).or_default() += 1;
+        let entry = Entry {
+            expert: expert.clone(),
+            credit: 0,
+        };
+        if let Some(replaced) = inner.entries.put((layer, index), entry) {
+            inner.forget(layer, &replaced.expert);
+        }
         Ok(expert)
+    }
+
+    /// The device-side table of `layer` when all `num_experts` of its experts are resident
+    /// (built on first use), for routing on the device.
+    pub fn layer_table(
+        &self,
+        backend: &CudaBackend,
+        layer: usize,
+        num_experts: usize,
+    ) -> Result<Option<Arc<LayerTable>>> {
+        let mut inner = self.lock();
+        if let Some(table) = inner.tables.get(&layer) {
+            return Ok(table.clone());
+        }
+        if inner.per_layer.get(&layer) != Some(&num_experts) {
+            return Ok(None);
+        }
+        let experts: Option<Vec<CudaExpert>> = (0..num_experts)
+            .map(|e| inner.entries.peek(&(layer, e)).map(|entry| entry.expert.clone()))
+            .collect();
+        let Some(experts) = experts else {
+            return Ok(None);
+        };
+        let table = backend.layer_table(&experts)?.map(Arc::new);
+        inner.tables.insert(layer, table.clone());
+        Ok(table)
+    }
+
+    /// Counts a layer step routed on the device and the `experts` it used (all hits).
+    pub fn count_device_routed(&self, experts: usize) {
+        let mut inner = self.lock();
+        inner.stats.hits += experts as u64;
+        inner.stats.device_routed += 1;
     }
 }

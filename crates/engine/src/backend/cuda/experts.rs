@@ -1,11 +1,13 @@
-//! Routed experts on the device: uploading a fetched expert (one copy per record) and the
-//! batched launches that run all of a token's experts in two kernels.
+//! Routed experts on the device: uploading a fetched expert (one copy per record), the
+//! batched launches that run all of a token's experts in two kernels, and routing on the
+//! device when a layer's experts are all in VRAM.
 
 use std::sync::{Arc, PoisonError};
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaMatrix, CudaTensor, cuda, kernels};
+use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, cuda, kernels};
+use crate::backend::{DeviceRouting, SharedExpert};
 use crate::error::{Error, Result};
 use crate::model::weights::ExpertView;
 use crate::storage::blob::Blob;
@@ -28,6 +30,57 @@ struct ExpertBatchParams {
 
 // SAFETY: plain old data laid out as the C struct the kernels take by value.
 unsafe impl cudarc::driver::DeviceRepr for ExpertBatchParams {}
+
+/// The `ExpertPtrs` kernel parameter: the device addresses of an expert's gate, up and down
+/// (codes, scales, biases each).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ExpertPtrs([u64; 9]);
+
+// SAFETY: plain old data laid out as the C struct the routing kernel takes by value.
+unsafe impl cudarc::driver::DeviceRepr for ExpertPtrs {}
+
+/// How a batch of experts of one shape and format launches.
+#[derive(Clone, Copy)]
+struct BatchPlan {
+    /// Kernel index (2, 4, 8 bits).
+    index: usize,
+    gate_cfg: LaunchConfig,
+    /// Per expert: the down kernel stages every expert's activation.
+    down_cfg: LaunchConfig,
+    group: i32,
+    dtype: i32,
+    inter: usize,
+    hidden: usize,
+    /// Experts per launch.
+    max_count: usize,
+}
+
+impl BatchPlan {
+    /// Whether experts of `other`'s plan can share a batch with this one's.
+    fn same_launch(&self, other: &BatchPlan) -> bool {
+        (self.index, self.group, self.dtype, self.inter, self.hidden)
+            == (other.index, other.group, other.dtype, other.inter, other.hidden)
+    }
+}
+
+/// Where the batched kernels find their batch: a kernel parameter (routed by the host) or
+/// the device address `route_experts` wrote it to.
+enum BatchArg<'a> {
+    Value(&'a ExpertBatchParams),
+    Device(u64),
+}
+
+/// Every expert of one layer in VRAM, for routing on the device: `table` holds each expert's
+/// nine addresses, `batch` the batch `route_experts` writes for the launches that follow
+/// (reused token after token: the launches of one stream run in order). The experts stay
+/// alive in the cache, which drops the table when it evicts any of them.
+pub(super) struct LayerTable {
+    table: CudaSlice<u64>,
+    batch: CudaSlice<u8>,
+    plan: BatchPlan,
+    experts: usize,
+}
 
 /// How an expert's parts travel to its device allocation: the copies (host range, device
 /// offset), each part's device offset, and the allocation's size. One copy of the whole
@@ -128,9 +181,39 @@ impl CudaBackend {
         }
     }
 
+    /// How a batch of these experts launches, when they share one 2/4/8-bit encoding and
+    /// shape, with 16-byte aligned codes, as the batched kernels need; `None` otherwise.
+    fn batch_plan<'a>(&self, mut experts: impl Iterator<Item = [&'a CudaMatrix; 3]>) -> Option<BatchPlan> {
+        let [gate0, up0, down0] = experts.next()?;
+        let ((index, gate_cfg), (_, down_cfg)) = (self.pow2_plan(gate0)?, self.pow2_plan(down0)?);
+        let same = |[g, u, d]: [&CudaMatrix; 3]| {
+            g.encoding == gate0.encoding
+                && u.encoding == gate0.encoding
+                && d.encoding == down0.encoding
+                && (g.rows, g.cols, u.rows, u.cols) == (gate0.rows, gate0.cols, gate0.rows, gate0.cols)
+                && (d.rows, d.cols) == (down0.rows, down0.cols)
+                && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
+        };
+        let max_count = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
+        if gate0.encoding != down0.encoding || max_count == 0 || !same([gate0, up0, down0]) || !experts.all(same) {
+            return None;
+        }
+        let (_, group, dtype) = gate0.format();
+        Some(BatchPlan {
+            index,
+            gate_cfg,
+            down_cfg,
+            group,
+            dtype,
+            inter: gate0.rows,
+            hidden: gate0.cols,
+            max_count,
+        })
+    }
+
     /// All experts of one token in two launches per `MAX_BATCH` of them (gate/up with SiLU,
-    /// then down with the weighted sum into `out`), when they share one 2/4/8-bit encoding
-    /// and shape. Returns false, having done nothing, when they do not.
+    /// then down with the weighted sum into `out`), when they share one 2/4/8-bit encoding and
+    /// shape. Returns false, having done nothing, when they do not.
     pub(super) fn expert_batch(
         &self,
         x: &CudaTensor,
@@ -138,28 +221,13 @@ impl CudaBackend {
         shared_logit: Option<&CudaTensor>,
         out: &mut CudaTensor,
     ) -> Result<bool> {
-        let Some(first) = slots.first() else { return Ok(true) };
-        let [gate0, _, down0] = first.matrices;
-        let (Some((index, gate_cfg)), Some((_, down_cfg))) = (self.pow2_plan(gate0), self.pow2_plan(down0)) else {
+        if slots.is_empty() {
+            return Ok(true);
+        }
+        let Some(plan) = self.batch_plan(slots.iter().map(|s| s.matrices)) else {
             return Ok(false);
         };
-        let uniform = gate0.encoding == down0.encoding
-            && slots.iter().all(|slot| {
-                let [g, u, d] = slot.matrices;
-                g.encoding == gate0.encoding
-                    && u.encoding == gate0.encoding
-                    && d.encoding == down0.encoding
-                    && (g.rows, g.cols, u.rows, u.cols) == (gate0.rows, gate0.cols, gate0.rows, gate0.cols)
-                    && (d.rows, d.cols) == (down0.rows, down0.cols)
-                    && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
-            });
-        let batch = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
-        if !uniform || batch == 0 {
-            return Ok(false);
-        }
-        let (_, group, dtype) = gate0.format();
-        let (inter, hidden) = (gate0.rows, gate0.cols);
-        for chunk in slots.chunks(batch) {
+        for chunk in slots.chunks(plan.max_count) {
             let mut params = ExpertBatchParams {
                 w: [[0; 9]; MAX_BATCH],
                 weight: [0.0; MAX_BATCH],
@@ -180,62 +248,185 @@ impl CudaBackend {
             };
             for (slot, s) in chunk.iter().enumerate() {
                 params.weight[slot] = s.weight.unwrap_or(0.0);
-                for (m, matrix) in s.matrices.iter().enumerate() {
-                    let (sc, bi) = matrix.affine_parts()?;
-                    let (base, _guard) = matrix.mem.device_ptr(&self.stream);
-                    for (k, offset) in [matrix.data.0, sc.0, bi.0].into_iter().enumerate() {
-                        params.w[slot][3 * m + k] = base + offset as u64;
-                    }
-                }
+                params.w[slot] = self.expert_addresses(s.matrices)?.0;
             }
-            let count = chunk.len();
-            let mut act = self.tensor(count, inter)?;
-            let (rows_i, cols_i) = (inter as i32, hidden as i32);
-            let swiglu_cfg = LaunchConfig {
-                // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
-                // against the 3 that fit) left most multiprocessors idle at the end.
-                grid_dim: (
-                    (count * inter)
-                        .div_ceil(8)
-                        .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms)
-                        as u32,
-                    1,
-                    1,
-                ),
-                ..gate_cfg
-            };
-            let f = &self.k.swiglu_batch_q[index];
-            launch!(
-                self,
-                f,
-                swiglu_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*x.buf,
-                &rows_i,
-                &cols_i,
-                &mut *act.buf
-            )?;
-            let down_cfg = LaunchConfig {
-                shared_mem_bytes: down_cfg.shared_mem_bytes * count as u32,
-                ..down_cfg
-            };
-            let (rows_d, cols_d) = (hidden as i32, inter as i32);
-            let f = &self.k.down_batch_q[index];
-            launch!(
-                self,
-                f,
-                down_cfg,
-                &params,
-                &group,
-                &dtype,
-                &*act.buf,
-                &rows_d,
-                &cols_d,
-                &mut *out.buf
-            )?;
+            self.launch_batch(&plan, chunk.len(), BatchArg::Value(&params), x, out)?;
         }
+        Ok(true)
+    }
+
+    /// The device addresses of an expert's codes, scales and biases (gate, up, down).
+    fn expert_addresses(&self, matrices: [&CudaMatrix; 3]) -> Result<ExpertPtrs> {
+        use cudarc::driver::DevicePtr;
+        let mut w = [0u64; 9];
+        for (m, matrix) in matrices.iter().enumerate() {
+            let (sc, bi) = matrix.affine_parts()?;
+            let (base, _guard) = matrix.mem.device_ptr(&self.stream);
+            for (k, offset) in [matrix.data.0, sc.0, bi.0].into_iter().enumerate() {
+                w[3 * m + k] = base + offset as u64;
+            }
+        }
+        Ok(ExpertPtrs(w))
+    }
+
+    /// The gate/up and down launches of one batch of `count` experts.
+    fn launch_batch(
+        &self,
+        plan: &BatchPlan,
+        count: usize,
+        batch: BatchArg,
+        x: &CudaTensor,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (inter, hidden, index) = (plan.inter, plan.hidden, plan.index);
+        let mut act = self.tensor(count, inter)?;
+        let swiglu_cfg = LaunchConfig {
+            // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
+            // against the 3 that fit) left most multiprocessors idle at the end.
+            grid_dim: (
+                (count * inter)
+                    .div_ceil(8)
+                    .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms) as u32,
+                1,
+                1,
+            ),
+            ..plan.gate_cfg
+        };
+        let down_cfg = LaunchConfig {
+            shared_mem_bytes: plan.down_cfg.shared_mem_bytes * count as u32,
+            ..plan.down_cfg
+        };
+        let (group, dtype) = (plan.group, plan.dtype);
+        let (rows_i, cols_i, rows_d, cols_d) = (inter as i32, hidden as i32, hidden as i32, inter as i32);
+        match batch {
+            BatchArg::Value(params) => {
+                let f = &self.k.swiglu_batch_q[index];
+                launch!(
+                    self,
+                    f,
+                    swiglu_cfg,
+                    params,
+                    &group,
+                    &dtype,
+                    &*x.buf,
+                    &rows_i,
+                    &cols_i,
+                    &mut *act.buf
+                )?;
+                let f = &self.k.down_batch_q[index];
+                launch!(
+                    self,
+                    f,
+                    down_cfg,
+                    params,
+                    &group,
+                    &dtype,
+                    &*act.buf,
+                    &rows_d,
+                    &cols_d,
+                    &mut *out.buf
+                )
+            }
+            BatchArg::Device(at) => {
+                let f = &self.k.swiglu_batch_dev_q[index];
+                launch!(
+                    self,
+                    f,
+                    swiglu_cfg,
+                    &at,
+                    &group,
+                    &dtype,
+                    &*x.buf,
+                    &rows_i,
+                    &cols_i,
+                    &mut *act.buf
+                )?;
+                let f = &self.k.down_batch_dev_q[index];
+                launch!(
+                    self,
+                    f,
+                    down_cfg,
+                    &at,
+                    &group,
+                    &dtype,
+                    &*act.buf,
+                    &rows_d,
+                    &cols_d,
+                    &mut *out.buf
+                )
+            }
+        }
+    }
+
+    /// The device-side table of a layer's experts (`experts[e]` is expert e), when they can
+    /// run as one batch; `None` when they cannot.
+    pub(super) fn layer_table(&self, experts: &[CudaExpert]) -> Result<Option<LayerTable>> {
+        let Some(plan) = self.batch_plan(experts.iter().map(CudaExpert::matrices)) else {
+            return Ok(None);
+        };
+        let mut addresses = Vec::with_capacity(9 * experts.len());
+        for expert in experts {
+            addresses.extend(self.expert_addresses(expert.matrices())?.0);
+        }
+        Ok(Some(LayerTable {
+            table: self.to_device(&addresses)?,
+            batch: self.to_device(&[0u8; size_of::<ExpertBatchParams>()])?,
+            plan,
+            experts: experts.len(),
+        }))
+    }
+
+    /// One token's routing and experts on the device, from a layer's table: `route_experts`
+    /// writes the batch that the two batched launches read. Returns false, having done
+    /// nothing, when the shared expert or the batch size does not fit the table's plan.
+    pub(super) fn route_and_run(
+        &self,
+        table: &LayerTable,
+        x: &CudaTensor,
+        logits: &CudaTensor,
+        routing: &DeviceRouting,
+        shared: Option<&SharedExpert<'_, CudaBackend>>,
+        out: &mut CudaTensor,
+    ) -> Result<bool> {
+        let k = routing.experts_per_token;
+        let count = k + usize::from(shared.is_some());
+        let shared_fits = shared.is_none_or(|s| {
+            self.batch_plan(std::iter::once([s.gate_proj, s.up_proj, s.down_proj]))
+                .is_some_and(|p| p.same_launch(&table.plan))
+        });
+        if count > table.plan.max_count || logits.rows != 1 || logits.cols != table.experts || !shared_fits {
+            return Ok(false);
+        }
+        use cudarc::driver::DevicePtr;
+        let (shared_ptrs, shared_logit) = match shared {
+            Some(s) => {
+                let (ptr, _guard) = s.gate_logit.buf.device_ptr(&self.stream);
+                (self.expert_addresses([s.gate_proj, s.up_proj, s.down_proj])?, ptr)
+            }
+            None => (ExpertPtrs([0; 9]), 0),
+        };
+        let (table_ptr, _t) = table.table.device_ptr(&self.stream);
+        let (batch_ptr, _b) = table.batch.device_ptr(&self.stream);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: (table.experts * 4 + k * 8) as u32,
+        };
+        let (e, kk, renorm) = (table.experts as i32, k as i32, i32::from(routing.renormalize));
+        launch!(
+            self,
+            &self.k.route_experts,
+            cfg,
+            &*logits.buf,
+            &e,
+            &kk,
+            &renorm,
+            &table_ptr,
+            &shared_ptrs,
+            &shared_logit,
+            &batch_ptr
+        )?;
+        self.launch_batch(&table.plan, count, BatchArg::Device(batch_ptr), x, out)?;
         Ok(true)
     }
 }

@@ -418,6 +418,16 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     }
 }
 
+// The batch a routing kernel wrote (device-side routing), copied into shared memory so the
+// loops read it as fast as a kernel parameter; ends with a barrier.
+__device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch* local) {
+    for (int i = threadIdx.x; i < (int)(sizeof(ExpertBatch) / 4); i += blockDim.x)
+        ((u32*)local)[i] = ((const u32*)batch)[i];
+    __syncthreads();
+}
+
+// The batched kernels take the batch by value (host-routed) or from device memory, where
+// route_experts wrote it (device-routed).
 #define EXPERT_BATCH(BITS, MIN_BLOCKS)                                                                     \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
         swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,    \
@@ -427,6 +437,19 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     extern "C" __global__ void down_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* act, \
                                                   int rows, int cols, float* out) {                          \
         down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                         \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
+        swiglu_batch_dev_q##BITS(const ExpertBatch* batch, int group, int dtype, const float* x, int rows,  \
+                                 int cols, float* act) {                                                     \
+        __shared__ ExpertBatch local;                                                                        \
+        copy_batch(batch, &local);                                                                           \
+        swiglu_batch<BITS>(local, group, dtype, x, rows, cols, act);                                         \
+    }                                                                                                        \
+    extern "C" __global__ void down_batch_dev_q##BITS(const ExpertBatch* batch, int group, int dtype,        \
+                                                      const float* act, int rows, int cols, float* out) {    \
+        __shared__ ExpertBatch local;                                                                        \
+        copy_batch(batch, &local);                                                                           \
+        down_batch<BITS>(local, group, dtype, act, rows, cols, out);                                         \
     }
 // Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
 EXPERT_BATCH(2, 2)
@@ -757,15 +780,14 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
     }
 }
 
-extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
-                                       float* weights) {
-    // One warp per token, no block barriers: the softmax stays in shared memory, each lane
-    // keeps the best expert among its own (e = lane, lane + 32, ...), and each of the k
-    // rounds takes the warp's best (largest probability, lowest index on ties); only the lane
-    // that owned the winner looks for its next best.
-    extern __shared__ float probs[];
-    int lane = threadIdx.x;
-    const float* row = logits + (long long)blockIdx.x * experts;
+// The top k of one token's router logits, by one warp with no block barriers: the softmax
+// stays in shared memory (`probs`), each lane keeps the best expert among its own (e = lane,
+// lane + 32, ...), and each of the k rounds takes the warp's best (largest probability,
+// lowest index on ties); only the lane that owned the winner looks for its next best. Lane 0
+// writes the indices and weights.
+__device__ void top_k_warp(const float* row, int experts, int k, int renormalize, float* probs, int* idx,
+                           float* weights) {
+    int lane = threadIdx.x & 31;
     float m = NEG_INF;
     for (int e = lane; e < experts; e += 32) m = fmaxf(m, row[e]);
     m = warp_max(m);
@@ -794,8 +816,8 @@ extern "C" __global__ void route_top_k(const float* logits, int experts, int k, 
             if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
         }
         if (lane == 0) {
-            idx[blockIdx.x * k + r] = bi;
-            weights[blockIdx.x * k + r] = bv / sum;
+            idx[r] = bi;
+            weights[r] = bv / sum;
         }
         chosen_sum += bv / sum;
         if (bi == mine_i) {
@@ -804,5 +826,47 @@ extern "C" __global__ void route_top_k(const float* logits, int experts, int k, 
         }
     }
     if (renormalize && lane == 0)
-        for (int r = 0; r < k; ++r) weights[blockIdx.x * k + r] /= chosen_sum;
+        for (int r = 0; r < k; ++r) weights[r] /= chosen_sum;
+}
+
+// One warp per token.
+extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
+                                       float* weights) {
+    extern __shared__ float probs[];
+    top_k_warp(logits + (long long)blockIdx.x * experts, experts, k, renormalize, probs, idx + blockIdx.x * k,
+               weights + blockIdx.x * k);
+}
+
+// The device addresses of one expert's gate, up and down (codes, scales, biases each).
+struct ExpertPtrs {
+    const u8* w[9];
+};
+
+// One token routed without the host: the top k of the router logits become the ExpertBatch
+// of the layer's experts in `table` (all on the device), in expert order and with the shared
+// expert last (when shared.w[0] is set), exactly as the host-routed path builds it, so both
+// give the same sums. One warp; shared memory: `experts` floats, then k indices and weights.
+extern "C" __global__ void route_experts(const float* logits, int experts, int k, int renormalize,
+                                         const ExpertPtrs* table, ExpertPtrs shared, const float* shared_logit,
+                                         ExpertBatch* batch) {
+    extern __shared__ float probs[];
+    int* idx = (int*)(probs + experts);
+    float* weights = (float*)(idx + k);
+    top_k_warp(logits, experts, k, renormalize, probs, idx, weights);
+    __syncwarp();
+    int lane = threadIdx.x & 31;
+    if (lane < k) {
+        int slot = 0;  // this expert's place in index order
+        for (int j = 0; j < k; ++j) slot += idx[j] < idx[lane];
+        for (int m = 0; m < 9; ++m) batch->w[slot][m] = table[idx[lane]].w[m];
+        batch->weight[slot] = weights[lane];
+    }
+    if (lane == 0) {
+        bool has_shared = shared.w[0] != nullptr;
+        if (has_shared)
+            for (int m = 0; m < 9; ++m) batch->w[k][m] = shared.w[m];
+        batch->shared_logit = shared_logit;
+        batch->shared_slot = has_shared ? k : -1;
+        batch->count = has_shared ? k + 1 : k;
+    }
 }

@@ -30,6 +30,10 @@ pub struct Kernels {
     /// registers bound it), to size grids in whole waves.
     pub swiglu_batch_resident: [u32; 3],
     pub down_batch_q: [CudaFunction; 3],
+    /// The same two launches reading the batch from device memory, where `route_experts`
+    /// wrote it (device-side routing).
+    pub swiglu_batch_dev_q: [CudaFunction; 3],
+    pub down_batch_dev_q: [CudaFunction; 3],
     pub matvec_affine_any: CudaFunction,
     pub matvec_dense: CudaFunction,
     pub rms_norm: CudaFunction,
@@ -47,6 +51,8 @@ pub struct Kernels {
     pub causal_conv1d_silu: CudaFunction,
     pub gated_delta_rule: CudaFunction,
     pub route_top_k: CudaFunction,
+    /// Top-k routing of one token into an expert batch, without the host.
+    pub route_experts: CudaFunction,
 }
 
 impl Kernels {
@@ -90,6 +96,16 @@ impl Kernels {
                 big_smem("down_batch_q4")?,
                 big_smem("down_batch_q8")?,
             ],
+            swiglu_batch_dev_q: [
+                f("swiglu_batch_dev_q2")?,
+                f("swiglu_batch_dev_q4")?,
+                f("swiglu_batch_dev_q8")?,
+            ],
+            down_batch_dev_q: [
+                big_smem("down_batch_dev_q2")?,
+                big_smem("down_batch_dev_q4")?,
+                big_smem("down_batch_dev_q8")?,
+            ],
             matvec_affine_any: f("matvec_affine_any")?,
             matvec_dense: f("matvec_dense")?,
             rms_norm: f("rms_norm")?,
@@ -107,6 +123,7 @@ impl Kernels {
             causal_conv1d_silu: f("causal_conv1d_silu")?,
             gated_delta_rule: f("gated_delta_rule")?,
             route_top_k: f("route_top_k")?,
+            route_experts: f("route_experts")?,
         })
     }
 }

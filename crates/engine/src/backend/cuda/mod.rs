@@ -25,7 +25,7 @@ use expert_cache::VramCache;
 use kernels::Kernels;
 use pool::{BufferPool, PooledBuf};
 
-use crate::backend::{AttentionShape, Backend, ExpertCacheStats, Route, SharedExpert};
+use crate::backend::{AttentionShape, Backend, DeviceRouting, ExpertCacheStats, Route, SharedExpert};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -945,6 +945,27 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         crate::backend::experts_ffn_one_by_one(self, x, experts, weights, shared, out)
+    }
+
+    fn route_and_run_experts(
+        &self,
+        routing: &DeviceRouting,
+        x: &CudaTensor,
+        router_logits: &CudaTensor,
+        shared: Option<&SharedExpert<'_, Self>>,
+        out: &mut CudaTensor,
+    ) -> Result<bool> {
+        if x.rows != 1 {
+            return Ok(false);
+        }
+        let Some(table) = self.cache.layer_table(self, routing.layer, router_logits.cols)? else {
+            return Ok(false);
+        };
+        let done = self.route_and_run(&table, x, router_logits, routing, shared, out)?;
+        if done {
+            self.cache.count_device_routed(routing.experts_per_token);
+        }
+        Ok(done)
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
