@@ -19,7 +19,7 @@ model=$work/syn397-4l-32e
 if [ ! -f "$model/flash-moe.json" ]; then
   "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 32 --to "$model" >"$out/synth.log" 2>&1
 fi
-decode=(generate --model "$model" --device cuda --prompt The --experts-per-token "$k" --max-tokens 3)
+decode=(generate --model "$model" --device cuda --prompt The --experts-per-token "$k" --max-tokens 3 --prefetch-experts)
 "$bin" "${decode[@]}" --warmup-tokens 8 --stats-json "$out/unprofiled.json" >"$out/unprofiled.log" 2>&1
 "$ncu" --clock-control none --csv --print-units base --metrics gpu__time_duration.sum \
   --log-file "$out/ncu.csv" "$bin" "${decode[@]}" >"$out/profiled.log" 2>&1

@@ -29,6 +29,17 @@ __device__ __forceinline__ float load_float(const u8* p, int dtype, long long i)
     return dtype == DT_BF16 ? bf16_to_f32(v) : f16_to_f32(v);
 }
 
+// The raw bits of element i of a float array stored as `dtype` (f32: 32 bits, f16/bf16: the
+// low 16), so that a kernel can issue the load with others and convert when it needs the value.
+__device__ __forceinline__ u32 load_raw(const u8* p, int dtype, long long i) {
+    return dtype == DT_F32 ? ((const u32*)p)[i] : (u32)((const u16*)p)[i];
+}
+
+__device__ __forceinline__ float raw_to_float(u32 v, int dtype) {
+    if (dtype == DT_F32) return __uint_as_float(v);
+    return dtype == DT_BF16 ? bf16_to_f32((u16)v) : f16_to_f32((u16)v);
+}
+
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float siluf(float x) { return x * sigmoidf(x); }
 
@@ -228,14 +239,24 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
     // Two matrices at a time hold twice the registers per load in flight: half as many keep
     // the occupancy (and so the loads in flight per multiprocessor) up.
     constexpr int UNROLL = DUAL ? ROWS_UNROLL / 2 : ROWS_UNROLL;
+    // Scales and biases are loaded with the codes: loaded where they are used, each was a
+    // memory round trip of its own in the middle of the arithmetic.
     for (int base = 0; base < pieces; base += 32 * UNROLL) {
         uint4 va[UNROLL], vb[UNROLL];
+        u32 sa[UNROLL], ba[UNROLL], sb[UNROLL], bb[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             int p = base + u * 32 + lane;
             if (p < pieces) {
+                long long g = first_group + ((p * PF) >> group_shift);
                 va[u] = ra[p];
-                if (DUAL) vb[u] = rb[p];
+                sa[u] = load_raw(a.scales, dtype, g);
+                ba[u] = load_raw(a.biases, dtype, g);
+                if (DUAL) {
+                    vb[u] = rb[p];
+                    sb[u] = load_raw(b.scales, dtype, g);
+                    bb[u] = load_raw(b.biases, dtype, g);
+                }
             }
         }
 #pragma unroll
@@ -243,12 +264,11 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
             int p = base + u * 32 + lane;
             if (p >= pieces) break;
             const float* xp = xs + p * (PF + PIECE_PAD);
-            long long g = first_group + ((p * PF) >> group_shift);
-            float s = load_float(a.scales, dtype, g) * lift;
-            acc_a += s * piece_fdot<BITS>(va[u], xp) + (load_float(a.biases, dtype, g) - s) * sums[p];
+            float s = raw_to_float(sa[u], dtype) * lift;
+            acc_a += s * piece_fdot<BITS>(va[u], xp) + (raw_to_float(ba[u], dtype) - s) * sums[p];
             if (DUAL) {
-                float s2 = load_float(b.scales, dtype, g) * lift;
-                acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (load_float(b.biases, dtype, g) - s2) * sums[p];
+                float s2 = raw_to_float(sb[u], dtype) * lift;
+                acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (raw_to_float(bb[u], dtype) - s2) * sums[p];
             }
         }
     }
@@ -393,12 +413,18 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
         int e = lane / pieces, p = lane % pieces;  // this lane's next (expert, piece)
         for (int base = 0; base < items; base += 32 * ROWS_UNROLL) {
             uint4 v[ROWS_UNROLL];
+            u32 sc[ROWS_UNROLL], bi[ROWS_UNROLL];
             int ue[ROWS_UNROLL], up[ROWS_UNROLL];
 #pragma unroll
             for (int u = 0; u < ROWS_UNROLL; ++u) {
                 ue[u] = e;
                 up[u] = p;
-                if (base + u * 32 + lane < items) v[u] = ((const uint4*)batch.w[e][6] + (long long)r * pieces)[p];
+                if (base + u * 32 + lane < items) {
+                    long long g = r * groups + ((p * PF) >> group_shift);
+                    v[u] = ((const uint4*)batch.w[e][6] + (long long)r * pieces)[p];
+                    sc[u] = load_raw(batch.w[e][7], dtype, g);
+                    bi[u] = load_raw(batch.w[e][8], dtype, g);
+                }
                 for (p += 32; p >= pieces; p -= pieces) ++e;
             }
 #pragma unroll
@@ -406,10 +432,9 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
                 if (base + u * 32 + lane >= items) break;
                 int ex = ue[u], px = up[u];
                 const float* xs = smem + ex * stride;
-                long long g = r * groups + ((px * PF) >> group_shift);
-                float s = load_float(batch.w[ex][7], dtype, g) * lift;
+                float s = raw_to_float(sc[u], dtype) * lift;
                 float dot = s * piece_fdot<BITS>(v[u], xs + px * (PF + PIECE_PAD)) +
-                            (load_float(batch.w[ex][8], dtype, g) - s) * xs[pieces * (PF + PIECE_PAD) + px];
+                            (raw_to_float(bi[u], dtype) - s) * xs[pieces * (PF + PIECE_PAD) + px];
                 total += (ex == batch.shared_slot ? shared_weight : batch.weight[ex]) * dot;
             }
         }
@@ -453,7 +478,7 @@ __device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch
     }
 // Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
 EXPERT_BATCH(2, 2)
-EXPERT_BATCH(4, 3)
+EXPERT_BATCH(4, 2)
 EXPERT_BATCH(8, 3)
 
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
