@@ -90,10 +90,7 @@ static Matrix make_matrix(int rows, int cols, int bits, u32 seed) {
     return m;
 }
 
-static size_t smem_bytes(int bits, int cols) {
-    int pf = 128 / bits, pieces = cols / pf;
-    return (size_t)((pieces * (pf + PIECE_PAD) + pieces + 3) & ~3) * 4;
-}
+static size_t smem_bytes(int bits, int cols) { return (size_t)staged_bytes(bits, cols); }
 
 // Blocks of THREADS for a kernel: "engine" sizing (8 rows per block, at most 8 per SM) or
 // "resident" sizing (as many as fit on the GPU at once, by the occupancy calculator).
@@ -194,21 +191,21 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
     cudaFree(x), cudaFree(y), cudaFree(ref);
 }
 
-// The gate/up kernel of the engine compiled for two blocks per multiprocessor instead of
-// three (more registers, no spills).
-extern "C" __global__ void __launch_bounds__(256, 2)
-    swiglu_batch_q4_two_blocks(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,
+// The gate/up kernel of the engine compiled for three blocks per multiprocessor instead of
+// two (fewer registers).
+extern "C" __global__ void __launch_bounds__(256, 3)
+    swiglu_batch_q4_three_blocks(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,
                                float* act) {
     swiglu_batch<4>(batch, group, dtype, x, rows, cols, act);
 }
 
 // Grids as the engine sizes them: gate/up in two whole waves, down 8 rows per block. mode 0:
-// the engine's kernels; 1: the gate/up kernel for two blocks per multiprocessor (4-bit); 2:
+// the engine's kernels; 1: the gate/up kernel for three blocks per multiprocessor (4-bit); 2:
 // the engine's kernels, down with 16 rows per block (its inputs staged half as often).
 static void launch_experts(const ExpertBatch& batch, int bits, const float* x, float* act, float* out, int mode) {
     int inter = 1024, hidden = 4096, count = batch.count;
     size_t up_smem = smem_bytes(bits, hidden), down_smem = smem_bytes(bits, inter) * count;
-    const void* sw = bits == 4 ? (mode == 1 ? (const void*)swiglu_batch_q4_two_blocks : (const void*)swiglu_batch_q4)
+    const void* sw = bits == 4 ? (mode == 1 ? (const void*)swiglu_batch_q4_three_blocks : (const void*)swiglu_batch_q4)
                                : (const void*)swiglu_batch_q2;
     int per_sm = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sw, THREADS, up_smem));
@@ -216,7 +213,7 @@ static void launch_experts(const ExpertBatch& batch, int bits, const float* x, f
     int g2 = std::min((hidden + 7) / (mode == 2 ? 16 : 8), 8 * g_sms);
     if (bits == 4) {
         if (mode == 1)
-            swiglu_batch_q4_two_blocks<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
+            swiglu_batch_q4_three_blocks<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
         else
             swiglu_batch_q4<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
         down_batch_q4<<<g2, THREADS, down_smem>>>(batch, 64, DT_BF16, act, hidden, inter, out);
@@ -285,7 +282,7 @@ static void bench_experts(int bits) {
             double us = median_us(7, (int)batches.size(), [&] {
                 launch_experts(batches[i++ % batches.size()], bits, x, act, out, mode);
             });
-            const char* how[3] = {"engine", "gate/up for 2 blocks per SM", "down 16 rows per block"};
+            const char* how[3] = {"engine", "gate/up for 3 blocks per SM", "down 16 rows per block"};
             char label[128];
             snprintf(label, sizeof label, "%d experts %d-bit batched, %s (err %.1e)", k, bits, how[mode], err);
             row(label, us, k * expert_bytes);

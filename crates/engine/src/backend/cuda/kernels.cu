@@ -116,17 +116,25 @@ extern "C" __global__ void dequant_rows(const u8* w, const u8* scales, const u8*
 //
 // Each lane reads 16 bytes of codes at a time (a "piece": 128 / BITS codes); a warp's 32
 // loads are one coalesced 512-byte read, and each lane has ROWS_UNROLL pieces (of each
-// matrix) in flight before it uses the first. x is staged in shared memory with 4 floats of
-// padding per piece (so the 16-byte reads of 8 neighbouring lanes hit distinct banks) and
-// with the sum of x over each piece beside it.
+// matrix) in flight, with their scales and biases, before it uses the first.
 //
-// Codes become floats without an int-to-float conversion: a code q placed at the top of the
-// mantissa of 1.0 gives f = 1 + q * 2^-BITS exactly, and
-//   scale * (q . x) + bias * sum(x) = 2^BITS scale * (f . x) + (bias - 2^BITS scale) * sum(x).
-// The codes are placed in pairs, as two f16 values in one 32-bit word (one shift and one
-// mask per two codes), then widened to f32: the integer pipe, not memory, bounded the
-// one-code-at-a-time f32 form (two integer operations per code); see docs/perf.md.
-#define PIECE_PAD 4
+// The products are integer dot products: dp4a multiplies four code bytes by four bytes of x
+// and adds, exactly, in one instruction. For that, x is staged in shared memory as fixed
+// point: per piece, X = rint(x * 2^(22 - E)) where every |x| of the piece is below 2^E (so
+// |X| <= 2^22, an absolute error of at most 2^(E - 23), about f32's own rounding of the
+// piece's largest element), split exactly into three signed bytes, X = 2^16 d2 + 2^8 d1 + d0
+// (the limbs). A piece's product is then exact,
+//   codes . X = 2^16 D2 + 2^8 D1 + D0,   D_l = sum of dp4a(codes, limb l),
+// and   row . x = sum over pieces of scale * (codes . X) * 2^(E - 22) + bias * sum(x).
+// One mask (and a shift) unpacks four codes of a 32-bit word into bytes, so a 4-bit code
+// costs about 1.5 instructions; converting each code to a float cost about four, which bound
+// the kernels (instruction issue, not memory); see docs/perf.md.
+//
+// Staged layout, per piece (a "record"): limb l in 16 M bytes, M = 8 / BITS: for code word
+// j of the piece and unpacking k (codes k, k + M, k + 2M, k + 3M of the word), the 4-byte
+// word j * M + k. Records are padded to an odd number of 16-byte units, so that the 16-byte
+// reads of 8 neighbouring lanes hit distinct banks. After the records: per piece, the f32 sum
+// of x and 2^(E - 22).
 #define ROWS_UNROLL 4
 
 struct Affine {
@@ -135,82 +143,109 @@ struct Affine {
     const u8* biases;
 };
 
-__device__ __forceinline__ void halves_to_floats(u32 v, float& lo, float& hi) {
-    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;\n\t}"
-        : "=f"(lo), "=f"(hi)
-        : "r"(v));
+// Bytes of a staged piece's record.
+__host__ __device__ constexpr int staged_record(int bits) {
+    return 3 * 16 * (8 / bits) + ((3 * (8 / bits)) % 2 == 0 ? 16 : 0);
 }
 
-// The PER_WORD values f = 1 + q * 2^-BITS of the codes in one 32-bit word, in order.
-template <int BITS>
-__device__ __forceinline__ void word_floats(u32 w, float* f) {
-    constexpr int PER_WORD = 32 / BITS;
-    // Code c and code c + PER_WORD/2 sit 16 bits apart: one shift puts both at the top of
-    // the mantissa of an f16 (bits TOP..9 of each half), one mask keeps them, 1.0 goes under.
-    constexpr int HALF = PER_WORD / 2;
-    constexpr int TOP = 10 - BITS;
-    constexpr u32 MASK = (((1u << BITS) - 1u) << TOP) * 0x10001u;
-#pragma unroll
-    for (int c = 0; c < HALF; ++c) {
-        const int shift = TOP - c * BITS;
-        u32 m = ((shift >= 0 ? (w << shift) : (w >> -shift)) & MASK) | 0x3C003C00u;
-        halves_to_floats(m, f[c], f[c + HALF]);
-    }
+// Bytes of shared memory one staged vector of `cols` takes (a multiple of 16).
+__host__ __device__ constexpr int staged_bytes(int bits, int cols) {
+    return ((cols / (128 / bits)) * (staged_record(bits) + 8) + 15) & ~15;
 }
 
-// f . x over one piece: 128 / BITS codes against the staged x of that piece.
-template <int BITS>
-__device__ __forceinline__ float piece_fdot(uint4 v, const float* xs) {
-    constexpr int PER_WORD = 32 / BITS;
-    u32 words[4] = {v.x, v.y, v.z, v.w};
-    float acc0 = 0.0f, acc1 = 0.0f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        float f[PER_WORD];
-        word_floats<BITS>(words[k], f);
-#pragma unroll
-        for (int j = 0; j < PER_WORD; j += 4) {
-            float4 x4 = *(const float4*)(xs + k * PER_WORD + j);
-            acc0 += f[j] * x4.x;
-            acc1 += f[j + 1] * x4.y;
-            acc0 += f[j + 2] * x4.z;
-            acc1 += f[j + 3] * x4.w;
-        }
-    }
-    return acc0 + acc1;
+// d + the four byte products of unsigned `codes` and signed `limbs`.
+__device__ __forceinline__ int dp4a(u32 codes, u32 limbs, int d) {
+    int r;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(codes), "r"(limbs), "r"(d));
+    return r;
 }
 
-// Stages x into shared memory, padded per piece, with the piece sums after them (both laid
-// out as the row dot products read them); no barrier. x is `count` vectors of `cols` floats
-// (the inputs of a batch of experts, one after the other); vector e goes to xs + e * stride.
-// Each thread loads the float4 chunks t, t + blockDim, ... all at once (STAGE_VECS per
-// round), so staging costs one memory round trip instead of one per float; a piece's sum is
-// reduced over the neighbouring lanes that hold its chunks. x is 16-byte aligned; blockDim
-// is a multiple of 32.
-#define STAGE_VECS 4
-template <int BITS>
-__device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, float* xs) {
-    constexpr int PF = 128 / BITS;
-    constexpr int CHUNKS = PF / 4;  // float4 chunks per piece: 4, 8 or 16 lanes
-    int pieces = cols / PF, chunks = count * cols / 4;
-    for (int base = 0; base < chunks; base += STAGE_VECS * blockDim.x) {
-        float4 v[STAGE_VECS];
+// codes . X over one piece of `a` (and of `b` when DUAL), exactly, as floats.
+template <int BITS, bool DUAL>
+__device__ __forceinline__ void piece_dot(uint4 va, uint4 vb, const u8* rec, float& da, float& db) {
+    constexpr int M = 8 / BITS, WORDS = 4 * M;  // limb words per limb
+    constexpr u32 MASK = ((1u << BITS) - 1u) * 0x01010101u;
+    const uint4* limbs = (const uint4*)rec;
+    u32 wa[4] = {va.x, va.y, va.z, va.w}, wb[4] = {vb.x, vb.y, vb.z, vb.w};
+    int sa[3] = {0, 0, 0}, sb[3] = {0, 0, 0};
 #pragma unroll
-        for (int j = 0; j < STAGE_VECS; ++j) {
-            int c = base + j * blockDim.x + threadIdx.x;
-            v[j] = c < chunks ? ((const float4*)x)[c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int l = 0; l < 3; ++l) {
+        u32 xw[WORDS];
+#pragma unroll
+        for (int i = 0; i < WORDS / 4; ++i) {
+            uint4 t = limbs[l * (WORDS / 4) + i];
+            xw[4 * i] = t.x, xw[4 * i + 1] = t.y, xw[4 * i + 2] = t.z, xw[4 * i + 3] = t.w;
         }
 #pragma unroll
-        for (int j = 0; j < STAGE_VECS; ++j) {
-            if (base + j * blockDim.x >= chunks) break;  // the same for the whole block
-            int c = base + j * blockDim.x + threadIdx.x;
-            float sum = (v[j].x + v[j].y) + (v[j].z + v[j].w);
-            for (int o = CHUNKS / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            if (c < chunks) {
-                int piece = c / CHUNKS, e = piece / pieces, p = piece % pieces;
-                float* dst = xs + e * stride;
-                *(float4*)(dst + p * (PF + PIECE_PAD) + (c % CHUNKS) * 4) = v[j];
-                if (c % CHUNKS == 0) dst[pieces * (PF + PIECE_PAD) + p] = sum;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int k = 0; k < M; ++k) {
+                sa[l] = dp4a((wa[j] >> (BITS * k)) & MASK, xw[j * M + k], sa[l]);
+                if (DUAL) sb[l] = dp4a((wb[j] >> (BITS * k)) & MASK, xw[j * M + k], sb[l]);
+            }
+    }
+    da = (float)sa[2] * 65536.0f + (float)(sa[1] * 256 + sa[0]);
+    if (DUAL) db = (float)sb[2] * 65536.0f + (float)(sb[1] * 256 + sb[0]);
+}
+
+// Stages `count` vectors of `cols` floats (the inputs of a batch of experts, one after the
+// other) into shared memory as described above, vector e at smem + e * stride bytes; no
+// barrier. A thread converts the 4 M columns of one code word at a time, STAGE_WORDS words'
+// loads in flight; the 4 threads of a piece (neighbouring lanes) meet by shuffles. x is
+// 16-byte aligned; blockDim is a multiple of 32.
+#define STAGE_WORDS 4
+template <int BITS>
+__device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, u8* smem) {
+    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS);
+    int pieces = cols / PF, words = count * cols / COLS;
+    for (int base = 0; base < words; base += STAGE_WORDS * blockDim.x) {
+        float4 v[STAGE_WORDS][M];
+#pragma unroll
+        for (int s = 0; s < STAGE_WORDS; ++s) {
+            int c = base + s * blockDim.x + threadIdx.x;
+#pragma unroll
+            for (int i = 0; i < M; ++i)
+                v[s][i] = c < words ? ((const float4*)x)[(long long)c * M + i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int s = 0; s < STAGE_WORDS; ++s) {
+            if (base + s * blockDim.x >= words) break;  // the same for the whole block
+            int c = base + s * blockDim.x + threadIdx.x;
+            const float* f = (const float*)v[s];
+            float m = 0.0f, sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) m = fmaxf(m, fabsf(f[i])), sum += f[i];
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            // |x| < 2^e: e from m's exponent field, kept where 2^(22 - e) and 2^(e - 22)
+            // are normal floats (a piece of zeros or tiny values needs no precision).
+            int e = min(max((int)((__float_as_uint(m) >> 23) & 0xff) - 126, -100), 128);
+            float up = __uint_as_float((u32)(149 - e) << 23), down = __uint_as_float((u32)(105 + e) << 23);
+            u32 limb[3][M];
+#pragma unroll
+            for (int k = 0; k < M; ++k) limb[0][k] = limb[1][k] = limb[2][k] = 0;
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) {
+                int q = __float2int_rn(f[i] * up);
+                int d0 = (int)(signed char)(q & 0xff);
+                int r = (q - d0) >> 8;
+                int d1 = (int)(signed char)(r & 0xff);
+                int d2 = (r - d1) >> 8;
+                int k = i % M, shift = 8 * (i / M);  // code i of the word: byte i / M of unpacking i % M
+                limb[0][k] |= (u32)(d0 & 0xff) << shift;
+                limb[1][k] |= (u32)(d1 & 0xff) << shift;
+                limb[2][k] |= (u32)(d2 & 0xff) << shift;
+            }
+            if (c < words) {
+                int piece = c / 4, word = c % 4, vec = piece / pieces, p = piece % pieces;
+                u8* rec = smem + vec * stride + p * REC;
+#pragma unroll
+                for (int l = 0; l < 3; ++l)
+#pragma unroll
+                    for (int k = 0; k < M; ++k) ((u32*)(rec + 16 * M * l))[word * M + k] = limb[l][k];
+                if (word == 0) ((float2*)(smem + vec * stride + pieces * REC))[p] = make_float2(sum, down);
             }
         }
     }
@@ -218,7 +253,7 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
 
 // One vector of `cols` floats, then a barrier.
 template <int BITS>
-__device__ __forceinline__ void stage_x(const float* x, int cols, float* xs) {
+__device__ __forceinline__ void stage_x(const float* x, int cols, u8* xs) {
     stage_x_async<BITS>(x, 1, cols, 0, xs);
     __syncthreads();
 }
@@ -227,10 +262,9 @@ __device__ __forceinline__ void stage_x(const float* x, int cols, float* xs) {
 // takes pieces l, l + 32, ... The caller sums over the warp.
 template <int BITS, bool DUAL>
 __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long long r, int pieces, int group,
-                                        int dtype, const float* xs, float& acc_a, float& acc_b) {
-    constexpr int PF = 128 / BITS;
-    const float lift = (float)(1 << BITS);
-    const float* sums = xs + pieces * (PF + PIECE_PAD);
+                                        int dtype, const u8* xs, float& acc_a, float& acc_b) {
+    constexpr int PF = 128 / BITS, REC = staged_record(BITS);
+    const float2* meta = (const float2*)(xs + pieces * REC);
     int lane = threadIdx.x & 31;
     int group_shift = __ffs(group) - 1;  // groups are powers of two (checked by the host)
     long long first_group = r * (((long long)pieces * PF) >> group_shift);
@@ -263,13 +297,11 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
         for (int u = 0; u < UNROLL; ++u) {
             int p = base + u * 32 + lane;
             if (p >= pieces) break;
-            const float* xp = xs + p * (PF + PIECE_PAD);
-            float s = raw_to_float(sa[u], dtype) * lift;
-            acc_a += s * piece_fdot<BITS>(va[u], xp) + (raw_to_float(ba[u], dtype) - s) * sums[p];
-            if (DUAL) {
-                float s2 = raw_to_float(sb[u], dtype) * lift;
-                acc_b += s2 * piece_fdot<BITS>(vb[u], xp) + (raw_to_float(bb[u], dtype) - s2) * sums[p];
-            }
+            float2 mt = meta[p];  // (sum of x, 2^(E - 22))
+            float da, db;
+            piece_dot<BITS, DUAL>(va[u], vb[u], xs + p * REC, da, db);
+            acc_a += raw_to_float(sa[u], dtype) * (da * mt.y) + raw_to_float(ba[u], dtype) * mt.x;
+            if (DUAL) acc_b += raw_to_float(sb[u], dtype) * (db * mt.y) + raw_to_float(bb[u], dtype) * mt.x;
         }
     }
 }
@@ -279,7 +311,8 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
 template <int BITS, bool DUAL>
 __device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y,
                             float alpha, float beta) {
-    extern __shared__ float smem[];
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
     stage_x<BITS>(x, cols, smem);
     int pieces = cols / (128 / BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -326,7 +359,8 @@ struct MatvecMulti {
 
 template <int BITS>
 __device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const float* x, int cols) {
-    extern __shared__ float smem[];
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
     stage_x<BITS>(x, cols, smem);
     int pieces = cols / (128 / BITS);
     int total = 0;
@@ -371,7 +405,8 @@ struct ExpertBatch {
 template <int BITS>
 __device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, const float* x, int rows, int cols,
                              float* act) {
-    extern __shared__ float smem[];
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
     stage_x<BITS>(x, cols, smem);
     int pieces = cols / (128 / BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -394,15 +429,13 @@ __device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, con
 template <int BITS>
 __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const float* act, int rows, int cols,
                            float* out) {
-    constexpr int PF = 128 / BITS;
-    extern __shared__ float smem[];
+    constexpr int PF = 128 / BITS, REC = staged_record(BITS);
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
     int pieces = cols / PF;
-    // Per expert: padded act, then piece sums; rounded to 4 floats so that every expert's
-    // act stays 16-byte aligned for the float4 reads.
-    int stride = (pieces * (PF + PIECE_PAD) + pieces + 3) & ~3;
+    int stride = staged_bytes(BITS, cols);  // per expert
     stage_x_async<BITS>(act, batch.count, cols, stride, smem);
     __syncthreads();
-    const float lift = (float)(1 << BITS);
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     int group_shift = __ffs(group) - 1;  // groups are powers of two (checked by the host)
     long long groups = cols >> group_shift;
@@ -431,10 +464,11 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
             for (int u = 0; u < ROWS_UNROLL; ++u) {
                 if (base + u * 32 + lane >= items) break;
                 int ex = ue[u], px = up[u];
-                const float* xs = smem + ex * stride;
-                float s = raw_to_float(sc[u], dtype) * lift;
-                float dot = s * piece_fdot<BITS>(v[u], xs + px * (PF + PIECE_PAD)) +
-                            (raw_to_float(bi[u], dtype) - s) * xs[pieces * (PF + PIECE_PAD) + px];
+                const u8* xs = smem + ex * stride;
+                float2 mt = ((const float2*)(xs + pieces * REC))[px];  // (sum of x, 2^(E - 22))
+                float d, unused;
+                piece_dot<BITS, false>(v[u], v[u], xs + px * REC, d, unused);
+                float dot = raw_to_float(sc[u], dtype) * (d * mt.y) + raw_to_float(bi[u], dtype) * mt.x;
                 total += (ex == batch.shared_slot ? shared_weight : batch.weight[ex]) * dot;
             }
         }

@@ -25,6 +25,16 @@ struct MatvecMultiParams {
 // SAFETY: plain old data laid out as the C struct the kernels take by value.
 unsafe impl cudarc::driver::DeviceRepr for MatvecMultiParams {}
 
+/// Shared memory of one vector staged for the one-token kernels (`staged_bytes` in
+/// kernels.cu): per 16-byte piece of codes, its columns of x as three limb bytes each, padded
+/// to an odd number of 16-byte units, and 8 bytes (the piece's sum of x and scale); rounded up
+/// to 16 bytes (the batched down projection stacks one per expert).
+pub(super) fn staged_bytes(bits: usize, cols: usize) -> usize {
+    let words = 8 / bits;
+    let record = 3 * 16 * words + if (3 * words) % 2 == 0 { 16 } else { 0 };
+    ((cols / (128 / bits)) * (record + 8)).next_multiple_of(16)
+}
+
 impl CudaBackend {
     /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
     /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
@@ -46,10 +56,7 @@ impl CudaBackend {
         if !fits || w.data.0 % 16 != 0 {
             return None;
         }
-        let pieces = w.cols / per_piece;
-        // x padded per piece, then the piece sums, rounded to 16 bytes (the batched down
-        // projection stacks one such block per expert).
-        let smem = (pieces * (per_piece + 4) + pieces).next_multiple_of(4) * 4;
+        let smem = staged_bytes(bits as usize, w.cols);
         if smem > 48 * 1024 {
             return None;
         }
