@@ -1,9 +1,10 @@
 // Kernel lab for the one-token quantized products: times the engine's own kernels
 // (crates/engine/src/backend/cuda/kernels.cu, included as is) at the sizes decode uses,
-// against a device-to-device copy and a read-only stream measured in the same run, under
-// two grid sizings, and
-// checks each result against the plain warp-per-row kernel (matvec_affine_any: integer
-// codes, per-group scale and bias, x from global memory).
+// against a device-to-device copy and a read-only stream measured in the same run (the
+// products under two grid sizings), checks each result against the plain warp-per-row kernel
+// (matvec_affine_any: integer codes, per-group scale and bias, x from global memory), and
+// times experts held in page-locked host memory (copied, or read by the kernels directly).
+// A place to try a variant beside the engine's before moving it into kernels.cu.
 //
 // Built and run on a GPU machine (no cargo needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90 tools/matvec_lab.cu -o lab && ./lab
@@ -184,38 +185,24 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
     for (int resident = 0; resident < 2; ++resident) {
         int grid = grid_for(kernel, smem_bytes(bits, cols), rows, resident);
         char label[128];
-        snprintf(label, sizeof label, "%s, %s grid %d", name, resident ? "resident" : "engine", grid);
+        snprintf(label, sizeof label, "%s, %s grid %d", name, resident ? "resident (engine)" : "8 per SM", grid);
         check_and_time(label, ms, y, ref, [&](const Matrix& m) { launch_matvec(m, x, y, grid); });
     }
     for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
     cudaFree(x), cudaFree(y), cudaFree(ref);
 }
 
-// The gate/up kernel of the engine compiled for three blocks per multiprocessor instead of
-// two (fewer registers).
-extern "C" __global__ void __launch_bounds__(256, 3)
-    swiglu_batch_q4_three_blocks(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,
-                               float* act) {
-    swiglu_batch<4>(batch, group, dtype, x, rows, cols, act);
-}
-
-// Grids as the engine sizes them: gate/up in two whole waves, down 8 rows per block. mode 0:
-// the engine's kernels; 1: the gate/up kernel for three blocks per multiprocessor (4-bit); 2:
-// the engine's kernels, down with 16 rows per block (its inputs staged half as often).
-static void launch_experts(const ExpertBatch& batch, int bits, const float* x, float* act, float* out, int mode) {
+// The batched experts with the engine's grids: gate/up in two whole waves, down 16 rows per block.
+static void launch_experts(const ExpertBatch& batch, int bits, const float* x, float* act, float* out) {
     int inter = 1024, hidden = 4096, count = batch.count;
     size_t up_smem = smem_bytes(bits, hidden), down_smem = smem_bytes(bits, inter) * count;
-    const void* sw = bits == 4 ? (mode == 1 ? (const void*)swiglu_batch_q4_three_blocks : (const void*)swiglu_batch_q4)
-                               : (const void*)swiglu_batch_q2;
+    const void* sw = bits == 4 ? (const void*)swiglu_batch_q4 : (const void*)swiglu_batch_q2;
     int per_sm = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, sw, THREADS, up_smem));
     int g1 = std::min((count * inter + 7) / 8, 2 * per_sm * g_sms);
-    int g2 = std::min((hidden + 7) / (mode == 2 ? 16 : 8), 8 * g_sms);
+    int g2 = (hidden + 15) / 16;
     if (bits == 4) {
-        if (mode == 1)
-            swiglu_batch_q4_three_blocks<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
-        else
-            swiglu_batch_q4<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
+        swiglu_batch_q4<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
         down_batch_q4<<<g2, THREADS, down_smem>>>(batch, 64, DT_BF16, act, hidden, inter, out);
     } else {
         swiglu_batch_q2<<<g1, THREADS, up_smem>>>(batch, 64, DT_BF16, x, inter, hidden, act);
@@ -273,20 +260,14 @@ static void bench_experts(int bits) {
             reference_matvec(down[j], a, d);
             axpy<<<(hidden + 255) / 256, 256>>>(ref, d, batches[0].weight[j], 0, hidden);
         }
-        for (int mode = 0; mode < 3; ++mode) {
-            if (bits != 4 && mode == 1) continue;
-            CHECK(cudaMemset(out, 0, hidden * 4));
-            launch_experts(batches[0], bits, x, act, out, mode);
-            double err = rel_l2(fetch(out, hidden), fetch(ref, hidden));
-            int i = 0;
-            double us = median_us(7, (int)batches.size(), [&] {
-                launch_experts(batches[i++ % batches.size()], bits, x, act, out, mode);
-            });
-            const char* how[3] = {"engine", "gate/up for 3 blocks per SM", "down 16 rows per block"};
-            char label[128];
-            snprintf(label, sizeof label, "%d experts %d-bit batched, %s (err %.1e)", k, bits, how[mode], err);
-            row(label, us, k * expert_bytes);
-        }
+        CHECK(cudaMemset(out, 0, hidden * 4));
+        launch_experts(batches[0], bits, x, act, out);
+        double err = rel_l2(fetch(out, hidden), fetch(ref, hidden));
+        int i = 0;
+        double us = median_us(7, (int)batches.size(), [&] { launch_experts(batches[i++ % batches.size()], bits, x, act, out); });
+        char label[128];
+        snprintf(label, sizeof label, "%d experts %d-bit batched (err %.1e)", k, bits, err);
+        row(label, us, k * expert_bytes);
     }
     for (int e = 0; e < n; ++e)
         for (Matrix* m : {&gate[e], &up[e], &down[e]}) cudaFree(m->w), cudaFree(m->s), cudaFree(m->b);
@@ -363,19 +344,19 @@ static void bench_zero_copy(int bits) {
         int batches = n / k;
         CHECK(cudaMemset(ref, 0, hidden * 4));
         copy_in(0, k);
-        launch_experts(batch_of(0, k, true), bits, x, act, ref, 0);
+        launch_experts(batch_of(0, k, true), bits, x, act, ref);
         CHECK(cudaMemset(out, 0, hidden * 4));
-        launch_experts(batch_of(0, k, false), bits, x, act, out, 0);
+        launch_experts(batch_of(0, k, false), bits, x, act, out);
         double err = rel_l2(fetch(out, hidden), fetch(ref, hidden));
         int i = 0;
         double copy_us = median_us(7, batches, [&] { copy_in(k * (i++ % batches), k); });
         double both_us = median_us(7, batches, [&] {
             int first = k * (i++ % batches);
             copy_in(first, k);
-            launch_experts(batch_of(first, k, true), bits, x, act, out, 0);
+            launch_experts(batch_of(first, k, true), bits, x, act, out);
         });
         double zero_us = median_us(7, batches, [&] {
-            launch_experts(batch_of(k * (i++ % batches), k, false), bits, x, act, out, 0);
+            launch_experts(batch_of(k * (i++ % batches), k, false), bits, x, act, out);
         });
         char label[128];
         snprintf(label, sizeof label, "%d experts %d-bit from host: copies only", k, bits);

@@ -512,7 +512,7 @@ __device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch
     }
 // Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
 EXPERT_BATCH(2, 2)
-EXPERT_BATCH(4, 2)
+EXPERT_BATCH(4, 3)
 EXPERT_BATCH(8, 3)
 
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.

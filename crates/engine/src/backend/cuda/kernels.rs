@@ -21,6 +21,8 @@ pub struct Kernels {
     pub dequant_rows: CudaFunction,
     /// One-token affine matvec for 2, 4, 8 bits, and the fused SwiGLU (gate and up) variant.
     pub matvec_q: [CudaFunction; 3],
+    /// Blocks of 256 threads of each `matvec_q` one multiprocessor holds at once.
+    pub matvec_resident: [u32; 3],
     pub swiglu_q: [CudaFunction; 3],
     /// Up to `MAX_MULTI` matrices reading the same x, one token, one launch (2, 4, 8 bits).
     pub matvec_multi_q: [CudaFunction; 3],
@@ -79,6 +81,8 @@ impl Kernels {
             func.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
                 .unwrap_or(2)
         };
+        let matvec_q = [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?];
+        let matvec_resident = [resident(&matvec_q[0]), resident(&matvec_q[1]), resident(&matvec_q[2])];
         let swiglu_batch_resident = [
             resident(&swiglu_batch_q[0]),
             resident(&swiglu_batch_q[1]),
@@ -86,7 +90,8 @@ impl Kernels {
         ];
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
-            matvec_q: [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?],
+            matvec_q,
+            matvec_resident,
             swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
             matvec_multi_q: [f("matvec_multi_q2")?, f("matvec_multi_q4")?, f("matvec_multi_q8")?],
             swiglu_batch_q,
