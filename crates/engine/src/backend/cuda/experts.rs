@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, PoisonError};
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, cuda, kernels};
 use crate::backend::{DeviceRouting, SharedExpert};
@@ -62,13 +62,6 @@ impl BatchPlan {
         (self.index, self.group, self.dtype, self.inter, self.hidden)
             == (other.index, other.group, other.dtype, other.inter, other.hidden)
     }
-}
-
-/// Where the batched kernels find their batch: a kernel parameter (routed by the host) or
-/// the device address `route_experts` wrote it to.
-enum BatchArg<'a> {
-    Value(&'a ExpertBatchParams),
-    Device(u64),
 }
 
 /// Every expert of one layer in VRAM, for routing on the device: `table` holds each expert's
@@ -250,7 +243,8 @@ impl CudaBackend {
                 params.weight[slot] = s.weight.unwrap_or(0.0);
                 params.w[slot] = self.expert_addresses(s.matrices)?.0;
             }
-            self.launch_batch(&plan, chunk.len(), BatchArg::Value(&params), x, out)?;
+            let kernels = [&self.k.swiglu_batch_q[plan.index], &self.k.down_batch_q[plan.index]];
+            self.launch_batch(&plan, chunk.len(), kernels, &params, x, out)?;
         }
         Ok(true)
     }
@@ -269,12 +263,15 @@ impl CudaBackend {
         Ok(ExpertPtrs(w))
     }
 
-    /// The gate/up and down launches of one batch of `count` experts.
-    fn launch_batch(
+    /// The gate/up and down launches of one batch of `count` experts: `kernels` take the
+    /// batch by value (`ExpertBatchParams`, routed by the host) or as the device address
+    /// `route_experts` wrote it to.
+    fn launch_batch<A: cudarc::driver::DeviceRepr>(
         &self,
         plan: &BatchPlan,
         count: usize,
-        batch: BatchArg,
+        kernels: [&CudaFunction; 2],
+        batch: &A,
         x: &CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
@@ -301,64 +298,31 @@ impl CudaBackend {
         };
         let (group, dtype) = (plan.group, plan.dtype);
         let (rows_i, cols_i, rows_d, cols_d) = (inter as i32, hidden as i32, hidden as i32, inter as i32);
-        match batch {
-            BatchArg::Value(params) => {
-                let f = &self.k.swiglu_batch_q[index];
-                launch!(
-                    self,
-                    f,
-                    swiglu_cfg,
-                    params,
-                    &group,
-                    &dtype,
-                    &*x.buf,
-                    &rows_i,
-                    &cols_i,
-                    &mut *act.buf
-                )?;
-                let f = &self.k.down_batch_q[index];
-                launch!(
-                    self,
-                    f,
-                    down_cfg,
-                    params,
-                    &group,
-                    &dtype,
-                    &*act.buf,
-                    &rows_d,
-                    &cols_d,
-                    &mut *out.buf
-                )
-            }
-            BatchArg::Device(at) => {
-                let f = &self.k.swiglu_batch_dev_q[index];
-                launch!(
-                    self,
-                    f,
-                    swiglu_cfg,
-                    &at,
-                    &group,
-                    &dtype,
-                    &*x.buf,
-                    &rows_i,
-                    &cols_i,
-                    &mut *act.buf
-                )?;
-                let f = &self.k.down_batch_dev_q[index];
-                launch!(
-                    self,
-                    f,
-                    down_cfg,
-                    &at,
-                    &group,
-                    &dtype,
-                    &*act.buf,
-                    &rows_d,
-                    &cols_d,
-                    &mut *out.buf
-                )
-            }
-        }
+        let [gate_up, down] = kernels;
+        launch!(
+            self,
+            gate_up,
+            swiglu_cfg,
+            batch,
+            &group,
+            &dtype,
+            &*x.buf,
+            &rows_i,
+            &cols_i,
+            &mut *act.buf
+        )?;
+        launch!(
+            self,
+            down,
+            down_cfg,
+            batch,
+            &group,
+            &dtype,
+            &*act.buf,
+            &rows_d,
+            &cols_d,
+            &mut *out.buf
+        )
     }
 
     /// The device-side table of a layer's experts (`experts[e]` is expert e), when they can
@@ -429,7 +393,9 @@ impl CudaBackend {
             &shared_logit,
             &batch_ptr
         )?;
-        self.launch_batch(&table.plan, count, BatchArg::Device(batch_ptr), x, out)?;
+        let index = table.plan.index;
+        let kernels = [&self.k.swiglu_batch_dev_q[index], &self.k.down_batch_dev_q[index]];
+        self.launch_batch(&table.plan, count, kernels, &batch_ptr, x, out)?;
         Ok(true)
     }
 }
