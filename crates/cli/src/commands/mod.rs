@@ -144,6 +144,15 @@ impl ModelArgs {
                 eprintln!("warning: using {k} of the model's {native} experts per token; output quality drops");
             }
         }
+        if let Some(bytes) = model
+            .preload_experts_if_they_fit()
+            .context("loading the routed experts into the GPU's expert cache")?
+        {
+            eprintln!(
+                "all routed experts ({:.2} GiB) loaded into the GPU's expert cache",
+                bytes as f64 / (1u64 << 30) as f64
+            );
+        }
         Ok(model)
     }
 }

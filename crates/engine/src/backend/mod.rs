@@ -176,6 +176,10 @@ pub trait Backend: Send + Sync {
     /// Expert `index` of `layer` if the backend holds it already (a device-side cache), so
     /// storage need not fetch it.
     fn cached_expert(&self, layer: usize, index: usize) -> Option<Self::Expert>;
+    /// Whether the backend holds expert `index` of `layer` (without counting a use).
+    fn holds_expert(&self, _layer: usize, _index: usize) -> bool {
+        false
+    }
     /// Makes a fetched expert ready for compute (copying it to the device, and caching it
     /// there when the backend has a cache).
     fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<Self::Expert>;
@@ -220,6 +224,11 @@ pub trait Backend: Send + Sync {
         _out: &mut Self::Tensor,
     ) -> Result<bool> {
         Ok(false)
+    }
+    /// Bytes the backend's own expert cache may hold (an automatic budget is sized now), when
+    /// it has one.
+    fn expert_cache_budget(&self) -> Result<Option<u64>> {
+        Ok(None)
     }
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {

@@ -165,6 +165,29 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// When the backend's own expert cache (VRAM) can hold every routed expert, loads them all
+    /// now, as engines that keep a model in GPU memory do: no token then waits for an expert,
+    /// and a GPU routes on the device from the first token. Returns the bytes loaded, or
+    /// `None` when the experts do not fit (they then come on demand).
+    pub fn preload_experts_if_they_fit(&self) -> Result<Option<u64>> {
+        /// Allowance per expert for the alignment of its device allocation.
+        const SLACK: u64 = 512;
+        let Some(budget) = self.backend.expert_cache_budget()? else {
+            return Ok(None);
+        };
+        let mut total = 0;
+        for layer in &self.layers {
+            if let Ffn::Moe(moe) = &layer.ffn {
+                total += moe.expert_bytes(SLACK)?;
+            }
+        }
+        if total == 0 || total > budget {
+            return Ok(None);
+        }
+        self.prefetch_experts()?;
+        Ok(Some(total))
+    }
+
     /// Bytes a sequence state holds at `position` tokens: KV caches plus the fixed
     /// recurrent and conv state (f32).
     pub fn state_bytes(&self, position: usize) -> usize {

@@ -72,15 +72,28 @@ impl<B: Backend> SparseMoe<B> {
 
     /// Reads every expert of the layer once through storage and hands it to the backend,
     /// filling the caches of both (as far as they hold): with all of a layer's experts in
-    /// VRAM a GPU routes on the device from the first token.
+    /// VRAM a GPU routes on the device from the first token. Experts the backend holds
+    /// already are skipped.
     pub fn prefetch(&self, b: &B) -> Result<()> {
-        let all: Vec<usize> = (0..self.experts.num_experts()).collect();
+        let all: Vec<usize> = (0..self.experts.num_experts())
+            .filter(|&e| !b.holds_expert(self.layer, e))
+            .collect();
         for chunk in all.chunks(64) {
             for (&e, pending) in chunk.iter().zip(self.experts.fetch(chunk)?) {
                 b.load_expert(self.layer, e, &pending.wait()?)?;
             }
         }
         Ok(())
+    }
+
+    /// Bytes of the layer's routed experts (its first expert's, times their number: a layer's
+    /// experts share one shape and encoding), with `slack` per expert.
+    pub fn expert_bytes(&self, slack: u64) -> Result<u64> {
+        let Some(first) = self.experts.fetch(&[0])?.into_iter().next() else {
+            return Ok(0);
+        };
+        let one = first.wait()?.storage_bytes() as u64 + slack;
+        Ok(one * self.experts.num_experts() as u64)
     }
 
     /// Routes every token, runs each chosen expert once on all the tokens that chose it, and

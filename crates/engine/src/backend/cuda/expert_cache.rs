@@ -103,6 +103,26 @@ impl VramCache {
         found
     }
 
+    /// Whether expert `index` of `layer` is resident (not counted as a use).
+    pub fn contains(&self, layer: usize, index: usize) -> bool {
+        self.lock().entries.contains(&(layer, index))
+    }
+
+    /// The byte budget, sizing it from free memory now when it was left to the backend.
+    pub fn budget(&self, backend: &CudaBackend) -> Result<u64> {
+        Self::resolve_budget(&mut self.lock(), backend)
+    }
+
+    fn resolve_budget(inner: &mut Inner, backend: &CudaBackend) -> Result<u64> {
+        if let Some(b) = inner.budget {
+            return Ok(b);
+        }
+        let (free, _) = backend.memory()?;
+        let b = (free as u64).saturating_sub(HEADROOM_BYTES);
+        inner.budget = Some(b);
+        Ok(b)
+    }
+
     /// Copies a fetched expert to the device and keeps it when the budget allows.
     pub fn insert(&self, backend: &CudaBackend, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
         let expert = CudaExpert(Arc::new(backend.upload_expert(view)?));
@@ -110,15 +130,7 @@ impl VramCache {
         let mut inner = self.lock();
         inner.stats.misses += 1;
         inner.stats.uploaded_bytes += bytes;
-        let budget = match inner.budget {
-            Some(b) => b,
-            None => {
-                let (free, _) = backend.memory()?;
-                let b = (free as u64).saturating_sub(HEADROOM_BYTES);
-                inner.budget = Some(b);
-                b
-            }
-        };
+        let budget = Self::resolve_budget(&mut inner, backend)?;
         let size = expert.bytes();
         if size > budget {
             return Ok(expert);

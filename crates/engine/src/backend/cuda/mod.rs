@@ -854,6 +854,10 @@ impl Backend for CudaBackend {
         self.cache.get(layer, index)
     }
 
+    fn holds_expert(&self, layer: usize, index: usize) -> bool {
+        self.cache.contains(layer, index)
+    }
+
     fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
         self.cache.insert(self, layer, index, view)
     }
@@ -966,6 +970,10 @@ impl Backend for CudaBackend {
             self.cache.count_device_routed(routing.experts_per_token);
         }
         Ok(done)
+    }
+
+    fn expert_cache_budget(&self) -> Result<Option<u64>> {
+        self.cache.budget(self).map(Some)
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
