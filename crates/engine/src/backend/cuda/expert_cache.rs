@@ -66,7 +66,7 @@ impl Inner {
 }
 
 impl VramCache {
-    /// `budget`: bytes for experts; `None` sizes it from free memory at the first insert.
+    /// `budget`: bytes for experts; `None` sizes it from free memory at first use.
     pub fn new(budget: Option<u64>) -> Self {
         VramCache {
             inner: Mutex::new(Inner {

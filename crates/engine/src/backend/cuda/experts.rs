@@ -66,13 +66,15 @@ impl BatchPlan {
 
 /// Every expert of one layer in VRAM, for routing on the device: `table` holds each expert's
 /// nine addresses, `batch` the batch `route_experts` writes for the launches that follow
-/// (reused token after token: the launches of one stream run in order). The experts stay
-/// alive in the cache, which drops the table when it evicts any of them.
+/// (reused token after token: the launches of one stream run in order). The cache drops the
+/// table when it evicts any of its experts; the table holds them too, so that one evicted
+/// while a launch still has the table is freed after that launch (frees are stream-ordered).
 pub(super) struct LayerTable {
     table: CudaSlice<u64>,
     batch: CudaSlice<u8>,
     plan: BatchPlan,
     experts: usize,
+    _holds: Vec<CudaExpert>,
 }
 
 /// How an expert's parts travel to its device allocation: the copies (host range, device
@@ -340,6 +342,7 @@ impl CudaBackend {
             batch: self.to_device(&[0u8; size_of::<ExpertBatchParams>()])?,
             plan,
             experts: experts.len(),
+            _holds: experts.to_vec(),
         }))
     }
 
