@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, DeviceRouting, SharedExpert, project, shared_expert_ffn};
+use crate::backend::{Backend, DeviceRouting, Route, SharedExpert, project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -147,6 +147,24 @@ impl<B: Backend> SparseMoe<B> {
         if let Some(log) = routing_log {
             log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
         }
+        self.run_routed(b, x, &routes, shared.as_ref(), times, clock, out)
+    }
+
+    /// Runs the experts `routes` chose, each once on the tokens that chose it (fetching those
+    /// the backend does not hold, all in flight at once), then the shared expert.
+    #[allow(clippy::too_many_arguments)]
+    fn run_routed(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        routes: &[Route],
+        shared: Option<&SharedExpert<'_, B>>,
+        times: &mut PhaseTimes,
+        clock: &mut Stopwatch,
+        out: &mut B::Tensor,
+    ) -> Result<()> {
+        let tokens = b.shape(x).0;
+        // Per expert: the rows (tokens) that chose it and their weights.
         let mut by_expert: BTreeMap<usize, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
         for (t, route) in routes.iter().enumerate() {
             for &(e, w) in route {
@@ -193,8 +211,8 @@ impl<B: Backend> SparseMoe<B> {
         }
         if tokens == 1 {
             let experts: Vec<&B::Expert> = ready.iter().collect();
-            b.experts_ffn_one_token(x, &experts, &token_weights, shared.as_ref(), out)?;
-        } else if let Some(shared) = &shared {
+            b.experts_ffn_one_token(x, &experts, &token_weights, shared, out)?;
+        } else if let Some(shared) = shared {
             shared_expert_ffn(b, x, shared, out)?;
         }
         clock.charge(times, Phase::ExpertCompute);
