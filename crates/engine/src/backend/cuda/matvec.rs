@@ -277,3 +277,23 @@ impl CudaBackend {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::staged_bytes;
+
+    /// The layout kernels.cu stages x in, worked out by hand: per piece three limbs of one
+    /// byte per column (128 / bits columns), padded to an odd number of 16-byte units, plus
+    /// 8 bytes of sum and scale.
+    #[test]
+    fn staged_x_takes_three_limb_bytes_per_column_padded_per_piece() {
+        // 4 bits: 32 columns per piece, 96 limb bytes -> 112 (7 units), 128 pieces.
+        assert_eq!(staged_bytes(4, 4096), 128 * (112 + 8));
+        // 8 bits: 16 columns per piece, 48 limb bytes (3 units, odd already), 256 pieces.
+        assert_eq!(staged_bytes(8, 4096), 256 * (48 + 8));
+        // 2 bits: 64 columns per piece, 192 limb bytes -> 208 (13 units), 64 pieces.
+        assert_eq!(staged_bytes(2, 4096), 64 * (208 + 8));
+        // One piece: rounded up to 16 bytes.
+        assert_eq!(staged_bytes(4, 32), 128);
+    }
+}
