@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-lab}
 mkdir -p "$out"
-kernels="matvec_q4|matvec_multi_q4|swiglu_batch_q4|down_batch_q4"
+kernels="matvec_q4|matvec_q4_pdl|matvec_multi_q4|swiglu_batch_q4|down_batch_q4"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 # 1556: the kernels' `extern __shared__` arrays share one name, as they may.
 nvcc -O3 -std=c++17 -arch=sm_90 -diag-suppress 1556 -Xptxas -v tools/matvec_lab.cu -o "$out/lab" >"$out/ptxas.log" 2>&1 ||

@@ -16,6 +16,37 @@
 
 #include "../crates/engine/src/backend/cuda/kernels.cu"
 
+// ---------------------------------------------------------------------------------------
+// Experimental, not used by the engine yet: programmatic dependent launch (Hopper).
+//
+// A decode step is a chain of products, each reading the output of the one before, and the
+// mid-size ones lose much of their time to the ramp (launch, staging x, first loads) and the
+// tail. Launched with programmatic stream serialization, a kernel may start while the one
+// before it finishes: here it prefetches its warps' first rows into L2 (weights do not
+// depend on the previous kernel), lets its own successor launch, and waits
+// (griddepcontrol.wait: the previous grid complete, its writes visible) before it reads x.
+// Without the launch attribute both instructions do nothing.
+#define PDL_PREFETCH_ROWS 2
+extern "C" __global__ void matvec_q4_pdl(const u8* w, const u8* scales, const u8* biases, int group, int dtype,
+                                         const float* x, int rows, int cols, float* y) {
+    int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+    long long row_bytes = cols / 2, scale_bytes = (long long)(cols / group) * 2;
+    for (int k = 0; k < PDL_PREFETCH_ROWS; ++k) {
+        long long r = (long long)blockIdx.x * warps + (threadIdx.x >> 5) + (long long)k * gridDim.x * warps;
+        if (r >= rows) break;
+        for (long long off = lane * 128; off < row_bytes; off += 32 * 128)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(w + r * row_bytes + off));
+        if (lane == 0) {
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(scales + r * scale_bytes));
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(biases + r * scale_bytes));
+        }
+    }
+    asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    Affine a = {w, scales, biases};
+    matvec_pow2<4, false>(a, a, group, dtype, x, rows, cols, y, 1.0f, 0.0f);
+}
+
 #define CHECK(call)                                                                              \
     do {                                                                                         \
         cudaError_t err_ = (call);                                                               \
@@ -373,6 +404,57 @@ static void bench_zero_copy(int bits) {
     cudaFree(x), cudaFree(act), cudaFree(out), cudaFree(ref);
 }
 
+// A chain of in_proj-sized products, each reading the one before's output (as a decode step
+// does), with plain launches, with the prefetching kernel launched plainly, and with it
+// launched for programmatic dependent launch. All three must give the same bits.
+static void bench_pdl() {
+    const int rows = 12288, cols = 4096, chain = 16;
+    std::vector<Matrix> ms;
+    for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
+    std::vector<float*> buf(chain + 1);
+    for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)rows * 4));
+    fill_float<<<64, 256>>>(buf[0], cols, 13);
+    size_t smem = smem_bytes(4, cols);
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, (const void*)matvec_q4_pdl, THREADS, smem));
+    int grid = std::min((rows + 7) / 8, per_sm * g_sms);
+    auto run = [&](int how) {
+        for (int i = 0; i < chain; ++i) {
+            const Matrix& m = ms[i];
+            if (how == 0) {
+                matvec_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], rows, cols, buf[i + 1], 1.0f,
+                                                   0.0f);
+                continue;
+            }
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3(grid);
+            cfg.blockDim = dim3(THREADS);
+            cfg.dynamicSmemBytes = smem;
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[0].val.programmaticStreamSerializationAllowed = 1;
+            cfg.attrs = attr;
+            cfg.numAttrs = how == 2 ? 1 : 0;
+            CHECK(cudaLaunchKernelEx(&cfg, matvec_q4_pdl, (const u8*)m.w, (const u8*)m.s, (const u8*)m.b, 64,
+                                     DT_BF16, (const float*)buf[i], rows, cols, buf[i + 1]));
+        }
+    };
+    const char* names[3] = {"plain launches", "L2 prefetch, plain launches", "L2 prefetch, dependent launch"};
+    std::vector<float> want;
+    for (int how = 0; how < 3; ++how) {
+        run(how);
+        std::vector<float> got = fetch(buf[chain], rows);
+        if (how == 0) want = got;
+        double us = median_us(7, 1, [&] { run(how); }) / chain;
+        char label[128];
+        snprintf(label, sizeof label, "%d chained in_proj products, %s (err %.1e)", chain, names[how],
+                 rel_l2(got, want));
+        row(label, us, (double)ms[0].bytes());
+    }
+    for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+    for (auto& b : buf) cudaFree(b);
+}
+
 int main() {
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -410,5 +492,6 @@ int main() {
         cudaFreeHost(h), cudaFree(d);
     }
     bench_zero_copy(4);
+    bench_pdl();
     return 0;
 }
