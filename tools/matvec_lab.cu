@@ -106,12 +106,14 @@ __global__ void read_only(const uint4* p, long long n, u32* sink) {
 struct Matrix {
     u8 *w, *s, *b;
     int rows, cols, bits;
-    size_t bytes() const { return (size_t)rows * cols * bits / 8 + 2 * (size_t)rows * (cols / 64) * 2; }
+    size_t code_bytes() const { return (size_t)rows * cols * bits / 8; }
+    size_t scale_bytes() const { return (size_t)rows * (cols / 64) * 2; }  // bf16, group 64
+    size_t bytes() const { return code_bytes() + 2 * scale_bytes(); }
 };
 
 static Matrix make_matrix(int rows, int cols, int bits, u32 seed) {
     Matrix m{nullptr, nullptr, nullptr, rows, cols, bits};
-    size_t code_bytes = (size_t)rows * cols * bits / 8, groups = (size_t)rows * (cols / 64);
+    size_t code_bytes = m.code_bytes(), groups = m.scale_bytes() / 2;
     CHECK(cudaMalloc(&m.w, code_bytes));
     CHECK(cudaMalloc(&m.s, groups * 2));
     CHECK(cudaMalloc(&m.b, groups * 2));
@@ -309,7 +311,7 @@ static void bench_experts(int bits) {
 // unified addressing the host pointer is valid on the device).
 static Matrix make_host_matrix(int rows, int cols, int bits, u32 seed) {
     Matrix d = make_matrix(rows, cols, bits, seed), h = d;
-    size_t code_bytes = (size_t)rows * cols * bits / 8, scale_bytes = (size_t)rows * (cols / 64) * 2;
+    size_t code_bytes = d.code_bytes(), scale_bytes = d.scale_bytes();
     CHECK(cudaHostAlloc(&h.w, code_bytes, cudaHostAllocMapped));
     CHECK(cudaHostAlloc(&h.s, scale_bytes, cudaHostAllocMapped));
     CHECK(cudaHostAlloc(&h.b, scale_bytes, cudaHostAllocMapped));
@@ -320,8 +322,6 @@ static Matrix make_host_matrix(int rows, int cols, int bits, u32 seed) {
     return h;
 }
 
-static size_t code_bytes(const Matrix& m) { return (size_t)m.rows * m.cols * m.bits / 8; }
-static size_t scale_bytes(const Matrix& m) { return (size_t)m.rows * (m.cols / 64) * 2; }
 
 // Experts held in page-locked host memory, K per token: copied to the device and then
 // computed (what the engine does for a miss, less the host's wait for the routing), against
@@ -339,9 +339,9 @@ static void bench_zero_copy(int bits) {
     for (int j = 0; j < 16; ++j)
         for (int m = 0; m < 3; ++m) {
             slot[j][m] = host[m][0];
-            CHECK(cudaMalloc(&slot[j][m].w, code_bytes(host[m][0])));
-            CHECK(cudaMalloc(&slot[j][m].s, scale_bytes(host[m][0])));
-            CHECK(cudaMalloc(&slot[j][m].b, scale_bytes(host[m][0])));
+            CHECK(cudaMalloc(&slot[j][m].w, host[m][0].code_bytes()));
+            CHECK(cudaMalloc(&slot[j][m].s, host[m][0].scale_bytes()));
+            CHECK(cudaMalloc(&slot[j][m].b, host[m][0].scale_bytes()));
         }
     float *x, *act, *out, *ref;
     CHECK(cudaMalloc(&x, hidden * 4));
@@ -366,9 +366,9 @@ static void bench_zero_copy(int bits) {
         for (int j = 0; j < k; ++j)
             for (int m = 0; m < 3; ++m) {
                 const Matrix& src = host[m][(first + j) % n];
-                CHECK(cudaMemcpyAsync(slot[j][m].w, src.w, code_bytes(src), cudaMemcpyHostToDevice));
-                CHECK(cudaMemcpyAsync(slot[j][m].s, src.s, scale_bytes(src), cudaMemcpyHostToDevice));
-                CHECK(cudaMemcpyAsync(slot[j][m].b, src.b, scale_bytes(src), cudaMemcpyHostToDevice));
+                CHECK(cudaMemcpyAsync(slot[j][m].w, src.w, src.code_bytes(), cudaMemcpyHostToDevice));
+                CHECK(cudaMemcpyAsync(slot[j][m].s, src.s, src.scale_bytes(), cudaMemcpyHostToDevice));
+                CHECK(cudaMemcpyAsync(slot[j][m].b, src.b, src.scale_bytes(), cudaMemcpyHostToDevice));
             }
     };
     for (int k : {4, 10}) {

@@ -73,8 +73,7 @@ pub(super) struct LayerTable {
     table: CudaSlice<u64>,
     batch: CudaSlice<u8>,
     plan: BatchPlan,
-    experts: usize,
-    _holds: Vec<CudaExpert>,
+    experts: Vec<CudaExpert>,
 }
 
 /// How an expert's parts travel to its device allocation: the copies (host range, device
@@ -341,8 +340,7 @@ impl CudaBackend {
             table: self.to_device(&addresses)?,
             batch: self.to_device(&[0u8; size_of::<ExpertBatchParams>()])?,
             plan,
-            experts: experts.len(),
-            _holds: experts.to_vec(),
+            experts: experts.to_vec(),
         }))
     }
 
@@ -364,7 +362,7 @@ impl CudaBackend {
             self.batch_plan(std::iter::once([s.gate_proj, s.up_proj, s.down_proj]))
                 .is_some_and(|p| p.same_launch(&table.plan))
         });
-        if count > table.plan.max_count || logits.rows != 1 || logits.cols != table.experts || !shared_fits {
+        if count > table.plan.max_count || logits.rows != 1 || logits.cols != table.experts.len() || !shared_fits {
             return Ok(false);
         }
         use cudarc::driver::DevicePtr;
@@ -380,9 +378,9 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (32, 1, 1),
-            shared_mem_bytes: (table.experts * 4 + k * 8) as u32,
+            shared_mem_bytes: (table.experts.len() * 4 + k * 8) as u32,
         };
-        let (e, kk, renorm) = (table.experts as i32, k as i32, i32::from(routing.renormalize));
+        let (e, kk, renorm) = (table.experts.len() as i32, k as i32, i32::from(routing.renormalize));
         launch!(
             self,
             &self.k.route_experts,
