@@ -84,6 +84,8 @@ def measure(a, layers, hbm, h2d):
                 cmd += ["--expert-cache-mib", a.host_cache_mib]
             if a.prefetch:
                 cmd += ["--prefetch-experts"]
+            if a.no_cuda_graphs:
+                cmd += ["--no-cuda-graphs"]
             r = run(cmd)
             s = json.loads(stats.read_text())
             runs[f"k{k}-cap{cap}"] = s
@@ -112,7 +114,8 @@ def measure(a, layers, hbm, h2d):
                          100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
                          (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, floor60 / est60,
                          after * 1e3, v["budget_bytes"] / 2**30, host_share,
-                         100 * v.get("device_routed", 0) / (calls * layers)))
+                         100 * v.get("device_routed", 0) / (calls * layers),
+                         100 * v.get("replayed_steps", 0) / (calls * layers)))
             print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
             print(f"  K={k} cap {cap}: ms per token by phase: " +
                   ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
@@ -126,7 +129,8 @@ def print_table(m, hbm, h2d):
           f"H2D {h2d / 1e9:.1f} GB/s, disk {m['disk_gbps']:.2f} GB/s (same session)")
     head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
             "MB/tok disk", "floor tok/s", "of floor", "60-layer of floor (est.)", "ms/token after the layers",
-            "budget GiB", "host hits in pinned cache %", "layer steps routed on the GPU %")
+            "budget GiB", "host hits in pinned cache %", "layer steps routed on the GPU %",
+            "layer steps replayed %")
     print(" | ".join(head))
     for r in m["rows"]:
         print(" | ".join([str(r[0]), r[1]] + [f"{x:.2f}" for x in r[2:]]))
@@ -173,6 +177,7 @@ def main():
     p.add_argument("--host-cache-mib", type=int, default=0,
                    help="pinned in-process expert cache; with --prefetch every expert is in host RAM first")
     p.add_argument("--prefetch", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps kernel by kernel")
     p.add_argument("--hbm-gbps", type=float, required=True, help="device-to-device copy, read + write")
     p.add_argument("--h2d-gbps", type=float, required=True, help="pinned host-to-device copy")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))

@@ -28,7 +28,7 @@
 // Without the launch attribute both instructions do nothing.
 #define PDL_PREFETCH_ROWS 2
 extern "C" __global__ void matvec_q4_pdl(const u8* w, const u8* scales, const u8* biases, int group, int dtype,
-                                         const float* x, int rows, int cols, float* y) {
+                                         const float* x, int rows, int cols, float* y, float alpha) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     long long row_bytes = cols / 2, scale_bytes = (long long)(cols / group) * 2;
     for (int k = 0; k < PDL_PREFETCH_ROWS; ++k) {
@@ -44,7 +44,7 @@ extern "C" __global__ void matvec_q4_pdl(const u8* w, const u8* scales, const u8
     asm volatile("griddepcontrol.launch_dependents;");
     asm volatile("griddepcontrol.wait;" ::: "memory");
     Affine a = {w, scales, biases};
-    matvec_pow2<4, false>(a, a, group, dtype, x, rows, cols, y, 1.0f, 0.0f);
+    matvec_pow2<4, false>(a, a, group, dtype, x, rows, cols, y, alpha, 0.0f);
 }
 
 #define CHECK(call)                                                                              \
@@ -404,10 +404,27 @@ static void bench_zero_copy(int bits) {
     cudaFree(x), cudaFree(act), cudaFree(out), cudaFree(ref);
 }
 
+// Captures what `launch(stream)` enqueues into a graph, for replays.
+template <class F>
+static cudaGraphExec_t capture(F launch) {
+    cudaStream_t s;
+    CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaGraph_t g;
+    CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    launch(s);
+    CHECK(cudaStreamEndCapture(s, &g));
+    cudaGraphExec_t exec;
+    CHECK(cudaGraphInstantiate(&exec, g, 0));
+    CHECK(cudaGraphDestroy(g));
+    CHECK(cudaStreamDestroy(s));
+    return exec;
+}
+
 // A chain of in_proj-sized products, each reading the one before's output (as a decode step
-// does), with plain launches, with the prefetching kernel launched plainly, and with it
-// launched for programmatic dependent launch. All three must give the same bits.
-static void bench_pdl() {
+// does): plain launches; the prefetching kernel launched for programmatic dependent launch;
+// and both captured into a CUDA graph and replayed (no host launch cost, shorter gaps). All
+// must give the same bits. Outputs are scaled by 1/64 so that 16 products stay finite.
+static void bench_chain() {
     const int rows = 12288, cols = 4096, chain = 16;
     std::vector<Matrix> ms;
     for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
@@ -418,41 +435,82 @@ static void bench_pdl() {
     int per_sm = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, (const void*)matvec_q4_pdl, THREADS, smem));
     int grid = std::min((rows + 7) / 8, per_sm * g_sms);
-    auto run = [&](int how) {
+    const float alpha = 1.0f / 64;
+    auto run = [&](bool pdl, cudaStream_t s) {
         for (int i = 0; i < chain; ++i) {
             const Matrix& m = ms[i];
-            if (how == 0) {
-                matvec_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], rows, cols, buf[i + 1], 1.0f,
-                                                   0.0f);
+            if (!pdl) {
+                matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], rows, cols, buf[i + 1],
+                                                      alpha, 0.0f);
                 continue;
             }
             cudaLaunchConfig_t cfg = {};
             cfg.gridDim = dim3(grid);
             cfg.blockDim = dim3(THREADS);
             cfg.dynamicSmemBytes = smem;
+            cfg.stream = s;
             cudaLaunchAttribute attr[1];
             attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
             attr[0].val.programmaticStreamSerializationAllowed = 1;
             cfg.attrs = attr;
-            cfg.numAttrs = how == 2 ? 1 : 0;
+            cfg.numAttrs = 1;
             CHECK(cudaLaunchKernelEx(&cfg, matvec_q4_pdl, (const u8*)m.w, (const u8*)m.s, (const u8*)m.b, 64,
-                                     DT_BF16, (const float*)buf[i], rows, cols, buf[i + 1]));
+                                     DT_BF16, (const float*)buf[i], rows, cols, buf[i + 1], alpha));
         }
     };
-    const char* names[3] = {"plain launches", "L2 prefetch, plain launches", "L2 prefetch, dependent launch"};
+    const char* names[4] = {"plain launches", "L2 prefetch, dependent launch", "plain, graph replay",
+                            "L2 prefetch, dependent launch, graph replay"};
     std::vector<float> want;
-    for (int how = 0; how < 3; ++how) {
-        run(how);
+    for (int how = 0; how < 4; ++how) {
+        bool pdl = how & 1;
+        cudaGraphExec_t exec = nullptr;
+        if (how >= 2) exec = capture([&](cudaStream_t s) { run(pdl, s); });
+        auto once = [&] {
+            if (exec) CHECK(cudaGraphLaunch(exec, 0));
+            else run(pdl, 0);
+        };
+        once();
         std::vector<float> got = fetch(buf[chain], rows);
         if (how == 0) want = got;
-        double us = median_us(7, 1, [&] { run(how); }) / chain;
+        double us = median_us(7, 1, once) / chain;
         char label[128];
         snprintf(label, sizeof label, "%d chained in_proj products, %s (err %.1e)", chain, names[how],
                  rel_l2(got, want));
         row(label, us, (double)ms[0].bytes());
+        if (exec) CHECK(cudaGraphExecDestroy(exec));
     }
     for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
     for (auto& b : buf) cudaFree(b);
+}
+
+// What one launch that only reads `bytes` achieves, in a chain of 16 launches over distinct
+// buffers (so that L2 holds none of them), launched plainly and replayed from a graph: the
+// ceiling for a product of that size.
+static void bench_read_sizes() {
+    const int chain = 16;
+    u32* sink;
+    CHECK(cudaMalloc(&sink, 4));
+    for (size_t bytes : {2359296ul, 7077888ul, 28311552ul, 113246208ul}) {
+        std::vector<u8*> bufs(chain);
+        for (auto& b : bufs) {
+            CHECK(cudaMalloc(&b, bytes));
+            fill_random<<<256, 256>>>((u32*)b, bytes / 4, 5);
+        }
+        auto run = [&](cudaStream_t s) {
+            for (auto* b : bufs) read_only<<<g_sms * 8, 256, 0, s>>>((const uint4*)b, bytes / 16, sink);
+        };
+        cudaGraphExec_t exec = capture(run);
+        double plain = median_us(7, 1, [&] { run(0); }) / chain;
+        double graph = median_us(7, 1, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / chain;
+        char label[128];
+        snprintf(label, sizeof label, "read-only %.1f MB x %d, plain launches", bytes / 1e6, chain);
+        row(label, plain, (double)bytes);
+        snprintf(label, sizeof label, "read-only %.1f MB x %d, graph replay", bytes / 1e6, chain);
+        row(label, graph, (double)bytes);
+        CHECK(cudaGraphExecDestroy(exec));
+        for (auto* b : bufs) cudaFree(b);
+    }
+    cudaFree(sink);
 }
 
 int main() {
@@ -492,6 +550,7 @@ int main() {
         cudaFreeHost(h), cudaFree(d);
     }
     bench_zero_copy(4);
-    bench_pdl();
+    bench_chain();
+    bench_read_sizes();
     return 0;
 }

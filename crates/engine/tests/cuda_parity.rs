@@ -505,16 +505,27 @@ fn every_fixture_model_matches_the_cpu() {
                 "{}: the VRAM expert cache changed the logits",
                 dir.display()
             );
-            let (gpu_routed, stats) = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill, true)
+            let unrecorded = gpu(None).unwrap().record_steps(false);
+            let (gpu_routed, stats) = fixture_logits(unrecorded, &dir, &ids, prefill, true)
                 .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA routing on the device: {e}"));
             assert!(
                 gpu_plain == gpu_routed,
                 "{}: routing on the device changed the logits",
                 dir.display()
             );
+            // The same with layer steps recorded as CUDA graphs and replayed.
+            let (gpu_replayed, replay_stats) = fixture_logits(gpu(None).unwrap(), &dir, &ids, prefill, true)
+                .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA replaying graphs: {e}"));
+            assert!(
+                gpu_plain == gpu_replayed,
+                "{}: replaying recorded layer steps changed the logits",
+                dir.display()
+            );
             // The 4-bit fixtures' experts all suit the batched kernels: their decode steps
-            // must have been routed on the device, or the comparison above tested nothing.
+            // must have been routed on the device and replayed, or the comparisons above
+            // tested nothing.
             let routed = stats.map_or(0, |s| s.device_routed);
+            let replayed = replay_stats.map_or(0, |s| s.replayed_steps);
             let name_str = dir.file_name().unwrap().to_string_lossy();
             if name_str.ends_with("-4bit") || name_str.ends_with("-4bit-f16") {
                 let decode_steps = ids.len() - prefill;
@@ -522,7 +533,14 @@ fn every_fixture_model_matches_the_cpu() {
                     decode_steps == 0 || routed > 0,
                     "{name_str}: no layer step was routed on the device"
                 );
+                assert!(
+                    decode_steps == 0 || replayed > 0,
+                    "{name_str}: no layer step was replayed from a CUDA graph"
+                );
                 routed_models += usize::from(routed > 0);
+                eprintln!(
+                    "{name_str:<28} prefill {prefill:>2}: {routed} layer steps routed on the GPU, {replayed} replayed"
+                );
             }
             let err = relative_l2(&gpu_plain, &cpu);
             let vocab = cpu.len() / ids.len();

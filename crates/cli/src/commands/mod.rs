@@ -93,6 +93,10 @@ pub struct ModelArgs {
     /// weights, with 2 GiB of headroom; 0: no cache).
     #[arg(long)]
     pub gpu_expert_cache_gib: Option<f64>,
+    /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps
+    /// recorded as CUDA graphs (for comparison and debugging).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -119,7 +123,9 @@ impl ModelArgs {
         match device {
             Device::Cuda(n) => {
                 let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
-                let backend = CudaBackend::new(n, cache).with_context(|| format!("opening cuda:{n}"))?;
+                let backend = CudaBackend::new(n, cache)
+                    .with_context(|| format!("opening cuda:{n}"))?
+                    .record_steps(!self.no_cuda_graphs);
                 // Expert buffers in page-locked memory: copies to the GPU go straight from them.
                 let store = ExpertStore::new(StoreConfig {
                     host_memory: Some(backend.pinned_allocator()),

@@ -52,6 +52,7 @@ fn short(p: Phase) -> &'static str {
         Phase::ExpertCompute => "experts",
         Phase::LmHead => "lm_head",
         Phase::Other => "other",
+        Phase::Replayed => "replayed",
     }
 }
 
@@ -78,12 +79,13 @@ pub fn report(config: &ModelConfig, stats: &GenerationStats) -> String {
     if let Some(v) = stats.decode_vram {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         out += &format!(
-            "VRAM expert cache (decode): {} hits, {} misses ({:.1}% hits); {} layer steps routed on the GPU; \
-             {:.2} GiB copied to the GPU; {:.2} of {:.2} GiB resident\n",
+            "VRAM expert cache (decode): {} hits, {} misses ({:.1}% hits); {} layer steps routed on the GPU, \
+             {} replayed from CUDA graphs; {:.2} GiB copied to the GPU; {:.2} of {:.2} GiB resident\n",
             v.hits,
             v.misses,
             100.0 * v.hits as f64 / (v.hits + v.misses).max(1) as f64,
             v.device_routed,
+            v.replayed_steps,
             gib(v.uploaded_bytes),
             gib(v.resident_bytes),
             gib(v.budget_bytes),
@@ -124,7 +126,8 @@ pub fn json(stats: &GenerationStats) -> serde_json::Value {
         "decode_phase_seconds": phases(&stats.decode_profile),
         "decode_vram": stats.decode_vram.map(|v| serde_json::json!({
             "hits": v.hits, "misses": v.misses, "uploaded_bytes": v.uploaded_bytes,
-            "device_routed": v.device_routed, "resident_bytes": v.resident_bytes,
+            "device_routed": v.device_routed, "replayed_steps": v.replayed_steps,
+            "resident_bytes": v.resident_bytes,
             "budget_bytes": v.budget_bytes,
         })),
         "peak_rss_bytes": peak_rss_bytes(),

@@ -25,6 +25,8 @@ pub struct ExpertCacheStats {
     pub uploaded_bytes: u64,
     /// Layer steps (one token through one layer) routed on the device, no host round trip.
     pub device_routed: u64,
+    /// Layer steps replayed from a recording (a CUDA graph) instead of launched op by op.
+    pub replayed_steps: u64,
     pub resident_bytes: u64,
     pub budget_bytes: u64,
 }
@@ -37,6 +39,7 @@ impl ExpertCacheStats {
             misses: self.misses - earlier.misses,
             uploaded_bytes: self.uploaded_bytes - earlier.uploaded_bytes,
             device_routed: self.device_routed - earlier.device_routed,
+            replayed_steps: self.replayed_steps - earlier.replayed_steps,
             ..*self
         }
     }
@@ -48,6 +51,17 @@ pub struct DeviceRouting {
     pub layer: usize,
     pub experts_per_token: usize,
     pub renormalize: bool,
+}
+
+/// A one-token layer step that a backend may record once (a CUDA graph) and replay: the
+/// layer, the experts per token it routes to, and the device addresses of the buffers it
+/// reads and writes besides weights (the residual stream and the layer's state). The same key
+/// must mean the same work.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StepKey {
+    pub layer: usize,
+    pub experts_per_token: usize,
+    pub buffers: Vec<u64>,
 }
 
 /// Geometry of one full-attention call.
@@ -225,6 +239,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<bool> {
         Ok(false)
     }
+    /// Whether `route_and_run_experts` can route one token of `layer` now (the backend holds
+    /// every expert of it).
+    fn routes_on_device(&self, _layer: usize) -> bool {
+        false
+    }
     /// Bytes the backend's own expert cache may hold (an automatic budget is sized now), when
     /// it has one.
     fn expert_cache_budget(&self) -> Result<Option<u64>> {
@@ -233,6 +252,18 @@ pub trait Backend: Send + Sync {
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None
+    }
+
+    // --- recorded steps ----------------------------------------------------------------------
+    /// The key under which a one-token step of `layer` over `buffers` may be recorded, or
+    /// `None` when the backend does not record steps. The step may not wait on the device,
+    /// nor depend on the position.
+    fn step_key(&self, _layer: usize, _experts_per_token: usize, _buffers: &[&Self::Tensor]) -> Option<StepKey> {
+        None
+    }
+    /// Runs `step`, or replays what it launched when it ran before under `key`.
+    fn run_step(&self, _key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        step()
     }
 }
 

@@ -14,10 +14,10 @@ use attention::{GatedAttention, KvCache};
 use config::{FfnKind, LayerKind, ModelConfig};
 use linear_attention::{DeltaState, GatedDeltaNet};
 use moe::{DenseMlp, SparseMoe};
-use profile::{Phase, Profile, Stopwatch};
+use profile::{Phase, PhaseTimes, Profile, Stopwatch};
 use weights::{LayerWeight, Weight, WeightSource};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepKey};
 use crate::error::{Error, Result};
 
 enum Mixer<B: Backend> {
@@ -224,6 +224,65 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// The key under which the backend may record this one-token step of layer `index`: a
+    /// linear-attention layer (nothing in it depends on the position) whose experts, if any,
+    /// the backend routes by itself (no wait on the device).
+    fn step_key(&self, index: usize, layer: &DecoderLayer<B>, state: &LayerState<B>, x: &B::Tensor) -> Option<StepKey> {
+        let b = &self.backend;
+        let LayerState::Linear(s) = state else {
+            return None;
+        };
+        let device_only = match &layer.ffn {
+            Ffn::Moe(_) => b.routes_on_device(index),
+            Ffn::Dense(_) => true,
+        };
+        if !device_only {
+            return None;
+        }
+        b.step_key(index, self.experts_per_token, &[x, &s.conv, &s.recurrent])
+    }
+
+    /// `layer` on `x` (the residual stream, updated), continuing `state`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        layer: &DecoderLayer<B>,
+        state: &mut LayerState<B>,
+        pos0: usize,
+        times: &mut PhaseTimes,
+        clock: &mut Stopwatch,
+        routing_log: Option<&mut Vec<Vec<usize>>>,
+        x: &mut B::Tensor,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let eps = self.config.rms_norm_eps;
+        let h = b.rms_norm(x, &layer.input_norm, eps)?;
+        clock.charge(times, Phase::Other);
+        match (&layer.mixer, state) {
+            (Mixer::Attention(attn), LayerState::Attention(cache)) => {
+                attn.forward_into(b, &h, cache, pos0, x)?;
+                clock.charge(times, Phase::Attention);
+            }
+            (Mixer::Linear(delta), LayerState::Linear(s)) => {
+                delta.forward_into(b, &h, s, x)?;
+                clock.charge(times, Phase::LinearAttention);
+            }
+            _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
+        }
+        let h = b.rms_norm(x, &layer.post_attention_norm, eps)?;
+        clock.charge(times, Phase::Other);
+        match &layer.ffn {
+            Ffn::Moe(moe) => moe.forward_into(b, &h, self.experts_per_token, times, clock, routing_log, x),
+            Ffn::Dense(mlp) => {
+                let out = mlp.forward(b, &h)?;
+                clock.charge(times, Phase::ExpertCompute);
+                b.add_assign(x, &out)?;
+                clock.charge(times, Phase::Other);
+                Ok(())
+            }
+        }
+    }
+
     /// Runs `ids` through the model as one batch, continuing `state`, and returns logits
     /// (`[rows, vocab]`, rows as `which` says).
     pub fn forward(&self, ids: &[u32], state: &mut ModelState<B>, which: Logits) -> Result<B::Tensor> {
@@ -242,32 +301,23 @@ impl<B: Backend> Model<B> {
             .zip(state.layers.iter_mut())
             .zip(state.profile.layers.iter_mut());
         for (index, ((layer, layer_state), times)) in layers.enumerate() {
-            let h = b.rms_norm(&x, &layer.input_norm, eps)?;
-            clock.charge(times, Phase::Other);
-            match (&layer.mixer, layer_state) {
-                (Mixer::Attention(attn), LayerState::Attention(cache)) => {
-                    attn.forward_into(b, &h, cache, pos0, &mut x)?;
-                    clock.charge(times, Phase::Attention);
-                }
-                (Mixer::Linear(delta), LayerState::Linear(s)) => {
-                    delta.forward_into(b, &h, s, &mut x)?;
-                    clock.charge(times, Phase::LinearAttention);
-                }
-                _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
+            let mut log = state.routing.as_mut().and_then(|r| r.get_mut(index));
+            let key = match (&log, ids.len()) {
+                (None, 1) => self.step_key(index, layer, layer_state, &x),
+                _ => None,
+            };
+            let mut ran = false;
+            let mut step = || {
+                ran = true;
+                let log = log.as_deref_mut();
+                self.layer_step(layer, layer_state, pos0, times, &mut clock, log, &mut x)
+            };
+            match &key {
+                Some(key) => b.run_step(key, &mut step)?,
+                None => step()?,
             }
-            let h = b.rms_norm(&x, &layer.post_attention_norm, eps)?;
-            clock.charge(times, Phase::Other);
-            match &layer.ffn {
-                Ffn::Moe(moe) => {
-                    let log = state.routing.as_mut().and_then(|r| r.get_mut(index));
-                    moe.forward_into(b, &h, self.experts_per_token, times, &mut clock, log, &mut x)?;
-                }
-                Ffn::Dense(mlp) => {
-                    let out = mlp.forward(b, &h)?;
-                    clock.charge(times, Phase::ExpertCompute);
-                    b.add_assign(&mut x, &out)?;
-                    clock.charge(times, Phase::Other);
-                }
+            if !ran {
+                clock.charge(times, Phase::Replayed);
             }
         }
         state.position += ids.len();

@@ -17,10 +17,12 @@ pub enum Phase {
     LmHead,
     /// Embedding, norms, residual additions.
     Other,
+    /// Launching a layer step recorded earlier (a CUDA graph): every phase of it at once.
+    Replayed,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Attention,
         Phase::LinearAttention,
         Phase::Routing,
@@ -28,6 +30,7 @@ impl Phase {
         Phase::ExpertCompute,
         Phase::LmHead,
         Phase::Other,
+        Phase::Replayed,
     ];
 
     pub fn label(self) -> &'static str {
@@ -39,13 +42,14 @@ impl Phase {
             Phase::ExpertCompute => "expert compute",
             Phase::LmHead => "lm_head",
             Phase::Other => "other",
+            Phase::Replayed => "replayed",
         }
     }
 }
 
 /// Accumulated time per phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PhaseTimes([Duration; 7]);
+pub struct PhaseTimes([Duration; Phase::ALL.len()]);
 
 impl PhaseTimes {
     pub fn get(&self, phase: Phase) -> Duration {

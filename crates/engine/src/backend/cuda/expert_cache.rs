@@ -184,6 +184,16 @@ impl VramCache {
         Ok(table)
     }
 
+    /// The table of `layer`, when it has one now (without building it).
+    pub fn current_table(&self, layer: usize) -> Option<Arc<LayerTable>> {
+        self.lock().tables.get(&layer).cloned().flatten()
+    }
+
+    /// Counts a layer step replayed from a recording.
+    pub fn count_replayed(&self) {
+        self.lock().stats.replayed_steps += 1;
+    }
+
     /// Counts a layer step routed on the device and the `experts` it used (all hits).
     pub fn count_device_routed(&self, experts: usize) {
         let mut inner = self.lock();

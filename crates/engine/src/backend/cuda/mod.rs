@@ -12,6 +12,7 @@
 //! activation buffers; `kernels.rs` and `kernels.cu`: the CUDA C and its compilation.
 
 mod expert_cache;
+mod graphs;
 pub mod kernels;
 mod pool;
 
@@ -22,10 +23,11 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKerne
 
 pub use expert_cache::CudaExpert;
 use expert_cache::VramCache;
+use graphs::StepGraphs;
 use kernels::Kernels;
 use pool::{BufferPool, PooledBuf};
 
-use crate::backend::{AttentionShape, Backend, DeviceRouting, ExpertCacheStats, Route, SharedExpert};
+use crate::backend::{AttentionShape, Backend, DeviceRouting, ExpertCacheStats, Route, SharedExpert, StepKey};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -150,6 +152,9 @@ pub struct CudaBackend {
     /// Multiprocessors, to size grids.
     sms: usize,
     in_flight: Mutex<InFlight>,
+    /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
+    graphs: StepGraphs,
+    record_steps: bool,
 }
 
 const THREADS: u32 = 256;
@@ -240,7 +245,7 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the GPU"))?;
         // One stream orders everything; cudarc's per-buffer event tracking would only add
         // an event record per kernel argument.
-        // SAFETY: all work runs on the default stream, so no buffer is used across streams.
+        // SAFETY: all work runs on the one stream below, so no buffer is used across streams.
         unsafe { ctx.disable_event_tracking() };
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -251,7 +256,8 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         keep_freed_memory(&ctx)?;
         let k = Kernels::load(&ctx, &arch)?;
-        let stream = ctx.default_stream();
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(cuda("creating the cuBLAS handle"))?;
         let name = format!(
             "cuda:{ordinal} ({}, {arch})",
@@ -269,7 +275,16 @@ impl CudaBackend {
             cache,
             sms,
             in_flight: Mutex::default(),
+            graphs: StepGraphs::default(),
+            record_steps: true,
         })
+    }
+
+    /// Whether one-token steps of linear-attention layers routed on the device are recorded
+    /// as CUDA graphs and replayed (on by default).
+    pub fn record_steps(mut self, on: bool) -> Self {
+        self.record_steps = on;
+        self
     }
 
     /// Free and total device memory in bytes.
@@ -966,10 +981,15 @@ impl Backend for CudaBackend {
             return Ok(false);
         };
         let done = self.route_and_run(&table, x, router_logits, routing, shared, out)?;
-        if done {
-            self.cache.count_device_routed(routing.experts_per_token);
+        let k = routing.experts_per_token;
+        if done && !self.graphs.note_routed(routing.layer, k, &table) {
+            self.cache.count_device_routed(k);
         }
         Ok(done)
+    }
+
+    fn routes_on_device(&self, layer: usize) -> bool {
+        self.cache.current_table(layer).is_some()
     }
 
     fn expert_cache_budget(&self) -> Result<Option<u64>> {
@@ -978,5 +998,18 @@ impl Backend for CudaBackend {
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         Some(self.cache.stats())
+    }
+
+    fn step_key(&self, layer: usize, experts_per_token: usize, buffers: &[&CudaTensor]) -> Option<StepKey> {
+        use cudarc::driver::DevicePtr;
+        self.record_steps.then(|| StepKey {
+            layer,
+            experts_per_token,
+            buffers: buffers.iter().map(|t| t.buf.device_ptr(&self.stream).0).collect(),
+        })
+    }
+
+    fn run_step(&self, key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.run_recorded_step(key, step)
     }
 }

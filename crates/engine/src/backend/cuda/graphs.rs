@@ -1,0 +1,244 @@
+//! Layer steps recorded as CUDA graphs and replayed.
+//!
+//! One token through a linear-attention layer whose experts are routed on the device is the
+//! same dozen launches token after token, on the same buffers. Recorded once (stream
+//! capture), the step is replayed as one launch: the host saves the launches and the device
+//! the gaps between them (docs/perf.md: about 1.4 us per launch on an H200).
+//!
+//! A key runs unrecorded the first time it is seen, which leaves in the buffer pool every
+//! buffer the step takes (a recording may not allocate: the allocation would become part of
+//! the graph) and builds the layer's expert table; the second time, it is recorded. A
+//! recording that fails (something in the step cannot be captured) is discarded, the step
+//! runs unrecorded, and the key waits twice as many sightings as before for its next try.
+//!
+//! A recording holds the pool buffers its kernels use and the expert tables it routes with.
+//! It is dropped when the VRAM cache no longer has one of those tables (it evicted an expert
+//! of the layer), and the least recently used one goes when there are too many.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaSlice};
+
+use super::experts::LayerTable;
+use super::{CudaBackend, cuda};
+use crate::backend::StepKey;
+use crate::error::Result;
+
+/// Recordings kept at once (a few per layer and sequence).
+const MAX_RECORDINGS: usize = 1024;
+/// Sightings a key waits, at most, before its next recording attempt.
+const MAX_WAIT: u32 = 1024;
+
+/// A layer whose experts a recording routes with, and how many it uses per token.
+pub(super) struct RoutedLayer {
+    pub(super) layer: usize,
+    pub(super) experts: usize,
+    pub(super) table: Arc<LayerTable>,
+}
+
+/// A recorded step.
+struct Recording {
+    graph: SendGraph,
+    /// The pool buffers its kernels use.
+    buffers: Vec<CudaSlice<f32>>,
+    routed: Vec<RoutedLayer>,
+    last_used: u64,
+}
+
+/// A CUDA graph, used only under the `StepGraphs` lock: the external serialization the CUDA
+/// documentation asks of graph objects.
+struct SendGraph(CudaGraph);
+
+// SAFETY: see above; the graph is launched and dropped only while the lock is held.
+unsafe impl Send for SendGraph {}
+
+enum Slot {
+    /// Seen `sightings` times since the last attempt; recorded at `wait`.
+    Waiting {
+        sightings: u32,
+        wait: u32,
+    },
+    Recorded(Recording),
+}
+
+#[derive(Default)]
+struct Slots {
+    by_key: HashMap<StepKey, Slot>,
+    /// Counts lookups, for least-recently-used eviction.
+    clock: u64,
+}
+
+/// The recordings of one backend, and the routing noted while one is made.
+#[derive(Default)]
+pub(super) struct StepGraphs {
+    slots: Mutex<Slots>,
+    /// `Some` while a step is recorded: the layers it routed on the device.
+    routed: Mutex<Option<Vec<RoutedLayer>>>,
+}
+
+impl StepGraphs {
+    fn slots(&self) -> MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn routed(&self) -> MutexGuard<'_, Option<Vec<RoutedLayer>>> {
+        self.routed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// While a step is recorded, notes that it routed `layer` with `table`, and returns true
+    /// (the use is counted when the recording runs); false otherwise.
+    pub(super) fn note_routed(&self, layer: usize, experts: usize, table: &Arc<LayerTable>) -> bool {
+        match self.routed().as_mut() {
+            Some(routed) => {
+                routed.push(RoutedLayer {
+                    layer,
+                    experts,
+                    table: Arc::clone(table),
+                });
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What to do with a step.
+enum Action {
+    Run,
+    Record,
+    Replayed,
+}
+
+impl CudaBackend {
+    /// [`crate::backend::Backend::run_step`]: replays the recording of `key`, records it, or
+    /// runs `step` as it is.
+    pub(super) fn run_recorded_step(&self, key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        match self.replay(key)? {
+            Action::Replayed => Ok(()),
+            Action::Run => step(),
+            Action::Record => self.record(key, step),
+        }
+    }
+
+    /// Replays `key`'s recording when it is still valid, and says what to do otherwise.
+    fn replay(&self, key: &StepKey) -> Result<Action> {
+        let mut slots = self.graphs.slots();
+        slots.clock += 1;
+        let now = slots.clock;
+        let slot = slots
+            .by_key
+            .entry(key.clone())
+            .or_insert(Slot::Waiting { sightings: 0, wait: 1 });
+        match slot {
+            Slot::Waiting { sightings, wait } => {
+                *sightings += 1;
+                return Ok(if sightings > wait { Action::Record } else { Action::Run });
+            }
+            Slot::Recorded(r) if self.still_valid(r) => {
+                r.graph.0.launch().map_err(cuda("replaying a recorded step"))?;
+                r.last_used = now;
+                self.count_routed(&r.routed, true);
+                return Ok(Action::Replayed);
+            }
+            Slot::Recorded(_) => {}
+        }
+        // The VRAM cache evicted an expert the recording routes to: record afresh.
+        if let Some(Slot::Recorded(stale)) = slots
+            .by_key
+            .insert(key.clone(), Slot::Waiting { sightings: 1, wait: 1 })
+        {
+            self.retire(stale)?;
+        }
+        Ok(Action::Run)
+    }
+
+    fn still_valid(&self, r: &Recording) -> bool {
+        r.routed.iter().all(|l| {
+            self.cache
+                .current_table(l.layer)
+                .is_some_and(|t| Arc::ptr_eq(&t, &l.table))
+        })
+    }
+
+    fn count_routed(&self, routed: &[RoutedLayer], replayed: bool) {
+        for l in routed {
+            self.cache.count_device_routed(l.experts);
+        }
+        if replayed {
+            self.cache.count_replayed();
+        }
+    }
+
+    /// Records `step` and runs the recording; when the recording fails, runs `step` as it is.
+    fn record(&self, key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.pool.start_recording();
+        *self.graphs.routed() = Some(Vec::new());
+        let captured = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .ok()
+            .and_then(|()| {
+                let ran = step();
+                // Always ends the capture, so that the stream leaves capture mode.
+                let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+                ran.ok().and(graph.ok().flatten())
+            });
+        let routed = self.graphs.routed().take().unwrap_or_default();
+        let buffers = self.pool.finish_recording(captured.is_some());
+        let (Some(graph), Some(buffers)) = (captured, buffers) else {
+            self.back_off(key);
+            return step();
+        };
+        graph.launch().map_err(cuda("running a recorded step"))?;
+        self.count_routed(&routed, false);
+        let mut slots = self.graphs.slots();
+        let recording = Recording {
+            graph: SendGraph(graph),
+            buffers,
+            routed,
+            last_used: slots.clock,
+        };
+        if let Some(Slot::Recorded(old)) = slots.by_key.insert(key.clone(), Slot::Recorded(recording)) {
+            self.retire(old)?;
+        }
+        self.evict_oldest(&mut slots)
+    }
+
+    /// After a failed recording: the key waits twice as long before the next attempt.
+    fn back_off(&self, key: &StepKey) {
+        let mut slots = self.graphs.slots();
+        if let Some(Slot::Waiting { sightings, wait }) = slots.by_key.get_mut(key) {
+            *sightings = 0;
+            *wait = (*wait * 2).min(MAX_WAIT);
+        }
+    }
+
+    fn evict_oldest(&self, slots: &mut Slots) -> Result<()> {
+        let recorded = slots.by_key.values().filter(|s| matches!(s, Slot::Recorded(_))).count();
+        if recorded <= MAX_RECORDINGS {
+            return Ok(());
+        }
+        let oldest = slots
+            .by_key
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Recorded(r) => Some((r.last_used, k.clone())),
+                Slot::Waiting { .. } => None,
+            })
+            .min_by_key(|(used, _)| *used)
+            .map(|(_, k)| k);
+        if let Some(Slot::Recorded(r)) = oldest.and_then(|k| slots.by_key.remove(&k)) {
+            self.retire(r)?;
+        }
+        Ok(())
+    }
+
+    /// Drops a recording once the device is done with it, its buffers back to the pool.
+    fn retire(&self, r: Recording) -> Result<()> {
+        self.stream.synchronize().map_err(cuda("waiting for the device"))?;
+        self.pool.give_back_all(r.buffers);
+        Ok(())
+    }
+}
