@@ -107,6 +107,20 @@ pub trait Backend: Send + Sync {
     fn matmul_many(&self, x: &Self::Tensor, ws: &[&Self::Matrix]) -> Result<Vec<Self::Tensor>> {
         ws.iter().map(|w| self.matmul(x, w)).collect()
     }
+    /// `rms_norm(x, weight, eps)`, and `matmul_many` of it: the RMSNorm before a layer's
+    /// input projections. Returns the normalized `x` and the products. Backends may do both
+    /// in one launch.
+    fn rms_norm_project(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+        ws: &[&Self::Matrix],
+    ) -> Result<(Self::Tensor, Vec<Self::Tensor>)> {
+        let h = self.rms_norm(x, weight, eps)?;
+        let outs = self.matmul_many(&h, ws)?;
+        Ok((h, outs))
+    }
     /// `out += x · wᵀ`: an output projection added into the residual stream.
     fn matmul_add(&self, x: &Self::Tensor, w: &Self::Matrix, out: &mut Self::Tensor) -> Result<()> {
         self.add_assign(out, &self.matmul(x, w)?)
@@ -267,16 +281,20 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// [`Backend::matmul_many`] for a fixed number of matrices, as an array.
-pub fn project<B: Backend + ?Sized, const N: usize>(
+/// [`Backend::rms_norm_project`] for a fixed number of matrices: the normalized `x` and the
+/// products, as an array.
+pub fn norm_project<B: Backend + ?Sized, const N: usize>(
     b: &B,
     x: &B::Tensor,
+    norm: (&B::Tensor, f32),
     ws: [&B::Matrix; N],
-) -> Result<[B::Tensor; N]> {
-    let outs = b.matmul_many(x, &ws)?;
+) -> Result<(B::Tensor, [B::Tensor; N])> {
+    let (h, outs) = b.rms_norm_project(x, norm.0, norm.1, &ws)?;
     let got = outs.len();
-    outs.try_into()
-        .map_err(|_| crate::error::Error::InvalidInput(format!("matmul_many returned {got} outputs for {N} matrices")))
+    let outs = outs.try_into().map_err(|_| {
+        crate::error::Error::InvalidInput(format!("rms_norm_project returned {got} outputs for {N} matrices"))
+    })?;
+    Ok((h, outs))
 }
 
 /// The shared expert of a mixture-of-experts block, which every token uses:

@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::weights::{LayerWeight as W, Weight, WeightSource};
-use crate::backend::{AttentionShape, Backend, project};
+use crate::backend::{AttentionShape, Backend, norm_project};
 use crate::error::Result;
 
 pub struct GatedAttention<B: Backend> {
@@ -68,18 +68,18 @@ impl<B: Backend> GatedAttention<B> {
         })
     }
 
-    /// Attention for `T` tokens at positions `pos0..pos0 + T`, appending them to `cache`;
-    /// the output is added to `residual`.
+    /// Attention for `T` tokens at positions `pos0..pos0 + T` of `residual` normalized with
+    /// `norm` (weight, eps), appending them to `cache`; the output is added to `residual`.
     pub fn forward_into(
         &self,
         b: &B,
-        x: &B::Tensor,
+        norm: (&B::Tensor, f32),
         cache: &mut KvCache<B>,
         pos0: usize,
         residual: &mut B::Tensor,
     ) -> Result<()> {
         let hd = self.shape.head_dim;
-        let [query_gate, k, v] = project(b, x, [&self.q_proj, &self.k_proj, &self.v_proj])?;
+        let (_, [query_gate, k, v]) = norm_project(b, residual, norm, [&self.q_proj, &self.k_proj, &self.v_proj])?;
         let (q, gate) = b.split_query_gate(&query_gate, self.shape.num_heads, hd)?;
         let mut q = b.rms_norm(&q, &self.q_norm, self.eps)?;
         let mut k = b.rms_norm(&k, &self.k_norm, self.eps)?;

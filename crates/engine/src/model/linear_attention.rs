@@ -4,7 +4,7 @@
 
 use super::config::{LinearAttentionConfig, ModelConfig};
 use super::weights::{LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, project};
+use crate::backend::{Backend, norm_project};
 use crate::error::Result;
 
 pub struct GatedDeltaNet<B: Backend> {
@@ -69,16 +69,17 @@ impl<B: Backend> GatedDeltaNet<B> {
         })
     }
 
-    /// Adds the layer's output for `x` to `residual`, continuing `state`.
+    /// Adds the layer's output for `residual` normalized with `norm` (weight, eps) to
+    /// `residual`, continuing `state`.
     pub fn forward_into(
         &self,
         b: &B,
-        x: &B::Tensor,
+        norm: (&B::Tensor, f32),
         state: &mut DeltaState<B>,
         residual: &mut B::Tensor,
     ) -> Result<()> {
         let projections = [&self.in_proj_qkv, &self.in_proj_z, &self.in_proj_b, &self.in_proj_a];
-        let [mixed, z, beta_logits, a] = project(b, x, projections)?;
+        let (_, [mixed, z, beta_logits, a]) = norm_project(b, residual, norm, projections)?;
         let qkv = b.causal_conv1d_silu(&mixed, &self.conv_weight, &mut state.conv)?;
         let core = b.gated_delta_rule(
             &qkv,

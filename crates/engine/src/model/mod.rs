@@ -256,24 +256,25 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
-        let h = b.rms_norm(x, &layer.input_norm, eps)?;
-        clock.charge(times, Phase::Other);
+        // Each block normalizes its input itself (with its first products, where the backend
+        // fuses them).
         match (&layer.mixer, state) {
             (Mixer::Attention(attn), LayerState::Attention(cache)) => {
-                attn.forward_into(b, &h, cache, pos0, x)?;
+                attn.forward_into(b, (&layer.input_norm, eps), cache, pos0, x)?;
                 clock.charge(times, Phase::Attention);
             }
             (Mixer::Linear(delta), LayerState::Linear(s)) => {
-                delta.forward_into(b, &h, s, x)?;
+                delta.forward_into(b, (&layer.input_norm, eps), s, x)?;
                 clock.charge(times, Phase::LinearAttention);
             }
             _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
         }
-        let h = b.rms_norm(x, &layer.post_attention_norm, eps)?;
-        clock.charge(times, Phase::Other);
+        let norm = (&layer.post_attention_norm, eps);
         match &layer.ffn {
-            Ffn::Moe(moe) => moe.forward_into(b, &h, self.experts_per_token, times, clock, routing_log, x),
+            Ffn::Moe(moe) => moe.forward_into(b, norm, self.experts_per_token, times, clock, routing_log, x),
             Ffn::Dense(mlp) => {
+                let h = b.rms_norm(x, norm.0, norm.1)?;
+                clock.charge(times, Phase::Other);
                 let out = mlp.forward(b, &h)?;
                 clock.charge(times, Phase::ExpertCompute);
                 b.add_assign(x, &out)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, DeviceRouting, Route, SharedExpert, project, shared_expert_ffn};
+use crate::backend::{Backend, DeviceRouting, Route, SharedExpert, norm_project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -96,29 +96,35 @@ impl<B: Backend> SparseMoe<B> {
         Ok(one * self.experts.num_experts() as u64)
     }
 
-    /// Routes every token, runs each chosen expert once on all the tokens that chose it, and
-    /// adds their weighted outputs and the gated shared expert's to `out` (the residual).
+    /// Normalizes `out` (the residual) with `norm` (weight, eps), routes every token, runs
+    /// each chosen expert once on all the tokens that chose it, and adds their weighted
+    /// outputs and the gated shared expert's to `out`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_into(
         &self,
         b: &B,
-        x: &B::Tensor,
+        norm: (&B::Tensor, f32),
         experts_per_token: usize,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
         routing_log: Option<&mut Vec<Vec<usize>>>,
         out: &mut B::Tensor,
     ) -> Result<()> {
-        let tokens = b.shape(x).0;
-        // The router and the shared expert's gate read the same input: one launch where the
-        // backend can, and the gate logit is ready before the routing decision comes back.
-        let (router_logits, shared_logit) = match &self.shared {
+        let tokens = b.shape(out).0;
+        // The norm, the router and the shared expert's gate in one launch where the backend
+        // can (they read the same input), and the gate logit is ready before the routing
+        // decision comes back.
+        let (x, router_logits, shared_logit) = match &self.shared {
             Some((_, gate)) => {
-                let [router_logits, shared_logit] = project(b, x, [&self.router, gate])?;
-                (router_logits, Some(shared_logit))
+                let (x, [router_logits, shared_logit]) = norm_project(b, out, norm, [&self.router, gate])?;
+                (x, router_logits, Some(shared_logit))
             }
-            None => (b.matmul(x, &self.router)?, None),
+            None => {
+                let (x, [router_logits]) = norm_project(b, out, norm, [&self.router])?;
+                (x, router_logits, None)
+            }
         };
+        let x = &x;
         let shared = self
             .shared
             .as_ref()

@@ -65,6 +65,29 @@ __device__ float block_sum(float v, float* scratch) {
     return total;
 }
 
+// RMSNorm's 1 / sqrt(mean(x^2) + eps) for one row of n floats, the same in every block that
+// computes it (the fused products compute it per block); a barrier. When the row is loaded
+// as float4s (rms_vectorized), this thread's RMS_VECS of them are left in v.
+#define RMS_VECS 4
+__device__ __forceinline__ bool rms_vectorized(int n) {
+    return (n & 3) == 0 && n <= 4 * RMS_VECS * (int)blockDim.x;
+}
+__device__ __forceinline__ float rms_inverse(const float* src, int n, float eps, float* scratch,
+                                             float4 (&v)[RMS_VECS]) {
+    float ss = 0.0f;
+    if (rms_vectorized(n)) {
+#pragma unroll
+        for (int j = 0; j < RMS_VECS; ++j) {
+            int c = 4 * (j * blockDim.x + threadIdx.x);
+            v[j] = c < n ? *(const float4*)(src + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) ss += src[i] * src[i];
+    }
+    return rsqrtf(block_sum(ss, scratch) / n + eps);
+}
+
 __device__ float block_max(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
     v = warp_max(v);
@@ -194,8 +217,18 @@ __device__ __forceinline__ void piece_dot(uint4 va, uint4 vb, const u8* rec, flo
 // loads in flight; the 4 threads of a piece (neighbouring lanes) meet by shuffles. x is
 // 16-byte aligned; blockDim is a multiple of 32.
 #define STAGE_WORDS 4
-template <int BITS>
-__device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, u8* smem) {
+
+// RMSNorm applied while staging (NORM): x * inv * weight, as the rms_norm kernel computes it;
+// when `out` is set, block 0 also writes the normalized vector there.
+struct StageNorm {
+    const float* weight;
+    float inv;
+    float* out;
+};
+
+template <int BITS, bool NORM = false>
+__device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, u8* smem,
+                                              StageNorm norm = {}) {
     constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS);
     int pieces = cols / PF, words = count * cols / COLS;
     for (int base = 0; base < words; base += STAGE_WORDS * blockDim.x) {
@@ -206,6 +239,20 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
 #pragma unroll
             for (int i = 0; i < M; ++i)
                 v[s][i] = c < words ? ((const float4*)x)[(long long)c * M + i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+        if (NORM) {
+#pragma unroll
+            for (int s = 0; s < STAGE_WORDS; ++s) {
+                long long c = base + s * blockDim.x + threadIdx.x;
+                if (c >= words) break;
+#pragma unroll
+                for (int i = 0; i < M; ++i) {
+                    float4 w = ((const float4*)norm.weight)[c * M + i], &x4 = v[s][i];
+                    x4 = make_float4(x4.x * norm.inv * w.x, x4.y * norm.inv * w.y, x4.z * norm.inv * w.z,
+                                     x4.w * norm.inv * w.w);
+                    if (norm.out && blockIdx.x == 0) ((float4*)norm.out)[c * M + i] = x4;
+                }
+            }
         }
 #pragma unroll
         for (int s = 0; s < STAGE_WORDS; ++s) {
@@ -357,11 +404,23 @@ struct MatvecMulti {
     int count;
 };
 
+// With `norm_weight` set, x is first RMS-normalized with it (and eps), and the normalized x
+// is written to `normed` as well (the RMSNorm before a layer's projections, in the same
+// launch: the same arithmetic as the rms_norm kernel, so the same bits).
 template <int BITS>
-__device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const float* x, int cols) {
+__device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const float* x, int cols,
+                             const float* norm_weight, float eps, float* normed) {
     extern __shared__ uint4 smem_vec[];
     u8* smem = (u8*)smem_vec;
-    stage_x<BITS>(x, cols, smem);
+    if (norm_weight) {
+        __shared__ float scratch[32];
+        float4 unused[RMS_VECS];
+        StageNorm norm = {norm_weight, rms_inverse(x, cols, eps, scratch, unused), normed};
+        stage_x_async<BITS, true>(x, 1, cols, 0, smem, norm);
+        __syncthreads();
+    } else {
+        stage_x<BITS>(x, cols, smem);
+    }
     int pieces = cols / (128 / BITS);
     int total = 0;
     for (int k = 0; k < m.count; ++k) total += m.rows[k];
@@ -379,8 +438,9 @@ __device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const f
 
 #define MATVEC_MULTI(BITS)                                                                                 \
     extern "C" __global__ void matvec_multi_q##BITS(MatvecMulti m, int group, int dtype, const float* x,    \
-                                                    int cols) {                                              \
-        matvec_multi<BITS>(m, group, dtype, x, cols);                                                        \
+                                                    int cols, const float* norm_weight, float eps,           \
+                                                    float* normed) {                                         \
+        matvec_multi<BITS>(m, group, dtype, x, cols, norm_weight, eps, normed);                              \
     }
 MATVEC_MULTI(2)
 MATVEC_MULTI(4)
@@ -557,21 +617,13 @@ extern "C" __global__ void matvec_dense(const u8* w, int dtype, const float* x, 
 // RMSNorm over each `n`-wide group (one block per group), times weight[n].
 // One block per row. A row of up to 16 floats per thread (4096 with 256 threads) is read
 // once, as float4s all in flight together, and kept in registers; longer rows loop.
-#define RMS_VECS 4
 extern "C" __global__ void rms_norm(const float* x, const float* weight, int n, float eps, float* out) {
     __shared__ float scratch[32];
     const float* src = x + (long long)blockIdx.x * n;
     float* dst = out + (long long)blockIdx.x * n;
-    if ((n & 3) == 0 && n <= 4 * RMS_VECS * (int)blockDim.x) {
-        float4 v[RMS_VECS];
-        float ss = 0.0f;
-#pragma unroll
-        for (int j = 0; j < RMS_VECS; ++j) {
-            int c = 4 * (j * blockDim.x + threadIdx.x);
-            v[j] = c < n ? *(const float4*)(src + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-        }
-        float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
+    float4 v[RMS_VECS];
+    float inv = rms_inverse(src, n, eps, scratch, v);
+    if (rms_vectorized(n)) {
 #pragma unroll
         for (int j = 0; j < RMS_VECS; ++j) {
             int c = 4 * (j * blockDim.x + threadIdx.x);
@@ -582,9 +634,6 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, int n, 
         }
         return;
     }
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += src[i] * src[i];
-    float inv = rsqrtf(block_sum(ss, scratch) / n + eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
 }
 extern "C" __global__ void gated_rms_norm(const float* x, const float* z, const float* weight, int n, float eps,

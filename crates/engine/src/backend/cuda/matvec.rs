@@ -35,6 +35,14 @@ pub(super) fn staged_bytes(bits: usize, cols: usize) -> usize {
     ((cols / (128 / bits)) * (record + 8)).next_multiple_of(16)
 }
 
+/// An RMSNorm for `matvec_multi` to apply to its input: the weight, eps, and where the
+/// normalized input goes.
+pub(super) struct RowNorm<'a> {
+    pub(super) weight: &'a CudaTensor,
+    pub(super) eps: f32,
+    pub(super) normed: &'a CudaTensor,
+}
+
 impl CudaBackend {
     /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
     /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
@@ -77,7 +85,14 @@ impl CudaBackend {
 
     /// One-token products of matrices that read the same `x`, in one launch when they share
     /// a 2/4/8-bit encoding and width (any heights); `None`, having done nothing, otherwise.
-    pub(super) fn matvec_multi(&self, x: &CudaTensor, ws: &[&CudaMatrix]) -> Result<Option<Vec<CudaTensor>>> {
+    /// With `norm`, the products read `rms_norm(x, weight, eps)`, which the launch also
+    /// writes to `normed`.
+    pub(super) fn matvec_multi(
+        &self,
+        x: &CudaTensor,
+        ws: &[&CudaMatrix],
+        norm: Option<RowNorm<'_>>,
+    ) -> Result<Option<Vec<CudaTensor>>> {
         let Some((&first, _)) = ws.split_first() else {
             return Ok(Some(Vec::new()));
         };
@@ -117,6 +132,14 @@ impl CudaBackend {
         };
         let (_, group, dtype) = first.format();
         let cols = first.cols as i32;
+        let (norm_weight, eps, normed) = match norm {
+            Some(n) => (
+                n.weight.buf.device_ptr(&self.stream).0,
+                n.eps,
+                n.normed.buf.device_ptr(&self.stream).0,
+            ),
+            None => (0, 0.0, 0),
+        };
         launch!(
             self,
             &self.k.matvec_multi_q[index],
@@ -125,7 +148,10 @@ impl CudaBackend {
             &group,
             &dtype,
             &*x.buf,
-            &cols
+            &cols,
+            &norm_weight,
+            &eps,
+            &normed
         )?;
         Ok(Some(outs))
     }

@@ -529,11 +529,34 @@ impl Backend for CudaBackend {
     fn matmul_many(&self, x: &CudaTensor, ws: &[&CudaMatrix]) -> Result<Vec<CudaTensor>> {
         if x.rows == 1
             && ws.iter().all(|w| w.cols == x.cols)
-            && let Some(outs) = self.matvec_multi(x, ws)?
+            && let Some(outs) = self.matvec_multi(x, ws, None)?
         {
             return Ok(outs);
         }
         ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
+
+    fn rms_norm_project(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+        ws: &[&CudaMatrix],
+    ) -> Result<(CudaTensor, Vec<CudaTensor>)> {
+        if x.rows == 1 && weight.len() == x.cols && ws.iter().all(|w| w.cols == x.cols) {
+            let normed = self.tensor(1, x.cols)?;
+            let norm = matvec::RowNorm {
+                weight,
+                eps,
+                normed: &normed,
+            };
+            if let Some(outs) = self.matvec_multi(x, ws, Some(norm))? {
+                return Ok((normed, outs));
+            }
+        }
+        let h = self.rms_norm(x, weight, eps)?;
+        let outs = self.matmul_many(&h, ws)?;
+        Ok((h, outs))
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
