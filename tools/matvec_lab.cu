@@ -182,12 +182,12 @@ static void reference_matvec(const Matrix& m, const float* x, float* y) {
     matvec_affine_any<<<(m.rows + 7) / 8, THREADS>>>(m.w, m.s, m.b, m.bits, 64, DT_BF16, x, m.rows, m.cols, y);
 }
 
-static void launch_matvec(const Matrix& m, const float* x, float* y, int grid) {
+static void launch_matvec(const Matrix& m, const float* x, float* y, int grid, int threads = THREADS) {
     size_t smem = smem_bytes(m.bits, m.cols);
     if (m.bits == 4)
-        matvec_q4<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
+        matvec_q4<<<grid, threads, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
     else
-        matvec_q2<<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
+        matvec_q2<<<grid, threads, smem>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y, 1.0f, 0.0f);
 }
 
 // One variant of a product: checked against the reference (y poisoned first), then timed over
@@ -220,6 +220,15 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
         char label[128];
         snprintf(label, sizeof label, "%s, %s grid %d", name, resident ? "resident (engine)" : "8 per SM", grid);
         check_and_time(label, ms, y, ref, [&](const Matrix& m) { launch_matvec(m, x, y, grid); });
+    }
+    // Bigger blocks: x staged once per 16 or 32 warps instead of 8.
+    for (int threads : {512, 1024}) {
+        int per_sm = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes(bits, cols)));
+        int grid = std::min((rows + threads / 32 - 1) / (threads / 32), per_sm * g_sms);
+        char label[128];
+        snprintf(label, sizeof label, "%s, %d threads grid %d", name, threads, grid);
+        check_and_time(label, ms, y, ref, [&](const Matrix& m) { launch_matvec(m, x, y, grid, threads); });
     }
     for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
     cudaFree(x), cudaFree(y), cudaFree(ref);
