@@ -31,6 +31,8 @@ use crate::error::Result;
 const MAX_RECORDINGS: usize = 256;
 /// Sightings a key waits, at most, before its next recording attempt.
 const MAX_WAIT: u32 = 1024;
+/// Keys remembered at most (recorded or waiting).
+const MAX_KEYS: usize = 8 * MAX_RECORDINGS;
 
 /// A layer whose experts a recording routes with, and how many it uses per token.
 pub(super) struct RoutedLayer {
@@ -56,12 +58,33 @@ struct SendGraph(CudaGraph);
 unsafe impl Send for SendGraph {}
 
 enum Slot {
-    /// Seen `sightings` times since the last attempt; recorded at `wait`.
-    Waiting {
-        sightings: u32,
-        wait: u32,
-    },
+    Waiting(Sightings),
     Recorded(Recording),
+}
+
+/// When a key not recorded yet is recorded: the sighting after `wait` sightings since the
+/// last attempt (the first attempt at the second sighting); each failed attempt doubles
+/// `wait`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sightings {
+    seen: u32,
+    wait: u32,
+}
+
+impl Sightings {
+    const FIRST: Sightings = Sightings { seen: 0, wait: 1 };
+
+    /// Counts a sighting; true when this one is to be recorded.
+    fn see(&mut self) -> bool {
+        self.seen += 1;
+        self.seen > self.wait
+    }
+
+    /// After a failed attempt.
+    fn back_off(&mut self) {
+        self.seen = 0;
+        self.wait = (self.wait * 2).min(MAX_WAIT);
+    }
 }
 
 #[derive(Default)]
@@ -128,14 +151,18 @@ impl CudaBackend {
         let mut slots = self.graphs.slots();
         slots.clock += 1;
         let now = slots.clock;
+        if slots.by_key.len() >= MAX_KEYS && !slots.by_key.contains_key(key) {
+            // Keys of sequences long gone (the addresses of their buffers) pile up: forget
+            // those not recorded.
+            slots.by_key.retain(|_, slot| matches!(slot, Slot::Recorded(_)));
+        }
         let slot = slots
             .by_key
             .entry(key.clone())
-            .or_insert(Slot::Waiting { sightings: 0, wait: 1 });
+            .or_insert(Slot::Waiting(Sightings::FIRST));
         match slot {
-            Slot::Waiting { sightings, wait } => {
-                *sightings += 1;
-                return Ok(if sightings > wait { Action::Record } else { Action::Run });
+            Slot::Waiting(sightings) => {
+                return Ok(if sightings.see() { Action::Record } else { Action::Run });
             }
             Slot::Recorded(r) if self.still_valid(r) => {
                 r.graph.0.launch().map_err(cuda("replaying a recorded step"))?;
@@ -148,7 +175,7 @@ impl CudaBackend {
         // The VRAM cache evicted an expert the recording routes to: record afresh.
         if let Some(Slot::Recorded(stale)) = slots
             .by_key
-            .insert(key.clone(), Slot::Waiting { sightings: 1, wait: 1 })
+            .insert(key.clone(), Slot::Waiting(Sightings { seen: 1, wait: 1 }))
         {
             self.retire(stale)?;
         }
@@ -209,10 +236,8 @@ impl CudaBackend {
 
     /// After a failed recording: the key waits twice as long before the next attempt.
     fn back_off(&self, key: &StepKey) {
-        let mut slots = self.graphs.slots();
-        if let Some(Slot::Waiting { sightings, wait }) = slots.by_key.get_mut(key) {
-            *sightings = 0;
-            *wait = (*wait * 2).min(MAX_WAIT);
+        if let Some(Slot::Waiting(sightings)) = self.graphs.slots().by_key.get_mut(key) {
+            sightings.back_off();
         }
     }
 
@@ -226,7 +251,7 @@ impl CudaBackend {
             .iter()
             .filter_map(|(k, s)| match s {
                 Slot::Recorded(r) => Some((r.last_used, k.clone())),
-                Slot::Waiting { .. } => None,
+                Slot::Waiting(_) => None,
             })
             .min_by_key(|(used, _)| *used)
             .map(|(_, k)| k);
@@ -241,5 +266,42 @@ impl CudaBackend {
         self.stream.synchronize().map_err(cuda("waiting for the device"))?;
         self.pool.give_back_all(r.buffers);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sightings, of the first `n`, on which a key is recorded when every attempt fails.
+    fn attempts(n: u32) -> Vec<u32> {
+        let mut s = Sightings::FIRST;
+        (1..=n)
+            .filter(|_| {
+                let record = s.see();
+                if record {
+                    s.back_off();
+                }
+                record
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_key_is_recorded_at_its_second_sighting_and_failures_back_off() {
+        let mut s = Sightings::FIRST;
+        assert!(!s.see(), "the first sighting runs unrecorded");
+        assert!(s.see(), "the second is recorded");
+        // Failing every time: attempts at sightings 2, 5 (after 2 more), 10 (4), 19 (8).
+        assert_eq!(attempts(20), [2, 5, 10, 19]);
+    }
+
+    #[test]
+    fn back_off_stops_growing() {
+        let mut s = Sightings::FIRST;
+        for _ in 0..20 {
+            s.back_off();
+        }
+        assert_eq!(s.wait, MAX_WAIT);
     }
 }
