@@ -176,6 +176,18 @@ impl Metrics {
                 "VRAM held by cached experts.",
                 c.resident_bytes.to_string(),
             );
+            metric(
+                "flash_moe_gpu_layer_steps_routed_total",
+                "counter",
+                "Layer steps of one token routed on the GPU, with no round trip to the host.",
+                c.device_routed.to_string(),
+            );
+            metric(
+                "flash_moe_gpu_layer_steps_replayed_total",
+                "counter",
+                "Layer steps of one token replayed from a CUDA graph.",
+                c.replayed_steps.to_string(),
+            );
         }
         if let Some(extra) = &self.extra {
             out.push_str(&extra());
