@@ -47,6 +47,67 @@ extern "C" __global__ void matvec_q4_pdl(const u8* w, const u8* scales, const u8
     matvec_pow2<4, false>(a, a, group, dtype, x, rows, cols, y, alpha, 0.0f);
 }
 
+// Experimental, not used by the engine: x staged once per token in global memory (one block
+// converts it), and each block of the product copies the staged bytes into shared memory with
+// cp.async (no registers, no conversion) instead of converting x itself. With PRELOAD, a
+// warp's first row of weights is loaded into registers before it waits for that copy.
+extern "C" __global__ void prestage_q4(const float* x, int cols, u8* staged) {
+    stage_x_async<4>(x, 1, cols, 0, staged);
+}
+
+template <bool PRELOAD>
+__global__ void matvec_q4_prestaged(const u8* w, const u8* scales, const u8* biases, int group, int dtype,
+                                    const u8* staged, int rows, int cols, float* y, float alpha) {
+    constexpr int PF = 32, REC = staged_record(4), U = ROWS_UNROLL;
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    int chunks = staged_bytes(4, cols) / 16;
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) {
+        unsigned dst = (unsigned)__cvta_generic_to_shared(smem + 16 * i);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(staged + 16 * i));
+    }
+    asm volatile("cp.async.commit_group;");
+    int pieces = cols / PF, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int group_shift = __ffs(group) - 1;
+    const float2* meta = (const float2*)(smem + pieces * REC);
+    uint4 v[U];
+    u32 sc[U], bi[U];
+    auto load = [&](long long r, int base) {
+        long long first_group = r * (((long long)pieces * PF) >> group_shift);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            int p = base + u * 32 + lane;
+            if (p < pieces) {
+                long long g = first_group + ((p * PF) >> group_shift);
+                v[u] = ((const uint4*)w + r * pieces)[p];
+                sc[u] = load_raw(scales, dtype, g);
+                bi[u] = load_raw(biases, dtype, g);
+            }
+        }
+    };
+    int first = blockIdx.x * warps + (threadIdx.x >> 5);
+    if (PRELOAD && first < rows) load(first, 0);
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
+    for (int r = first; r < rows; r += gridDim.x * warps) {
+        float acc = 0.0f;
+        for (int base = 0; base < pieces; base += 32 * U) {
+            if (!PRELOAD || base > 0 || r != first) load(r, base);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                int p = base + u * 32 + lane;
+                if (p >= pieces) break;
+                float2 mt = meta[p];
+                float d, unused;
+                piece_dot<4, false>(v[u], v[u], smem + p * REC, d, unused);
+                acc += raw_to_float(sc[u], dtype) * (d * mt.y) + raw_to_float(bi[u], dtype) * mt.x;
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) y[r] = alpha * acc;
+    }
+}
+
 #define CHECK(call)                                                                              \
     do {                                                                                         \
         cudaError_t err_ = (call);                                                               \
@@ -225,6 +286,7 @@ static void bench_matvec(const char* name, int rows, int cols, int bits, int cop
     for (int threads : {512, 1024}) {
         int per_sm = 0;
         CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes(bits, cols)));
+        if (per_sm == 0) continue;  // too many registers for a block that size
         int grid = std::min((rows + threads / 32 - 1) / (threads / 32), per_sm * g_sms);
         char label[128];
         snprintf(label, sizeof label, "%s, %d threads grid %d", name, threads, grid);
@@ -492,6 +554,74 @@ static void bench_chain() {
     for (auto& b : buf) cudaFree(b);
 }
 
+// The in_proj chain with x pre-staged per product (a one-block staging launch, then the
+// product copying the staged x), replayed from a graph, against the engine's kernel in the
+// same chain; and the pre-staged products alone (x staged once, untimed).
+static void bench_prestaged() {
+    const int rows = 12288, cols = 4096, chain = 16;
+    std::vector<Matrix> ms;
+    for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
+    std::vector<float*> buf(chain + 1);
+    for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)rows * 4));
+    fill_float<<<64, 256>>>(buf[0], cols, 13);
+    u8* staged;
+    CHECK(cudaMalloc(&staged, staged_bytes(4, cols)));
+    size_t smem = smem_bytes(4, cols);
+    const void* kernels[3] = {(const void*)matvec_q4, (const void*)matvec_q4_prestaged<false>,
+                              (const void*)matvec_q4_prestaged<true>};
+    const char* names[3] = {"engine kernel", "pre-staged x", "pre-staged x, first row preloaded"};
+    std::vector<float> want;
+    for (int how = 0; how < 3; ++how) {
+        int per_sm = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[how], THREADS, smem));
+        int grid = std::min((rows + 7) / 8, per_sm * g_sms);
+        auto product = [&](int i, cudaStream_t s) {
+            const Matrix& m = ms[i];
+            if (how == 0) {
+                matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], rows, cols, buf[i + 1],
+                                                      1.0f / 64, 0.0f);
+                return;
+            }
+            prestage_q4<<<1, THREADS, 0, s>>>(buf[i], cols, staged);
+            if (how == 1)
+                matvec_q4_prestaged<false><<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, staged, rows,
+                                                                       cols, buf[i + 1], 1.0f / 64);
+            else
+                matvec_q4_prestaged<true><<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, staged, rows,
+                                                                      cols, buf[i + 1], 1.0f / 64);
+        };
+        cudaGraphExec_t exec = capture([&](cudaStream_t s) {
+            for (int i = 0; i < chain; ++i) product(i, s);
+        });
+        CHECK(cudaGraphLaunch(exec, 0));
+        std::vector<float> got = fetch(buf[chain], rows);
+        if (how == 0) want = got;
+        double us = median_us(7, 1, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / chain;
+        char label[160];
+        snprintf(label, sizeof label, "16 chained in_proj, graph, %s (err %.1e)", names[how], rel_l2(got, want));
+        row(label, us, (double)ms[0].bytes());
+        CHECK(cudaGraphExecDestroy(exec));
+        if (how > 0) {
+            prestage_q4<<<1, THREADS>>>(buf[0], cols, staged);
+            int i = 0;
+            double alone = median_us(7, 16, [&] {
+                const Matrix& m = ms[i++ % chain];
+                if (how == 1)
+                    matvec_q4_prestaged<false><<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, staged, rows,
+                                                                        cols, buf[1], 1.0f);
+                else
+                    matvec_q4_prestaged<true><<<grid, THREADS, smem>>>(m.w, m.s, m.b, 64, DT_BF16, staged, rows,
+                                                                       cols, buf[1], 1.0f);
+            });
+            snprintf(label, sizeof label, "in_proj product alone, %s, grid %d", names[how], grid);
+            row(label, alone, (double)ms[0].bytes());
+        }
+    }
+    for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+    for (auto& b : buf) cudaFree(b);
+    cudaFree(staged);
+}
+
 // What one launch that only reads `bytes` achieves, in a chain of 16 launches over distinct
 // buffers (so that L2 holds none of them), launched plainly and replayed from a graph: the
 // ceiling for a product of that size.
@@ -561,5 +691,6 @@ int main() {
     bench_zero_copy(4);
     bench_chain();
     bench_read_sizes();
+    bench_prestaged();
     return 0;
 }
