@@ -491,17 +491,31 @@ static cudaGraphExec_t capture(F launch) {
     return exec;
 }
 
-// A chain of in_proj-sized products, each reading the one before's output (as a decode step
-// does): plain launches; the prefetching kernel launched for programmatic dependent launch;
-// and both captured into a CUDA graph and replayed (no host launch cost, shorter gaps). All
+// Sixteen in_proj-sized matrices and the buffers of a chain of products through them, each
+// reading the one before's output (as a decode step does); x in buf[0].
+struct InProjChain {
+    static const int rows = 12288, cols = 4096, n = 16;
+    std::vector<Matrix> ms;
+    std::vector<float*> buf;
+    InProjChain() : buf(n + 1) {
+        for (int i = 0; i < n; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
+        for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)rows * 4));
+        fill_float<<<64, 256>>>(buf[0], cols, 13);
+    }
+    ~InProjChain() {
+        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+        for (auto& b : buf) cudaFree(b);
+    }
+};
+
+// The in_proj chain: plain launches; the prefetching kernel launched for programmatic
+// dependent launch; and both captured into a CUDA graph and replayed (no host launch cost, shorter gaps). All
 // must give the same bits. Outputs are scaled by 1/64 so that 16 products stay finite.
 static void bench_chain() {
-    const int rows = 12288, cols = 4096, chain = 16;
-    std::vector<Matrix> ms;
-    for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
-    std::vector<float*> buf(chain + 1);
-    for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)rows * 4));
-    fill_float<<<64, 256>>>(buf[0], cols, 13);
+    InProjChain c;
+    const int rows = c.rows, cols = c.cols, chain = c.n;
+    std::vector<Matrix>& ms = c.ms;
+    std::vector<float*>& buf = c.buf;
     size_t smem = smem_bytes(4, cols);
     int per_sm = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, (const void*)matvec_q4_pdl, THREADS, smem));
@@ -550,20 +564,16 @@ static void bench_chain() {
         row(label, us, (double)ms[0].bytes());
         if (exec) CHECK(cudaGraphExecDestroy(exec));
     }
-    for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
-    for (auto& b : buf) cudaFree(b);
 }
 
 // The in_proj chain with x pre-staged per product (a one-block staging launch, then the
 // product copying the staged x), replayed from a graph, against the engine's kernel in the
 // same chain; and the pre-staged products alone (x staged once, untimed).
 static void bench_prestaged() {
-    const int rows = 12288, cols = 4096, chain = 16;
-    std::vector<Matrix> ms;
-    for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 9000 + 7 * i));
-    std::vector<float*> buf(chain + 1);
-    for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)rows * 4));
-    fill_float<<<64, 256>>>(buf[0], cols, 13);
+    InProjChain c;
+    const int rows = c.rows, cols = c.cols, chain = c.n;
+    std::vector<Matrix>& ms = c.ms;
+    std::vector<float*>& buf = c.buf;
     u8* staged;
     CHECK(cudaMalloc(&staged, staged_bytes(4, cols)));
     size_t smem = smem_bytes(4, cols);
@@ -617,8 +627,6 @@ static void bench_prestaged() {
             row(label, alone, (double)ms[0].bytes());
         }
     }
-    for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
-    for (auto& b : buf) cudaFree(b);
     cudaFree(staged);
 }
 

@@ -158,36 +158,41 @@ impl Metrics {
             format!("{rate:.3}"),
         );
         if let Some(c) = *self.vram_cache.lock().unwrap_or_else(|p| p.into_inner()) {
-            metric(
-                "flash_moe_gpu_expert_cache_hits_total",
-                "counter",
-                "Routed experts found in VRAM.",
-                c.hits.to_string(),
-            );
-            metric(
-                "flash_moe_gpu_expert_cache_misses_total",
-                "counter",
-                "Routed experts uploaded to VRAM.",
-                c.misses.to_string(),
-            );
-            metric(
-                "flash_moe_gpu_expert_cache_resident_bytes",
-                "gauge",
-                "VRAM held by cached experts.",
-                c.resident_bytes.to_string(),
-            );
-            metric(
-                "flash_moe_gpu_layer_steps_routed_total",
-                "counter",
-                "Layer steps of one token routed on the GPU, with no round trip to the host.",
-                c.device_routed.to_string(),
-            );
-            metric(
-                "flash_moe_gpu_layer_steps_replayed_total",
-                "counter",
-                "Layer steps of one token replayed from a CUDA graph.",
-                c.replayed_steps.to_string(),
-            );
+            let rows = [
+                (
+                    "flash_moe_gpu_expert_cache_hits_total",
+                    "counter",
+                    "Routed experts found in VRAM.",
+                    c.hits,
+                ),
+                (
+                    "flash_moe_gpu_expert_cache_misses_total",
+                    "counter",
+                    "Routed experts uploaded to VRAM.",
+                    c.misses,
+                ),
+                (
+                    "flash_moe_gpu_expert_cache_resident_bytes",
+                    "gauge",
+                    "VRAM held by cached experts.",
+                    c.resident_bytes,
+                ),
+                (
+                    "flash_moe_gpu_layer_steps_routed_total",
+                    "counter",
+                    "Layer steps of one token routed on the GPU, with no round trip to the host.",
+                    c.device_routed,
+                ),
+                (
+                    "flash_moe_gpu_layer_steps_replayed_total",
+                    "counter",
+                    "Layer steps of one token replayed from a CUDA graph.",
+                    c.replayed_steps,
+                ),
+            ];
+            for (name, kind, help, value) in rows {
+                metric(name, kind, help, value.to_string());
+            }
         }
         if let Some(extra) = &self.extra {
             out.push_str(&extra());
