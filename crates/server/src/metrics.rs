@@ -200,3 +200,34 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gpu_expert_cache_shows_only_when_there_is_one() {
+        let m = Metrics::new(None);
+        assert!(!m.render().contains("flash_moe_gpu_"));
+        m.set_vram_cache(Some(ExpertCacheStats {
+            hits: 7,
+            misses: 3,
+            device_routed: 5,
+            replayed_steps: 2,
+            resident_bytes: 4096,
+            ..Default::default()
+        }));
+        let text = m.render();
+        for line in [
+            "flash_moe_gpu_expert_cache_hits_total 7",
+            "flash_moe_gpu_expert_cache_misses_total 3",
+            "flash_moe_gpu_expert_cache_resident_bytes 4096",
+            "flash_moe_gpu_layer_steps_routed_total 5",
+            "flash_moe_gpu_layer_steps_replayed_total 2",
+            "# TYPE flash_moe_gpu_layer_steps_replayed_total counter",
+            "# TYPE flash_moe_gpu_expert_cache_resident_bytes gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}
