@@ -8,8 +8,9 @@
 //!
 //! Here: the device, its tensors and matrices, and the operations of the backend seam.
 //! `matvec.rs`: the matrix products; `experts.rs`: expert uploads and the batched expert
-//! launches; `expert_cache.rs`: the VRAM tier of the expert cache; `pool.rs`: reused
-//! activation buffers; `kernels.rs` and `kernels.cu`: the CUDA C and its compilation.
+//! launches; `expert_cache.rs`: the VRAM tier of the expert cache; `graphs.rs`: layer steps
+//! recorded as CUDA graphs and replayed; `pool.rs`: reused activation buffers; `kernels.rs`
+//! and `kernels.cu`: the CUDA C and its compilation.
 
 mod expert_cache;
 mod graphs;
