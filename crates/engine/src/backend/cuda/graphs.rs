@@ -1,7 +1,7 @@
 //! Layer steps recorded as CUDA graphs and replayed.
 //!
 //! One token through a linear-attention layer whose experts are routed on the device is the
-//! same dozen launches token after token, on the same buffers. Recorded once (stream
+//! same nine launches token after token, on the same buffers. Recorded once (stream
 //! capture), the step is replayed as one launch: the host saves the launches and the device
 //! the gaps between them (docs/perf.md: about 1.4 us per launch on an H200).
 //!
@@ -50,11 +50,12 @@ struct Recording {
     last_used: u64,
 }
 
-/// A CUDA graph, used only under the `StepGraphs` lock: the external serialization the CUDA
-/// documentation asks of graph objects.
+/// A CUDA graph, used only under the `StepGraphs` lock once it is stored there: the external
+/// serialization the CUDA documentation asks of graph objects.
 struct SendGraph(CudaGraph);
 
-// SAFETY: see above; the graph is launched and dropped only while the lock is held.
+// SAFETY: see above; a stored graph is launched and dropped only while the lock is held (or
+// when the backend itself is dropped, with no other user left).
 unsafe impl Send for SendGraph {}
 
 enum Slot {
