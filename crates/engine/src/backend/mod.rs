@@ -117,9 +117,7 @@ pub trait Backend: Send + Sync {
         eps: f32,
         ws: &[&Self::Matrix],
     ) -> Result<(Self::Tensor, Vec<Self::Tensor>)> {
-        let h = self.rms_norm(x, weight, eps)?;
-        let outs = self.matmul_many(&h, ws)?;
-        Ok((h, outs))
+        rms_norm_project_unfused(self, x, weight, eps, ws)
     }
     /// `out += x · wᵀ`: an output projection added into the residual stream.
     fn matmul_add(&self, x: &Self::Tensor, w: &Self::Matrix, out: &mut Self::Tensor) -> Result<()> {
@@ -279,6 +277,19 @@ pub trait Backend: Send + Sync {
     fn run_step(&self, _key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         step()
     }
+}
+
+/// [`Backend::rms_norm_project`] as the backend's two separate operations.
+pub fn rms_norm_project_unfused<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    weight: &B::Tensor,
+    eps: f32,
+    ws: &[&B::Matrix],
+) -> Result<(B::Tensor, Vec<B::Tensor>)> {
+    let h = b.rms_norm(x, weight, eps)?;
+    let outs = b.matmul_many(&h, ws)?;
+    Ok((h, outs))
 }
 
 /// [`Backend::rms_norm_project`] for a fixed number of matrices: the normalized `x` and the

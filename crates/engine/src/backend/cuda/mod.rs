@@ -555,9 +555,7 @@ impl Backend for CudaBackend {
                 return Ok((normed, outs));
             }
         }
-        let h = self.rms_norm(x, weight, eps)?;
-        let outs = self.matmul_many(&h, ws)?;
-        Ok((h, outs))
+        crate::backend::rms_norm_project_unfused(self, x, weight, eps, ws)
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {

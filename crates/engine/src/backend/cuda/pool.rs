@@ -119,9 +119,7 @@ impl BufferPool {
         }
         // Otherwise `slice` is dropped here: an ordinary stream-ordered free.
     }
-}
 
-impl BufferPool {
     /// Starts noting the buffers handed out and returned, for a graph being recorded; until
     /// `finish_recording`, a request no free buffer can serve fails instead of allocating.
     pub(super) fn start_recording(&self) {
