@@ -6,7 +6,8 @@
 # the table ends with the token's wall time against the sum of its kernels: the difference is
 # time the GPU spent idle between launches. Builds nothing: takes $DIST/flash-moe (default
 # dist/). Logs go to $OUT (default /tmp/gpu-kernel-times). K sets the experts per token
-# (default 10).
+# (default 10). CACHE=none keeps the caches warm between kernels, as in a real decode, where
+# a kernel's input often still sits in L2 (default: all, flushed before every kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DIST:-dist}/flash-moe
@@ -21,7 +22,7 @@ if [ ! -f "$model/flash-moe.json" ]; then
 fi
 decode=(generate --model "$model" --device cuda --prompt The --experts-per-token "$k" --max-tokens 3 --prefetch-experts)
 "$bin" "${decode[@]}" --warmup-tokens 8 --stats-json "$out/unprofiled.json" >"$out/unprofiled.log" 2>&1
-"$ncu" --clock-control none --csv --print-units base --metrics gpu__time_duration.sum \
+"$ncu" --clock-control none --cache-control "${CACHE:-all}" --csv --print-units base --metrics gpu__time_duration.sum \
   --log-file "$out/ncu.csv" "$bin" "${decode[@]}" >"$out/profiled.log" 2>&1
 python3 - "$out/ncu.csv" "$out/unprofiled.json" <<'EOF'
 import csv, json, sys
