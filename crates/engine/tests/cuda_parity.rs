@@ -361,6 +361,26 @@ fn every_operation_matches_the_cpu() {
             b.download(&b.attention(&q, &keys, &values, shape, 40)?)
         }
     );
+    same_on_both!(
+        "attention GQA 8:2, 3000 queries (two launches of scores)",
+        &cpu,
+        &gpu,
+        1e-5,
+        (),
+        |b, _p: ()| {
+            let mut rng = SmallRng::seed_from_u64(11);
+            let shape = AttentionShape {
+                num_heads: 8,
+                num_kv_heads: 2,
+                head_dim: 64,
+            };
+            let t = 3000;
+            let keys = b.upload(&random(&mut rng, t * 128, 1.0), t, 128)?;
+            let values = b.upload(&random(&mut rng, t * 128, 1.0), t, 128)?;
+            let q = b.upload(&random(&mut rng, t * 512, 1.0), t, 512)?;
+            b.download(&b.attention(&q, &keys, &values, shape, 0)?)
+        }
+    );
     for (dk, dv, nk, nv, tokens) in [
         (16, 16, 2, 4, 7),
         (128, 128, 2, 4, 1),

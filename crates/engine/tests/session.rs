@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use flash_moe_engine::backend::Backend;
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::engine::sampler::SamplingParams;
 use flash_moe_engine::engine::session::{Completion, FinishReason, GenerationRequest, Session};
@@ -136,4 +137,29 @@ fn stop_strings_and_cancellation() {
         .expect("runs");
     assert_eq!(done.finish, FinishReason::Cancelled);
     assert!(done.completion_tokens < 24);
+}
+
+/// A prompt prefilled a few tokens per forward pass gives the logits one pass gives (the
+/// same operations, summed in the same order per token, up to the batched products' order).
+#[test]
+fn chunked_prefill_matches_one_pass() {
+    let (mut model, tok) = load();
+    let prompt = tok
+        .encode("The quick brown fox jumps over the lazy dog, twice.")
+        .expect("encodes");
+    assert!(prompt.len() > 6, "the prompt spans several chunks");
+    let last_logits = |model: &Model<CpuBackend>| {
+        let mut state = model.new_state().expect("state");
+        let logits = model.prefill(&prompt, &mut state).expect("prefill runs");
+        model.backend().download(&logits).expect("download")
+    };
+    let one_pass = last_logits(&model);
+    model.set_prefill_chunk(3).expect("chunk of 3");
+    let chunked = last_logits(&model);
+    let diff: f32 = one_pass.iter().zip(&chunked).map(|(a, b)| (a - b).powi(2)).sum();
+    let norm: f32 = one_pass.iter().map(|a| a * a).sum();
+    assert!((diff / norm).sqrt() < 1e-5, "relative L2 {}", (diff / norm).sqrt());
+    let argmax = |v: &[f32]| flash_moe_engine::engine::sampler::argmax(v);
+    assert_eq!(argmax(&one_pass), argmax(&chunked));
+    assert!(model.set_prefill_chunk(0).is_err());
 }

@@ -97,6 +97,11 @@ pub struct ModelArgs {
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Prompt tokens per forward pass. Larger chunks prefill long prompts faster when experts
+    /// stream from storage (each chunk reads nearly every expert of a layer) and take more
+    /// memory for activations.
+    #[arg(long, default_value_t = flash_moe_engine::model::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 impl ModelArgs {
@@ -143,6 +148,7 @@ impl ModelArgs {
     fn load_on<B: Backend>(&self, backend: B, store: Arc<ExpertStore>) -> anyhow::Result<Model<B>> {
         let mut model = load_model(&self.model, backend, store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
+        model.set_prefill_chunk(self.prefill_chunk)?;
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;
             model.set_experts_per_token(k)?;

@@ -83,7 +83,7 @@ impl GenerationStats {
     }
 }
 
-/// Prefills `prompt` as one batch, then samples up to `max_tokens` tokens one at a time,
+/// Prefills `prompt` (in chunks of the model's `prefill_chunk` tokens), then samples up to `max_tokens` tokens one at a time,
 /// handing each completed piece of text to `on_text`. `io` is the expert store's counters,
 /// split into prefill and decode in the result.
 pub fn generate<B: Backend>(
@@ -100,9 +100,7 @@ pub fn generate<B: Backend>(
     let vram_start = model.backend().expert_cache_stats();
     let mut state = model.new_state()?;
     let start = Instant::now();
-    let mut logits = model
-        .backend()
-        .download(&model.forward(prompt, &mut state, Logits::Last)?)?;
+    let mut logits = model.backend().download(&model.prefill(prompt, &mut state)?)?;
     let prefill_time = start.elapsed();
     let prefill_profile = state.profile.clone();
     let io_prefilled = io_now();

@@ -12,9 +12,6 @@ use crate::error::{Error, Result};
 use crate::model::{Logits, Model, ModelState};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
-/// Prompt tokens run per forward call: bounds the attention scores' memory on long prompts.
-const PREFILL_CHUNK: usize = 512;
-
 /// One generation.
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
@@ -148,7 +145,8 @@ impl<B: Backend> Session<B> {
                 if sink.cancelled() {
                     return Ok(completion);
                 }
-                let end = (pos + PREFILL_CHUNK).min(mark);
+                // The model's chunk at a time: a cancelled request stops within one.
+                let end = (pos + model.prefill_chunk()).min(mark);
                 logits = model
                     .backend()
                     .download(&model.forward(&prompt[pos..end], &mut state, Logits::Last)?)?;

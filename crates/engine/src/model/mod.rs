@@ -94,7 +94,13 @@ pub struct Model<B: Backend> {
     final_norm: B::Tensor,
     layers: Vec<DecoderLayer<B>>,
     experts_per_token: usize,
+    prefill_chunk: usize,
 }
+
+/// Prompt tokens per forward pass when a prompt is prefilled ([`Model::prefill`]). A chunk's
+/// activations grow with it; with experts streamed from storage, every chunk of a long prompt
+/// reads nearly all of a layer's experts again, so larger chunks prefill faster.
+pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 impl<B: Backend> Model<B> {
     /// Builds the model from weights in canonical form.
@@ -130,6 +136,7 @@ impl<B: Backend> Model<B> {
             final_norm,
             layers,
             experts_per_token,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
 
@@ -152,6 +159,34 @@ impl<B: Backend> Model<B> {
         }
         self.experts_per_token = k;
         Ok(())
+    }
+
+    /// Prompt tokens per forward pass in [`Model::prefill`].
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk
+    }
+
+    /// Sets the prompt tokens per forward pass of [`Model::prefill`] (at least 1).
+    pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<()> {
+        if tokens == 0 {
+            return Err(Error::InvalidInput("the prefill chunk must be at least 1 token".into()));
+        }
+        self.prefill_chunk = tokens;
+        Ok(())
+    }
+
+    /// Runs `ids` after what `state` holds, `prefill_chunk` tokens per forward pass, and
+    /// returns the logits of the last token.
+    pub fn prefill(&self, ids: &[u32], state: &mut ModelState<B>) -> Result<B::Tensor> {
+        let mut chunks = ids.chunks(self.prefill_chunk);
+        let first = chunks
+            .next()
+            .ok_or_else(|| Error::InvalidInput("no tokens to run".into()))?;
+        let mut logits = self.forward(first, state, Logits::Last)?;
+        for chunk in chunks {
+            logits = self.forward(chunk, state, Logits::Last)?;
+        }
+        Ok(logits)
     }
 
     /// Reads every routed expert once through storage, so that its in-process cache and the

@@ -178,6 +178,17 @@ mod matvec;
 
 use experts::{BatchSlot, InFlight};
 
+/// The attention scores one launch may hold (floats): long prompts run their queries in
+/// blocks, so that the scores of a block take at most this (256 MiB) rather than growing with
+/// the square of the prompt.
+const ATTENTION_SCORES_FLOATS: usize = 64 << 20;
+
+/// Query rows per attention launch: as many as keep `heads` rows of scores over `keys` keys
+/// within `budget` floats, and at least one.
+fn attention_query_rows(heads: usize, keys: usize, budget: usize) -> usize {
+    (budget / (heads * keys).max(1)).max(1)
+}
+
 fn grid_for(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((n as u32).div_ceil(THREADS).max(1), 1, 1),
@@ -673,46 +684,48 @@ impl Backend for CudaBackend {
                 "attention: the KV cache is shorter than the positions".into(),
             ));
         }
-        let keys_cap = pos0 + q.rows;
-        let out = self.tensor(q.rows, shape.num_heads * shape.head_dim)?;
-        let grid = blocks(q.rows * shape.num_heads, THREADS);
-        let (heads, kv_heads, d, p0, cap) = (
-            shape.num_heads as i32,
-            shape.num_kv_heads as i32,
-            shape.head_dim as i32,
-            pos0 as i32,
-            keys_cap as i32,
-        );
+        let mut out = self.tensor(q.rows, shape.num_heads * shape.head_dim)?;
+        let width = shape.num_heads * shape.head_dim;
+        let rows_per_block = attention_query_rows(shape.num_heads, pos0 + q.rows, ATTENTION_SCORES_FLOATS);
+        let (heads, kv_heads, d) = (shape.num_heads as i32, shape.num_kv_heads as i32, shape.head_dim as i32);
         let scale = 1.0f32 / (shape.head_dim as f32).sqrt();
-        self.with_scratch(q.rows * shape.num_heads * keys_cap, |scores| {
-            launch!(
-                self,
-                &self.k.attention_scores,
-                grid,
-                &*q.buf,
-                &*keys.buf,
-                &heads,
-                &kv_heads,
-                &d,
-                &p0,
-                &cap,
-                &scale,
-                &*scores
-            )?;
-            launch!(
-                self,
-                &self.k.attention_values,
-                grid,
-                &*scores,
-                &*values.buf,
-                &heads,
-                &kv_heads,
-                &d,
-                &p0,
-                &cap,
-                &*out.buf
-            )
-        })?;
+        for first in (0..q.rows).step_by(rows_per_block) {
+            let rows = rows_per_block.min(q.rows - first);
+            // Query rows first.. attend to the keys up to their own positions.
+            let (p0, cap) = ((pos0 + first) as i32, (pos0 + first + rows) as i32);
+            let grid = blocks(rows * shape.num_heads, THREADS);
+            let q_rows = q.buf.slice(first * width..);
+            let mut out_rows = out.buf.slice_mut(first * width..);
+            self.with_scratch(rows * shape.num_heads * cap as usize, |scores| {
+                launch!(
+                    self,
+                    &self.k.attention_scores,
+                    grid,
+                    &q_rows,
+                    &*keys.buf,
+                    &heads,
+                    &kv_heads,
+                    &d,
+                    &p0,
+                    &cap,
+                    &scale,
+                    &*scores
+                )?;
+                launch!(
+                    self,
+                    &self.k.attention_values,
+                    grid,
+                    &*scores,
+                    &*values.buf,
+                    &heads,
+                    &kv_heads,
+                    &d,
+                    &p0,
+                    &cap,
+                    &mut out_rows
+                )
+            })?;
+        }
         Ok(out)
     }
 
@@ -1033,5 +1046,20 @@ impl Backend for CudaBackend {
 
     fn run_step(&self, key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.run_recorded_step(key, step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attention_query_rows;
+
+    #[test]
+    fn attention_runs_long_prompts_in_query_blocks_within_the_budget() {
+        // 32 heads over 8192 keys: 256 rows of scores per 64 Mi floats.
+        assert_eq!(attention_query_rows(32, 8192, 64 << 20), 256);
+        // A short prompt fits in one launch.
+        assert!(attention_query_rows(32, 512, 64 << 20) >= 512);
+        // At least one row, however long the cache.
+        assert_eq!(attention_query_rows(64, 1 << 30, 64 << 20), 1);
     }
 }
