@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
-use flash_moe_engine::backend::{AttentionShape, Backend, ExpertCacheStats, SharedExpert};
+use flash_moe_engine::backend::{AttentionShape, Backend, ExpertCacheStats, ExpertRows, SharedExpert};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::Logits;
 use flash_moe_engine::model::config::LinearAttentionConfig;
@@ -188,6 +188,45 @@ fn every_operation_matches_the_cpu() {
             let rows: Vec<usize> = (0..tokens).collect();
             let weights: Vec<f32> = (0..tokens).map(|i| 0.3 + i as f32).collect();
             b.expert_ffn(&x, &expert, &rows, &weights, &mut out)?;
+            b.download(&out)
+        });
+    }
+    // A layer's experts for a batch of tokens, each token choosing 3 of 6 (one expert with a
+    // single token): on CUDA one gather, the products per expert, one combine.
+    for encoding in ["q4/g64", "q3/g64"] {
+        let name = format!("experts_ffn_rows {encoding}, 9 tokens x 3 of 6 experts");
+        same_on_both!(name, &cpu, &gpu, 1e-4, encoding, |b, enc: &str| {
+            let mut rng = SmallRng::seed_from_u64(14);
+            let experts = (0..6)
+                .map(|e| {
+                    let view = ExpertView {
+                        gate: matrix(&mut rng, 128, 512, enc),
+                        up: matrix(&mut rng, 128, 512, enc),
+                        down: matrix(&mut rng, 512, 128, enc),
+                    };
+                    b.load_expert(0, e, &view)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut chosen: Vec<(Vec<usize>, Vec<f32>)> = vec![Default::default(); 6];
+            for t in 0..9usize {
+                let picks = if t == 0 {
+                    [5, 0, 1]
+                } else {
+                    [t % 5, (t + 1) % 5, (t + 3) % 5]
+                };
+                for (j, e) in picks.into_iter().enumerate() {
+                    chosen[e].0.push(t);
+                    chosen[e].1.push(0.1 + 0.2 * j as f32 + 0.01 * t as f32);
+                }
+            }
+            let work: Vec<ExpertRows<'_, _>> = experts
+                .iter()
+                .zip(&chosen)
+                .map(|(expert, (rows, weights))| ExpertRows { expert, rows, weights })
+                .collect();
+            let x = b.upload(&random(&mut rng, 9 * 512, 1.0), 9, 512)?;
+            let mut out = b.upload(&random(&mut rng, 9 * 512, 1.0), 9, 512)?;
+            b.experts_ffn_rows(&x, &work, &mut out)?;
             b.download(&out)
         });
     }

@@ -192,6 +192,20 @@ pub trait Backend: Send + Sync {
     /// Softmax over each row of router logits, then the `k` largest, optionally renormalised.
     /// The decision comes back to the host, which fetches the chosen experts.
     fn route_top_k(&self, logits: &Self::Tensor, k: usize, renormalize: bool) -> Result<Vec<Route>>;
+    /// `out[rows] += weights * expert(x[rows])` for each expert of `work` in turn: a layer's
+    /// routed experts for a batch of tokens (a prompt). Backends may run all of them in a few
+    /// launches, adding each token's outputs in the same order.
+    fn experts_ffn_rows(
+        &self,
+        x: &Self::Tensor,
+        work: &[ExpertRows<'_, Self::Expert>],
+        out: &mut Self::Tensor,
+    ) -> Result<()> {
+        for w in work {
+            self.expert_ffn(x, w.expert, w.rows, w.weights, out)?;
+        }
+        Ok(())
+    }
     /// The rows `rows` of `x`, in that order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// `out[rows[i]] += weights[i] * y[i]`.
@@ -290,6 +304,14 @@ pub fn rms_norm_project_unfused<B: Backend + ?Sized>(
     let h = b.rms_norm(x, weight, eps)?;
     let outs = b.matmul_many(&h, ws)?;
     Ok((h, outs))
+}
+
+/// One routed expert's share of a batch of tokens: the rows of `x` that chose it and their
+/// routing weights ([`Backend::experts_ffn_rows`]).
+pub struct ExpertRows<'a, E> {
+    pub expert: &'a E,
+    pub rows: &'a [usize],
+    pub weights: &'a [f32],
 }
 
 /// [`Backend::rms_norm_project`] for a fixed number of matrices: the normalized `x` and the

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
-use crate::backend::{Backend, DeviceRouting, Route, SharedExpert, norm_project, shared_expert_ffn};
+use crate::backend::{Backend, DeviceRouting, ExpertRows, Route, SharedExpert, norm_project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -194,10 +194,17 @@ impl<B: Backend> SparseMoe<B> {
         // same bit for bit however the bytes were fetched.
         let mut ready = Vec::with_capacity(by_expert.len());
         let mut token_weights = Vec::with_capacity(by_expert.len());
+        // Several tokens: the experts at hand run together, handed over before each wait for
+        // a fetch so that their compute overlaps the reads still in flight.
+        let mut group: Vec<(B::Expert, Vec<usize>, Vec<f32>)> = Vec::new();
         for ((e, (rows, weights)), resident) in by_expert.into_iter().zip(resident.iter_mut()) {
             let expert = match resident.take() {
                 Some(expert) => expert,
                 None => {
+                    if !group.is_empty() {
+                        run_group(b, x, &mut group, out)?;
+                        clock.charge(times, Phase::ExpertCompute);
+                    }
                     let fetched = pending
                         .next()
                         .ok_or_else(|| Error::InvalidInput("expert fetch fell short".into()))?;
@@ -211,9 +218,11 @@ impl<B: Backend> SparseMoe<B> {
                 ready.push(expert);
                 token_weights.push(weights[0]);
             } else {
-                b.expert_ffn(x, &expert, &rows, &weights, out)?;
-                clock.charge(times, Phase::ExpertCompute);
+                group.push((expert, rows, weights));
             }
+        }
+        if !group.is_empty() {
+            run_group(b, x, &mut group, out)?;
         }
         if tokens == 1 {
             let experts: Vec<&B::Expert> = ready.iter().collect();
@@ -224,6 +233,22 @@ impl<B: Backend> SparseMoe<B> {
         clock.charge(times, Phase::ExpertCompute);
         Ok(())
     }
+}
+
+/// Runs (and empties) a group of experts, each on its rows of `x`, in the group's order.
+fn run_group<B: Backend>(
+    b: &B,
+    x: &B::Tensor,
+    group: &mut Vec<(B::Expert, Vec<usize>, Vec<f32>)>,
+    out: &mut B::Tensor,
+) -> Result<()> {
+    let work: Vec<ExpertRows<'_, B::Expert>> = group
+        .iter()
+        .map(|(expert, rows, weights)| ExpertRows { expert, rows, weights })
+        .collect();
+    b.experts_ffn_rows(x, &work, out)?;
+    group.clear();
+    Ok(())
 }
 
 /// A dense SwiGLU MLP layer.

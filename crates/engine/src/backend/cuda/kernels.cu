@@ -696,6 +696,21 @@ extern "C" __global__ void scatter_add_rows(float* out, const float* y, const in
     out[(long long)rows[r] * cols + i % cols] += weights[r] * y[i];
 }
 
+// out[t] += weight[j] * y[pos[j]] for j = start[u], ..., start[u + 1] - 1, in that order, for
+// each token t = tokens[u] with outputs in y: each token's routed experts added one after
+// another, as scatter_add_rows adds them expert by expert (the same arithmetic, so the same
+// bits).
+extern "C" __global__ void combine_rows(float* out, const float* y, const int* tokens, const int* start,
+                                       const int* pos, const float* weight, int cols, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long long u = i / cols, c = i % cols;
+    float* o = out + (long long)tokens[u] * cols + c;
+    float acc = *o;
+    for (int j = start[u]; j < start[u + 1]; ++j) acc += weight[j] * y[(long long)pos[j] * cols + c];
+    *o = acc;
+}
+
 // ---------------------------------------------------------------------------------------
 // Attention.
 

@@ -47,6 +47,8 @@ pub struct Kernels {
     pub split_query_gate: CudaFunction,
     pub gather_rows: CudaFunction,
     pub scatter_add_rows: CudaFunction,
+    /// Each token's weighted expert outputs added in order (a layer's experts for a prompt).
+    pub combine_rows: CudaFunction,
     pub rope: CudaFunction,
     pub attention_scores: CudaFunction,
     pub attention_values: CudaFunction,
@@ -122,6 +124,7 @@ impl Kernels {
             split_query_gate: f("split_query_gate")?,
             gather_rows: f("gather_rows")?,
             scatter_add_rows: f("scatter_add_rows")?,
+            combine_rows: f("combine_rows")?,
             rope: f("rope")?,
             attention_scores: f("attention_scores")?,
             attention_values: f("attention_values")?,

@@ -3,7 +3,7 @@
 //! f32, then cuBLAS SGEMM).
 
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::pool::PooledBuf;
 use super::{CudaBackend, CudaMatrix, CudaTensor, THREADS, blocks, cuda, grid_for};
@@ -272,8 +272,27 @@ impl CudaBackend {
     /// Batched product `x . Wᵀ` for several tokens: row blocks of W decoded to f32, then
     /// SGEMM into the matching columns of the output.
     pub(super) fn matmul_batched(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
-        let (t, k, n) = (x.rows, w.cols, w.rows);
-        let mut out = self.tensor(t, n)?;
+        let mut out = self.tensor(x.rows, w.rows)?;
+        self.gemm_into(&x.buf.slice(..), x.rows, w, &mut out.buf.slice_mut(..))?;
+        Ok(out)
+    }
+
+    /// `out = x . Wᵀ` for the `t` rows of `x` (`[t, w.cols]`) into `out` (`[t, w.rows]`).
+    pub(super) fn gemm_into(
+        &self,
+        x: &CudaView<'_, f32>,
+        t: usize,
+        w: &CudaMatrix,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (k, n) = (w.cols, w.rows);
+        if x.len() < t * k || out.len() < t * n {
+            return Err(crate::error::Error::InvalidInput(format!(
+                "batched product: {t} rows of {k} against views of {} and {} floats",
+                x.len(),
+                out.len()
+            )));
+        }
         let block_rows = (64usize << 20) / k.max(1);
         let block_rows = block_rows.clamp(1, n);
         self.with_scratch(block_rows * k, |scratch| {
@@ -292,15 +311,13 @@ impl CudaBackend {
                     beta: 0.0f32,
                     ldc: n as i32,
                 };
-                let mut c = out.buf.slice_mut(first..);
+                let mut c = out.slice_mut(first..);
                 // SAFETY: A is rows x k in the scratch, B is x (t x k), C starts at column
                 // `first` of the t x n output with leading dimension n.
-                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), &*x.buf, &mut c) }
-                    .map_err(cuda("cuBLAS SGEMM"))?;
+                unsafe { self.blas.gemm(cfg, &scratch.slice(0..rows * k), x, &mut c) }.map_err(cuda("cuBLAS SGEMM"))?;
             }
             Ok(())
-        })?;
-        Ok(out)
+        })
     }
 }
 

@@ -28,7 +28,9 @@ use graphs::StepGraphs;
 use kernels::Kernels;
 use pool::{BufferPool, PooledBuf};
 
-use crate::backend::{AttentionShape, Backend, DeviceRouting, ExpertCacheStats, Route, SharedExpert, StepKey};
+use crate::backend::{
+    AttentionShape, Backend, DeviceRouting, ExpertCacheStats, ExpertRows, Route, SharedExpert, StepKey,
+};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -173,6 +175,7 @@ macro_rules! launch {
 }
 
 // After `launch!`, which they use.
+mod expert_rows;
 mod experts;
 mod matvec;
 
@@ -910,6 +913,15 @@ impl Backend for CudaBackend {
 
     fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
         self.cache.insert(self, layer, index, view)
+    }
+
+    fn experts_ffn_rows(
+        &self,
+        x: &CudaTensor,
+        work: &[ExpertRows<'_, CudaExpert>],
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        self.expert_rows(x, work, out)
     }
 
     fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> [&'a CudaMatrix; 3] {
