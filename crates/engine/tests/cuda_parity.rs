@@ -192,23 +192,35 @@ fn every_operation_matches_the_cpu() {
         });
     }
     // A layer's experts for a batch of tokens, each token choosing 3 of 6 (one expert with a
-    // single token): on CUDA one gather, the products per expert, one combine.
-    for encoding in ["q4/g64", "q3/g64"] {
-        let name = format!("experts_ffn_rows {encoding}, 9 tokens x 3 of 6 experts");
-        same_on_both!(name, &cpu, &gpu, 1e-4, encoding, |b, enc: &str| {
+    // single token): on CUDA one gather, the products, one combine.
+    // Large groups of 4-, 2- and 8-bit experts go through the grouped kernel (several tiles of
+    // 128 rows by 32 tokens per expert, enough to fill the GPU), small ones and 3-bit ones
+    // through SGEMM.
+    let cases = [
+        ("q4/g64", 9usize, 128usize),
+        ("q3/g64", 9, 128),
+        ("q4/g64", 400, 1024),
+        ("q2/g64", 400, 1024),
+        ("q8/g32", 400, 1024),
+    ];
+    for (encoding, tokens, inter) in cases {
+        let name = format!("experts_ffn_rows {encoding}, {tokens} tokens x 3 of 6 experts of {inter}");
+        let args = (encoding, tokens, inter);
+        same_on_both!(name, &cpu, &gpu, 1e-4, args, |b, p: (&str, usize, usize)| {
+            let (enc, tokens, inter) = p;
             let mut rng = SmallRng::seed_from_u64(14);
             let experts = (0..6)
                 .map(|e| {
                     let view = ExpertView {
-                        gate: matrix(&mut rng, 128, 512, enc),
-                        up: matrix(&mut rng, 128, 512, enc),
-                        down: matrix(&mut rng, 512, 128, enc),
+                        gate: matrix(&mut rng, inter, 512, enc),
+                        up: matrix(&mut rng, inter, 512, enc),
+                        down: matrix(&mut rng, 512, inter, enc),
                     };
                     b.load_expert(0, e, &view)
                 })
                 .collect::<Result<Vec<_>>>()?;
             let mut chosen: Vec<(Vec<usize>, Vec<f32>)> = vec![Default::default(); 6];
-            for t in 0..9usize {
+            for t in 0..tokens {
                 let picks = if t == 0 {
                     [5, 0, 1]
                 } else {
@@ -224,8 +236,8 @@ fn every_operation_matches_the_cpu() {
                 .zip(&chosen)
                 .map(|(expert, (rows, weights))| ExpertRows { expert, rows, weights })
                 .collect();
-            let x = b.upload(&random(&mut rng, 9 * 512, 1.0), 9, 512)?;
-            let mut out = b.upload(&random(&mut rng, 9 * 512, 1.0), 9, 512)?;
+            let x = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
+            let mut out = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
             b.experts_ffn_rows(&x, &work, &mut out)?;
             b.download(&out)
         });

@@ -4,11 +4,12 @@
 //! order. The per-expert path it replaces paid two uploads, a gather, a SiLU and a scatter
 //! for every expert.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaExpert, CudaTensor, cuda, grid_for};
 use crate::backend::ExpertRows;
 use crate::error::{Error, Result};
+use crate::storage::quant::Encoding;
 
 /// Gathered rows per group of experts: bounds the group's activations (four buffers of this
 /// many rows, the widest `hidden` floats: about 270 MB for Qwen3.5-397B).
@@ -145,33 +146,15 @@ impl CudaBackend {
             &len
         )?;
         let (mut gate, mut up, mut y) = (self.tensor(n, inter)?, self.tensor(n, inter)?, self.tensor(n, hidden)?);
-        let mut at = 0;
-        for w in work {
-            let [g, u, _] = w.expert.matrices();
-            let m = w.rows.len();
-            let x_rows = xs.buf.slice(at * hidden..(at + m) * hidden);
-            self.gemm_into(&x_rows, m, g, &mut gate.buf.slice_mut(at * inter..(at + m) * inter))?;
-            self.gemm_into(&x_rows, m, u, &mut up.buf.slice_mut(at * inter..(at + m) * inter))?;
-            at += m;
-        }
-        // silu(gate) * up, in place of gate (each element reads and writes only its own).
-        let len = gate.len() as i64;
-        launch!(
-            self,
-            &self.k.silu_mul,
-            grid_for(gate.len()),
-            &*gate.buf,
-            &*up.buf,
-            &*gate.buf,
-            &len
-        )?;
-        at = 0;
-        for w in work {
-            let [_, _, d] = w.expert.matrices();
-            let m = w.rows.len();
-            let act = gate.buf.slice(at * inter..(at + m) * inter);
-            self.gemm_into(&act, m, d, &mut y.buf.slice_mut(at * hidden..(at + m) * hidden))?;
-            at += m;
+        // The grouped kernel runs a block per tile of 128 rows by 32 tokens: a group too small
+        // to give every multiprocessor two of them (with experts streamed in, a group is often
+        // one expert) goes through SGEMM, which splits the work finer.
+        let tiles = expert_tiles(work).len() / 4;
+        match grouped_kernel(work) {
+            Some(index) if inter.div_ceil(GROUPED_ROWS) * tiles >= 2 * self.sms => {
+                self.grouped_products(work, index, &xs, [&mut gate, &mut up, &mut y])?
+            }
+            _ => self.products_per_expert(work, &xs, [&mut gate, &mut up, &mut y])?,
         }
         let tokens = ints.slice(tokens_at..start_at);
         let start = ints.slice(start_at..positions_at);
@@ -190,6 +173,147 @@ impl CudaBackend {
             &positions,
             &weights,
             &cols,
+            &len
+        )
+    }
+}
+
+/// The `grouped_matmul_q` kernel (index for 2, 4, 8 bits) when every matrix of every expert
+/// suits it: one affine encoding whose groups are powers of two holding whole 16-byte pieces,
+/// widths in whole 64-column chunks, codes 16-byte aligned.
+fn grouped_kernel(work: &[ExpertRows<'_, CudaExpert>]) -> Option<usize> {
+    let first = work.first()?.expert.matrices()[0];
+    let Encoding::Affine { bits, group_size, .. } = first.encoding else {
+        return None;
+    };
+    let index = match bits {
+        2 => 0,
+        4 => 1,
+        8 => 2,
+        _ => return None,
+    };
+    let fits = group_size.is_power_of_two() && group_size % (128 / bits as usize) == 0;
+    let all = work
+        .iter()
+        .flat_map(|w| w.expert.matrices())
+        .all(|m| m.encoding == first.encoding && m.cols % GROUPED_K == 0 && m.data.0 % 16 == 0);
+    (fits && all).then_some(index)
+}
+
+/// The tiles of `grouped_matmul_q`: `[expert slot, first gathered row, rows, 0]`, at most
+/// `GROUPED_TOKENS` rows each, experts in order.
+fn expert_tiles<E>(work: &[ExpertRows<'_, E>]) -> Vec<i32> {
+    let mut tiles = Vec::new();
+    let mut at = 0;
+    for (slot, w) in work.iter().enumerate() {
+        for first in (0..w.rows.len()).step_by(GROUPED_TOKENS) {
+            let count = GROUPED_TOKENS.min(w.rows.len() - first);
+            tiles.extend([slot as i32, (at + first) as i32, count as i32, 0]);
+        }
+        at += w.rows.len();
+    }
+    tiles
+}
+
+/// Tile sizes of `grouped_matmul` in kernels.cu (GT_ROWS, GT_TOKENS, GT_K).
+const GROUPED_ROWS: usize = 128;
+const GROUPED_TOKENS: usize = 32;
+const GROUPED_K: usize = 64;
+
+impl CudaBackend {
+    /// gate and up products of every expert on its gathered rows, SiLU, down: the
+    /// per-expert way (each matrix decoded to f32, then SGEMM).
+    fn products_per_expert(
+        &self,
+        work: &[ExpertRows<'_, CudaExpert>],
+        xs: &CudaTensor,
+        [gate, up, y]: [&mut CudaTensor; 3],
+    ) -> Result<()> {
+        let (hidden, inter) = (xs.cols, gate.cols);
+        let mut at = 0;
+        for w in work {
+            let [g, u, _] = w.expert.matrices();
+            let m = w.rows.len();
+            let x_rows = xs.buf.slice(at * hidden..(at + m) * hidden);
+            self.gemm_into(&x_rows, m, g, &mut gate.buf.slice_mut(at * inter..(at + m) * inter))?;
+            self.gemm_into(&x_rows, m, u, &mut up.buf.slice_mut(at * inter..(at + m) * inter))?;
+            at += m;
+        }
+        self.silu_in_place(gate, up)?;
+        at = 0;
+        for w in work {
+            let [_, _, d] = w.expert.matrices();
+            let m = w.rows.len();
+            let act = gate.buf.slice(at * inter..(at + m) * inter);
+            self.gemm_into(&act, m, d, &mut y.buf.slice_mut(at * hidden..(at + m) * hidden))?;
+            at += m;
+        }
+        Ok(())
+    }
+
+    /// The same products in four launches, the weights decoded in shared memory
+    /// (`grouped_matmul_q`).
+    fn grouped_products(
+        &self,
+        work: &[ExpertRows<'_, CudaExpert>],
+        index: usize,
+        xs: &CudaTensor,
+        [gate, up, y]: [&mut CudaTensor; 3],
+    ) -> Result<()> {
+        use cudarc::driver::DevicePtr;
+        let tiles = expert_tiles(work);
+        let tiles = self.to_device(&tiles)?;
+        // Per matrix kind (gate, up, down), per expert: codes, scales, biases.
+        let mut table = Vec::with_capacity(9 * work.len());
+        for kind in 0..3 {
+            for w in work {
+                let m = w.expert.matrices()[kind];
+                let (sc, bi) = m.affine_parts()?;
+                let (base, _guard) = m.mem.device_ptr(&self.stream);
+                table.extend([m.data.0, sc.0, bi.0].map(|offset| base + offset as u64));
+            }
+        }
+        let table = self.to_device(&table)?;
+        let (_, group, dtype) = work[0].expert.matrices()[0].format();
+        let launch = |kind: usize, x: &CudaTensor, out: &mut CudaTensor| -> Result<()> {
+            let f = &self.k.grouped_matmul_q[index];
+            let kinds = table.slice(kind * 3 * work.len()..(kind + 1) * 3 * work.len());
+            let (rows, cols) = (out.cols as i32, x.cols as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (out.cols.div_ceil(GROUPED_ROWS) as u32, (tiles.len() / 4) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(
+                self,
+                f,
+                cfg,
+                &kinds,
+                &tiles,
+                &group,
+                &dtype,
+                &*x.buf,
+                &rows,
+                &cols,
+                &mut *out.buf
+            )
+        };
+        launch(0, xs, gate)?;
+        launch(1, xs, up)?;
+        self.silu_in_place(gate, up)?;
+        launch(2, gate, y)
+    }
+
+    /// `gate = silu(gate) * up` (each element reads and writes only its own).
+    fn silu_in_place(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<()> {
+        let len = gate.len() as i64;
+        launch!(
+            self,
+            &self.k.silu_mul,
+            grid_for(gate.len()),
+            &*gate.buf,
+            &*up.buf,
+            &*gate.buf,
             &len
         )
     }
@@ -220,6 +344,14 @@ mod tests {
         assert_eq!(plan.positions, [0, 3, 1, 2]);
         assert_eq!(plan.weights, [0.5, 1.0, 0.25, 0.75]);
         assert!(RowsPlan::new(&[rows(&[4], &[1.0])], 4).is_err());
+    }
+
+    #[test]
+    fn tiles_cover_each_experts_rows_in_order() {
+        let (a, b) = ([0usize; 40], [0usize; 3]);
+        let w = [0.0f32; 40];
+        let work = [rows(&a, &w), rows(&b, &w[..3])];
+        assert_eq!(expert_tiles(&work), [0, 0, 32, 0, 0, 32, 8, 0, 1, 40, 3, 0]);
     }
 
     #[test]

@@ -575,6 +575,108 @@ EXPERT_BATCH(2, 2)
 EXPERT_BATCH(4, 3)
 EXPERT_BATCH(8, 3)
 
+// A layer's experts for a batch of tokens (prompt prefill), one matrix of each expert per
+// launch: y[p, r] = sum_k x[p, k] * w_e[r, k] for the gathered rows p of each tile's expert e,
+// the weights decoded from their BITS-bit codes as dequant_rows decodes them (scale * code +
+// bias, in f32) in shared memory instead of written out. A block takes a tile of GT_ROWS
+// rows by up to GT_TOKENS tokens, GT_K columns at a time; each thread 8 rows by 2 tokens.
+// The host checks: groups are powers of two holding whole 16-byte pieces, rows start
+// 16-byte aligned, cols is a multiple of GT_K.
+#define GT_ROWS 128
+#define GT_TOKENS 32
+#define GT_K 64
+
+struct ExpertTile {
+    int expert;  // the expert's slot in the table
+    int first;   // its first gathered row in this tile
+    int count;   // rows in this tile (at most GT_TOKENS)
+    int unused;
+};
+
+template <int BITS>
+__device__ void grouped_matmul(const unsigned long long* table, const ExpertTile* tiles, int group, int dtype,
+                               const float* x, int rows, int cols, float* y) {
+    constexpr int PF = 128 / BITS, PIECES = GT_K / PF;  // columns per 16-byte piece; pieces per row chunk
+    __shared__ __align__(16) float ws[GT_K][GT_ROWS];
+    __shared__ __align__(16) float xs[GT_K][GT_TOKENS];
+    ExpertTile tile = tiles[blockIdx.y];
+    const u8* codes = (const u8*)table[3 * tile.expert];
+    const u8* scales = (const u8*)table[3 * tile.expert + 1];
+    const u8* biases = (const u8*)table[3 * tile.expert + 2];
+    int r0 = blockIdx.x * GT_ROWS, tid = threadIdx.x;
+    int tx = tid % 16, ty = tid / 16;  // tokens 2 tx, 2 tx + 1; rows 8 ty .. 8 ty + 7
+    int group_shift = __ffs(group) - 1;
+    long long groups = cols >> group_shift;
+    float acc[8][2] = {};
+    for (int k0 = 0; k0 < cols; k0 += GT_K) {
+        for (int i = tid; i < GT_ROWS * PIECES; i += blockDim.x) {
+            int r = i / PIECES, part = i % PIECES, c0 = part * PF;
+            long long row = r0 + r;
+            float w[PF];
+            if (row < rows) {
+                long long col = k0 + c0;
+                uint4 v = *(const uint4*)(codes + (row * cols + col) * BITS / 8);
+                long long g = row * groups + (col >> group_shift);
+                float sc = load_float(scales, dtype, g), bi = load_float(biases, dtype, g);
+                const u32 word[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int c = 0; c < PF; ++c) {
+                    u32 code = (word[c * BITS / 32] >> ((c * BITS) % 32)) & ((1u << BITS) - 1u);
+                    w[c] = sc * (float)code + bi;
+                }
+            } else {
+#pragma unroll
+                for (int c = 0; c < PF; ++c) w[c] = 0.0f;
+            }
+#pragma unroll
+            for (int c = 0; c < PF; ++c) ws[c0 + c][r] = w[c];
+        }
+        // Neighbouring threads take neighbouring tokens, so that the transposed stores into
+        // xs fall in distinct banks.
+        for (int i = tid; i < GT_TOKENS * GT_K / 4; i += blockDim.x) {
+            int t = i % GT_TOKENS, c4 = 4 * (i / GT_TOKENS);
+            float4 v = t < tile.count ? *(const float4*)(x + (long long)(tile.first + t) * cols + k0 + c4)
+                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            xs[c4][t] = v.x;
+            xs[c4 + 1][t] = v.y;
+            xs[c4 + 2][t] = v.z;
+            xs[c4 + 3][t] = v.w;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < GT_K; ++k) {
+            float4 a0 = *(const float4*)&ws[k][8 * ty], a1 = *(const float4*)&ws[k][8 * ty + 4];
+            float2 b = *(const float2*)&xs[k][2 * tx];
+            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                acc[i][0] += a[i] * b.x;
+                acc[i][1] += a[i] * b.y;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        int t = 2 * tx + j;
+        if (t >= tile.count) continue;
+        float* out = y + (long long)(tile.first + t) * rows;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            if (r0 + 8 * ty + i < rows) out[r0 + 8 * ty + i] = acc[i][j];
+    }
+}
+
+#define GROUPED_MATMUL(BITS)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) grouped_matmul_q##BITS(                               \
+        const unsigned long long* table, const ExpertTile* tiles, int group, int dtype, const float* x,     \
+        int rows, int cols, float* y) {                                                                      \
+        grouped_matmul<BITS>(table, tiles, group, dtype, x, rows, cols, y);                                  \
+    }
+GROUPED_MATMUL(2)
+GROUPED_MATMUL(4)
+GROUPED_MATMUL(8)
+
 // Affine weights of any width (3, 5, 6 bits): one warp per row, one group per lane step.
 extern "C" __global__ void matvec_affine_any(const u8* w, const u8* scales, const u8* biases, int bits, int group,
                                              int dtype, const float* x, int rows, int cols, float* y) {

@@ -49,6 +49,8 @@ pub struct Kernels {
     pub scatter_add_rows: CudaFunction,
     /// Each token's weighted expert outputs added in order (a layer's experts for a prompt).
     pub combine_rows: CudaFunction,
+    /// One matrix of each of a layer's experts on its rows of a prompt, one launch (2, 4, 8 bits).
+    pub grouped_matmul_q: [CudaFunction; 3],
     pub rope: CudaFunction,
     pub attention_scores: CudaFunction,
     pub attention_values: CudaFunction,
@@ -125,6 +127,11 @@ impl Kernels {
             gather_rows: f("gather_rows")?,
             scatter_add_rows: f("scatter_add_rows")?,
             combine_rows: f("combine_rows")?,
+            grouped_matmul_q: [
+                f("grouped_matmul_q2")?,
+                f("grouped_matmul_q4")?,
+                f("grouped_matmul_q8")?,
+            ],
             rope: f("rope")?,
             attention_scores: f("attention_scores")?,
             attention_values: f("attention_values")?,
