@@ -6,10 +6,10 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::matvec::pow2_kernel;
 use super::{CudaBackend, CudaExpert, CudaTensor, cuda, grid_for};
 use crate::backend::ExpertRows;
 use crate::error::{Error, Result};
-use crate::storage::quant::Encoding;
 
 /// Gathered rows per group of experts: bounds the group's activations (four buffers of this
 /// many rows, the widest `hidden` floats: about 270 MB for Qwen3.5-397B).
@@ -183,21 +183,11 @@ impl CudaBackend {
 /// widths in whole 64-column chunks, codes 16-byte aligned.
 fn grouped_kernel(work: &[ExpertRows<'_, CudaExpert>]) -> Option<usize> {
     let first = work.first()?.expert.matrices()[0];
-    let Encoding::Affine { bits, group_size, .. } = first.encoding else {
-        return None;
-    };
-    let index = match bits {
-        2 => 0,
-        4 => 1,
-        8 => 2,
-        _ => return None,
-    };
-    let fits = group_size.is_power_of_two() && group_size % (128 / bits as usize) == 0;
-    let all = work
-        .iter()
+    let (index, _) = pow2_kernel(&first.encoding)?;
+    work.iter()
         .flat_map(|w| w.expert.matrices())
-        .all(|m| m.encoding == first.encoding && m.cols % GROUPED_K == 0 && m.data.0 % 16 == 0);
-    (fits && all).then_some(index)
+        .all(|m| m.encoding == first.encoding && m.cols % GROUPED_K == 0 && m.data.0 % 16 == 0)
+        .then_some(index)
 }
 
 /// The tiles of `grouped_matmul_q`: `[expert slot, first gathered row, rows, 0]`, at most
@@ -306,16 +296,7 @@ impl CudaBackend {
 
     /// `gate = silu(gate) * up` (each element reads and writes only its own).
     fn silu_in_place(&self, gate: &mut CudaTensor, up: &CudaTensor) -> Result<()> {
-        let len = gate.len() as i64;
-        launch!(
-            self,
-            &self.k.silu_mul,
-            grid_for(gate.len()),
-            &*gate.buf,
-            &*up.buf,
-            &*gate.buf,
-            &len
-        )
+        self.silu_mul_into(&gate.buf, &up.buf, &gate.buf, gate.len())
     }
 }
 

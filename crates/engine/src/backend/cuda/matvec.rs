@@ -43,28 +43,34 @@ pub(super) struct RowNorm<'a> {
     pub(super) normed: &'a CudaTensor,
 }
 
+/// The index (2, 4, 8 bits) and the bits of the kernels that read whole 16-byte pieces of
+/// codes, when `encoding` suits them: 2, 4 or 8 bits in groups that hold whole pieces and are
+/// powers of two (the kernels find a piece's group with a shift; MLX uses 32, 64 or 128).
+pub(super) fn pow2_kernel(encoding: &Encoding) -> Option<(usize, usize)> {
+    let Encoding::Affine { bits, group_size, .. } = *encoding else {
+        return None;
+    };
+    let index = match bits {
+        2 => 0,
+        4 => 1,
+        8 => 2,
+        _ => return None,
+    };
+    let bits = bits as usize;
+    (group_size.is_power_of_two() && group_size % (128 / bits) == 0).then_some((index, bits))
+}
+
 impl CudaBackend {
     /// The launch of the 2/4/8-bit one-token kernels for `w` (kernel index, configuration),
     /// when its shape suits them: whole 16-byte pieces per group, aligned rows, and x small
     /// enough for shared memory.
     pub(super) fn pow2_plan(&self, w: &CudaMatrix) -> Option<(usize, LaunchConfig)> {
-        let Encoding::Affine { bits, group_size, .. } = w.encoding else {
-            return None;
-        };
-        let index = match bits {
-            2 => 0,
-            4 => 1,
-            8 => 2,
-            _ => return None,
-        };
-        let per_piece = (128 / bits) as usize;
-        // The kernels find a piece's group with a shift: groups are powers of two (MLX uses
-        // 32, 64 or 128).
-        let fits = w.cols % per_piece == 0 && group_size % per_piece == 0 && group_size.is_power_of_two();
-        if !fits || w.data.0 % 16 != 0 {
+        let (index, bits) = pow2_kernel(&w.encoding)?;
+        let per_piece = 128 / bits;
+        if w.cols % per_piece != 0 || w.data.0 % 16 != 0 {
             return None;
         }
-        let smem = staged_bytes(bits as usize, w.cols);
+        let smem = staged_bytes(bits, w.cols);
         if smem > 48 * 1024 {
             return None;
         }

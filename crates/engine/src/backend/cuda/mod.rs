@@ -351,6 +351,13 @@ impl CudaBackend {
         self.stream.clone_htod(data).map_err(cuda("copying to the device"))
     }
 
+    /// `out = silu(gate) * up` over the first `n` elements; `out` may be `gate` itself (each
+    /// element reads and writes only its own).
+    fn silu_mul_into(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &CudaSlice<f32>, n: usize) -> Result<()> {
+        let len = n as i64;
+        launch!(self, &self.k.silu_mul, grid_for(n), gate, up, out, &len)
+    }
+
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
         self.scratch.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -614,16 +621,7 @@ impl Backend for CudaBackend {
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         Self::check_same("silu_mul", gate, up)?;
         let out = self.tensor(gate.rows, gate.cols)?;
-        let n = gate.len() as i64;
-        launch!(
-            self,
-            &self.k.silu_mul,
-            grid_for(gate.len()),
-            &*gate.buf,
-            &*up.buf,
-            &*out.buf,
-            &n
-        )?;
+        self.silu_mul_into(&gate.buf, &up.buf, &out.buf, gate.len())?;
         Ok(out)
     }
 
