@@ -83,9 +83,9 @@ impl GenerationStats {
     }
 }
 
-/// Prefills `prompt` (in chunks of the model's `prefill_chunk` tokens), then samples up to `max_tokens` tokens one at a time,
-/// handing each completed piece of text to `on_text`. `io` is the expert store's counters,
-/// split into prefill and decode in the result.
+/// Prefills `prompt` (in chunks of the model's `prefill_chunk` tokens), then samples up to
+/// `max_tokens` tokens one at a time, handing each completed piece of text to `on_text`. `io`
+/// is the expert store's counters, split into prefill and decode in the result.
 pub fn generate<B: Backend>(
     model: &Model<B>,
     tokenizer: &Tokenizer,

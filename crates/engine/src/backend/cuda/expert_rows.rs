@@ -111,13 +111,12 @@ impl CudaBackend {
         let Some(first) = work.first() else {
             return Ok(());
         };
-        let [gate_w, _, down_w] = first.expert.matrices();
-        let (hidden, inter) = (x.cols, gate_w.rows);
+        let (hidden, inter) = (x.cols, first.expert.matrices()[0].rows);
         let fits = work.iter().all(|w| {
             let [g, u, d] = w.expert.matrices();
             [g, u].iter().all(|m| m.rows == inter && m.cols == hidden) && d.rows == hidden && d.cols == inter
         });
-        if !fits || down_w.rows != hidden {
+        if !fits {
             return Err(Error::InvalidInput(
                 "experts_ffn_rows: the experts' shapes disagree with each other or with x".into(),
             ));
@@ -132,27 +131,16 @@ impl CudaBackend {
         let (rows_at, tokens_at) = (0, plan.rows.len());
         let start_at = tokens_at + plan.tokens.len();
         let positions_at = start_at + plan.start.len();
-        let rows = ints.slice(rows_at..tokens_at);
-        let xs = self.tensor(n, hidden)?;
-        let (cols, len) = (hidden as i32, xs.len() as i64);
-        launch!(
-            self,
-            &self.k.gather_rows,
-            grid_for(xs.len()),
-            &*x.buf,
-            &rows,
-            &cols,
-            &*xs.buf,
-            &len
-        )?;
+        let xs = self.gather_device_rows(x, &ints.slice(rows_at..tokens_at))?;
+        let cols = hidden as i32;
         let (mut gate, mut up, mut y) = (self.tensor(n, inter)?, self.tensor(n, inter)?, self.tensor(n, hidden)?);
         // The grouped kernel runs a block per tile of 128 rows by 32 tokens: a group too small
         // to give every multiprocessor two of them (with experts streamed in, a group is often
         // one expert) goes through SGEMM, which splits the work finer.
-        let tiles = expert_tiles(work).len() / 4;
+        let tiles = expert_tiles(work);
         match grouped_kernel(work) {
-            Some(index) if inter.div_ceil(GROUPED_ROWS) * tiles >= 2 * self.sms => {
-                self.grouped_products(work, index, &xs, [&mut gate, &mut up, &mut y])?
+            Some(index) if inter.div_ceil(GROUPED_ROWS) * (tiles.len() / 4) >= 2 * self.sms => {
+                self.grouped_products(work, index, &tiles, &xs, [&mut gate, &mut up, &mut y])?
             }
             _ => self.products_per_expert(work, &xs, [&mut gate, &mut up, &mut y])?,
         }
@@ -241,18 +229,18 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The same products in four launches, the weights decoded in shared memory
-    /// (`grouped_matmul_q`).
+    /// The same products in four launches over `tiles` (from `expert_tiles`), the weights
+    /// decoded in shared memory (`grouped_matmul_q`).
     fn grouped_products(
         &self,
         work: &[ExpertRows<'_, CudaExpert>],
         index: usize,
+        tiles: &[i32],
         xs: &CudaTensor,
         [gate, up, y]: [&mut CudaTensor; 3],
     ) -> Result<()> {
         use cudarc::driver::DevicePtr;
-        let tiles = expert_tiles(work);
-        let tiles = self.to_device(&tiles)?;
+        let tiles = self.to_device(tiles)?;
         // Per matrix kind (gate, up, down), per expert: codes, scales, biases.
         let mut table = Vec::with_capacity(9 * work.len());
         for kind in 0..3 {

@@ -20,7 +20,7 @@ mod pool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
 pub use expert_cache::CudaExpert;
 use expert_cache::VramCache;
@@ -356,6 +356,23 @@ impl CudaBackend {
     fn silu_mul_into(&self, gate: &CudaSlice<f32>, up: &CudaSlice<f32>, out: &CudaSlice<f32>, n: usize) -> Result<()> {
         let len = n as i64;
         launch!(self, &self.k.silu_mul, grid_for(n), gate, up, out, &len)
+    }
+
+    /// The rows of `x` whose indices `rows` holds on the device, in that order.
+    fn gather_device_rows(&self, x: &CudaTensor, rows: &CudaView<'_, i32>) -> Result<CudaTensor> {
+        let out = self.tensor(rows.len(), x.cols)?;
+        let (cols, n) = (x.cols as i32, out.len() as i64);
+        launch!(
+            self,
+            &self.k.gather_rows,
+            grid_for(out.len()),
+            &*x.buf,
+            rows,
+            &cols,
+            &*out.buf,
+            &n
+        )?;
+        Ok(out)
     }
 
     fn scratch(&self) -> MutexGuard<'_, Scratch> {
@@ -865,20 +882,8 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
-        let out = self.tensor(rows.len(), x.cols)?;
         let dev_rows = self.to_device(&rows.iter().map(|&r| r as i32).collect::<Vec<_>>())?;
-        let (cols, n) = (x.cols as i32, out.len() as i64);
-        launch!(
-            self,
-            &self.k.gather_rows,
-            grid_for(out.len()),
-            &*x.buf,
-            &dev_rows,
-            &cols,
-            &*out.buf,
-            &n
-        )?;
-        Ok(out)
+        self.gather_device_rows(x, &dev_rows.slice(..))
     }
 
     fn scatter_add_rows(&self, out: &mut CudaTensor, y: &CudaTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
