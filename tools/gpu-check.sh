@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine, building nothing: CUDA-vs-CPU parity on every fixture, kernel
 # microbenchmarks, and the decode benchmark on synthetic Qwen3.5-397B shapes. Takes the
-# binaries tools/build-dist.sh puts in $DIST (default dist/): flash-moe, cuda_parity and
-# cuda_kernels. Logs go to $OUT (default /tmp/gpu-check); a short table comes last.
+# binaries tools/build-dist.sh puts in $DIST (default dist/): flash-moe, cuda_parity,
+# cuda_memory and cuda_kernels. Logs go to $OUT (default /tmp/gpu-check); a short table comes last.
 #
 # DECODE_ARGS passes options to tools/gpu_decode_bench.py (e.g. "--layers 2 --experts 64", or
 # "--layers 4,8" for the 60-layer estimate from two depths).
@@ -20,6 +20,12 @@ echo "== parity: CUDA against CPU"
 parity=$?
 grep -E "relative L2|test result|panicked|SKIPPED" "$out/parity.log" | tail -60
 
+echo "== a full GPU: experts give memory back to the sequence state"
+"$dist/cuda_memory" --nocapture >"$out/memory.log" 2>&1
+memory=$?
+grep -E "cuda_memory|test result|panicked" "$out/memory.log"
+[ "$parity" = 0 ] && parity=$memory
+
 echo "== kernel microbenchmarks"
 "$dist/cuda_kernels" 2>&1 | tee "$out/kernels.log"
 hbm=$(grep 'device-to-device' "$out/kernels.log" | grep -oE '[0-9.]+ GB/s' | head -1 | cut -d' ' -f1)
@@ -32,5 +38,5 @@ if [ "${SKIP_DECODE:-0}" != 1 ] && [ -n "$hbm" ] && [ -n "$h2d" ]; then
     --out "$out" ${DECODE_ARGS:-} >"$out/decode.log" 2>&1
   tail -n 14 "$out/decode.log"
 fi
-echo "parity exit status: $parity"
+echo "parity and memory tests exit status: $parity"
 exit "$parity"

@@ -4,8 +4,10 @@
 # on a synthetic model with Qwen3.5-397B shapes (4 layers: 3 linear-attention, 1 full; 256
 # experts per layer; random routing). Builds nothing: takes $DIST/flash-moe (default dist/).
 # WORDS sets the prompt's length in words (default 1500), CHUNKS the chunk sizes (default
-# "512 2048 8192"), TIERS the tiers (default "vram host"). Logs and each run's stats JSON go to
-# $OUT (default /tmp/gpu-prefill).
+# "512 2048 8192"), TIERS the tiers (default "vram host"). LEAVE_GIB, when set, first fills
+# the GPU from another process (tools/gpu_fill.py) until that many GiB are free, as on a smaller
+# card, so that the expert cache has to give memory back to the prompt's activations. Logs and
+# each run's stats JSON go to $OUT (default /tmp/gpu-prefill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DIST:-dist}/flash-moe
@@ -15,6 +17,11 @@ mkdir -p "$out" "$work"
 model=$work/syn397-4l-256e
 if [ ! -f "$model/flash-moe.json" ]; then
   "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 256 --to "$model" >"$out/synth.log" 2>&1
+fi
+if [ -n "${LEAVE_GIB:-}" ]; then
+  python3 tools/gpu_fill.py "$LEAVE_GIB" "$out/filled" &
+  trap 'kill %1' EXIT
+  while [ ! -f "$out/filled" ]; do sleep 1; done
 fi
 prompt=$(python3 -c "
 import random
@@ -31,5 +38,6 @@ for tier in ${TIERS:-vram host}; do
       --prefill-chunk "$chunk" --prefetch-experts "${cache[@]}" --stats-json "$out/$name.json" >"$out/$name.log" 2>&1 ||
       { echo "$name: failed"; tail -3 "$out/$name.log"; continue; }
     echo "$tier, chunk $chunk: $(grep -o 'prompt: [0-9]* tokens, [0-9.]* tok/s' "$out/$name.log")"
+    grep -h "GPU memory is short" "$out/$name.log" | tail -1 || true
   done
 done

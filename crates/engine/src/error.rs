@@ -61,6 +61,8 @@ pub enum Error {
     // --- devices ---------------------------------------------------------------------
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error("the GPU is out of memory: {what} needs {} MiB more", bytes.div_ceil(1 << 20))]
+    OutOfDeviceMemory { what: String, bytes: u64 },
 
     // --- experts -----------------------------------------------------------------------
     #[error("layer {layer}, expert {expert}: {error}")]

@@ -62,6 +62,11 @@ impl std::str::FromStr for Device {
     }
 }
 
+/// Tokens of sequence state (KV caches) an automatic VRAM expert budget leaves room for. A
+/// model's full context (262k tokens for Qwen3.5) would take most of a 24 GB card for a
+/// length few conversations reach; longer ones take memory from the expert cache as they grow.
+const RESERVED_CONTEXT: usize = 32 << 10;
+
 /// A command's work, written once for every backend.
 pub trait ModelJob {
     fn run<B: Backend>(self, model: Model<B>, store: Arc<ExpertStore>) -> anyhow::Result<()>;
@@ -90,7 +95,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// VRAM for the routed-expert cache, in GiB (default: what is free after the dense
-    /// weights, with 2 GiB of headroom; 0: no cache).
+    /// weights, the state of a 32k-token sequence and 2 GiB of headroom; 0: no cache). When
+    /// a longer sequence or prompt snapshots need more, the cache gives experts back.
     #[arg(long)]
     pub gpu_expert_cache_gib: Option<f64>,
     /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps
@@ -149,6 +155,7 @@ impl ModelArgs {
         let mut model = load_model(&self.model, backend, store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         model.set_prefill_chunk(self.prefill_chunk)?;
+        model.reserve_state_memory(model.config.max_position_embeddings.min(RESERVED_CONTEXT));
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;
             model.set_experts_per_token(k)?;

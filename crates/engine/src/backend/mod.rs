@@ -78,7 +78,7 @@ pub struct AttentionShape {
 /// Matrices follow PyTorch's `Linear` layout: `[out, in]`, so `matmul(x, w) = x · wᵀ`.
 pub trait Backend: Send + Sync {
     /// Activations and state on the device.
-    type Tensor: Clone + Send + Sync;
+    type Tensor: Send + Sync;
     /// A weight matrix in its stored encoding, ready for `matmul`.
     type Matrix: Send + Sync;
     /// A routed expert ready for compute (on a GPU: in VRAM).
@@ -92,6 +92,8 @@ pub trait Backend: Send + Sync {
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A copy of `t` (snapshots of a sequence's state).
+    fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
     /// `(rows, cols)` of a tensor.
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     /// Appends the rows of `src` to `dst` (KV caches).
@@ -275,6 +277,9 @@ pub trait Backend: Send + Sync {
     fn expert_cache_budget(&self) -> Result<Option<u64>> {
         Ok(None)
     }
+    /// Device memory the sequence state will take (KV caches, recurrent state, snapshots),
+    /// which an expert cache sized automatically leaves free.
+    fn reserve_state_memory(&self, _bytes: u64) {}
     /// The backend's expert cache counters, when it has one.
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None

@@ -219,7 +219,7 @@ impl<B: Backend> Session<B> {
         match best {
             Some(s) => {
                 s.last_used = self.clock;
-                Ok((s.state.clone(), s.logits.clone(), s.tokens.len()))
+                Ok((s.state.snapshot(model.backend())?, s.logits.clone(), s.tokens.len()))
             }
             None => Ok((model.new_state()?, Vec::new(), 0)),
         }
@@ -242,9 +242,13 @@ impl<B: Backend> Session<B> {
                 None => break,
             }
         }
+        // A snapshot is an optimisation: when the device has no room for it, none is kept.
+        let Ok(state) = state.snapshot(model.backend()) else {
+            return;
+        };
         self.snapshots.push(Snapshot {
             tokens: tokens.to_vec(),
-            state: state.clone(),
+            state,
             logits: logits.to_vec(),
             bytes,
             last_used: self.clock,

@@ -26,13 +26,12 @@ pub struct KvCache<B: Backend> {
     pub values: B::Tensor,
 }
 
-// By hand: a derive would ask for `B: Clone`, and a backend is not a value to copy.
-impl<B: Backend> Clone for KvCache<B> {
-    fn clone(&self) -> Self {
-        KvCache {
-            keys: self.keys.clone(),
-            values: self.values.clone(),
-        }
+impl<B: Backend> KvCache<B> {
+    pub fn snapshot(&self, b: &B) -> Result<Self> {
+        Ok(KvCache {
+            keys: b.copy(&self.keys)?,
+            values: b.copy(&self.values)?,
+        })
     }
 }
 

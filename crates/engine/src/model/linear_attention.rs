@@ -29,13 +29,12 @@ pub struct DeltaState<B: Backend> {
     pub recurrent: B::Tensor,
 }
 
-// By hand: a derive would ask for `B: Clone`.
-impl<B: Backend> Clone for DeltaState<B> {
-    fn clone(&self) -> Self {
-        DeltaState {
-            conv: self.conv.clone(),
-            recurrent: self.recurrent.clone(),
-        }
+impl<B: Backend> DeltaState<B> {
+    pub fn snapshot(&self, b: &B) -> Result<Self> {
+        Ok(DeltaState {
+            conv: b.copy(&self.conv)?,
+            recurrent: b.copy(&self.recurrent)?,
+        })
     }
 }
 

@@ -43,18 +43,16 @@ pub enum LayerState<B: Backend> {
     Linear(DeltaState<B>),
 }
 
-// The Clone impls are by hand: a derive would ask for `B: Clone`.
-impl<B: Backend> Clone for LayerState<B> {
-    fn clone(&self) -> Self {
-        match self {
-            LayerState::Attention(c) => LayerState::Attention(c.clone()),
-            LayerState::Linear(s) => LayerState::Linear(s.clone()),
-        }
+impl<B: Backend> LayerState<B> {
+    fn snapshot(&self, b: &B) -> Result<Self> {
+        Ok(match self {
+            LayerState::Attention(c) => LayerState::Attention(c.snapshot(b)?),
+            LayerState::Linear(s) => LayerState::Linear(s.snapshot(b)?),
+        })
     }
 }
 
 /// Everything a sequence carries between calls: caches, recurrent state and position.
-/// Cloning it snapshots the sequence.
 pub struct ModelState<B: Backend> {
     /// Tokens processed so far; the next token sits at this position.
     pub position: usize,
@@ -65,14 +63,15 @@ pub struct ModelState<B: Backend> {
     pub routing: Option<Vec<Vec<Vec<usize>>>>,
 }
 
-impl<B: Backend> Clone for ModelState<B> {
-    fn clone(&self) -> Self {
-        ModelState {
+impl<B: Backend> ModelState<B> {
+    /// A copy of the sequence on the device, to continue from later.
+    pub fn snapshot(&self, b: &B) -> Result<Self> {
+        Ok(ModelState {
             position: self.position,
-            layers: self.layers.clone(),
+            layers: self.layers.iter().map(|l| l.snapshot(b)).collect::<Result<_>>()?,
             profile: self.profile.clone(),
             routing: self.routing.clone(),
-        }
+        })
     }
 }
 
@@ -221,6 +220,13 @@ impl<B: Backend> Model<B> {
         }
         self.prefetch_experts()?;
         Ok(Some(total))
+    }
+
+    /// Leaves device memory for the state of a sequence of `tokens` tokens when the backend
+    /// sizes its expert cache automatically (the cache gives experts back if a sequence
+    /// grows past it).
+    pub fn reserve_state_memory(&self, tokens: usize) {
+        self.backend.reserve_state_memory(self.state_bytes(tokens) as u64);
     }
 
     /// Bytes a sequence state holds at `position` tokens: KV caches plus the fixed

@@ -39,6 +39,8 @@ struct Inner {
     entries: lru::LruCache<(usize, usize), Entry>,
     /// Resolved on first use when it was left to the backend.
     budget: Option<u64>,
+    /// Device memory an automatic budget leaves free for the sequence state.
+    reserve: u64,
     stats: ExpertCacheStats,
     /// Resident experts per layer.
     per_layer: HashMap<usize, usize>,
@@ -72,6 +74,7 @@ impl VramCache {
             inner: Mutex::new(Inner {
                 entries: lru::LruCache::unbounded(),
                 budget,
+                reserve: 0,
                 stats: ExpertCacheStats::default(),
                 per_layer: HashMap::new(),
                 tables: HashMap::new(),
@@ -118,9 +121,34 @@ impl VramCache {
             return Ok(b);
         }
         let (free, _) = backend.memory()?;
-        let b = (free as u64).saturating_sub(HEADROOM_BYTES);
+        let b = (free as u64).saturating_sub(HEADROOM_BYTES + inner.reserve);
         inner.budget = Some(b);
         Ok(b)
+    }
+
+    /// Sets the memory an automatic budget, sized at first use, leaves for the sequence state
+    /// (KV caches, recurrent state, snapshots) besides the headroom for activations.
+    pub fn reserve(&self, bytes: u64) {
+        self.lock().reserve = bytes;
+    }
+
+    /// Evicts the least recently used experts until `bytes` are freed or none is left, and
+    /// lowers the budget to what stays, so that the cache does not grow back into the room
+    /// made. Returns the bytes freed (on the device once the launches using them are done).
+    pub fn release(&self, bytes: u64) -> u64 {
+        let mut inner = self.lock();
+        let mut freed = 0;
+        while freed < bytes {
+            let Some(((layer, _), entry)) = inner.entries.pop_lru() else {
+                break;
+            };
+            freed += entry.expert.bytes();
+            inner.forget(layer, &entry.expert);
+        }
+        if freed > 0 {
+            inner.budget = Some(inner.stats.resident_bytes);
+        }
+        freed
     }
 
     /// Copies a fetched expert to the device and keeps it when the budget allows.

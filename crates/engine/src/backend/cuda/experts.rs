@@ -133,8 +133,10 @@ impl CudaBackend {
             .flatten()
             .collect();
         let (copies, offsets, total) = expert_copies(&blobs);
-        // SAFETY: every byte the kernels read is written by the copies below.
-        let mem = unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(cuda("allocating an expert"))?;
+        let mem = self.allocating(|| {
+            // SAFETY: every byte the kernels read is written by the copies below.
+            unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(|e| super::out_of_memory(e, "an expert", total))
+        })?;
         {
             use cudarc::driver::DevicePtr;
             let (base, _guard) = mem.device_ptr(&self.stream);

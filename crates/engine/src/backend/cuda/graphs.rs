@@ -262,6 +262,27 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Drops the recordings that route with a table the VRAM cache no longer has, freeing
+    /// the experts those tables hold.
+    pub(super) fn retire_stale_recordings(&self) -> Result<()> {
+        let stale: Vec<Recording> = {
+            let mut slots = self.graphs.slots();
+            let keys: Vec<StepKey> = slots
+                .by_key
+                .iter()
+                .filter(|(_, slot)| matches!(slot, Slot::Recorded(r) if !self.still_valid(r)))
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.iter()
+                .filter_map(|key| match slots.by_key.remove(key) {
+                    Some(Slot::Recorded(r)) => Some(r),
+                    _ => None,
+                })
+                .collect()
+        };
+        stale.into_iter().try_for_each(|r| self.retire(r))
+    }
+
     /// Drops a recording once the device is done with it, its buffers back to the pool.
     fn retire(&self, r: Recording) -> Result<()> {
         self.stream.synchronize().map_err(cuda("waiting for the device"))?;

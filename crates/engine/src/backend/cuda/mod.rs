@@ -9,12 +9,14 @@
 //! Here: the device, its tensors and matrices, and the operations of the backend seam.
 //! `matvec.rs`: the matrix products; `experts.rs`: expert uploads and the batched expert
 //! launches; `expert_cache.rs`: the VRAM tier of the expert cache; `graphs.rs`: layer steps
-//! recorded as CUDA graphs and replayed; `pool.rs`: reused activation buffers; `kernels.rs`
+//! recorded as CUDA graphs and replayed; `pool.rs`: reused activation buffers;
+//! `memory.rs`: room made for the sequence state when the device runs out; `kernels.rs`
 //! and `kernels.cu`: the CUDA C and its compilation.
 
 mod expert_cache;
 mod graphs;
 pub mod kernels;
+mod memory;
 mod pool;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -26,6 +28,7 @@ pub use expert_cache::CudaExpert;
 use expert_cache::VramCache;
 use graphs::StepGraphs;
 use kernels::Kernels;
+use memory::{keep_freed_memory, out_of_memory};
 use pool::{BufferPool, PooledBuf};
 
 use crate::backend::{
@@ -51,7 +54,6 @@ pub fn is_available() -> bool {
 
 /// Activations on the GPU: row-major f32 `[rows, cols]`, in a buffer that may hold more
 /// rows (KV caches grow in place).
-#[derive(Clone)]
 pub struct CudaTensor {
     rows: usize,
     cols: usize,
@@ -208,38 +210,6 @@ fn blocks(n: usize, threads: u32) -> LaunchConfig {
     }
 }
 
-/// Keeps memory freed to the device's default pool (evicted experts) in the pool. Its
-/// release threshold is 0 by default, so every synchronisation (one per layer, at the
-/// routing decision) handed freed memory back to the driver, and the next expert's
-/// allocation had to map fresh memory.
-fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
-    use cudarc::driver::sys;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: `pool` receives the device's default pool, which lives as long as the context;
-    // the attribute takes a pointer to a u64.
-    let status = unsafe {
-        let got = sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device());
-        if got != sys::CUresult::CUDA_SUCCESS {
-            got
-        } else {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            )
-        }
-    };
-    match status {
-        sys::CUresult::CUDA_SUCCESS => Ok(()),
-        // No memory pools (some virtualised GPUs): cudarc then allocates synchronously.
-        sys::CUresult::CUDA_ERROR_NOT_SUPPORTED => Ok(()),
-        e => Err(Error::Cuda(format!(
-            "setting the memory pool's release threshold: {e:?}"
-        ))),
-    }
-}
-
 impl CudaBackend {
     /// Opens GPU `ordinal`, compiles the kernels for it and sets aside `expert_cache_bytes` of
     /// VRAM for routed experts (`None`: what is free after `reserve_bytes`, with headroom).
@@ -336,14 +306,18 @@ impl CudaBackend {
 
     /// `n` zeroed floats.
     fn alloc(&self, n: usize) -> Result<PooledBuf> {
-        self.pool.take_zeroed(n)
+        let mut buf = self.take(n)?;
+        self.stream
+            .memset_zeros(&mut *buf)
+            .map_err(cuda("zeroing device memory"))?;
+        Ok(buf)
     }
 
     /// An output tensor the next kernel writes in full (not zeroed).
     fn tensor(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
         // Every caller launches a kernel that writes all rows * cols elements before the
         // tensor is read.
-        let buf = self.pool.take(rows * cols)?;
+        let buf = self.take(rows * cols)?;
         Ok(CudaTensor { rows, cols, buf })
     }
 
@@ -482,7 +456,7 @@ impl Backend for CudaBackend {
                 data.len()
             )));
         }
-        let mut buf = self.pool.take(data.len())?;
+        let mut buf = self.take(data.len())?;
         if data.is_empty() {
             self.stream
                 .memset_zeros(&mut *buf)
@@ -508,6 +482,17 @@ impl Backend for CudaBackend {
             cols,
             buf: self.alloc(rows * cols)?,
         })
+    }
+
+    /// The copy holds `t`'s rows only, not the room a growing cache keeps past them.
+    fn copy(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        let mut copy = self.tensor(t.rows, t.cols)?;
+        if t.len() > 0 {
+            self.stream
+                .memcpy_dtod(&t.buf.slice(0..t.len()), &mut copy.buf.slice_mut(0..t.len()))
+                .map_err(cuda("copying device memory"))?;
+        }
+        Ok(copy)
     }
 
     fn shape(&self, t: &CudaTensor) -> (usize, usize) {
@@ -1044,6 +1029,10 @@ impl Backend for CudaBackend {
 
     fn expert_cache_budget(&self) -> Result<Option<u64>> {
         self.cache.budget(self).map(Some)
+    }
+
+    fn reserve_state_memory(&self, bytes: u64) {
+        self.cache.reserve(bytes);
     }
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
-use super::cuda;
+use super::out_of_memory;
 use crate::error::Result;
 
 /// At most this many bytes wait in the free lists; beyond it, dropped buffers are freed. It
@@ -87,7 +87,7 @@ impl BufferPool {
         let slice = match reused {
             Some(slice) => slice,
             // SAFETY: callers write a buffer before reading it, or zero it (`take_zeroed`).
-            None => unsafe { self.stream.alloc::<f32>(len) }.map_err(cuda("allocating device memory"))?,
+            None => unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| out_of_memory(e, "activations", 4 * len))?,
         };
         Ok(PooledBuf {
             slice: ManuallyDrop::new(slice),
@@ -95,13 +95,13 @@ impl BufferPool {
         })
     }
 
-    /// A buffer of `len` floats, all zero.
-    pub(super) fn take_zeroed(self: &Arc<Self>, len: usize) -> Result<PooledBuf> {
-        let mut buf = self.take(len)?;
-        self.stream
-            .memset_zeros(&mut *buf)
-            .map_err(cuda("zeroing device memory"))?;
-        Ok(buf)
+    /// Frees every buffer waiting in the free lists (to make room on a full device).
+    pub(super) fn clear(&self) {
+        let mut lists = self.lists();
+        if lists.recording.is_none() {
+            lists.by_len.clear();
+            lists.bytes = 0;
+        }
     }
 
     fn give_back(&self, slice: CudaSlice<f32>) {
@@ -173,21 +173,6 @@ impl Deref for PooledBuf {
 impl DerefMut for PooledBuf {
     fn deref_mut(&mut self) -> &mut CudaSlice<f32> {
         &mut self.slice
-    }
-}
-
-impl Clone for PooledBuf {
-    /// A device-side copy in a buffer of the same length (snapshots of model state).
-    fn clone(&self) -> Self {
-        let copy = self.pool.take(self.len()).and_then(|mut copy| {
-            self.pool
-                .stream
-                .memcpy_dtod(&**self, &mut *copy)
-                .map_err(cuda("copying device memory"))?;
-            Ok(copy)
-        });
-        // `Clone` cannot fail; cudarc's own `CudaSlice::clone` panics the same way.
-        copy.unwrap_or_else(|e| panic!("cloning a GPU tensor: {e}"))
     }
 }
 
