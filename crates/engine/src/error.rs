@@ -61,7 +61,7 @@ pub enum Error {
     // --- devices ---------------------------------------------------------------------
     #[error("CUDA: {0}")]
     Cuda(String),
-    #[error("the GPU is out of memory: {what} needs {} MiB more", bytes.div_ceil(1 << 20))]
+    #[error("no room on the GPU for {what} ({} MiB), even with the expert cache emptied", bytes.div_ceil(1 << 20))]
     OutOfDeviceMemory { what: String, bytes: u64 },
 
     // --- experts -----------------------------------------------------------------------

@@ -225,8 +225,8 @@ pub trait Backend: Send + Sync {
     /// Makes a fetched expert ready for compute (copying it to the device, and caching it
     /// there when the backend has a cache).
     fn load_expert(&self, layer: usize, index: usize, view: &ExpertView) -> Result<Self::Expert>;
-    /// Gate, up and down of an expert.
-    fn expert_matrices<'a>(&self, expert: &'a Self::Expert) -> [&'a Self::Matrix; 3];
+    /// Gate, up and down of an expert, ready for the backend's next operations.
+    fn expert_matrices<'a>(&self, expert: &'a Self::Expert) -> Result<[&'a Self::Matrix; 3]>;
     /// `out[rows[i]] += weights[i] * down(silu(gate(x_i)) * up(x_i))` for the rows `rows`
     /// of `x` that chose this expert. Backends may fuse it; this is the reference sequence.
     fn expert_ffn(
@@ -385,7 +385,7 @@ pub fn expert_ffn_unfused<B: Backend + ?Sized>(
     weights: &[f32],
     out: &mut B::Tensor,
 ) -> Result<()> {
-    let [gate_w, up_w, down_w] = b.expert_matrices(expert);
+    let [gate_w, up_w, down_w] = b.expert_matrices(expert)?;
     let xs = b.gather_rows(x, rows)?;
     let act = b.silu_mul(&b.matmul(&xs, gate_w)?, &b.matmul(&xs, up_w)?)?;
     b.scatter_add_rows(out, &b.matmul(&act, down_w)?, rows, weights)

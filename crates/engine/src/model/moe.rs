@@ -194,22 +194,27 @@ impl<B: Backend> SparseMoe<B> {
         // same bit for bit however the bytes were fetched.
         let mut ready = Vec::with_capacity(by_expert.len());
         let mut token_weights = Vec::with_capacity(by_expert.len());
-        // Several tokens: the experts at hand run together, handed over before each wait for
-        // a fetch so that their compute overlaps the reads still in flight.
+        // Several tokens: the experts at hand run together, handed over before a wait for a
+        // read still in flight so that their compute overlaps it. Experts already in memory
+        // join the group (a GPU copies them in while it computes the ones before), up to
+        // GROUP_FETCHED_BYTES of them.
         let mut group: Vec<(B::Expert, Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut group_fetched = 0;
         for ((e, (rows, weights)), resident) in by_expert.into_iter().zip(resident.iter_mut()) {
             let expert = match resident.take() {
                 Some(expert) => expert,
                 None => {
-                    if !group.is_empty() {
-                        run_group(b, x, &mut group, out)?;
-                        clock.charge(times, Phase::ExpertCompute);
-                    }
                     let fetched = pending
                         .next()
                         .ok_or_else(|| Error::InvalidInput("expert fetch fell short".into()))?;
+                    if !group.is_empty() && (!fetched.is_ready() || group_fetched >= GROUP_FETCHED_BYTES) {
+                        run_group(b, x, &mut group, out)?;
+                        clock.charge(times, Phase::ExpertCompute);
+                        group_fetched = 0;
+                    }
                     let view = fetched.wait()?;
                     clock.charge(times, Phase::ExpertIoWait);
+                    group_fetched += view.storage_bytes();
                     b.load_expert(self.layer, e, &view)?
                 }
             };
@@ -234,6 +239,10 @@ impl<B: Backend> SparseMoe<B> {
         Ok(())
     }
 }
+
+/// Bytes of fetched experts one group holds at most. On a GPU that does not cache them,
+/// they stay in device memory until their group has run.
+const GROUP_FETCHED_BYTES: usize = 512 << 20;
 
 /// Runs (and empties) a group of experts, each on its rows of `x`, in the group's order.
 fn run_group<B: Backend>(

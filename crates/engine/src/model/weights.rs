@@ -96,6 +96,11 @@ impl PendingExpert {
         PendingExpert(PendingInner::Deferred(Box::new(wait)))
     }
 
+    /// Whether the bytes are in memory already (`wait` returns at once).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.0, PendingInner::Ready(_))
+    }
+
     /// Blocks until the expert's bytes are in memory.
     pub fn wait(self) -> Result<ExpertView> {
         match self.0 {

@@ -269,7 +269,7 @@ impl Backend for CpuBackend {
         Ok(view.clone())
     }
 
-    fn expert_matrices<'a>(&self, expert: &'a ExpertView) -> [&'a MatrixView; 3] {
-        [&expert.gate, &expert.up, &expert.down]
+    fn expert_matrices<'a>(&self, expert: &'a ExpertView) -> Result<[&'a MatrixView; 3]> {
+        Ok([&expert.gate, &expert.up, &expert.down])
     }
 }

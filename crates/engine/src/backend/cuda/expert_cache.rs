@@ -7,25 +7,53 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use cudarc::driver::{CudaEvent, CudaStream};
+
 use super::experts::LayerTable;
-use super::{CudaBackend, CudaMatrix};
+use super::{CudaBackend, CudaMatrix, cuda};
 use crate::backend::ExpertCacheStats;
 use crate::error::Result;
 use crate::model::weights::ExpertView;
 
 /// A routed expert in VRAM: gate, up and down.
 #[derive(Clone)]
-pub struct CudaExpert(Arc<[CudaMatrix; 3]>);
+pub struct CudaExpert(Arc<Uploaded>);
+
+struct Uploaded {
+    matrices: [CudaMatrix; 3],
+    /// Set while its copy (on the copy stream) may still run: the compute stream waits for
+    /// it before the first kernel that reads the expert.
+    copying: Mutex<Option<CudaEvent>>,
+}
 
 impl CudaExpert {
+    pub(super) fn new(matrices: [CudaMatrix; 3], copied: CudaEvent) -> Self {
+        CudaExpert(Arc::new(Uploaded {
+            matrices,
+            copying: Mutex::new(Some(copied)),
+        }))
+    }
+
     pub fn matrices(&self) -> [&CudaMatrix; 3] {
-        let [g, u, d] = &*self.0;
+        let [g, u, d] = &self.0.matrices;
         [g, u, d]
     }
 
     /// VRAM the expert occupies (its three matrices share one allocation).
     fn bytes(&self) -> u64 {
-        self.0[0].mem.len() as u64
+        self.0.matrices[0].mem.len() as u64
+    }
+
+    /// Orders the work `stream` is given from now on after the expert's copy. Once done (or
+    /// once the copy is seen finished) it costs nothing: one stream computes.
+    pub(super) fn ready_for(&self, stream: &CudaStream) -> Result<()> {
+        let mut copying = self.0.copying.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(event) = copying.take()
+            && !event.is_complete()
+        {
+            stream.wait(&event).map_err(cuda("waiting for an expert's copy"))?;
+        }
+        Ok(())
     }
 }
 
@@ -153,7 +181,7 @@ impl VramCache {
 
     /// Copies a fetched expert to the device and keeps it when the budget allows.
     pub fn insert(&self, backend: &CudaBackend, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
-        let expert = CudaExpert(Arc::new(backend.upload_expert(view)?));
+        let expert = backend.upload_expert(view)?;
         let bytes = view.storage_bytes() as u64;
         let mut inner = self.lock();
         inner.stats.misses += 1;

@@ -108,6 +108,10 @@ impl CudaBackend {
         work: &[ExpertRows<'_, CudaExpert>],
         out: &mut CudaTensor,
     ) -> Result<()> {
+        // Waits for this group's copies only: later groups' copies run meanwhile.
+        for w in work {
+            w.expert.ready_for(&self.stream)?;
+        }
         let Some(first) = work.first() else {
             return Ok(());
         };

@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, cuda, kernels};
+use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, DeviceBytes, cuda, kernels};
 use crate::backend::{DeviceRouting, SharedExpert};
 use crate::error::{Error, Result};
 use crate::model::weights::ExpertView;
@@ -123,9 +123,10 @@ pub(super) struct InFlight(pub(super) Vec<(cudarc::driver::CudaEvent, Vec<Blob>)
 
 impl CudaBackend {
     /// Copies an expert's matrices into one new device allocation, asynchronously on the
-    /// compute stream (so it is ordered before the kernels that use it); the host bytes are
-    /// kept alive until the copy has finished.
-    pub(super) fn upload_expert(&self, view: &ExpertView) -> Result<[CudaMatrix; 3]> {
+    /// copy stream, so that the copy runs while the compute stream works on experts already
+    /// there; the compute stream waits for it before the first kernel that reads the expert
+    /// (`CudaExpert::ready_for`). The host bytes are kept alive until the copy has finished.
+    pub(super) fn upload_expert(&self, view: &ExpertView) -> Result<CudaExpert> {
         let matrices = [&view.gate, &view.up, &view.down];
         let blobs: Vec<&Blob> = matrices
             .iter()
@@ -135,27 +136,30 @@ impl CudaBackend {
         let (copies, offsets, total) = expert_copies(&blobs);
         let mem = self.allocating(|| {
             // SAFETY: every byte the kernels read is written by the copies below.
-            unsafe { self.stream.alloc::<u8>(total.max(1)) }.map_err(|e| super::out_of_memory(e, "an expert", total))
+            unsafe { self.copies.alloc::<u8>(total.max(1)) }.map_err(|e| super::out_of_memory(e, "an expert", total))
         })?;
         {
             use cudarc::driver::DevicePtr;
-            let (base, _guard) = mem.device_ptr(&self.stream);
+            let (base, _guard) = mem.device_ptr(&self.copies);
             for (blob, at) in &copies {
                 // SAFETY: the destination range lies inside `mem`; the source stays alive in
                 // `in_flight` until the event recorded after these copies has completed.
                 unsafe {
-                    cudarc::driver::result::memcpy_htod_async(base + *at as u64, blob.bytes(), self.stream.cu_stream())
+                    cudarc::driver::result::memcpy_htod_async(base + *at as u64, blob.bytes(), self.copies.cu_stream())
                 }
                 .map_err(cuda("copying an expert to the device"))?;
             }
         }
-        let event = self.stream.record_event(None).map_err(cuda("recording an event"))?;
+        let record = || self.copies.record_event(None).map_err(cuda("recording an event"));
         {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
             in_flight.0.retain(|(e, _)| !e.is_complete());
-            in_flight.0.push((event, copies.into_iter().map(|(b, _)| b).collect()));
+            in_flight
+                .0
+                .push((record()?, copies.into_iter().map(|(b, _)| b).collect()));
         }
-        let mem = Arc::new(mem);
+        let copied = record()?;
+        let mem = Arc::new(DeviceBytes::read_by(mem, &self.stream));
         let mut placed = blobs.iter().zip(offsets).map(|(b, at)| (at, b.len()));
         let mut built = matrices.into_iter().map(|m| {
             let data = placed.next().unwrap_or_default();
@@ -172,7 +176,7 @@ impl CudaBackend {
             }
         });
         match (built.next(), built.next(), built.next()) {
-            (Some(g), Some(u), Some(d)) => Ok([g, u, d]),
+            (Some(g), Some(u), Some(d)) => Ok(CudaExpert::new([g, u, d], copied)),
             _ => Err(Error::Cuda("an expert has three matrices".into())),
         }
     }
@@ -331,6 +335,9 @@ impl CudaBackend {
     /// The device-side table of a layer's experts (`experts[e]` is expert e), when they can
     /// run as one batch; `None` when they cannot.
     pub(super) fn layer_table(&self, experts: &[CudaExpert]) -> Result<Option<LayerTable>> {
+        for expert in experts {
+            expert.ready_for(&self.stream)?;
+        }
         let Some(plan) = self.batch_plan(experts.iter().map(CudaExpert::matrices)) else {
             return Ok(None);
         };

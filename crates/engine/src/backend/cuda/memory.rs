@@ -8,12 +8,67 @@
 //! instead of failing. Only when no expert is left to give back does the error reach the
 //! caller.
 
+use std::mem::ManuallyDrop;
+use std::ops::Deref;
+use std::sync::Arc;
+
 use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::{CudaContext, DriverError};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
 
 use super::CudaBackend;
 use super::pool::PooledBuf;
 use crate::error::{Error, Result};
+
+/// Device memory of uploaded weights. A slice is freed on the stream it was allocated on; an
+/// expert is allocated on the copy stream but read by kernels on the compute stream, so its
+/// free is first ordered after everything the compute stream was given by then.
+pub(super) struct DeviceBytes {
+    slice: ManuallyDrop<CudaSlice<u8>>,
+    /// The stream that reads it, when it is not the one it was allocated on.
+    readers: Option<Arc<CudaStream>>,
+}
+
+impl DeviceBytes {
+    /// Memory read on the stream it was allocated on.
+    pub(super) fn new(slice: CudaSlice<u8>) -> Self {
+        DeviceBytes {
+            slice: ManuallyDrop::new(slice),
+            readers: None,
+        }
+    }
+
+    /// Memory read by kernels on `readers`.
+    pub(super) fn read_by(slice: CudaSlice<u8>, readers: &Arc<CudaStream>) -> Self {
+        DeviceBytes {
+            slice: ManuallyDrop::new(slice),
+            readers: Some(Arc::clone(readers)),
+        }
+    }
+}
+
+impl Deref for DeviceBytes {
+    type Target = CudaSlice<u8>;
+
+    fn deref(&self) -> &CudaSlice<u8> {
+        &self.slice
+    }
+}
+
+impl Drop for DeviceBytes {
+    fn drop(&mut self) {
+        if let Some(readers) = &self.readers {
+            let ordered = readers
+                .record_event(None)
+                .and_then(|done| self.slice.stream().wait(&done));
+            if ordered.is_err() {
+                // No way to order the free after the readers: wait for them instead.
+                let _ = readers.synchronize();
+            }
+        }
+        // SAFETY: taken once, here; `self` is not used after.
+        drop(unsafe { ManuallyDrop::take(&mut self.slice) });
+    }
+}
 
 /// An allocation's error: [`Error::OutOfDeviceMemory`] when the device ran out of memory (so
 /// that the backend can make room and try again), otherwise the driver's error.
@@ -95,9 +150,9 @@ impl CudaBackend {
         self.pool.clear();
         // Freed memory stays in the pool (`keep_freed_memory`); once the frees have completed,
         // hand it back to the device, where an allocation of any size can use it.
-        self.stream
-            .synchronize()
-            .map_err(super::cuda("waiting for the device"))?;
+        for stream in [&self.stream, &self.copies] {
+            stream.synchronize().map_err(super::cuda("waiting for the device"))?;
+        }
         if let Some(pool) = default_pool(&self.ctx)? {
             // SAFETY: trimming only releases memory no allocation holds.
             let status = unsafe { sys::cuMemPoolTrimTo(pool, 0) };

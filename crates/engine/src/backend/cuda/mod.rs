@@ -28,7 +28,7 @@ pub use expert_cache::CudaExpert;
 use expert_cache::VramCache;
 use graphs::StepGraphs;
 use kernels::Kernels;
-use memory::{keep_freed_memory, out_of_memory};
+use memory::{DeviceBytes, keep_freed_memory, out_of_memory};
 use pool::{BufferPool, PooledBuf};
 
 use crate::backend::{
@@ -72,7 +72,7 @@ pub struct CudaMatrix {
     rows: usize,
     cols: usize,
     encoding: Encoding,
-    mem: Arc<CudaSlice<u8>>,
+    mem: Arc<DeviceBytes>,
     data: (usize, usize),
     scales: Option<(usize, usize)>,
     biases: Option<(usize, usize)>,
@@ -148,6 +148,8 @@ struct Scratch {
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// Expert uploads: the copy engine works on them while the compute stream computes.
+    copies: Arc<CudaStream>,
     blas: CudaBlas,
     k: Kernels,
     name: String,
@@ -243,6 +245,7 @@ impl CudaBackend {
         let k = Kernels::load(&ctx, &arch)?;
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
+        let copies = ctx.new_stream().map_err(cuda("creating a stream"))?;
         let blas = CudaBlas::new(Arc::clone(&stream)).map_err(cuda("creating the cuBLAS handle"))?;
         let name = format!(
             "cuda:{ordinal} ({}, {arch})",
@@ -253,6 +256,7 @@ impl CudaBackend {
             ctx,
             pool: BufferPool::new(Arc::clone(&stream)),
             stream,
+            copies,
             blas,
             k,
             name,
@@ -417,7 +421,7 @@ impl CudaBackend {
             rows: w.rows,
             cols: w.cols,
             encoding: w.encoding,
-            mem: Arc::new(self.to_device(&bytes)?),
+            mem: Arc::new(DeviceBytes::new(self.to_device(&bytes)?)),
             data,
             scales,
             biases,
@@ -912,8 +916,9 @@ impl Backend for CudaBackend {
         self.expert_rows(x, work, out)
     }
 
-    fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> [&'a CudaMatrix; 3] {
-        expert.matrices()
+    fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> Result<[&'a CudaMatrix; 3]> {
+        expert.ready_for(&self.stream)?;
+        Ok(expert.matrices())
     }
 
     fn swiglu(&self, x: &CudaTensor, gate: &CudaMatrix, up: &CudaMatrix) -> Result<CudaTensor> {
@@ -961,7 +966,7 @@ impl Backend for CudaBackend {
             return crate::backend::expert_ffn_unfused(self, x, expert, rows, weights, out);
         }
         // One token: gate, up and SiLU in one launch; down and the weighted sum in another.
-        let [gate, up, down] = expert.matrices();
+        let [gate, up, down] = self.expert_matrices(expert)?;
         let act = self.swiglu(x, gate, up)?;
         self.matvec_into(&act.buf, down, &mut out.buf, weights[0], 1.0)
     }
@@ -984,11 +989,13 @@ impl Backend for CudaBackend {
         let mut slots: Vec<BatchSlot> = experts
             .iter()
             .zip(weights)
-            .map(|(e, &w)| BatchSlot {
-                matrices: e.matrices(),
-                weight: Some(w),
+            .map(|(e, &w)| {
+                Ok(BatchSlot {
+                    matrices: self.expert_matrices(e)?,
+                    weight: Some(w),
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         if let Some(s) = shared {
             slots.push(BatchSlot {
                 matrices: [s.gate_proj, s.up_proj, s.down_proj],
