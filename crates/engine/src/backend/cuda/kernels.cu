@@ -857,6 +857,23 @@ extern "C" __global__ void attention_scores(const float* q, const float* k, int 
 }
 
 // Softmax over each block's scores, then the weighted sum of values.
+// Row (h, t) of scores (`rows` query rows per head, `cap` keys each, already scaled) into
+// attention weights: softmax over the keys up to the query's position pos0 + t, zero past it
+// (the products that follow take every one of the `cap` keys).
+extern "C" __global__ void attention_softmax(float* scores, int rows, int pos0, int cap) {
+    __shared__ float scratch[32];
+    int t = blockIdx.x % rows;
+    int len = min(pos0 + t + 1, cap);
+    float* p = scores + (long long)blockIdx.x * cap;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, p[j]);
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) sum += expf(p[j] - m);
+    float inv = 1.0f / block_sum(sum, scratch);
+    for (int j = threadIdx.x; j < cap; j += blockDim.x) p[j] = j < len ? expf(p[j] - m) * inv : 0.0f;
+}
+
 extern "C" __global__ void attention_values(float* scores, const float* v, int heads, int kv_heads, int d, int pos0,
                                             int keys_cap, float* out) {
     __shared__ float scratch[32];

@@ -179,22 +179,12 @@ macro_rules! launch {
 }
 
 // After `launch!`, which they use.
+mod attention;
 mod expert_rows;
 mod experts;
 mod matvec;
 
 use experts::{BatchSlot, InFlight};
-
-/// The attention scores one launch may hold (floats): long prompts run their queries in
-/// blocks, so that the scores of a block take at most this (256 MiB) rather than growing with
-/// the square of the prompt.
-const ATTENTION_SCORES_FLOATS: usize = 64 << 20;
-
-/// Query rows per attention launch: as many as keep `heads` rows of scores over `keys` keys
-/// within `budget` floats, and at least one.
-fn attention_query_rows(heads: usize, keys: usize, budget: usize) -> usize {
-    (budget / (heads * keys).max(1)).max(1)
-}
 
 fn grid_for(n: usize) -> LaunchConfig {
     LaunchConfig {
@@ -686,54 +676,7 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
         pos0: usize,
     ) -> Result<CudaTensor> {
-        if keys.rows < pos0 + q.rows || values.rows != keys.rows {
-            return Err(Error::InvalidInput(
-                "attention: the KV cache is shorter than the positions".into(),
-            ));
-        }
-        let mut out = self.tensor(q.rows, shape.num_heads * shape.head_dim)?;
-        let width = shape.num_heads * shape.head_dim;
-        let rows_per_block = attention_query_rows(shape.num_heads, pos0 + q.rows, ATTENTION_SCORES_FLOATS);
-        let (heads, kv_heads, d) = (shape.num_heads as i32, shape.num_kv_heads as i32, shape.head_dim as i32);
-        let scale = 1.0f32 / (shape.head_dim as f32).sqrt();
-        for first in (0..q.rows).step_by(rows_per_block) {
-            let rows = rows_per_block.min(q.rows - first);
-            // Query rows first.. attend to the keys up to their own positions.
-            let (p0, cap) = ((pos0 + first) as i32, (pos0 + first + rows) as i32);
-            let grid = blocks(rows * shape.num_heads, THREADS);
-            let q_rows = q.buf.slice(first * width..);
-            let mut out_rows = out.buf.slice_mut(first * width..);
-            self.with_scratch(rows * shape.num_heads * cap as usize, |scores| {
-                launch!(
-                    self,
-                    &self.k.attention_scores,
-                    grid,
-                    &q_rows,
-                    &*keys.buf,
-                    &heads,
-                    &kv_heads,
-                    &d,
-                    &p0,
-                    &cap,
-                    &scale,
-                    &*scores
-                )?;
-                launch!(
-                    self,
-                    &self.k.attention_values,
-                    grid,
-                    &*scores,
-                    &*values.buf,
-                    &heads,
-                    &kv_heads,
-                    &d,
-                    &p0,
-                    &cap,
-                    &mut out_rows
-                )
-            })?;
-        }
-        Ok(out)
+        self.attend(q, keys, values, shape, pos0)
     }
 
     fn causal_conv1d_silu(&self, x: &CudaTensor, weight: &CudaTensor, state: &mut CudaTensor) -> Result<CudaTensor> {
@@ -1057,20 +1000,5 @@ impl Backend for CudaBackend {
 
     fn run_step(&self, key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         self.run_recorded_step(key, step)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::attention_query_rows;
-
-    #[test]
-    fn attention_runs_long_prompts_in_query_blocks_within_the_budget() {
-        // 32 heads over 8192 keys: 256 rows of scores per 64 Mi floats.
-        assert_eq!(attention_query_rows(32, 8192, 64 << 20), 256);
-        // A short prompt fits in one launch.
-        assert!(attention_query_rows(32, 512, 64 << 20) >= 512);
-        // At least one row, however long the cache.
-        assert_eq!(attention_query_rows(64, 1 << 30, 64 << 20), 1);
     }
 }
