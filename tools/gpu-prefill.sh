@@ -7,7 +7,8 @@
 # "512 2048 8192"), TIERS the tiers (default "vram host"). LEAVE_GIB, when set, first fills
 # the GPU from another process (tools/gpu_fill.py) until that many GiB are free, as on a smaller
 # card, so that the expert cache has to give memory back to the prompt's activations. Logs and
-# each run's stats JSON go to $OUT (default /tmp/gpu-prefill).
+# each run's stats JSON go to $OUT (default /tmp/gpu-prefill). DECODE=N also decodes N tokens
+# after the prompt and prints their rate (decode at the prompt's context length).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DIST:-dist}/flash-moe
@@ -34,10 +35,10 @@ for tier in ${TIERS:-vram host}; do
   for chunk in ${CHUNKS:-512 2048 8192}; do
     name=$tier-${WORDS:-1500}w-$chunk
     # The warm-up prefills the same prompt once (kernels compiled, buffers and caches filled).
-    "$bin" generate --model "$model" --device cuda --prompt "$prompt" --max-tokens 1 --warmup-tokens 1 \
+    "$bin" generate --model "$model" --device cuda --prompt "$prompt" --max-tokens "${DECODE:-1}" --warmup-tokens 1 \
       --prefill-chunk "$chunk" --prefetch-experts "${cache[@]}" --stats-json "$out/$name.json" >"$out/$name.log" 2>&1 ||
       { echo "$name: failed"; tail -3 "$out/$name.log"; continue; }
-    echo "$tier, chunk $chunk: $(grep -o 'prompt: [0-9]* tokens, [0-9.]* tok/s' "$out/$name.log")"
+    echo "$tier, chunk $chunk: $(grep -oE 'prompt: [0-9]+ tokens, [0-9.]+ tok/s( \| decode: [0-9]+ tokens, [0-9.]+ tok/s)?' "$out/$name.log")"
     grep -h "GPU memory is short" "$out/$name.log" | tail -1 || true
   done
 done

@@ -1,16 +1,17 @@
 //! Softmax attention over the KV cache, GQA, causal.
 //!
-//! A few queries (decode) run in two kernels that walk the cache per (query, head). A prompt
-//! runs as matrix products: per KV head, the scores of its query heads in one strided-batched
-//! SGEMM, a masked softmax, and the weighted values in another SGEMM. The per-(query, head)
-//! kernels read every key and value again for every query and head (17 TB of cache reads for
-//! a 23k-token prompt on Qwen3.5's shapes); the products read each cache tile once per
-//! block of queries. Either way the scores of a launch stay within ATTENTION_SCORES_FLOATS:
-//! long prompts run their queries in blocks.
+//! A few queries (decode) run split over the keys: a block per (query, KV head, chunk of
+//! keys) for all the query heads of that KV head, then a launch that merges the chunks. A
+//! prompt runs as matrix products: per KV head, the scores of its query heads in one
+//! strided-batched SGEMM, a masked softmax, and the weighted values in another SGEMM; the
+//! scores of a launch stay within ATTENTION_SCORES_FLOATS (long prompts run their queries in
+//! blocks). The kernels they replace took a block per (query, head), which read every key
+//! and value again for each query head (16 times for Qwen3.5) from only `heads` blocks per
+//! token, and 17 TB of cache reads for a 23k-token prompt.
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, THREADS, blocks, cuda};
 use crate::backend::AttentionShape;
@@ -22,6 +23,14 @@ const ATTENTION_SCORES_FLOATS: usize = 64 << 20;
 
 /// Queries from which attention runs as matrix products.
 const GEMM_MIN_QUERIES: usize = 16;
+
+/// Keys per block of the split attention: enough blocks for two per multiprocessor over the
+/// `lanes` (query, KV head) pairs, a multiple of 8 between 8 and 256. A short context thus
+/// still spreads over several blocks (each warp of a block takes a key at a time).
+fn split_chunk(keys: usize, lanes: usize, sms: usize) -> usize {
+    let per_lane = (2 * sms).div_ceil(lanes.max(1));
+    keys.div_ceil(per_lane).next_multiple_of(8).clamp(8, 256)
+}
 
 /// Query rows per attention launch: as many as keep `heads` rows of scores over `keys` keys
 /// within `budget` floats, and at least one.
@@ -61,6 +70,10 @@ impl CudaBackend {
             )));
         }
         let mut out = self.tensor(q.rows, shape.num_heads * shape.head_dim)?;
+        if q.rows < GEMM_MIN_QUERIES {
+            self.attend_split(q, keys, values, shape, pos0, &mut out)?;
+            return Ok(out);
+        }
         let width = shape.num_heads * shape.head_dim;
         let rows_per_block = attention_query_rows(shape.num_heads, pos0 + q.rows, ATTENTION_SCORES_FLOATS);
         for first in (0..q.rows).step_by(rows_per_block) {
@@ -74,55 +87,78 @@ impl CudaBackend {
                 cap: pos0 + first + rows,
             };
             self.with_scratch(rows * shape.num_heads * block.cap, |scores| {
-                if q.rows >= GEMM_MIN_QUERIES {
-                    self.attend_products(block, keys, values, shape, scores)
-                } else {
-                    self.attend_per_query(block, keys, values, shape, scores)
-                }
+                self.attend_products(block, keys, values, shape, scores)
             })?;
         }
         Ok(out)
     }
 
-    fn attend_per_query(
+    fn attend_split(
         &self,
-        mut b: QueryBlock<'_>,
+        q: &CudaTensor,
         keys: &CudaTensor,
         values: &CudaTensor,
         shape: AttentionShape,
-        scores: &mut CudaSlice<f32>,
+        pos0: usize,
+        out: &mut CudaTensor,
     ) -> Result<()> {
-        let (heads, kv_heads, d) = (shape.num_heads as i32, shape.num_kv_heads as i32, shape.head_dim as i32);
-        let scale = 1.0f32 / (shape.head_dim as f32).sqrt();
-        let (p0, cap) = (b.pos0 as i32, b.cap as i32);
-        let grid = blocks(b.rows * shape.num_heads, THREADS);
-        launch!(
-            self,
-            &self.k.attention_scores,
-            grid,
-            &b.q,
-            &*keys.buf,
-            &heads,
-            &kv_heads,
-            &d,
-            &p0,
-            &cap,
-            &scale,
-            &*scores
-        )?;
-        launch!(
-            self,
-            &self.k.attention_values,
-            grid,
-            &*scores,
-            &*values.buf,
-            &heads,
-            &kv_heads,
-            &d,
-            &p0,
-            &cap,
-            &mut b.out
-        )
+        let (heads, kv_heads, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let group = heads / kv_heads;
+        let keys_seen = pos0 + q.rows;
+        let chunk = split_chunk(keys_seen, q.rows * kv_heads, self.sms);
+        let chunks = keys_seen.div_ceil(chunk);
+        let shared = 4 * group * (d + chunk);
+        if d > 512 || group > 32 || shared > 48 << 10 {
+            return Err(Error::InvalidInput(format!(
+                "attention: {group} query heads of {d} per KV head (the CUDA kernel takes up to 32 of 512)"
+            )));
+        }
+        let split = LaunchConfig {
+            grid_dim: ((q.rows * kv_heads * chunks) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let combine = LaunchConfig {
+            grid_dim: ((q.rows * heads) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 4 * chunks as u32,
+        };
+        let scale = 1.0f32 / (d as f32).sqrt();
+        let (h, kvh, di, p0, ch, n) = (
+            heads as i32,
+            kv_heads as i32,
+            d as i32,
+            pos0 as i32,
+            chunk as i32,
+            chunks as i32,
+        );
+        self.with_scratch(q.rows * heads * chunks * (d + 2), |partial| {
+            launch!(
+                self,
+                &self.k.attention_split,
+                split,
+                &*q.buf,
+                &*keys.buf,
+                &*values.buf,
+                &h,
+                &kvh,
+                &di,
+                &p0,
+                &ch,
+                &n,
+                &scale,
+                &*partial
+            )?;
+            launch!(
+                self,
+                &self.k.attention_combine,
+                combine,
+                &*partial,
+                &di,
+                &n,
+                &mut *out.buf
+            )
+        })
     }
 
     /// Scores of head h in `scores[h]` (`rows x cap`, row-major), as cuBLAS's column-major
@@ -217,7 +253,15 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::attention_query_rows;
+    use super::{attention_query_rows, split_chunk};
+
+    #[test]
+    fn split_attention_fills_the_gpu_with_chunks_of_8_to_256_keys() {
+        // One token, 2 KV heads, 132 multiprocessors: 132 blocks per KV head wanted.
+        assert_eq!(split_chunk(23_000, 2, 132), 176);
+        assert_eq!(split_chunk(100, 2, 132), 8);
+        assert_eq!(split_chunk(1 << 20, 2, 132), 256);
+    }
 
     #[test]
     fn attention_runs_long_prompts_in_query_blocks_within_the_budget() {

@@ -839,24 +839,105 @@ extern "C" __global__ void rope(float* x, int cols, int head_dim, int rot, float
 
 // Scores of causal attention: one block per (query row t, head h), one warp per key.
 // scores[(t * heads + h) * keys_cap + j] = q . k_j * scale for j <= pos0 + t.
-extern "C" __global__ void attention_scores(const float* q, const float* k, int heads, int kv_heads, int d,
-                                            int pos0, int keys_cap, float scale, float* scores) {
-    int t = blockIdx.x / heads, h = blockIdx.x % heads;
-    int kv = h / (heads / kv_heads);
+// Attention for a few queries (decode), split over the keys as flash-decoding does: block
+// (t, kv, c) takes keys [c * chunk, (c + 1) * chunk) of query row t for every query head of
+// KV head kv, so that each key and value row is read once for all of them (a block per
+// query head read each 16 times over for Qwen3.5). Per head it leaves the chunk's values
+// weighted by exp(score - m), then m (the chunk's max score) and the sum of those weights:
+// attention_combine merges the chunks. Shared memory: the group's queries (group * d
+// floats), then their scores (group * chunk). d <= 512, group <= 32.
+#define SPLIT_DIMS 16  // d / 32 at most
+#define SPLIT_HEADS 16 // heads accumulated at once
+extern "C" __global__ void attention_split(const float* q, const float* k, const float* v, int heads, int kv_heads,
+                                           int d, int pos0, int chunk, int chunks, float scale, float* partial) {
+    extern __shared__ float split_smem[];
+    __shared__ float stats[2 * 32];
+    int group = heads / kv_heads;
+    int c = blockIdx.x % chunks, kv = (blockIdx.x / chunks) % kv_heads, t = blockIdx.x / (chunks * kv_heads);
+    int h0 = kv * group, kvd = kv_heads * d;
+    float *qs = split_smem, *s = split_smem + group * d;
+    int j0 = c * chunk, n = max(min(j0 + chunk, pos0 + t + 1) - j0, 0);
+    for (int i = threadIdx.x; i < group * d; i += blockDim.x) qs[i] = q[((long long)t * heads + h0) * d + i] * scale;
+    __syncthreads();
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    const float* qh = q + ((long long)t * heads + h) * d;
-    int len = pos0 + t + 1;
-    float* out = scores + (long long)blockIdx.x * keys_cap;
-    for (int j = warp; j < len; j += warps) {
-        const float* kj = k + ((long long)j * kv_heads + kv) * d;
-        float acc = 0.0f;
-        for (int i = lane; i < d; i += 32) acc += qh[i] * kj[i];
-        acc = warp_sum(acc);
-        if (lane == 0) out[j] = acc * scale;
+    for (int j = warp; j < n; j += warps) {
+        const float* kj = k + (long long)(j0 + j) * kvd + kv * d;
+        float kr[SPLIT_DIMS];
+#pragma unroll
+        for (int u = 0; u < SPLIT_DIMS; ++u) kr[u] = lane + 32 * u < d ? kj[lane + 32 * u] : 0.0f;
+        for (int h = 0; h < group; ++h) {
+            float acc = 0.0f;
+#pragma unroll
+            for (int u = 0; u < SPLIT_DIMS; ++u)
+                if (lane + 32 * u < d) acc += qs[h * d + lane + 32 * u] * kr[u];
+            acc = warp_sum(acc);
+            if (lane == 0) s[h * chunk + j] = acc;
+        }
+    }
+    __syncthreads();
+    for (int h = warp; h < group; h += warps) {
+        float m = NEG_INF;
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, s[h * chunk + j]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int j = lane; j < n; j += 32) {
+            float e = expf(s[h * chunk + j] - m);
+            s[h * chunk + j] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) stats[2 * h] = m, stats[2 * h + 1] = l;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        for (int hb = 0; hb < group; hb += SPLIT_HEADS) {
+            float acc[SPLIT_HEADS];
+#pragma unroll
+            for (int u = 0; u < SPLIT_HEADS; ++u) acc[u] = 0.0f;
+            for (int j = 0; j < n; ++j) {
+                float vj = v[(long long)(j0 + j) * kvd + kv * d + i];
+#pragma unroll
+                for (int u = 0; u < SPLIT_HEADS; ++u)
+                    if (hb + u < group) acc[u] += s[(hb + u) * chunk + j] * vj;
+            }
+#pragma unroll
+            for (int u = 0; u < SPLIT_HEADS; ++u)
+                if (hb + u < group)
+                    partial[(((long long)t * heads + h0 + hb + u) * chunks + c) * (d + 2) + i] = acc[u];
+        }
+    }
+    for (int h = threadIdx.x; h < group; h += blockDim.x) {
+        float* rec = partial + (((long long)t * heads + h0 + h) * chunks + c) * (d + 2);
+        rec[d] = stats[2 * h];
+        rec[d + 1] = stats[2 * h + 1];
     }
 }
 
-// Softmax over each block's scores, then the weighted sum of values.
+// out row (t, h) from its chunks' partial results: weights exp(m_c - M) with M the largest
+// chunk max (a chunk past the query's position has m = -inf and weight 0). Shared memory:
+// one float per chunk.
+extern "C" __global__ void attention_combine(const float* partial, int d, int chunks, float* out) {
+    extern __shared__ float weights[];
+    __shared__ float scratch[32];
+    const float* p = partial + (long long)blockIdx.x * chunks * (d + 2);
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) m = fmaxf(m, p[(long long)c * (d + 2) + d]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        const float* rec = p + (long long)c * (d + 2);
+        float w = rec[d + 1] > 0.0f ? expf(rec[d] - m) : 0.0f;
+        weights[c] = w;
+        l += w * rec[d + 1];
+    }
+    float inv = 1.0f / block_sum(l, scratch);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int c = 0; c < chunks; ++c) acc += weights[c] * p[(long long)c * (d + 2) + i];
+        out[(long long)blockIdx.x * d + i] = acc * inv;
+    }
+}
+
 // Row (h, t) of scores (`rows` query rows per head, `cap` keys each, already scaled) into
 // attention weights: softmax over the keys up to the query's position pos0 + t, zero past it
 // (the products that follow take every one of the `cap` keys).

@@ -220,9 +220,12 @@ impl CudaBackend {
             )));
         }
         let ctx = CudaContext::new(ordinal).map_err(cuda("opening the GPU"))?;
-        // One stream orders everything; cudarc's per-buffer event tracking would only add
+        // One stream orders the compute; cudarc's per-buffer event tracking would only add
         // an event record per kernel argument.
-        // SAFETY: all work runs on the one stream below, so no buffer is used across streams.
+        // SAFETY: the only buffers used on two streams are experts, written on the copy
+        // stream: the compute stream waits for each copy before its first read
+        // (`CudaExpert::ready_for`), and their frees wait for the compute stream
+        // (`DeviceBytes`).
         unsafe { ctx.disable_event_tracking() };
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
