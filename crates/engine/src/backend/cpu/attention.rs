@@ -1,5 +1,7 @@
 //! Gated full attention: query/gate split, rotate-half RoPE, causal GQA softmax attention.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::CpuTensor;
@@ -51,7 +53,23 @@ pub fn rope(x: &mut CpuTensor, head_dim: usize, rotary_dim: usize, theta: f64, p
     });
 }
 
-/// Causal attention of query rows at positions `pos0..` over cached keys and values.
+/// Keys per task when few queries attend (decode): their work splits over chunks of the
+/// cache so that every core takes part, and merges per head after.
+const KEYS_PER_TASK: usize = 512;
+/// (query, KV head) pairs from which each pair is one task over all its keys (a prompt).
+const PAIRS_WITHOUT_SPLIT: usize = 64;
+
+/// What one task leaves for each query head of its KV head: the largest score of its keys,
+/// the sum of exp(score - largest) over them, and the values weighted by those.
+struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    values: Vec<f32>,
+}
+
+/// Causal attention of query rows at positions `pos0..` over cached keys and values. A task
+/// takes one query row, one KV head and a range of keys for all the query heads of that KV
+/// head, so that each key and value row is read once for them all (not once per head).
 pub fn attention(q: &CpuTensor, keys: &CpuTensor, values: &CpuTensor, shape: AttentionShape, pos0: usize) -> CpuTensor {
     let AttentionShape {
         num_heads,
@@ -59,28 +77,86 @@ pub fn attention(q: &CpuTensor, keys: &CpuTensor, values: &CpuTensor, shape: Att
         head_dim,
     } = shape;
     let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let pairs = q.rows * num_kv_heads;
+    let keys_seen = pos0 + q.rows;
+    let chunk = if pairs >= PAIRS_WITHOUT_SPLIT {
+        keys_seen
+    } else {
+        KEYS_PER_TASK
+    };
+    let chunks = keys_seen.div_ceil(chunk.max(1));
+    let partials: Vec<Partial> = (0..pairs * chunks)
+        .into_par_iter()
+        .map(|i| {
+            let (t, kv, c) = (i / chunks / num_kv_heads, i / chunks % num_kv_heads, i % chunks);
+            let seen = pos0 + t + 1;
+            let heads = &q.row(t)[kv * group * head_dim..(kv + 1) * group * head_dim];
+            let range = (c * chunk).min(seen)..((c + 1) * chunk).min(seen);
+            chunk_attention(heads, keys, values, kv * head_dim..(kv + 1) * head_dim, range)
+        })
+        .collect();
     let mut out = vec![0.0f32; q.rows * num_heads * head_dim];
     out.par_chunks_mut(head_dim).enumerate().for_each(|(index, o)| {
         let (t, h) = (index / num_heads, index % num_heads);
-        let kv = h / group;
-        let query = &q.row(t)[h * head_dim..(h + 1) * head_dim];
-        let len = pos0 + t + 1;
-        let mut scores: Vec<f32> = (0..len)
-            .map(|j| dot(query, &keys.row(j)[kv * head_dim..(kv + 1) * head_dim]) * scale)
-            .collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            total += *s;
-        }
-        for (j, &p) in scores.iter().enumerate() {
-            let v = &values.row(j)[kv * head_dim..(kv + 1) * head_dim];
-            o.iter_mut().zip(v).for_each(|(acc, &x)| *acc += p / total * x);
-        }
+        let pair = t * num_kv_heads + h / group;
+        merge(&partials[pair * chunks..(pair + 1) * chunks], h % group, o);
     });
     CpuTensor::new(q.rows, num_heads * head_dim, out)
+}
+
+/// The queries `heads` (one after another, each as wide as `cols`) over the keys `range`,
+/// columns `cols` of the cache rows.
+fn chunk_attention(
+    heads: &[f32],
+    keys: &CpuTensor,
+    values: &CpuTensor,
+    cols: Range<usize>,
+    range: Range<usize>,
+) -> Partial {
+    let d = cols.len();
+    let (group, n) = (heads.len() / d, range.len());
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut scores = vec![0.0f32; group * n];
+    for (i, j) in range.clone().enumerate() {
+        let key = &keys.row(j)[cols.clone()];
+        for (member, query) in heads.chunks_exact(d).enumerate() {
+            scores[member * n + i] = dot(query, key) * scale;
+        }
+    }
+    let mut part = Partial {
+        max: vec![f32::NEG_INFINITY; group],
+        sum: vec![0.0; group],
+        values: vec![0.0; group * d],
+    };
+    for (member, s) in scores.chunks_exact_mut(n.max(1)).enumerate().take(group) {
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        s.iter_mut().for_each(|x| *x = (*x - max).exp());
+        part.max[member] = max;
+        part.sum[member] = s.iter().sum();
+    }
+    for (i, j) in range.enumerate() {
+        let value = &values.row(j)[cols.clone()];
+        for (member, acc) in part.values.chunks_exact_mut(d).enumerate() {
+            let w = scores[member * n + i];
+            acc.iter_mut().zip(value).for_each(|(a, &x)| *a += w * x);
+        }
+    }
+    part
+}
+
+/// Query head `member`'s output from its tasks' partial results, rescaled to their common max.
+fn merge(parts: &[Partial], member: usize, out: &mut [f32]) {
+    let d = out.len();
+    let live = || parts.iter().filter(|p| p.sum[member] > 0.0);
+    let max = live().map(|p| p.max[member]).fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for p in live() {
+        let w = (p.max[member] - max).exp();
+        total += w * p.sum[member];
+        let values = &p.values[member * d..(member + 1) * d];
+        out.iter_mut().zip(values).for_each(|(o, &v)| *o += w * v);
+    }
+    out.iter_mut().for_each(|o| *o /= total);
 }
 
 #[cfg(test)]
@@ -110,5 +186,80 @@ mod tests {
         let v = CpuTensor::new(1, 2, vec![2.0, -1.0]);
         let o = attention(&q, &k, &v, shape, 0);
         assert_eq!(o.data, vec![2.0, -1.0, 2.0, -1.0]);
+    }
+
+    /// Softmax attention written out per (query, head), in f64.
+    fn naive(q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, shape: AttentionShape, pos0: usize) -> Vec<f64> {
+        let (heads, d) = (shape.num_heads, shape.head_dim);
+        let group = heads / shape.num_kv_heads;
+        let mut out = Vec::new();
+        for t in 0..q.rows {
+            for h in 0..heads {
+                let (query, kv) = (&q.row(t)[h * d..(h + 1) * d], (h / group) * d);
+                let scores: Vec<f64> = (0..=pos0 + t)
+                    .map(|j| {
+                        let key = &k.row(j)[kv..kv + d];
+                        query
+                            .iter()
+                            .zip(key)
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                out.extend((0..d).map(|i| {
+                    weights
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| w * f64::from(v.row(j)[kv + i]))
+                        .sum::<f64>()
+                        / total
+                }));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn split_and_whole_attention_match_the_definition() {
+        let shape = AttentionShape {
+            num_heads: 8,
+            num_kv_heads: 2,
+            head_dim: 16,
+        };
+        let mut seed = 1u32;
+        let mut random = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        // 3 queries after 1100 cached keys: split over chunks of 512, the last ones partial.
+        // 40 queries after 30: one task per (query, KV head).
+        for (rows, pos0) in [(3, 1100), (40, 30)] {
+            let keys = pos0 + rows;
+            let q = CpuTensor::new(rows, 8 * 16, random(rows * 8 * 16).iter().map(|x| 4.0 * x).collect());
+            let k = CpuTensor::new(keys, 2 * 16, random(keys * 2 * 16));
+            let v = CpuTensor::new(keys, 2 * 16, random(keys * 2 * 16));
+            let got = attention(&q, &k, &v, shape, pos0);
+            let want = naive(&q, &k, &v, shape, pos0);
+            let err: f64 = got
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(&g, w)| (f64::from(g) - w).powi(2))
+                .sum();
+            let norm: f64 = want.iter().map(|w| w * w).sum();
+            assert!(
+                (err / norm).sqrt() < 1e-6,
+                "{rows} queries after {pos0}: relative L2 {}",
+                (err / norm).sqrt()
+            );
+        }
     }
 }
