@@ -4,11 +4,13 @@
 # on a synthetic model with Qwen3.5-397B shapes (4 layers: 3 linear-attention, 1 full; 256
 # experts per layer; random routing). Builds nothing: takes $DIST/flash-moe (default dist/).
 # WORDS sets the prompt's length in words (default 1500), CHUNKS the chunk sizes (default
-# "512 2048 8192"), TIERS the tiers (default "vram host"). LEAVE_GIB, when set, first fills
-# the GPU from another process (tools/gpu_fill.py) until that many GiB are free, as on a smaller
-# card, so that the expert cache has to give memory back to the prompt's activations. Logs and
-# each run's stats JSON go to $OUT (default /tmp/gpu-prefill). DECODE=N also decodes N tokens
-# after the prompt and prints their rate (decode at the prompt's context length).
+# "512 2048 8192"), TIERS the tiers (default "vram host"; "part" caps the VRAM cache at
+# PART_GIB, default 2, with the rest in the host cache, so that it evicts). LEAVE_GIB, when
+# set, first fills the GPU from another process (tools/gpu_fill.py) until that many GiB are
+# free, as on a smaller card, so that the expert cache has to give memory back to the prompt's
+# activations. DECODE=N also decodes N tokens after the prompt and prints their rate (decode
+# at the prompt's context length). Logs and each run's stats JSON go to $OUT (default
+# /tmp/gpu-prefill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${DIST:-dist}/flash-moe
@@ -32,6 +34,7 @@ print(' '.join(random.choice(words) for _ in range(${WORDS:-1500})))")
 for tier in ${TIERS:-vram host}; do
   cache=()
   [ "$tier" = host ] && cache=(--gpu-expert-cache-gib 0 --expert-cache-mib 16000)
+  [ "$tier" = part ] && cache=(--gpu-expert-cache-gib "${PART_GIB:-2}" --expert-cache-mib 16000)
   for chunk in ${CHUNKS:-512 2048 8192}; do
     name=$tier-${WORDS:-1500}w-$chunk
     # The warm-up prefills the same prompt once (kernels compiled, buffers and caches filled).

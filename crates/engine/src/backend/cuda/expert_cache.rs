@@ -7,53 +7,34 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cudarc::driver::{CudaEvent, CudaStream};
-
 use super::experts::LayerTable;
-use super::{CudaBackend, CudaMatrix, cuda};
+use super::{CudaBackend, CudaMatrix};
 use crate::backend::ExpertCacheStats;
 use crate::error::Result;
 use crate::model::weights::ExpertView;
 
 /// A routed expert in VRAM: gate, up and down.
 #[derive(Clone)]
-pub struct CudaExpert(Arc<Uploaded>);
-
-struct Uploaded {
-    matrices: [CudaMatrix; 3],
-    /// Set while its copy (on the copy stream) may still run: the compute stream waits for
-    /// it before the first kernel that reads the expert.
-    copying: Mutex<Option<CudaEvent>>,
-}
+pub struct CudaExpert(Arc<[CudaMatrix; 3]>);
 
 impl CudaExpert {
-    pub(super) fn new(matrices: [CudaMatrix; 3], copied: CudaEvent) -> Self {
-        CudaExpert(Arc::new(Uploaded {
-            matrices,
-            copying: Mutex::new(Some(copied)),
-        }))
+    pub(super) fn new(matrices: [CudaMatrix; 3]) -> Self {
+        CudaExpert(Arc::new(matrices))
     }
 
     pub fn matrices(&self) -> [&CudaMatrix; 3] {
-        let [g, u, d] = &self.0.matrices;
+        let [g, u, d] = &*self.0;
         [g, u, d]
     }
 
     /// VRAM the expert occupies (its three matrices share one allocation).
     fn bytes(&self) -> u64 {
-        self.0.matrices[0].mem.len() as u64
+        self.0[0].mem.len() as u64
     }
 
-    /// Orders the work `stream` is given from now on after the expert's copy. Once done (or
-    /// once the copy is seen finished) it costs nothing: one stream computes.
-    pub(super) fn ready_for(&self, stream: &CudaStream) -> Result<()> {
-        let mut copying = self.0.copying.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(event) = copying.take()
-            && !event.is_complete()
-        {
-            stream.wait(&event).map_err(cuda("waiting for an expert's copy"))?;
-        }
-        Ok(())
+    /// Orders the compute stream's work from now on after the expert's copy to the device.
+    pub(super) fn ready(&self) -> Result<()> {
+        self.0[0].mem.ready()
     }
 }
 

@@ -110,7 +110,7 @@ impl CudaBackend {
     ) -> Result<()> {
         // Waits for this group's copies only: later groups' copies run meanwhile.
         for w in work {
-            w.expert.ready_for(&self.stream)?;
+            w.expert.ready()?;
         }
         let Some(first) = work.first() else {
             return Ok(());

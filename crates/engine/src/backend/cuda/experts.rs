@@ -125,7 +125,7 @@ impl CudaBackend {
     /// Copies an expert's matrices into one new device allocation, asynchronously on the
     /// copy stream, so that the copy runs while the compute stream works on experts already
     /// there; the compute stream waits for it before the first kernel that reads the expert
-    /// (`CudaExpert::ready_for`). The host bytes are kept alive until the copy has finished.
+    /// (`CudaExpert::ready`). The host bytes are kept alive until the copy has finished.
     pub(super) fn upload_expert(&self, view: &ExpertView) -> Result<CudaExpert> {
         let matrices = [&view.gate, &view.up, &view.down];
         let blobs: Vec<&Blob> = matrices
@@ -158,8 +158,7 @@ impl CudaBackend {
                 .0
                 .push((record()?, copies.into_iter().map(|(b, _)| b).collect()));
         }
-        let copied = record()?;
-        let mem = Arc::new(DeviceBytes::read_by(mem, &self.stream));
+        let mem = Arc::new(DeviceBytes::copied_in(mem, record()?, &self.stream));
         let mut placed = blobs.iter().zip(offsets).map(|(b, at)| (at, b.len()));
         let mut built = matrices.into_iter().map(|m| {
             let data = placed.next().unwrap_or_default();
@@ -176,7 +175,7 @@ impl CudaBackend {
             }
         });
         match (built.next(), built.next(), built.next()) {
-            (Some(g), Some(u), Some(d)) => Ok(CudaExpert::new([g, u, d], copied)),
+            (Some(g), Some(u), Some(d)) => Ok(CudaExpert::new([g, u, d])),
             _ => Err(Error::Cuda("an expert has three matrices".into())),
         }
     }
@@ -336,7 +335,7 @@ impl CudaBackend {
     /// run as one batch; `None` when they cannot.
     pub(super) fn layer_table(&self, experts: &[CudaExpert]) -> Result<Option<LayerTable>> {
         for expert in experts {
-            expert.ready_for(&self.stream)?;
+            expert.ready()?;
         }
         let Some(plan) = self.batch_plan(experts.iter().map(CudaExpert::matrices)) else {
             return Ok(None);

@@ -10,22 +10,24 @@
 
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cudarc::driver::sys::{self, CUresult};
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError};
 
 use super::CudaBackend;
 use super::pool::PooledBuf;
 use crate::error::{Error, Result};
 
-/// Device memory of uploaded weights. A slice is freed on the stream it was allocated on; an
-/// expert is allocated on the copy stream but read by kernels on the compute stream, so its
-/// free is first ordered after everything the compute stream was given by then.
+/// Device memory of uploaded weights. An expert is written on the copy stream and read on
+/// the compute stream: the compute stream waits for the copy before its first read
+/// (`ready`), and the memory is freed on the compute stream, after the kernels that read it,
+/// so that a free never holds up the copies queued behind it.
 pub(super) struct DeviceBytes {
     slice: ManuallyDrop<CudaSlice<u8>>,
-    /// The stream that reads it, when it is not the one it was allocated on.
-    readers: Option<Arc<CudaStream>>,
+    /// For memory copied in on another stream: the stream that reads and frees it, and the
+    /// copy's event until that stream has waited for it.
+    copied: Option<(Arc<CudaStream>, Mutex<Option<CudaEvent>>)>,
 }
 
 impl DeviceBytes {
@@ -33,16 +35,34 @@ impl DeviceBytes {
     pub(super) fn new(slice: CudaSlice<u8>) -> Self {
         DeviceBytes {
             slice: ManuallyDrop::new(slice),
-            readers: None,
+            copied: None,
         }
     }
 
-    /// Memory read by kernels on `readers`.
-    pub(super) fn read_by(slice: CudaSlice<u8>, readers: &Arc<CudaStream>) -> Self {
+    /// Memory whose contents the work before `copied` (on the stream it was allocated on)
+    /// writes, read by kernels on `readers`.
+    pub(super) fn copied_in(slice: CudaSlice<u8>, copied: CudaEvent, readers: &Arc<CudaStream>) -> Self {
         DeviceBytes {
             slice: ManuallyDrop::new(slice),
-            readers: Some(Arc::clone(readers)),
+            copied: Some((Arc::clone(readers), Mutex::new(Some(copied)))),
         }
+    }
+
+    /// Orders what the reading stream is given from now on after the copy. Once done (or
+    /// once the copy is seen finished) it costs nothing.
+    pub(super) fn ready(&self) -> Result<()> {
+        let Some((readers, copying)) = &self.copied else {
+            return Ok(());
+        };
+        let mut copying = copying.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(event) = copying.take()
+            && !event.is_complete()
+        {
+            readers
+                .wait(&event)
+                .map_err(super::cuda("waiting for an expert's copy"))?;
+        }
+        Ok(())
     }
 }
 
@@ -56,17 +76,20 @@ impl Deref for DeviceBytes {
 
 impl Drop for DeviceBytes {
     fn drop(&mut self) {
-        if let Some(readers) = &self.readers {
-            let ordered = readers
-                .record_event(None)
-                .and_then(|done| self.slice.stream().wait(&done));
-            if ordered.is_err() {
-                // No way to order the free after the readers: wait for them instead.
-                let _ = readers.synchronize();
-            }
+        // SAFETY: taken once, here; `self.slice` is not used after.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        let Some((readers, _)) = &self.copied else {
+            return drop(slice);
+        };
+        if self.ready().is_err() {
+            // The reading stream cannot be ordered after the copy: wait for the copy here.
+            let _ = slice.stream().synchronize();
         }
-        // SAFETY: taken once, here; `self` is not used after.
-        drop(unsafe { ManuallyDrop::take(&mut self.slice) });
+        let len = slice.len();
+        let ptr = slice.leak();
+        // SAFETY: `ptr` is the allocation just leaked, `len` bytes; the slice made here owns
+        // it alone and frees it on the reading stream, after the kernels queued there.
+        drop(unsafe { readers.upgrade_device_ptr::<u8>(ptr, len) });
     }
 }
 

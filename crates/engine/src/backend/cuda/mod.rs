@@ -223,9 +223,8 @@ impl CudaBackend {
         // One stream orders the compute; cudarc's per-buffer event tracking would only add
         // an event record per kernel argument.
         // SAFETY: the only buffers used on two streams are experts, written on the copy
-        // stream: the compute stream waits for each copy before its first read
-        // (`CudaExpert::ready_for`), and their frees wait for the compute stream
-        // (`DeviceBytes`).
+        // stream: the compute stream waits for each copy before its first read, and frees
+        // them itself after its kernels (`DeviceBytes`).
         unsafe { ctx.disable_event_tracking() };
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -863,7 +862,7 @@ impl Backend for CudaBackend {
     }
 
     fn expert_matrices<'a>(&self, expert: &'a CudaExpert) -> Result<[&'a CudaMatrix; 3]> {
-        expert.ready_for(&self.stream)?;
+        expert.ready()?;
         Ok(expert.matrices())
     }
 
