@@ -70,6 +70,12 @@ const RESERVED_CONTEXT: usize = 32 << 10;
 /// A command's work, written once for every backend.
 pub trait ModelJob {
     fn run<B: Backend>(self, model: Model<B>, store: Arc<ExpertStore>) -> anyhow::Result<()>;
+
+    /// The longest sequence the job allows, when the user set one: an automatic VRAM expert
+    /// budget then leaves room for the state of that many tokens (otherwise RESERVED_CONTEXT).
+    fn max_context(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Options every command that runs the model takes.
@@ -95,8 +101,9 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// VRAM for the routed-expert cache, in GiB (default: what is free after the dense
-    /// weights, the state of a 32k-token sequence and 2 GiB of headroom; 0: no cache). When
-    /// a longer sequence or prompt snapshots need more, the cache gives experts back.
+    /// weights, the state of a 32k-token sequence or of --max-context where a command takes
+    /// one, and 2 GiB of headroom; 0: no cache). When a longer sequence or prompt snapshots
+    /// need more, the cache gives experts back.
     #[arg(long)]
     pub gpu_expert_cache_gib: Option<f64>,
     /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps
@@ -142,20 +149,29 @@ impl ModelArgs {
                     host_memory: Some(backend.pinned_allocator()),
                     ..self.store_config()
                 });
-                job.run(self.load_on(backend, Arc::clone(&store))?, store)
+                let context = job.max_context();
+                job.run(self.load_on(backend, Arc::clone(&store), context)?, store)
             }
             _ => {
                 let store = ExpertStore::new(self.store_config());
-                job.run(self.load_on(CpuBackend::new(), Arc::clone(&store))?, store)
+                let context = job.max_context();
+                job.run(self.load_on(CpuBackend::new(), Arc::clone(&store), context)?, store)
             }
         }
     }
 
-    fn load_on<B: Backend>(&self, backend: B, store: Arc<ExpertStore>) -> anyhow::Result<Model<B>> {
+    /// The model on `backend`, its expert budget leaving room for the state of `context`
+    /// tokens (default: RESERVED_CONTEXT, or the model's context if shorter).
+    fn load_on<B: Backend>(
+        &self,
+        backend: B,
+        store: Arc<ExpertStore>,
+        context: Option<usize>,
+    ) -> anyhow::Result<Model<B>> {
         let mut model = load_model(&self.model, backend, store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         model.set_prefill_chunk(self.prefill_chunk)?;
-        model.reserve_state_memory(model.config.max_position_embeddings.min(RESERVED_CONTEXT));
+        model.reserve_state_memory(context.unwrap_or(model.config.max_position_embeddings.min(RESERVED_CONTEXT)));
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;
             model.set_experts_per_token(k)?;

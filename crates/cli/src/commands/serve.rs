@@ -50,6 +50,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 impl super::ModelJob for Args {
+    fn max_context(&self) -> Option<usize> {
+        self.max_context
+    }
+
     fn run<B: Backend>(self, model: Model<B>, store: Arc<ExpertStore>) -> anyhow::Result<()> {
         let dir = &self.model.model;
         let tokenizer = Arc::new(Tokenizer::from_dir(dir, &model.config.eos_token_ids)?);
