@@ -298,6 +298,24 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// [`Backend::attention`]'s precondition, the same for every backend: the cache holds a key
+/// and a value for every position up to the last query's.
+pub fn check_kv_cache<B: Backend + ?Sized>(
+    b: &B,
+    q: &B::Tensor,
+    keys: &B::Tensor,
+    values: &B::Tensor,
+    pos0: usize,
+) -> Result<()> {
+    let (queries, keys, values) = (b.shape(q).0, b.shape(keys).0, b.shape(values).0);
+    if keys < pos0 + queries || values != keys {
+        return Err(crate::error::Error::InvalidInput(
+            "attention: the KV cache is shorter than the positions".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// [`Backend::rms_norm_project`] as the backend's two separate operations.
 pub fn rms_norm_project_unfused<B: Backend + ?Sized>(
     b: &B,

@@ -141,16 +141,19 @@ impl<B: Backend> Session<B> {
         marks.push(prompt.len());
         let mut pos = cached;
         for mark in marks {
+            let mut last = None;
             while pos < mark {
                 if sink.cancelled() {
                     return Ok(completion);
                 }
                 // The model's chunk at a time: a cancelled request stops within one.
                 let end = (pos + model.prefill_chunk()).min(mark);
-                logits = model
-                    .backend()
-                    .download(&model.forward(&prompt[pos..end], &mut state, Logits::Last)?)?;
+                last = Some(model.forward(&prompt[pos..end], &mut state, Logits::Last)?);
                 pos = end;
+            }
+            // Only the mark's logits are kept: the chunks before it need no download.
+            if let Some(last) = last {
+                logits = model.backend().download(&last)?;
             }
             self.save(model, &prompt[..mark], &state, &logits);
         }

@@ -181,11 +181,7 @@ impl Backend for CpuBackend {
         shape: AttentionShape,
         pos0: usize,
     ) -> Result<CpuTensor> {
-        if keys.rows < pos0 + q.rows || values.rows != keys.rows {
-            return Err(Error::InvalidInput(
-                "attention: the KV cache is shorter than the positions".into(),
-            ));
-        }
+        crate::backend::check_kv_cache(self, q, keys, values, pos0)?;
         Ok(attention::attention(q, keys, values, shape, pos0))
     }
 

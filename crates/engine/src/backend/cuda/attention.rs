@@ -38,14 +38,20 @@ fn attention_query_rows(heads: usize, keys: usize, budget: usize) -> usize {
     (budget / (heads * keys).max(1)).max(1)
 }
 
-/// One block of query rows: the queries `q` (rows of `heads * d`), their first position, how
-/// many keys they see at most (`cap`), and where their outputs go.
+/// One block of query rows: the queries `q` (rows of `heads * d`), their first position and
+/// where their outputs go.
 struct QueryBlock<'a> {
     q: CudaView<'a, f32>,
     out: CudaViewMut<'a, f32>,
     rows: usize,
     pos0: usize,
-    cap: usize,
+}
+
+impl QueryBlock<'_> {
+    /// The keys the block's last query sees: at most this many for any of its queries.
+    fn cap(&self) -> usize {
+        self.pos0 + self.rows
+    }
 }
 
 impl CudaBackend {
@@ -58,11 +64,7 @@ impl CudaBackend {
         shape: AttentionShape,
         pos0: usize,
     ) -> Result<CudaTensor> {
-        if keys.rows < pos0 + q.rows || values.rows != keys.rows {
-            return Err(Error::InvalidInput(
-                "attention: the KV cache is shorter than the positions".into(),
-            ));
-        }
+        crate::backend::check_kv_cache(self, q, keys, values, pos0)?;
         if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
             return Err(Error::InvalidInput(format!(
                 "attention: {} query heads over {} KV heads",
@@ -84,9 +86,8 @@ impl CudaBackend {
                 out: out.buf.slice_mut(first * width..(first + rows) * width),
                 rows,
                 pos0: pos0 + first,
-                cap: pos0 + first + rows,
             };
-            self.with_scratch(rows * shape.num_heads * block.cap, |scores| {
+            self.with_scratch(rows * shape.num_heads * block.cap(), |scores| {
                 self.attend_products(block, keys, values, shape, scores)
             })?;
         }
@@ -174,7 +175,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let (heads, kv_heads, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let group = heads / kv_heads;
-        let (rows, cap) = (b.rows, b.cap);
+        let (rows, cap) = (b.rows, b.cap());
         let per_head = rows * cap;
         let batched = |gemm: GemmConfig<f32>, stride_a: usize, stride_b: usize, stride_c: usize| StridedBatchedConfig {
             gemm,

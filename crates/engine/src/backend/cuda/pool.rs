@@ -86,7 +86,7 @@ impl BufferPool {
         };
         let slice = match reused {
             Some(slice) => slice,
-            // SAFETY: callers write a buffer before reading it, or zero it (`take_zeroed`).
+            // SAFETY: callers write a buffer before reading it, or zero it (`CudaBackend::alloc`).
             None => unsafe { self.stream.alloc::<f32>(len) }.map_err(|e| out_of_memory(e, "activations", 4 * len))?,
         };
         Ok(PooledBuf {
