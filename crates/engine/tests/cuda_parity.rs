@@ -166,6 +166,17 @@ fn every_operation_matches_the_cpu() {
             }
         }
     }
+    // A prompt's product with a tall 2-, 4- or 8-bit matrix runs on the tensor cores (32 row
+    // tiles by 9 token tiles, the last one part full).
+    for encoding in ["q4/g64", "q2/g64", "q8/g32", "q4/g128"] {
+        let name = format!("matmul {encoding} [4096x512] x 260 tokens");
+        same_on_both!(name, &cpu, &gpu, 1e-4, encoding, |b, enc: &str| {
+            let mut rng = SmallRng::seed_from_u64(3);
+            let w = b.load_matrix(&matrix(&mut rng, 4096, 512, enc))?;
+            let x = b.upload(&random(&mut rng, 260 * 512, 4.0), 260, 512)?;
+            b.download(&b.matmul(&x, &w)?)
+        });
+    }
     for (encoding, tokens) in [
         ("q4/g64", 1usize),
         ("q2/g64", 1),
@@ -193,21 +204,24 @@ fn every_operation_matches_the_cpu() {
     }
     // A layer's experts for a batch of tokens, each token choosing 3 of 6 (one expert with a
     // single token): on CUDA one gather, the products, one combine.
-    // Large groups of 4-, 2- and 8-bit experts go through the grouped kernel (several tiles of
-    // 128 rows by 32 tokens per expert, enough to fill the GPU), small ones and 3-bit ones
-    // through SGEMM.
+    // Large groups of 4-, 2- and 8-bit experts go through the grouped kernel on the tensor
+    // cores (several tiles of 128 rows by 32 tokens per expert, enough to fill the GPU; 960
+    // rows end in a part tile, and inputs up to a thousand test the limbs' scaling), small
+    // ones and 3-bit ones through SGEMM.
     let cases = [
-        ("q4/g64", 9usize, 128usize),
-        ("q3/g64", 9, 128),
-        ("q4/g64", 400, 1024),
-        ("q2/g64", 400, 1024),
-        ("q8/g32", 400, 1024),
+        ("q4/g64", 9usize, 128usize, 1.0f32),
+        ("q3/g64", 9, 128, 1.0),
+        ("q4/g64", 400, 1024, 1.0),
+        ("q4/g64", 397, 960, 1000.0),
+        ("q4/g128", 400, 1024, 1.0),
+        ("q2/g64", 400, 1024, 1.0),
+        ("q8/g32", 400, 1024, 1.0),
     ];
-    for (encoding, tokens, inter) in cases {
-        let name = format!("experts_ffn_rows {encoding}, {tokens} tokens x 3 of 6 experts of {inter}");
-        let args = (encoding, tokens, inter);
-        same_on_both!(name, &cpu, &gpu, 1e-4, args, |b, p: (&str, usize, usize)| {
-            let (enc, tokens, inter) = p;
+    for (encoding, tokens, inter, scale) in cases {
+        let name = format!("experts_ffn_rows {encoding}, {tokens} tokens x 3 of 6 experts of {inter}, x up to {scale}");
+        let args = (encoding, tokens, inter, scale);
+        same_on_both!(name, &cpu, &gpu, 1e-4, args, |b, p: (&str, usize, usize, f32)| {
+            let (enc, tokens, inter, scale) = p;
             let mut rng = SmallRng::seed_from_u64(14);
             let experts = (0..6)
                 .map(|e| {
@@ -236,7 +250,7 @@ fn every_operation_matches_the_cpu() {
                 .zip(&chosen)
                 .map(|(expert, (rows, weights))| ExpertRows { expert, rows, weights })
                 .collect();
-            let x = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
+            let x = b.upload(&random(&mut rng, tokens * 512, scale), tokens, 512)?;
             let mut out = b.upload(&random(&mut rng, tokens * 512, 1.0), tokens, 512)?;
             b.experts_ffn_rows(&x, &work, &mut out)?;
             b.download(&out)

@@ -4,9 +4,9 @@
 //! order. The per-expert path it replaces paid two uploads, a gather, a SiLU and a scatter
 //! for every expert.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-use super::matvec::pow2_kernel;
+use super::mma::{MmaTable, tiles_of};
 use super::{CudaBackend, CudaExpert, CudaTensor, cuda, grid_for};
 use crate::backend::ExpertRows;
 use crate::error::{Error, Result};
@@ -141,12 +141,10 @@ impl CudaBackend {
         // The grouped kernel runs a block per tile of 128 rows by 32 tokens: a group too small
         // to give every multiprocessor two of them (with experts streamed in, a group is often
         // one expert) goes through SGEMM, which splits the work finer.
-        let tiles = expert_tiles(work);
-        match grouped_kernel(work) {
-            Some(index) if inter.div_ceil(GROUPED_ROWS) * (tiles.len() / 4) >= 2 * self.sms => {
-                self.grouped_products(work, index, &tiles, &xs, [&mut gate, &mut up, &mut y])?
-            }
-            _ => self.products_per_expert(work, &xs, [&mut gate, &mut up, &mut y])?,
+        let tiles = tiles_of(&work.iter().map(|w| w.rows.len()).collect::<Vec<_>>());
+        match self.grouped_tables(work, tiles.len() / 4)? {
+            Some(tables) => self.grouped_products(tables, &tiles, &xs, [&mut gate, &mut up, &mut y])?,
+            None => self.products_per_expert(work, &xs, [&mut gate, &mut up, &mut y])?,
         }
         let tokens = ints.slice(tokens_at..start_at);
         let start = ints.slice(start_at..positions_at);
@@ -170,39 +168,35 @@ impl CudaBackend {
     }
 }
 
-/// The `grouped_matmul_q` kernel (index for 2, 4, 8 bits) when every matrix of every expert
-/// suits it: one affine encoding whose groups are powers of two holding whole 16-byte pieces,
-/// widths in whole 64-column chunks, codes 16-byte aligned.
-fn grouped_kernel(work: &[ExpertRows<'_, CudaExpert>]) -> Option<usize> {
-    let first = work.first()?.expert.matrices()[0];
-    let (index, _) = pow2_kernel(&first.encoding)?;
-    work.iter()
-        .flat_map(|w| w.expert.matrices())
-        .all(|m| m.encoding == first.encoding && m.cols % GROUPED_K == 0 && m.data.0 % 16 == 0)
-        .then_some(index)
-}
-
-/// The tiles of `grouped_matmul_q`: `[expert slot, first gathered row, rows, 0]`, at most
-/// `GROUPED_TOKENS` rows each, experts in order.
-fn expert_tiles<E>(work: &[ExpertRows<'_, E>]) -> Vec<i32> {
-    let mut tiles = Vec::new();
-    let mut at = 0;
-    for (slot, w) in work.iter().enumerate() {
-        for first in (0..w.rows.len()).step_by(GROUPED_TOKENS) {
-            let count = GROUPED_TOKENS.min(w.rows.len() - first);
-            tiles.extend([slot as i32, (at + first) as i32, count as i32, 0]);
-        }
-        at += w.rows.len();
-    }
-    tiles
-}
-
-/// Tile sizes of `grouped_matmul` in kernels.cu (GT_ROWS, GT_TOKENS, GT_K).
-const GROUPED_ROWS: usize = 128;
-const GROUPED_TOKENS: usize = 32;
-const GROUPED_K: usize = 64;
-
 impl CudaBackend {
+    /// The tables of the grouped kernel for gate, up and down when every matrix of every
+    /// expert suits it (one encoding) and the launches fill the GPU.
+    fn grouped_tables(&self, work: &[ExpertRows<'_, CudaExpert>], tiles: usize) -> Result<Option<[MmaTable; 3]>> {
+        let Some(first) = work.first() else {
+            return Ok(None);
+        };
+        let [gate, ..] = first.expert.matrices();
+        let Some(kernel) = self.mma_kernel(gate) else {
+            return Ok(None);
+        };
+        let suits = work
+            .iter()
+            .flat_map(|w| w.expert.matrices())
+            .all(|m| m.encoding == gate.encoding && self.mma_kernel(m) == Some(kernel));
+        if !suits || !self.mma_fills_gpu(gate.rows, tiles) {
+            return Ok(None);
+        }
+        let kind = |k: usize| work.iter().map(|w| w.expert.matrices()[k]).collect::<Vec<_>>();
+        let (Some(g), Some(u), Some(d)) = (
+            self.mma_table(kernel, &kind(0))?,
+            self.mma_table(kernel, &kind(1))?,
+            self.mma_table(kernel, &kind(2))?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some([g, u, d]))
+    }
+
     /// gate and up products of every expert on its gathered rows, SiLU, down: the
     /// per-expert way (each matrix decoded to f32, then SGEMM).
     fn products_per_expert(
@@ -233,57 +227,32 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The same products in four launches over `tiles` (from `expert_tiles`), the weights
-    /// decoded in shared memory (`grouped_matmul_q`).
+    /// The same products in four launches on the tensor cores (`grouped_matmul_q`), each
+    /// input split into f16 limbs first.
     fn grouped_products(
         &self,
-        work: &[ExpertRows<'_, CudaExpert>],
-        index: usize,
+        tables: [MmaTable; 3],
         tiles: &[i32],
         xs: &CudaTensor,
         [gate, up, y]: [&mut CudaTensor; 3],
     ) -> Result<()> {
-        use cudarc::driver::DevicePtr;
-        let tiles = self.to_device(tiles)?;
-        // Per matrix kind (gate, up, down), per expert: codes, scales, biases.
-        let mut table = Vec::with_capacity(9 * work.len());
-        for kind in 0..3 {
-            for w in work {
-                let m = w.expert.matrices()[kind];
-                let (sc, bi) = m.affine_parts()?;
-                let (base, _guard) = m.mem.device_ptr(&self.stream);
-                table.extend([m.data.0, sc.0, bi.0].map(|offset| base + offset as u64));
-            }
-        }
-        let table = self.to_device(&table)?;
-        let (_, group, dtype) = work[0].expert.matrices()[0].format();
-        let launch = |kind: usize, x: &CudaTensor, out: &mut CudaTensor| -> Result<()> {
-            let f = &self.k.grouped_matmul_q[index];
-            let kinds = table.slice(kind * 3 * work.len()..(kind + 1) * 3 * work.len());
-            let (rows, cols) = (out.cols as i32, x.cols as i32);
-            let cfg = LaunchConfig {
-                grid_dim: (out.cols.div_ceil(GROUPED_ROWS) as u32, (tiles.len() / 4) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launch!(
-                self,
-                f,
-                cfg,
-                &kinds,
-                &tiles,
-                &group,
-                &dtype,
-                &*x.buf,
-                &rows,
-                &cols,
-                &mut *out.buf
-            )
-        };
-        launch(0, xs, gate)?;
-        launch(1, xs, up)?;
+        let [gate_table, up_table, down_table] = tables;
+        let bits = gate_table.bits();
+        let (count, dev_tiles) = (tiles.len() / 4, self.to_device(tiles)?);
+        let split = self.split_rows(&xs.buf.slice(..), xs.rows, xs.cols, bits)?;
+        let inter = gate.cols;
+        self.mma_products(
+            &gate_table,
+            &dev_tiles,
+            count,
+            &split,
+            inter,
+            &mut gate.buf.slice_mut(..),
+        )?;
+        self.mma_products(&up_table, &dev_tiles, count, &split, inter, &mut up.buf.slice_mut(..))?;
         self.silu_in_place(gate, up)?;
-        launch(2, gate, y)
+        let split = self.split_rows(&gate.buf.slice(..), gate.rows, inter, bits)?;
+        self.mma_products(&down_table, &dev_tiles, count, &split, y.cols, &mut y.buf.slice_mut(..))
     }
 
     /// `gate = silu(gate) * up` (each element reads and writes only its own).
@@ -317,14 +286,6 @@ mod tests {
         assert_eq!(plan.positions, [0, 3, 1, 2]);
         assert_eq!(plan.weights, [0.5, 1.0, 0.25, 0.75]);
         assert!(RowsPlan::new(&[rows(&[4], &[1.0])], 4).is_err());
-    }
-
-    #[test]
-    fn tiles_cover_each_experts_rows_in_order() {
-        let (a, b) = ([0usize; 40], [0usize; 3]);
-        let w = [0.0f32; 40];
-        let work = [rows(&a, &w), rows(&b, &w[..3])];
-        assert_eq!(expert_tiles(&work), [0, 0, 32, 0, 0, 32, 8, 0, 1, 40, 3, 0]);
     }
 
     #[test]

@@ -576,102 +576,269 @@ EXPERT_BATCH(4, 3)
 EXPERT_BATCH(8, 3)
 
 // A layer's experts for a batch of tokens (prompt prefill), one matrix of each expert per
-// launch: y[p, r] = sum_k x[p, k] * w_e[r, k] for the gathered rows p of each tile's expert e,
-// the weights decoded from their BITS-bit codes as dequant_rows decodes them (scale * code +
-// bias, in f32) in shared memory instead of written out. A block takes a tile of GT_ROWS
-// rows by up to GT_TOKENS tokens, GT_K columns at a time; each thread 8 rows by 2 tokens.
-// The host checks: groups are powers of two holding whole 16-byte pieces, rows start
-// 16-byte aligned, cols is a multiple of GT_K.
-#define GT_ROWS 128
-#define GT_TOKENS 32
-#define GT_K 64
+// launch, on the tensor cores: y[p, r] = sum_k x[p, k] * w_e[r, k] for the gathered rows p of
+// each tile's expert e. As in the one-token kernels, the weights stay codes:
+//   row . x = sum over 16-byte pieces of scale * (codes . x) + bias * sum(x),
+// and codes . x runs on f16 MMA with f32 accumulation: the codes are small integers, exact
+// in f16, and x is split (split_rows_f16) into two f16 limbs per piece, hi + lo, of x scaled
+// by a power of two that brings the piece's largest value below 1. The two limbs hold about
+// 22 bits of x's 24, and the products are exact in f32, so the result is as close to an
+// f32 dot product as the f32 sums allow.
+//
+// Virtual k order: lane (g, t) of a warp (g = lane / 4, t = lane % 4) holds code word t of
+// its rows' piece (M = 32 / BITS codes c_0..c_{M-1}), unpacked into the f16 pairs
+// (c_j, c_{j + M/2}), j < M/2, by a mask, an OR with 1024.0's bits and a subtraction; MMA
+// step s (of M / 4 per piece) takes pairs 2s (k 2t, 2t + 1) and 2s + 1 (k 2t + 8, 2t + 9).
+// split_rows_f16 writes each piece's x in the same order, so that the B fragment is plain
+// 8-byte loads: per (token, piece, limb), word t's pairs (x_j, x_{j + M/2}) one after another.
+//
+// A block takes a tile of MT_ROWS weight rows (8 warps of 16) by up to MT_TOKENS of one
+// expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time, the next
+// stage's codes and x copied into shared memory (cp.async) while this one computes.
+#define MT_ROWS 128
+#define MT_TOKENS 32
+#define MT_PIECES 2
 
 struct ExpertTile {
     int expert;  // the expert's slot in the table
     int first;   // its first gathered row in this tile
-    int count;   // rows in this tile (at most GT_TOKENS)
+    int count;   // rows in this tile (at most MT_TOKENS)
     int unused;
 };
 
+// Shared memory of one stage: codes (rows padded by 16 bytes, so that the 4-byte reads of a
+// warp's 8 rows by 4 words hit distinct banks), x (tokens padded by 64 bytes, so that the
+// 16-byte reads of 8 neighbouring lanes do), and per token and piece (factor, sum of x).
+__host__ __device__ constexpr int mt_code_stride() { return MT_PIECES * 16 + 16; }
+__host__ __device__ constexpr int mt_x_stride(int bits) { return MT_PIECES * 512 / bits + 64; }
+__host__ __device__ constexpr int mt_stage_bytes(int bits) {
+    return MT_ROWS * mt_code_stride() + MT_TOKENS * mt_x_stride(bits) + MT_TOKENS * MT_PIECES * 8;
+}
+
+// Each float of x (rows of `cols`) as the two f16 limbs described above, in the MMA's order:
+// per row and piece (128 / bits columns), hi then lo, each 256 / bits bytes; and per row and
+// piece (2^e, sum of x). One thread per code word's columns (32 / bits); the 4 threads of a
+// piece are neighbouring lanes.
+template <int M>
+__device__ __forceinline__ void split_word(const float* x, long long w, long long words, u32* limbs, float2* meta) {
+#if __CUDA_ARCH__ >= 800
+    float v[M];
+    float big = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+        v[i] = w < words ? x[w * M + i] : 0.0f;
+        big = fmaxf(big, fabsf(v[i]));
+        sum += v[i];
+    }
+    big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, 1));
+    big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, 2));
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (w >= words) return;
+    // |x| * 2^-e < 1, with 2^e and 2^-e normal floats.
+    int e = big > 0.0f ? min(max(ilogbf(big) + 1, -125), 125) : 0;
+    float down = ldexpf(1.0f, -e);
+    long long piece = w / 4;
+    int t = (int)(w % 4);
+    u32* hi = limbs + piece * (4 * M) + t * (M / 2);  // M / 2 pairs per word and limb
+    u32* lo = hi + 2 * M;
+#pragma unroll
+    for (int j = 0; j < M / 2; ++j) {
+        float a = v[j] * down, b = v[j + M / 2] * down;
+        u32 h, l;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(b), "f"(a));
+        float ha = f16_to_f32((u16)(h & 0xffffu)), hb = f16_to_f32((u16)(h >> 16));
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(l) : "f"(b - hb), "f"(a - ha));
+        hi[j] = h;
+        lo[j] = l;
+    }
+    if (t == 0) meta[piece] = make_float2(ldexpf(1.0f, e), sum);
+#endif
+}
+
+extern "C" __global__ void split_rows_f16(const float* x, int bits, long long words, u32* limbs, float2* meta) {
+    long long w = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (bits == 2) split_word<16>(x, w, words, limbs, meta);
+    else if (bits == 4) split_word<8>(x, w, words, limbs, meta);
+    else split_word<4>(x, w, words, limbs, meta);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* global, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    u32 dst = (u32)__cvta_generic_to_shared(smem);
+    int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global), "r"(bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
+
+// d += a . b on the tensor cores (m16n8k16, f16 in, f32 accumulate).
+__device__ __forceinline__ void mma_f16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Codes j and j + M/2 of a word as an f16 pair (low half: code j).
 template <int BITS>
-__device__ void grouped_matmul(const unsigned long long* table, const ExpertTile* tiles, int group, int dtype,
-                               const float* x, int rows, int cols, float* y) {
-    constexpr int PF = 128 / BITS, PIECES = GT_K / PF;  // columns per 16-byte piece; pieces per row chunk
-    __shared__ __align__(16) float ws[GT_K][GT_ROWS];
-    __shared__ __align__(16) float xs[GT_K][GT_TOKENS];
+__device__ __forceinline__ u32 code_pair(u32 word, int j) {
+    constexpr u32 MASK = ((1u << BITS) - 1u) * 0x00010001u, ONE_K = 0x64006400u;  // 1024.0 twice
+    u32 v = ((word >> (BITS * j)) & MASK) | ONE_K, r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(ONE_K));
+    return r;
+}
+
+// N words from shared memory, in 16-byte reads where N allows (8-byte ones otherwise).
+template <int N>
+__device__ __forceinline__ void load_words(const u8* p, u32 (&w)[N]) {
+    if constexpr (N % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < N / 4; ++i) {
+            uint4 v = ((const uint4*)p)[i];
+            w[4 * i] = v.x, w[4 * i + 1] = v.y, w[4 * i + 2] = v.z, w[4 * i + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) {
+            uint2 v = ((const uint2*)p)[i];
+            w[2 * i] = v.x, w[2 * i + 1] = v.y;
+        }
+    }
+}
+
+// Copies stage `piece0 / MT_PIECES` of the codes, x and meta into `smem`.
+template <int BITS>
+__device__ __forceinline__ void mt_load_stage(u8* smem, const u8* codes, long long row_bytes, int r0, int rows,
+                                              const u8* xl, const float2* meta, int pieces, int first, int count,
+                                              int piece0) {
+    constexpr int XP = 512 / BITS;  // bytes of one token's piece of x (two limbs)
+    u8* cs = smem;
+    u8* xs = cs + MT_ROWS * mt_code_stride();
+    u8* ms = xs + MT_TOKENS * mt_x_stride(BITS);
+    for (int i = threadIdx.x; i < MT_ROWS * MT_PIECES; i += blockDim.x) {
+        int r = i / MT_PIECES, p = i % MT_PIECES;
+        bool valid = r0 + r < rows;
+        const u8* src = codes + (valid ? (long long)(r0 + r) * row_bytes : 0) + (piece0 + p) * 16;
+        cp_async16(cs + r * mt_code_stride() + p * 16, src, valid);
+    }
+    constexpr int CHUNKS = MT_PIECES * XP / 16;  // per token
+    for (int i = threadIdx.x; i < MT_TOKENS * CHUNKS; i += blockDim.x) {
+        int t = i / CHUNKS, c = i % CHUNKS;
+        bool valid = t < count;
+        const u8* src = xl + ((long long)(first + (valid ? t : 0)) * pieces + piece0) * XP + c * 16;
+        cp_async16(xs + t * mt_x_stride(BITS) + c * 16, src, valid);
+    }
+    static_assert(MT_PIECES * 8 == 16, "one 16-byte copy per token of meta");
+    for (int t = threadIdx.x; t < MT_TOKENS; t += blockDim.x) {
+        bool valid = t < count;
+        cp_async16(ms + t * 16, meta + (long long)(first + (valid ? t : 0)) * pieces + piece0, valid);
+    }
+}
+
+template <int BITS>
+__device__ void grouped_matmul_mma(const unsigned long long* table, const ExpertTile* tiles, int group, int dtype,
+                                   const u32* xl, const float2* meta, int rows, int cols, float* y) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int M = 32 / BITS, STEPS = M / 4, XP = 512 / BITS, PF = 128 / BITS;
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
     ExpertTile tile = tiles[blockIdx.y];
     const u8* codes = (const u8*)table[3 * tile.expert];
     const u8* scales = (const u8*)table[3 * tile.expert + 1];
     const u8* biases = (const u8*)table[3 * tile.expert + 2];
-    int r0 = blockIdx.x * GT_ROWS, tid = threadIdx.x;
-    int tx = tid % 16, ty = tid / 16;  // tokens 2 tx, 2 tx + 1; rows 8 ty .. 8 ty + 7
+    int r0 = blockIdx.x * MT_ROWS, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int g = lane >> 2, t = lane & 3;
+    int pieces = cols / PF, stages = pieces / MT_PIECES;
+    long long row_bytes = (long long)cols * BITS / 8, groups = cols / group;
     int group_shift = __ffs(group) - 1;
-    long long groups = cols >> group_shift;
-    float acc[8][2] = {};
-    for (int k0 = 0; k0 < cols; k0 += GT_K) {
-        for (int i = tid; i < GT_ROWS * PIECES; i += blockDim.x) {
-            int r = i / PIECES, part = i % PIECES, c0 = part * PF;
-            long long row = r0 + r;
-            float w[PF];
-            if (row < rows) {
-                long long col = k0 + c0;
-                uint4 v = *(const uint4*)(codes + (row * cols + col) * BITS / 8);
-                long long g = row * groups + (col >> group_shift);
-                float sc = load_float(scales, dtype, g), bi = load_float(biases, dtype, g);
-                const u32 word[4] = {v.x, v.y, v.z, v.w};
+    int wr = warp * 16 + g;  // this lane's rows in the tile: wr and wr + 8
+    long long ra = min(r0 + wr, rows - 1), rb = min(r0 + wr + 8, rows - 1);
+    float out[4][4] = {};
+    mt_load_stage<BITS>(smem, codes, row_bytes, r0, rows, (const u8*)xl, meta, pieces, tile.first, tile.count, 0);
+    cp_async_commit();
+    for (int s = 0; s < stages; ++s) {
+        u8* stage = smem + (s & 1) * mt_stage_bytes(BITS);
+        if (s + 1 < stages) {
+            mt_load_stage<BITS>(smem + ((s + 1) & 1) * mt_stage_bytes(BITS), codes, row_bytes, r0, rows,
+                                (const u8*)xl, meta, pieces, tile.first, tile.count, (s + 1) * MT_PIECES);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const u8* cs = stage;
+        const u8* xs = cs + MT_ROWS * mt_code_stride();
+        const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
 #pragma unroll
-                for (int c = 0; c < PF; ++c) {
-                    u32 code = (word[c * BITS / 32] >> ((c * BITS) % 32)) & ((1u << BITS) - 1u);
-                    w[c] = sc * (float)code + bi;
+        for (int p = 0; p < MT_PIECES; ++p) {
+            long long gi = ((long long)(s * MT_PIECES + p) * PF) >> group_shift;
+            float sa = load_float(scales, dtype, ra * groups + gi), ba = load_float(biases, dtype, ra * groups + gi);
+            float sb = load_float(scales, dtype, rb * groups + gi), bb = load_float(biases, dtype, rb * groups + gi);
+            u32 wa = *(const u32*)(cs + wr * mt_code_stride() + p * 16 + 4 * t);
+            u32 wb = *(const u32*)(cs + (wr + 8) * mt_code_stride() + p * 16 + 4 * t);
+            u32 a[STEPS][4];
+#pragma unroll
+            for (int st = 0; st < STEPS; ++st) {
+                a[st][0] = code_pair<BITS>(wa, 2 * st), a[st][1] = code_pair<BITS>(wb, 2 * st);
+                a[st][2] = code_pair<BITS>(wa, 2 * st + 1), a[st][3] = code_pair<BITS>(wb, 2 * st + 1);
+            }
+            float acc[4][4] = {};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u8* xt = xs + (j * 8 + g) * mt_x_stride(BITS) + p * XP + t * (XP / 8);
+                u32 hi[M / 2], lo[M / 2];
+                load_words<M / 2>(xt, hi);
+                load_words<M / 2>(xt + XP / 2, lo);
+#pragma unroll
+                for (int st = 0; st < STEPS; ++st) {
+                    mma_f16(acc[j], a[st], hi[2 * st], hi[2 * st + 1]);
+                    mma_f16(acc[j], a[st], lo[2 * st], lo[2 * st + 1]);
                 }
-            } else {
-#pragma unroll
-                for (int c = 0; c < PF; ++c) w[c] = 0.0f;
             }
+            // acc[j]: rows wr, wr, wr + 8, wr + 8 by tokens 8 j + 2 t, 8 j + 2 t + 1 (twice).
 #pragma unroll
-            for (int c = 0; c < PF; ++c) ws[c0 + c][r] = w[c];
-        }
-        // Neighbouring threads take neighbouring tokens, so that the transposed stores into
-        // xs fall in distinct banks.
-        for (int i = tid; i < GT_TOKENS * GT_K / 4; i += blockDim.x) {
-            int t = i % GT_TOKENS, c4 = 4 * (i / GT_TOKENS);
-            float4 v = t < tile.count ? *(const float4*)(x + (long long)(tile.first + t) * cols + k0 + c4)
-                                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            xs[c4][t] = v.x;
-            xs[c4 + 1][t] = v.y;
-            xs[c4 + 2][t] = v.z;
-            xs[c4 + 3][t] = v.w;
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int k = 0; k < GT_K; ++k) {
-            float4 a0 = *(const float4*)&ws[k][8 * ty], a1 = *(const float4*)&ws[k][8 * ty + 4];
-            float2 b = *(const float2*)&xs[k][2 * tx];
-            const float a[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                acc[i][0] += a[i] * b.x;
-                acc[i][1] += a[i] * b.y;
+            for (int j = 0; j < 4; ++j) {
+                float2 m0 = ms[(j * 8 + 2 * t) * MT_PIECES + p], m1 = ms[(j * 8 + 2 * t + 1) * MT_PIECES + p];
+                out[j][0] += sa * (acc[j][0] * m0.x) + ba * m0.y;
+                out[j][1] += sa * (acc[j][1] * m1.x) + ba * m1.y;
+                out[j][2] += sb * (acc[j][2] * m0.x) + bb * m0.y;
+                out[j][3] += sb * (acc[j][3] * m1.x) + bb * m1.y;
             }
         }
         __syncthreads();
     }
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-        int t = 2 * tx + j;
-        if (t >= tile.count) continue;
-        float* out = y + (long long)(tile.first + t) * rows;
+    for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-            if (r0 + 8 * ty + i < rows) out[r0 + 8 * ty + i] = acc[i][j];
-    }
+        for (int i = 0; i < 4; ++i) {
+            int tok = j * 8 + 2 * t + (i & 1), r = r0 + wr + (i >> 1) * 8;
+            if (tok < tile.count && r < rows) y[(long long)(tile.first + tok) * rows + r] = out[j][i];
+        }
+#endif
 }
 
 #define GROUPED_MATMUL(BITS)                                                                               \
     extern "C" __global__ void __launch_bounds__(256) grouped_matmul_q##BITS(                               \
-        const unsigned long long* table, const ExpertTile* tiles, int group, int dtype, const float* x,     \
-        int rows, int cols, float* y) {                                                                      \
-        grouped_matmul<BITS>(table, tiles, group, dtype, x, rows, cols, y);                                  \
+        const unsigned long long* table, const ExpertTile* tiles, int group, int dtype, const u32* xl,      \
+        const float2* meta, int rows, int cols, float* y) {                                                  \
+        grouped_matmul_mma<BITS>(table, tiles, group, dtype, xl, meta, rows, cols, y);                       \
     }
 GROUPED_MATMUL(2)
 GROUPED_MATMUL(4)

@@ -49,8 +49,11 @@ pub struct Kernels {
     pub scatter_add_rows: CudaFunction,
     /// Each token's weighted expert outputs added in order (a layer's experts for a prompt).
     pub combine_rows: CudaFunction,
-    /// One matrix of each of a layer's experts on its rows of a prompt, one launch (2, 4, 8 bits).
+    /// One matrix of each of a layer's experts on its rows of a prompt, one launch, on the
+    /// tensor cores (2, 4, 8 bits; compute capability 8.0 and later).
     pub grouped_matmul_q: [CudaFunction; 3],
+    /// Rows of floats as the two f16 limbs `grouped_matmul_q` reads.
+    pub split_rows_f16: CudaFunction,
     pub rope: CudaFunction,
     pub attention_split: CudaFunction,
     pub attention_combine: CudaFunction,
@@ -70,7 +73,8 @@ impl Kernels {
                 .load_function(name)
                 .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
         };
-        // The batched down projection keeps every expert's activation in shared memory.
+        // The batched down projection keeps every expert's activation in shared memory, the
+        // grouped products two stages of codes and x.
         let big_smem = |name: &str| {
             let func = f(name)?;
             func.set_attribute(
@@ -129,10 +133,11 @@ impl Kernels {
             scatter_add_rows: f("scatter_add_rows")?,
             combine_rows: f("combine_rows")?,
             grouped_matmul_q: [
-                f("grouped_matmul_q2")?,
-                f("grouped_matmul_q4")?,
-                f("grouped_matmul_q8")?,
+                big_smem("grouped_matmul_q2")?,
+                big_smem("grouped_matmul_q4")?,
+                big_smem("grouped_matmul_q8")?,
             ],
+            split_rows_f16: f("split_rows_f16")?,
             rope: f("rope")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,

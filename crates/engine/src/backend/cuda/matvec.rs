@@ -299,6 +299,9 @@ impl CudaBackend {
                 out.len()
             )));
         }
+        if self.mma_matmul(x, t, w, out)? {
+            return Ok(());
+        }
         let block_rows = (64usize << 20) / k.max(1);
         let block_rows = block_rows.clamp(1, n);
         self.with_scratch(block_rows * k, |scratch| {

@@ -158,6 +158,9 @@ pub struct CudaBackend {
     cache: VramCache,
     /// Multiprocessors, to size grids.
     sms: usize,
+    /// Whether the GPU has the tensor-core instructions the grouped prefill products use
+    /// (compute capability 8.0 and later).
+    tensor_cores: bool,
     in_flight: Mutex<InFlight>,
     /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
     graphs: StepGraphs,
@@ -183,6 +186,7 @@ mod attention;
 mod expert_rows;
 mod experts;
 mod matvec;
+mod mma;
 
 use experts::{BatchSlot, InFlight};
 
@@ -255,6 +259,7 @@ impl CudaBackend {
             scratch: Mutex::default(),
             cache,
             sms,
+            tensor_cores: major >= 8,
             in_flight: Mutex::default(),
             graphs: StepGraphs::default(),
             record_steps: true,
