@@ -593,11 +593,13 @@ EXPERT_BATCH(8, 3)
 // 8-byte loads: per (token, piece, limb), word t's pairs (x_j, x_{j + M/2}) one after another.
 //
 // A block takes a tile of MT_ROWS weight rows (8 warps of 16) by up to MT_TOKENS of one
-// expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time, the next
-// stage's codes and x copied into shared memory (cp.async) while this one computes.
+// expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time; the codes
+// and x of the next MT_STAGES - 1 stages are on their way into shared memory (cp.async)
+// while one computes: with two stages in flight the kernel waited for its copies.
 #define MT_ROWS 128
 #define MT_TOKENS 32
-#define MT_PIECES 2
+#define MT_PIECES 4
+#define MT_STAGES 3
 
 struct ExpertTile {
     int expert;  // the expert's slot in the table
@@ -744,10 +746,11 @@ __device__ __forceinline__ void mt_load_stage(u8* smem, const u8* codes, long lo
         const u8* src = xl + ((long long)(first + (valid ? t : 0)) * pieces + piece0) * XP + c * 16;
         cp_async16(xs + t * mt_x_stride(BITS) + c * 16, src, valid);
     }
-    static_assert(MT_PIECES * 8 == 16, "one 16-byte copy per token of meta");
-    for (int t = threadIdx.x; t < MT_TOKENS; t += blockDim.x) {
+    constexpr int META = MT_PIECES * 8 / 16;  // per token
+    for (int i = threadIdx.x; i < MT_TOKENS * META; i += blockDim.x) {
+        int t = i / META, c = i % META;
         bool valid = t < count;
-        cp_async16(ms + t * 16, meta + (long long)(first + (valid ? t : 0)) * pieces + piece0, valid);
+        cp_async16(ms + i * 16, meta + (long long)(first + (valid ? t : 0)) * pieces + piece0 + 2 * c, valid);
     }
 }
 
@@ -770,20 +773,18 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
     int wr = warp * 16 + g;  // this lane's rows in the tile: wr and wr + 8
     long long ra = min(r0 + wr, rows - 1), rb = min(r0 + wr + 8, rows - 1);
     float out[4][4] = {};
-    mt_load_stage<BITS>(smem, codes, row_bytes, r0, rows, (const u8*)xl, meta, pieces, tile.first, tile.count, 0);
-    cp_async_commit();
+    auto load = [&](int s) {
+        if (s < stages)
+            mt_load_stage<BITS>(smem + (s % MT_STAGES) * mt_stage_bytes(BITS), codes, row_bytes, r0, rows,
+                                (const u8*)xl, meta, pieces, tile.first, tile.count, s * MT_PIECES);
+        cp_async_commit();  // an empty group past the end keeps the count of groups in flight
+    };
+    for (int s = 0; s < MT_STAGES - 1; ++s) load(s);
     for (int s = 0; s < stages; ++s) {
-        u8* stage = smem + (s & 1) * mt_stage_bytes(BITS);
-        if (s + 1 < stages) {
-            mt_load_stage<BITS>(smem + ((s + 1) & 1) * mt_stage_bytes(BITS), codes, row_bytes, r0, rows,
-                                (const u8*)xl, meta, pieces, tile.first, tile.count, (s + 1) * MT_PIECES);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const u8* cs = stage;
+        cp_async_wait<MT_STAGES - 2>();  // stage s has landed
+        __syncthreads();                 // and every warp is done with the buffer loaded next
+        load(s + MT_STAGES - 1);
+        const u8* cs = smem + (s % MT_STAGES) * mt_stage_bytes(BITS);
         const u8* xs = cs + MT_ROWS * mt_code_stride();
         const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
 #pragma unroll
@@ -822,7 +823,6 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                 out[j][3] += sb * (acc[j][3] * m1.x) + bb * m1.y;
             }
         }
-        __syncthreads();
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j)

@@ -9,18 +9,20 @@ use super::matvec::pow2_kernel;
 use super::{CudaBackend, CudaMatrix, CudaTensor, cuda, grid_for};
 use crate::error::Result;
 
-/// Tile sizes of `grouped_matmul_mma` in kernels.cu (MT_ROWS, MT_TOKENS, MT_PIECES).
+/// Tile sizes of `grouped_matmul_mma` in kernels.cu (MT_ROWS, MT_TOKENS, MT_PIECES,
+/// MT_STAGES).
 pub(super) const TILE_ROWS: usize = 128;
 pub(super) const TILE_TOKENS: usize = 32;
-const STAGE_PIECES: usize = 2;
+const STAGE_PIECES: usize = 4;
+const STAGES: usize = 3;
 
-/// Shared memory of `grouped_matmul_mma`: two stages of `mt_stage_bytes` in kernels.cu (per
+/// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels.cu (per
 /// row its pieces' codes and 16 bytes of padding; per token its pieces' two f16 limbs of x
 /// and 64 bytes of padding; per token and piece two floats).
 fn shared_bytes(bits: usize) -> usize {
     let codes = TILE_ROWS * (STAGE_PIECES * 16 + 16);
     let x = TILE_TOKENS * (STAGE_PIECES * 512 / bits + 64);
-    2 * (codes + x + TILE_TOKENS * STAGE_PIECES * 8)
+    STAGES * (codes + x + TILE_TOKENS * STAGE_PIECES * 8)
 }
 
 /// x as the kernel reads it: the limbs (as many bytes as x) and, per row and 16-byte piece
@@ -187,10 +189,10 @@ mod tests {
 
     /// Worked out by hand from the layout in kernels.cu.
     #[test]
-    fn shared_memory_holds_two_stages() {
-        // 4 bits: codes 128 x 48, x 32 x (2 x 128 + 64), meta 32 x 16.
-        assert_eq!(shared_bytes(4), 2 * (6144 + 10240 + 512));
-        // 2 bits: x 32 x (2 x 256 + 64).
-        assert_eq!(shared_bytes(2), 2 * (6144 + 18432 + 512));
+    fn shared_memory_holds_three_stages() {
+        // 4 bits: codes 128 x (4 x 16 + 16), x 32 x (4 x 128 + 64), meta 32 x 32.
+        assert_eq!(shared_bytes(4), 3 * (10240 + 18432 + 1024));
+        // 2 bits: x 32 x (4 x 256 + 64).
+        assert_eq!(shared_bytes(2), 3 * (10240 + 34816 + 1024));
     }
 }
