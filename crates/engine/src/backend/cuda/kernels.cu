@@ -595,11 +595,11 @@ EXPERT_BATCH(8, 3)
 // A block takes a tile of MT_ROWS weight rows (8 warps of 16) by up to MT_TOKENS of one
 // expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time; the codes
 // and x of the next MT_STAGES - 1 stages are on their way into shared memory (cp.async)
-// while one computes: with two stages in flight the kernel waited for its copies.
+// while one computes (more or larger stages in flight made it slower: docs/perf.md).
 #define MT_ROWS 128
 #define MT_TOKENS 32
-#define MT_PIECES 4
-#define MT_STAGES 3
+#define MT_PIECES 2
+#define MT_STAGES 2
 
 struct ExpertTile {
     int expert;  // the expert's slot in the table

@@ -74,7 +74,7 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
         };
         // The batched down projection keeps every expert's activation in shared memory, the
-        // grouped products three stages of codes and x.
+        // grouped products their stages of codes and x.
         let big_smem = |name: &str| {
             let func = f(name)?;
             func.set_attribute(

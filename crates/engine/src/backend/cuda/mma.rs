@@ -13,8 +13,8 @@ use crate::error::Result;
 /// MT_STAGES).
 pub(super) const TILE_ROWS: usize = 128;
 pub(super) const TILE_TOKENS: usize = 32;
-const STAGE_PIECES: usize = 4;
-const STAGES: usize = 3;
+const STAGE_PIECES: usize = 2;
+const STAGES: usize = 2;
 
 /// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels.cu (per
 /// row its pieces' codes and 16 bytes of padding; per token its pieces' two f16 limbs of x
@@ -189,10 +189,10 @@ mod tests {
 
     /// Worked out by hand from the layout in kernels.cu.
     #[test]
-    fn shared_memory_holds_three_stages() {
-        // 4 bits: codes 128 x (4 x 16 + 16), x 32 x (4 x 128 + 64), meta 32 x 32.
-        assert_eq!(shared_bytes(4), 3 * (10240 + 18432 + 1024));
-        // 2 bits: x 32 x (4 x 256 + 64).
-        assert_eq!(shared_bytes(2), 3 * (10240 + 34816 + 1024));
+    fn shared_memory_holds_two_stages() {
+        // 4 bits: codes 128 x (2 x 16 + 16), x 32 x (2 x 128 + 64), meta 32 x 16.
+        assert_eq!(shared_bytes(4), 2 * (6144 + 10240 + 512));
+        // 2 bits: x 32 x (2 x 256 + 64).
+        assert_eq!(shared_bytes(2), 2 * (6144 + 18432 + 512));
     }
 }
