@@ -237,9 +237,8 @@ impl CudaBackend {
         [gate, up, y]: [&mut CudaTensor; 3],
     ) -> Result<()> {
         let [gate_table, up_table, down_table] = tables;
-        let bits = gate_table.bits();
         let (count, dev_tiles) = (tiles.len() / 4, self.to_device(tiles)?);
-        let split = self.split_rows(&xs.buf.slice(..), xs.rows, xs.cols, bits)?;
+        let split = self.split_rows(&xs.buf.slice(..), xs.rows, xs.cols, &gate_table)?;
         let inter = gate.cols;
         self.mma_products(
             &gate_table,
@@ -251,7 +250,7 @@ impl CudaBackend {
         )?;
         self.mma_products(&up_table, &dev_tiles, count, &split, inter, &mut up.buf.slice_mut(..))?;
         self.silu_in_place(gate, up)?;
-        let split = self.split_rows(&gate.buf.slice(..), gate.rows, inter, bits)?;
+        let split = self.split_rows(&gate.buf.slice(..), gate.rows, inter, &down_table)?;
         self.mma_products(&down_table, &dev_tiles, count, &split, y.cols, &mut y.buf.slice_mut(..))
     }
 

@@ -619,10 +619,12 @@ __host__ __device__ constexpr int mt_stage_bytes(int bits) {
 
 // Each float of x (rows of `cols`) as the two f16 limbs described above, in the MMA's order:
 // per row and piece (128 / bits columns), hi then lo, each 256 / bits bytes; and per row and
-// piece (2^e, sum of x). One thread per code word's columns (32 / bits); the 4 threads of a
-// piece are neighbouring lanes.
+// piece (2^e, sum of x), where e and the sum are taken over `lanes` / 4 pieces (1 or 2: the
+// pieces of a stage that share a scale group), the same for each. One thread per code
+// word's columns (32 / bits); the 4 threads of a piece are neighbouring lanes.
 template <int M>
-__device__ __forceinline__ void split_word(const float* x, long long w, long long words, u32* limbs, float2* meta) {
+__device__ __forceinline__ void split_word(const float* x, long long w, long long words, int lanes, u32* limbs,
+                                           float2* meta) {
 #if __CUDA_ARCH__ >= 800
     float v[M];
     float big = 0.0f, sum = 0.0f;
@@ -636,6 +638,8 @@ __device__ __forceinline__ void split_word(const float* x, long long w, long lon
     big = fmaxf(big, __shfl_xor_sync(0xffffffffu, big, 2));
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float other_big = __shfl_xor_sync(0xffffffffu, big, 4), other_sum = __shfl_xor_sync(0xffffffffu, sum, 4);
+    if (lanes == 8) big = fmaxf(big, other_big), sum += other_sum;
     if (w >= words) return;
     // |x| * 2^-e < 1, with 2^e and 2^-e normal floats.
     int e = big > 0.0f ? min(max(ilogbf(big) + 1, -125), 125) : 0;
@@ -658,11 +662,12 @@ __device__ __forceinline__ void split_word(const float* x, long long w, long lon
 #endif
 }
 
-extern "C" __global__ void split_rows_f16(const float* x, int bits, long long words, u32* limbs, float2* meta) {
+extern "C" __global__ void split_rows_f16(const float* x, int bits, long long words, int lanes, u32* limbs,
+                                          float2* meta) {
     long long w = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (bits == 2) split_word<16>(x, w, words, limbs, meta);
-    else if (bits == 4) split_word<8>(x, w, words, limbs, meta);
-    else split_word<4>(x, w, words, limbs, meta);
+    if (bits == 2) split_word<16>(x, w, words, lanes, limbs, meta);
+    else if (bits == 4) split_word<8>(x, w, words, lanes, limbs, meta);
+    else split_word<4>(x, w, words, lanes, limbs, meta);
 }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* global, bool valid) {
@@ -771,6 +776,9 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
     long long row_bytes = (long long)cols * BITS / 8, groups = cols / group;
     int group_shift = __ffs(group) - 1;
     int wr = warp * 16 + g;  // this lane's rows in the tile: wr and wr + 8
+    // Pieces that share a scale group within a stage share x's factor (split_rows_f16's
+    // lanes): their products are summed on the tensor cores before the scale is applied.
+    int per_factor = min(group / PF, MT_PIECES);
     long long ra = min(r0 + wr, rows - 1), rb = min(r0 + wr + 8, rows - 1);
     float out[4][4] = {};
     auto load = [&](int s) {
@@ -787,11 +795,9 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
         const u8* cs = smem + (s % MT_STAGES) * mt_stage_bytes(BITS);
         const u8* xs = cs + MT_ROWS * mt_code_stride();
         const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
+        float acc[4][4] = {};
 #pragma unroll
         for (int p = 0; p < MT_PIECES; ++p) {
-            long long gi = ((long long)(s * MT_PIECES + p) * PF) >> group_shift;
-            float sa = load_float(scales, dtype, ra * groups + gi), ba = load_float(biases, dtype, ra * groups + gi);
-            float sb = load_float(scales, dtype, rb * groups + gi), bb = load_float(biases, dtype, rb * groups + gi);
             u32 wa = *(const u32*)(cs + wr * mt_code_stride() + p * 16 + 4 * t);
             u32 wb = *(const u32*)(cs + (wr + 8) * mt_code_stride() + p * 16 + 4 * t);
             u32 a[STEPS][4];
@@ -800,7 +806,6 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                 a[st][0] = code_pair<BITS>(wa, 2 * st), a[st][1] = code_pair<BITS>(wb, 2 * st);
                 a[st][2] = code_pair<BITS>(wa, 2 * st + 1), a[st][3] = code_pair<BITS>(wb, 2 * st + 1);
             }
-            float acc[4][4] = {};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const u8* xt = xs + (j * 8 + g) * mt_x_stride(BITS) + p * XP + t * (XP / 8);
@@ -813,6 +818,10 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                     mma_f16(acc[j], a[st], lo[2 * st], lo[2 * st + 1]);
                 }
             }
+            if ((p + 1) % per_factor != 0) continue;  // the factor's block goes on
+            long long gi = ((long long)(s * MT_PIECES + p) * PF) >> group_shift;
+            float sa = load_float(scales, dtype, ra * groups + gi), ba = load_float(biases, dtype, ra * groups + gi);
+            float sb = load_float(scales, dtype, rb * groups + gi), bb = load_float(biases, dtype, rb * groups + gi);
             // acc[j]: rows wr, wr, wr + 8, wr + 8 by tokens 8 j + 2 t, 8 j + 2 t + 1 (twice).
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -821,6 +830,7 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                 out[j][1] += sa * (acc[j][1] * m1.x) + ba * m1.y;
                 out[j][2] += sb * (acc[j][2] * m0.x) + bb * m0.y;
                 out[j][3] += sb * (acc[j][3] * m1.x) + bb * m1.y;
+                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
             }
         }
     }

@@ -41,12 +41,6 @@ pub(super) struct MmaTable {
     addresses: CudaSlice<u64>,
 }
 
-impl MmaTable {
-    pub(super) fn bits(&self) -> usize {
-        self.kernel.1
-    }
-}
-
 impl CudaBackend {
     /// The kernel (index and bits) for matrices of `w`'s encoding and width when the GPU has
     /// the tensor-core instructions (compute capability 8.0) and the matrix suits the
@@ -84,9 +78,20 @@ impl CudaBackend {
         }))
     }
 
-    /// The first `rows` rows of `x` (`cols` wide) split into f16 limbs for `bits`-bit codes.
-    pub(super) fn split_rows(&self, x: &CudaView<'_, f32>, rows: usize, cols: usize, bits: usize) -> Result<SplitRows> {
+    /// The first `rows` rows of `x` (`cols` wide) split into f16 limbs for the matrices of
+    /// `table`.
+    pub(super) fn split_rows(
+        &self,
+        x: &CudaView<'_, f32>,
+        rows: usize,
+        cols: usize,
+        table: &MmaTable,
+    ) -> Result<SplitRows> {
+        let bits = table.kernel.1;
         let pieces = cols / (128 / bits);
+        // x's factor is shared by the pieces of a stage that share a scale group.
+        let per_factor = (table.group as usize / (128 / bits)).clamp(1, STAGE_PIECES);
+        let lanes = 4 * per_factor as i32;
         let (limbs, meta) = (self.tensor(rows, cols)?, self.tensor(rows, 2 * pieces)?);
         let words = rows * pieces * 4;
         let (bits, n) = (bits as i32, words as i64);
@@ -97,6 +102,7 @@ impl CudaBackend {
             x,
             &bits,
             &n,
+            &lanes,
             &*limbs.buf,
             &*meta.buf
         )?;
@@ -156,7 +162,7 @@ impl CudaBackend {
         let Some(table) = self.mma_table(kernel, &[w])? else {
             return Ok(false);
         };
-        let split = self.split_rows(x, t, w.cols, kernel.1)?;
+        let split = self.split_rows(x, t, w.cols, &table)?;
         self.mma_products(&table, &self.to_device(&tiles)?, tiles.len() / 4, &split, w.rows, out)?;
         Ok(true)
     }
