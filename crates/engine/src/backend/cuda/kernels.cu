@@ -592,14 +592,15 @@ EXPERT_BATCH(8, 3)
 // split_rows_f16 writes each piece's x in the same order, so that the B fragment is plain
 // 8-byte loads: per (token, piece, limb), word t's pairs (x_j, x_{j + M/2}) one after another.
 //
-// A block takes a tile of MT_ROWS weight rows (8 warps of 16) by up to MT_TOKENS of one
-// expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time; the codes
+// A block takes a tile of MT_ROWS weight rows (4 warps of 32: each x fragment feeds two MMA
+// row tiles) by up to MT_TOKENS of one expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time; the codes
 // and x of the next MT_STAGES - 1 stages are on their way into shared memory (cp.async)
 // while one computes (more or larger stages in flight made it slower: docs/perf.md).
 #define MT_ROWS 128
 #define MT_TOKENS 32
 #define MT_PIECES 2
 #define MT_STAGES 2
+#define MT_WARP_TILES 2  // MMA tiles of 16 rows per warp: MT_ROWS / (16 MT_WARP_TILES) warps
 
 struct ExpertTile {
     int expert;  // the expert's slot in the table
@@ -763,7 +764,7 @@ template <int BITS>
 __device__ void grouped_matmul_mma(const unsigned long long* table, const ExpertTile* tiles, int group, int dtype,
                                    const u32* xl, const float2* meta, int rows, int cols, float* y) {
 #if __CUDA_ARCH__ >= 800
-    constexpr int M = 32 / BITS, STEPS = M / 4, XP = 512 / BITS, PF = 128 / BITS;
+    constexpr int M = 32 / BITS, STEPS = M / 4, XP = 512 / BITS, PF = 128 / BITS, WT = MT_WARP_TILES;
     extern __shared__ uint4 smem_vec[];
     u8* smem = (u8*)smem_vec;
     ExpertTile tile = tiles[blockIdx.y];
@@ -775,12 +776,16 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
     int pieces = cols / PF, stages = pieces / MT_PIECES;
     long long row_bytes = (long long)cols * BITS / 8, groups = cols / group;
     int group_shift = __ffs(group) - 1;
-    int wr = warp * 16 + g;  // this lane's rows in the tile: wr and wr + 8
+    // This lane's rows in the tile: wr + 16 m and wr + 16 m + 8 for each MMA row tile m.
+    int wr = warp * 16 * WT + g;
     // Pieces that share a scale group within a stage share x's factor (split_rows_f16's
     // lanes): their products are summed on the tensor cores before the scale is applied.
     int per_factor = min(group / PF, MT_PIECES);
-    long long ra = min(r0 + wr, rows - 1), rb = min(r0 + wr + 8, rows - 1);
-    float out[4][4] = {};
+    long long rr[WT][2];
+#pragma unroll
+    for (int m = 0; m < WT; ++m)
+        rr[m][0] = min(r0 + wr + 16 * m, rows - 1), rr[m][1] = min(r0 + wr + 16 * m + 8, rows - 1);
+    float out[WT][4][4] = {};
     auto load = [&](int s) {
         if (s < stages)
             mt_load_stage<BITS>(smem + (s % MT_STAGES) * mt_stage_bytes(BITS), codes, row_bytes, r0, rows,
@@ -795,16 +800,19 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
         const u8* cs = smem + (s % MT_STAGES) * mt_stage_bytes(BITS);
         const u8* xs = cs + MT_ROWS * mt_code_stride();
         const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
-        float acc[4][4] = {};
+        float acc[WT][4][4] = {};
 #pragma unroll
         for (int p = 0; p < MT_PIECES; ++p) {
-            u32 wa = *(const u32*)(cs + wr * mt_code_stride() + p * 16 + 4 * t);
-            u32 wb = *(const u32*)(cs + (wr + 8) * mt_code_stride() + p * 16 + 4 * t);
-            u32 a[STEPS][4];
+            u32 a[WT][STEPS][4];
 #pragma unroll
-            for (int st = 0; st < STEPS; ++st) {
-                a[st][0] = code_pair<BITS>(wa, 2 * st), a[st][1] = code_pair<BITS>(wb, 2 * st);
-                a[st][2] = code_pair<BITS>(wa, 2 * st + 1), a[st][3] = code_pair<BITS>(wb, 2 * st + 1);
+            for (int m = 0; m < WT; ++m) {
+                u32 wa = *(const u32*)(cs + (wr + 16 * m) * mt_code_stride() + p * 16 + 4 * t);
+                u32 wb = *(const u32*)(cs + (wr + 16 * m + 8) * mt_code_stride() + p * 16 + 4 * t);
+#pragma unroll
+                for (int st = 0; st < STEPS; ++st) {
+                    a[m][st][0] = code_pair<BITS>(wa, 2 * st), a[m][st][1] = code_pair<BITS>(wb, 2 * st);
+                    a[m][st][2] = code_pair<BITS>(wa, 2 * st + 1), a[m][st][3] = code_pair<BITS>(wb, 2 * st + 1);
+                }
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -813,39 +821,50 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                 load_words<M / 2>(xt, hi);
                 load_words<M / 2>(xt + XP / 2, lo);
 #pragma unroll
-                for (int st = 0; st < STEPS; ++st) {
-                    mma_f16(acc[j], a[st], hi[2 * st], hi[2 * st + 1]);
-                    mma_f16(acc[j], a[st], lo[2 * st], lo[2 * st + 1]);
-                }
+                for (int st = 0; st < STEPS; ++st)
+#pragma unroll
+                    for (int m = 0; m < WT; ++m) {
+                        mma_f16(acc[m][j], a[m][st], hi[2 * st], hi[2 * st + 1]);
+                        mma_f16(acc[m][j], a[m][st], lo[2 * st], lo[2 * st + 1]);
+                    }
             }
             if ((p + 1) % per_factor != 0) continue;  // the factor's block goes on
             long long gi = ((long long)(s * MT_PIECES + p) * PF) >> group_shift;
-            float sa = load_float(scales, dtype, ra * groups + gi), ba = load_float(biases, dtype, ra * groups + gi);
-            float sb = load_float(scales, dtype, rb * groups + gi), bb = load_float(biases, dtype, rb * groups + gi);
-            // acc[j]: rows wr, wr, wr + 8, wr + 8 by tokens 8 j + 2 t, 8 j + 2 t + 1 (twice).
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float2 m0 = ms[(j * 8 + 2 * t) * MT_PIECES + p], m1 = ms[(j * 8 + 2 * t + 1) * MT_PIECES + p];
-                out[j][0] += sa * (acc[j][0] * m0.x) + ba * m0.y;
-                out[j][1] += sa * (acc[j][1] * m1.x) + ba * m1.y;
-                out[j][2] += sb * (acc[j][2] * m0.x) + bb * m0.y;
-                out[j][3] += sb * (acc[j][3] * m1.x) + bb * m1.y;
-                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+            for (int m = 0; m < WT; ++m) {
+                float sa = load_float(scales, dtype, rr[m][0] * groups + gi);
+                float ba = load_float(biases, dtype, rr[m][0] * groups + gi);
+                float sb = load_float(scales, dtype, rr[m][1] * groups + gi);
+                float bb = load_float(biases, dtype, rr[m][1] * groups + gi);
+                // acc[m][j]: rows wr, wr, wr + 8, wr + 8 (+ 16 m) by tokens 8 j + 2 t, 8 j + 2 t + 1 (twice).
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    float2 m0 = ms[(j * 8 + 2 * t) * MT_PIECES + p], m1 = ms[(j * 8 + 2 * t + 1) * MT_PIECES + p];
+                    float* o = out[m][j];
+                    float* c = acc[m][j];
+                    o[0] += sa * (c[0] * m0.x) + ba * m0.y;
+                    o[1] += sa * (c[1] * m1.x) + ba * m1.y;
+                    o[2] += sb * (c[2] * m0.x) + bb * m0.y;
+                    o[3] += sb * (c[3] * m1.x) + bb * m1.y;
+                    c[0] = c[1] = c[2] = c[3] = 0.0f;
+                }
             }
         }
     }
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int m = 0; m < WT; ++m)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            int tok = j * 8 + 2 * t + (i & 1), r = r0 + wr + (i >> 1) * 8;
-            if (tok < tile.count && r < rows) y[(long long)(tile.first + tok) * rows + r] = out[j][i];
-        }
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                int tok = j * 8 + 2 * t + (i & 1), r = r0 + wr + 16 * m + (i >> 1) * 8;
+                if (tok < tile.count && r < rows) y[(long long)(tile.first + tok) * rows + r] = out[m][j][i];
+            }
 #endif
 }
 
 #define GROUPED_MATMUL(BITS)                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) grouped_matmul_q##BITS(                               \
+    extern "C" __global__ void __launch_bounds__(MT_ROWS * 2 / MT_WARP_TILES) grouped_matmul_q##BITS(       \
         const unsigned long long* table, const ExpertTile* tiles, int group, int dtype, const u32* xl,      \
         const float2* meta, int rows, int cols, float* y) {                                                  \
         grouped_matmul_mma<BITS>(table, tiles, group, dtype, xl, meta, rows, cols, y);                       \

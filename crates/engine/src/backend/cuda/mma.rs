@@ -15,6 +15,8 @@ pub(super) const TILE_ROWS: usize = 128;
 pub(super) const TILE_TOKENS: usize = 32;
 const STAGE_PIECES: usize = 2;
 const STAGES: usize = 2;
+/// Threads per block: a warp per 32 rows (MT_WARP_TILES MMA tiles of 16).
+const TILE_THREADS: u32 = 128;
 
 /// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels.cu (per
 /// row its pieces' codes and 16 bytes of padding; per token its pieces' two f16 limbs of x
@@ -123,7 +125,7 @@ impl CudaBackend {
         let (index, bits) = table.kernel;
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(TILE_ROWS) as u32, tile_count as u32, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (TILE_THREADS, 1, 1),
             shared_mem_bytes: shared_bytes(bits) as u32,
         };
         let (rows, cols) = (rows as i32, x.limbs.cols as i32);
