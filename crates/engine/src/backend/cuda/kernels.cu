@@ -593,9 +593,10 @@ EXPERT_BATCH(8, 3)
 // 8-byte loads: per (token, piece, limb), word t's pairs (x_j, x_{j + M/2}) one after another.
 //
 // A block takes a tile of MT_ROWS weight rows (4 warps of 32: each x fragment feeds two MMA
-// row tiles) by up to MT_TOKENS of one expert's tokens (four MMA columns of 8), MT_PIECES pieces of each row at a time; the codes
-// and x of the next MT_STAGES - 1 stages are on their way into shared memory (cp.async)
-// while one computes (more or larger stages in flight made it slower: docs/perf.md).
+// row tiles) by up to MT_TOKENS of one expert's tokens (four MMA columns of 8), MT_PIECES
+// pieces of each row at a time; the codes and x of the next MT_STAGES - 1 stages are on
+// their way into shared memory (cp.async) while one computes (more or larger stages in
+// flight made it slower: docs/perf.md).
 #define MT_ROWS 128
 #define MT_TOKENS 32
 #define MT_PIECES 2
