@@ -1,6 +1,6 @@
 //! Matrix products: the one-token kernels (2/4/8-bit affine, one launch for matrices that
-//! read the same input, the general fallbacks) and the batched prefill path (rows decoded to
-//! f32, then cuBLAS SGEMM).
+//! read the same input, the general fallbacks) and the batched prefill path (the tensor-core
+//! kernel of `mma.rs` where it applies, else rows decoded to f32, then cuBLAS SGEMM).
 
 use cudarc::cublas::{Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
@@ -275,15 +275,16 @@ impl CudaBackend {
         )
     }
 
-    /// Batched product `x . Wᵀ` for several tokens: row blocks of W decoded to f32, then
-    /// SGEMM into the matching columns of the output.
+    /// Batched product `x . Wᵀ` for several tokens (`gemm_into`).
     pub(super) fn matmul_batched(&self, x: &CudaTensor, w: &CudaMatrix) -> Result<CudaTensor> {
         let mut out = self.tensor(x.rows, w.rows)?;
         self.gemm_into(&x.buf.slice(..), x.rows, w, &mut out.buf.slice_mut(..))?;
         Ok(out)
     }
 
-    /// `out = x . Wᵀ` for the `t` rows of `x` (`[t, w.cols]`) into `out` (`[t, w.rows]`).
+    /// `out = x . Wᵀ` for the `t` rows of `x` (`[t, w.cols]`) into `out` (`[t, w.rows]`): on
+    /// the tensor cores when `mma_matmul` takes it, else row blocks of W decoded to f32, then
+    /// SGEMM into the matching columns of the output.
     pub(super) fn gemm_into(
         &self,
         x: &CudaView<'_, f32>,
