@@ -139,13 +139,14 @@ fn stop_strings_and_cancellation() {
     assert!(done.completion_tokens < 24);
 }
 
-/// A prompt prefilled a few tokens per forward pass gives the logits one pass gives (the
-/// same operations, summed in the same order per token, up to the batched products' order).
+/// A prompt prefilled a few tokens per attention pass, in one window or several, gives the
+/// logits one pass gives (the same operations, summed in the same order per token, up to the
+/// batched products' order).
 #[test]
 fn chunked_prefill_matches_one_pass() {
     let (mut model, tok) = load();
     let prompt = tok
-        .encode("The quick brown fox jumps over the lazy dog, twice.")
+        .encode("The quick brown fox jumps over the lazy dog, twice, and then it rested in the sun.")
         .expect("encodes");
     assert!(prompt.len() > 6, "the prompt spans several chunks");
     let last_logits = |model: &Model<CpuBackend>| {
@@ -154,12 +155,25 @@ fn chunked_prefill_matches_one_pass() {
         model.backend().download(&logits).expect("download")
     };
     let one_pass = last_logits(&model);
-    model.set_prefill_chunk(3).expect("chunk of 3");
-    let chunked = last_logits(&model);
-    let diff: f32 = one_pass.iter().zip(&chunked).map(|(a, b)| (a - b).powi(2)).sum();
-    let norm: f32 = one_pass.iter().map(|a| a * a).sum();
-    assert!((diff / norm).sqrt() < 1e-5, "relative L2 {}", (diff / norm).sqrt());
-    let argmax = |v: &[f32]| flash_moe_engine::engine::sampler::argmax(v);
-    assert_eq!(argmax(&one_pass), argmax(&chunked));
+    // Chunks of 5 tokens: one window, each layer's attention per chunk, its experts on the
+    // whole window; chunks of 1: windows of 8 tokens one after another.
+    for chunk in [5, 1] {
+        model.set_prefill_chunk(chunk).expect("chunk size");
+        assert!(
+            prompt.len() > chunk * 2 && (chunk > 1) == (prompt.len() <= model.prefill_window()),
+            "{} tokens",
+            prompt.len()
+        );
+        let chunked = last_logits(&model);
+        let diff: f32 = one_pass.iter().zip(&chunked).map(|(a, b)| (a - b).powi(2)).sum();
+        let norm: f32 = one_pass.iter().map(|a| a * a).sum();
+        assert!(
+            (diff / norm).sqrt() < 1e-5,
+            "chunk {chunk}: relative L2 {}",
+            (diff / norm).sqrt()
+        );
+        let argmax = |v: &[f32]| flash_moe_engine::engine::sampler::argmax(v);
+        assert_eq!(argmax(&one_pass), argmax(&chunked));
+    }
     assert!(model.set_prefill_chunk(0).is_err());
 }

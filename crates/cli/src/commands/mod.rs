@@ -110,9 +110,9 @@ pub struct ModelArgs {
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]
     pub no_cuda_graphs: bool,
-    /// Prompt tokens per forward pass. Larger chunks prefill long prompts faster when experts
-    /// stream from storage (each chunk reads nearly every expert of a layer) and take more
-    /// memory for activations.
+    /// Prompt tokens per attention pass. A prompt is prefilled layer by layer in windows of 8
+    /// chunks: each layer's experts run on the whole window, so each expert is read once per
+    /// window. Larger chunks take more memory for activations.
     #[arg(long, default_value_t = flash_moe_engine::model::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
 }

@@ -83,7 +83,7 @@ impl GenerationStats {
     }
 }
 
-/// Prefills `prompt` (in chunks of the model's `prefill_chunk` tokens), then samples up to
+/// Prefills `prompt` ([`Model::prefill`]: layer by layer in windows), then samples up to
 /// `max_tokens` tokens one at a time, handing each completed piece of text to `on_text`. `io`
 /// is the expert store's counters, split into prefill and decode in the result.
 pub fn generate<B: Backend>(

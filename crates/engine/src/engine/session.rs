@@ -146,9 +146,9 @@ impl<B: Backend> Session<B> {
                 if sink.cancelled() {
                     return Ok(completion);
                 }
-                // The model's chunk at a time: a cancelled request stops within one.
-                let end = (pos + model.prefill_chunk()).min(mark);
-                last = Some(model.forward(&prompt[pos..end], &mut state, Logits::Last)?);
+                // The model's prefill window at a time: a cancelled request stops within one.
+                let end = (pos + model.prefill_window()).min(mark);
+                last = Some(model.prefill(&prompt[pos..end], &mut state)?);
                 pos = end;
             }
             // Only the mark's logits are kept: the chunks before it need no download.

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod config;
 pub mod linear_attention;
 pub mod moe;
+mod prefill;
 pub mod presets;
 pub mod profile;
 pub mod weights;
@@ -96,9 +97,8 @@ pub struct Model<B: Backend> {
     prefill_chunk: usize,
 }
 
-/// Prompt tokens per forward pass when a prompt is prefilled ([`Model::prefill`]). A chunk's
-/// activations grow with it; with experts streamed from storage, every chunk of a long prompt
-/// reads nearly all of a layer's experts again, so larger chunks prefill faster.
+/// Prompt tokens per attention pass when a prompt is prefilled ([`Model::prefill`]): a
+/// chunk's attention and linear-attention activations grow with it.
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
 impl<B: Backend> Model<B> {
@@ -158,34 +158,6 @@ impl<B: Backend> Model<B> {
         }
         self.experts_per_token = k;
         Ok(())
-    }
-
-    /// Prompt tokens per forward pass in [`Model::prefill`].
-    pub fn prefill_chunk(&self) -> usize {
-        self.prefill_chunk
-    }
-
-    /// Sets the prompt tokens per forward pass of [`Model::prefill`] (at least 1).
-    pub fn set_prefill_chunk(&mut self, tokens: usize) -> Result<()> {
-        if tokens == 0 {
-            return Err(Error::InvalidInput("the prefill chunk must be at least 1 token".into()));
-        }
-        self.prefill_chunk = tokens;
-        Ok(())
-    }
-
-    /// Runs `ids` after what `state` holds, `prefill_chunk` tokens per forward pass, and
-    /// returns the logits of the last token.
-    pub fn prefill(&self, ids: &[u32], state: &mut ModelState<B>) -> Result<B::Tensor> {
-        let mut chunks = ids.chunks(self.prefill_chunk);
-        let first = chunks
-            .next()
-            .ok_or_else(|| Error::InvalidInput("no tokens to run".into()))?;
-        let mut logits = self.forward(first, state, Logits::Last)?;
-        for chunk in chunks {
-            logits = self.forward(chunk, state, Logits::Last)?;
-        }
-        Ok(logits)
     }
 
     /// Reads every routed expert once through storage, so that its in-process cache and the
@@ -292,10 +264,24 @@ impl<B: Backend> Model<B> {
         routing_log: Option<&mut Vec<Vec<usize>>>,
         x: &mut B::Tensor,
     ) -> Result<()> {
+        self.mixer_step(layer, state, pos0, times, clock, x)?;
+        self.ffn_step(layer, times, clock, routing_log, x)
+    }
+
+    /// The attention or linear-attention block of `layer` on `x` (rows at positions `pos0..`),
+    /// continuing `state`. Each block normalizes its input itself (with its first products,
+    /// where the backend fuses them).
+    fn mixer_step(
+        &self,
+        layer: &DecoderLayer<B>,
+        state: &mut LayerState<B>,
+        pos0: usize,
+        times: &mut PhaseTimes,
+        clock: &mut Stopwatch,
+        x: &mut B::Tensor,
+    ) -> Result<()> {
         let b = &self.backend;
         let eps = self.config.rms_norm_eps;
-        // Each block normalizes its input itself (with its first products, where the backend
-        // fuses them).
         match (&layer.mixer, state) {
             (Mixer::Attention(attn), LayerState::Attention(cache)) => {
                 attn.forward_into(b, (&layer.input_norm, eps), cache, pos0, x)?;
@@ -307,7 +293,20 @@ impl<B: Backend> Model<B> {
             }
             _ => return Err(Error::InvalidInput("sequence state does not match the model".into())),
         }
-        let norm = (&layer.post_attention_norm, eps);
+        Ok(())
+    }
+
+    /// The MoE or dense MLP block of `layer` on `x`, every row independently.
+    fn ffn_step(
+        &self,
+        layer: &DecoderLayer<B>,
+        times: &mut PhaseTimes,
+        clock: &mut Stopwatch,
+        routing_log: Option<&mut Vec<Vec<usize>>>,
+        x: &mut B::Tensor,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let norm = (&layer.post_attention_norm, self.config.rms_norm_eps);
         match &layer.ffn {
             Ffn::Moe(moe) => moe.forward_into(b, norm, self.experts_per_token, times, clock, routing_log, x),
             Ffn::Dense(mlp) => {
@@ -330,7 +329,6 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let pos0 = state.position;
-        let eps = self.config.rms_norm_eps;
         let mut clock = Stopwatch::start();
         let mut x = b.embed(&self.embed, ids)?;
         clock.charge(&mut state.profile.outside_layers, Phase::Other);
@@ -359,13 +357,27 @@ impl<B: Backend> Model<B> {
                 clock.charge(times, Phase::Replayed);
             }
         }
-        state.position += ids.len();
+        self.finish_pass(ids.len(), x, state, which, clock)
+    }
+
+    /// The end of a forward pass over `tokens` tokens whose last hidden states are `x`:
+    /// advances `state` and returns the logits `which` asks for.
+    fn finish_pass(
+        &self,
+        tokens: usize,
+        mut x: B::Tensor,
+        state: &mut ModelState<B>,
+        which: Logits,
+        mut clock: Stopwatch,
+    ) -> Result<B::Tensor> {
+        let b = &self.backend;
+        state.position += tokens;
         state.profile.calls += 1;
-        state.profile.tokens += ids.len() as u64;
-        if which == Logits::Last && ids.len() > 1 {
-            x = b.gather_rows(&x, &[ids.len() - 1])?;
+        state.profile.tokens += tokens as u64;
+        if which == Logits::Last && tokens > 1 {
+            x = b.gather_rows(&x, &[tokens - 1])?;
         }
-        let x = b.rms_norm(&x, &self.final_norm, eps)?;
+        let x = b.rms_norm(&x, &self.final_norm, self.config.rms_norm_eps)?;
         clock.charge(&mut state.profile.outside_layers, Phase::Other);
         let logits = b.matmul(&x, &self.lm_head)?;
         clock.charge(&mut state.profile.outside_layers, Phase::LmHead);
