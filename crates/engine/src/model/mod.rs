@@ -85,6 +85,15 @@ pub enum Logits {
     Last,
 }
 
+/// A layer, its index, its state, its profile times and its routing log ([`Model::forward`]).
+type LayerWith<'a, B> = (
+    usize,
+    &'a DecoderLayer<B>,
+    &'a mut LayerState<B>,
+    &'a mut PhaseTimes,
+    Option<&'a mut Vec<Vec<usize>>>,
+);
+
 /// A loaded model on backend `B`.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -329,16 +338,8 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let pos0 = state.position;
-        let mut clock = Stopwatch::start();
-        let mut x = b.embed(&self.embed, ids)?;
-        clock.charge(&mut state.profile.outside_layers, Phase::Other);
-        let layers = self
-            .layers
-            .iter()
-            .zip(state.layers.iter_mut())
-            .zip(state.profile.layers.iter_mut());
-        for (index, ((layer, layer_state), times)) in layers.enumerate() {
-            let mut log = state.routing.as_mut().and_then(|r| r.get_mut(index));
+        let (mut x, mut clock) = self.embed_timed(ids, state)?;
+        for (index, layer, layer_state, times, mut log) in self.layers_with(state) {
             let key = match (&log, ids.len()) {
                 (None, 1) => self.step_key(index, layer, layer_state, &x),
                 _ => None,
@@ -358,6 +359,29 @@ impl<B: Backend> Model<B> {
             }
         }
         self.finish_pass(ids.len(), x, state, which, clock)
+    }
+
+    /// Each layer with its index, its part of `state`, its profile times and its routing log
+    /// (when `state` keeps one).
+    fn layers_with<'a>(&'a self, state: &'a mut ModelState<B>) -> impl Iterator<Item = LayerWith<'a, B>> + 'a {
+        let mut logs = state.routing.as_mut().map(|r| r.iter_mut());
+        self.layers
+            .iter()
+            .zip(state.layers.iter_mut())
+            .zip(state.profile.layers.iter_mut())
+            .enumerate()
+            .map(move |(index, ((layer, layer_state), times))| {
+                let log = logs.as_mut().and_then(|l| l.next());
+                (index, layer, layer_state, times, log)
+            })
+    }
+
+    /// The embeddings of `ids`, timed into `state`'s profile, and the clock that goes on.
+    fn embed_timed(&self, ids: &[u32], state: &mut ModelState<B>) -> Result<(B::Tensor, Stopwatch)> {
+        let mut clock = Stopwatch::start();
+        let x = self.backend.embed(&self.embed, ids)?;
+        clock.charge(&mut state.profile.outside_layers, Phase::Other);
+        Ok((x, clock))
     }
 
     /// The end of a forward pass over `tokens` tokens whose last hidden states are `x`:

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use super::profile::{Phase, Stopwatch};
+use super::profile::Phase;
 use super::{Logits, Model, ModelState};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -57,15 +57,8 @@ impl<B: Backend> Model<B> {
             .step_by(self.prefill_chunk)
             .map(|start| start..(start + self.prefill_chunk).min(ids.len()))
             .collect();
-        let mut clock = Stopwatch::start();
-        let mut x = b.embed(&self.embed, ids)?;
-        clock.charge(&mut state.profile.outside_layers, Phase::Other);
-        let layers = self
-            .layers
-            .iter()
-            .zip(state.layers.iter_mut())
-            .zip(state.profile.layers.iter_mut());
-        for (index, ((layer, layer_state), times)) in layers.enumerate() {
+        let (mut x, mut clock) = self.embed_timed(ids, state)?;
+        for (_, layer, layer_state, times, log) in self.layers_with(state) {
             let mut mixed: Option<B::Tensor> = None;
             for chunk in &chunks {
                 let mut part = b.gather_rows(&x, &chunk.clone().collect::<Vec<_>>())?;
@@ -77,7 +70,6 @@ impl<B: Backend> Model<B> {
                 clock.charge(times, Phase::Other);
             }
             x = mixed.ok_or_else(|| Error::InvalidInput("no tokens to run".into()))?;
-            let log = state.routing.as_mut().and_then(|r| r.get_mut(index));
             self.ffn_step(layer, times, &mut clock, log, &mut x)?;
         }
         self.finish_pass(ids.len(), x, state, Logits::Last, clock)
