@@ -186,15 +186,11 @@ impl CudaBackend {
         if !suits || !self.mma_fills_gpu(gate.rows, tiles) {
             return Ok(None);
         }
-        let kind = |k: usize| work.iter().map(|w| w.expert.matrices()[k]).collect::<Vec<_>>();
-        let (Some(g), Some(u), Some(d)) = (
-            self.mma_table(kernel, &kind(0))?,
-            self.mma_table(kernel, &kind(1))?,
-            self.mma_table(kernel, &kind(2))?,
-        ) else {
-            return Ok(None);
+        let table = |k: usize| {
+            let matrices: Vec<_> = work.iter().map(|w| w.expert.matrices()[k]).collect();
+            self.mma_table(kernel, &matrices)
         };
-        Ok(Some([g, u, d]))
+        Ok(Some([table(0)?, table(1)?, table(2)?]))
     }
 
     /// gate and up products of every expert on its gathered rows, SiLU, down: the

@@ -7,7 +7,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, 
 
 use super::matvec::pow2_kernel;
 use super::{CudaBackend, CudaMatrix, CudaTensor, cuda, grid_for};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Tile sizes of `grouped_matmul_mma` in kernels.cu (MT_ROWS, MT_TOKENS, MT_PIECES,
 /// MT_STAGES).
@@ -61,10 +61,10 @@ impl CudaBackend {
     }
 
     /// The table of `matrices` (one encoding, checked by the caller with `mma_kernel`).
-    pub(super) fn mma_table(&self, kernel: (usize, usize), matrices: &[&CudaMatrix]) -> Result<Option<MmaTable>> {
-        let Some(first) = matrices.first() else {
-            return Ok(None);
-        };
+    pub(super) fn mma_table(&self, kernel: (usize, usize), matrices: &[&CudaMatrix]) -> Result<MmaTable> {
+        let first = matrices
+            .first()
+            .ok_or_else(|| Error::InvalidInput("a tensor-core product without matrices".into()))?;
         let mut addresses = Vec::with_capacity(3 * matrices.len());
         for m in matrices {
             let (sc, bi) = m.affine_parts()?;
@@ -72,12 +72,12 @@ impl CudaBackend {
             addresses.extend([m.data.0, sc.0, bi.0].map(|offset| base + offset as u64));
         }
         let (_, group, dtype) = first.format();
-        Ok(Some(MmaTable {
+        Ok(MmaTable {
             kernel,
             group,
             dtype,
             addresses: self.to_device(&addresses)?,
-        }))
+        })
     }
 
     /// The first `rows` rows of `x` (`cols` wide) split into f16 limbs for the matrices of
@@ -161,9 +161,7 @@ impl CudaBackend {
         if !self.mma_fills_gpu(w.rows, tiles.len() / 4) {
             return Ok(false);
         }
-        let Some(table) = self.mma_table(kernel, &[w])? else {
-            return Ok(false);
-        };
+        let table = self.mma_table(kernel, &[w])?;
         let split = self.split_rows(x, t, w.cols, &table)?;
         self.mma_products(&table, &self.to_device(&tiles)?, tiles.len() / 4, &split, w.rows, out)?;
         Ok(true)
