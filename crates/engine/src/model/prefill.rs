@@ -5,8 +5,6 @@
 //! nearly every expert of every layer, so with experts streamed from host RAM or disk the
 //! chunk-by-chunk order moved a whole model's experts per chunk.
 
-use std::ops::Range;
-
 use super::profile::Phase;
 use super::{Logits, Model, ModelState};
 use crate::backend::Backend;
@@ -53,16 +51,17 @@ impl<B: Backend> Model<B> {
         }
         let b = &self.backend;
         let pos0 = state.position;
-        let chunks: Vec<Range<usize>> = (0..ids.len())
+        // Each chunk's first row and its rows of the window, the same for every layer.
+        let chunks: Vec<(usize, Vec<usize>)> = (0..ids.len())
             .step_by(self.prefill_chunk)
-            .map(|start| start..(start + self.prefill_chunk).min(ids.len()))
+            .map(|start| (start, (start..(start + self.prefill_chunk).min(ids.len())).collect()))
             .collect();
         let (mut x, mut clock) = self.embed_timed(ids, state)?;
         for (_, layer, layer_state, times, log) in self.layers_with(state) {
             let mut mixed: Option<B::Tensor> = None;
-            for chunk in &chunks {
-                let mut part = b.gather_rows(&x, &chunk.clone().collect::<Vec<_>>())?;
-                self.mixer_step(layer, layer_state, pos0 + chunk.start, times, &mut clock, &mut part)?;
+            for (start, rows) in &chunks {
+                let mut part = b.gather_rows(&x, rows)?;
+                self.mixer_step(layer, layer_state, pos0 + start, times, &mut clock, &mut part)?;
                 match &mut mixed {
                     Some(rows) => b.append_rows(rows, &part)?,
                     None => mixed = Some(part),
