@@ -8,10 +8,13 @@
 //
 // Built and run on a GPU machine (no cargo needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90 tools/matvec_lab.cu -o lab && ./lab
+// (`./lab bulk` runs only the bulk-copy experiment.)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "../crates/engine/src/backend/cuda/kernels.cu"
@@ -44,7 +47,7 @@ extern "C" __global__ void matvec_q4_pdl(const u8* w, const u8* scales, const u8
     asm volatile("griddepcontrol.launch_dependents;");
     asm volatile("griddepcontrol.wait;" ::: "memory");
     Affine a = {w, scales, biases};
-    matvec_pow2<4, false>(a, a, group, dtype, x, rows, cols, y, alpha, 0.0f);
+    matvec_pow2<4, false>(a, group, dtype, x, rows, cols, y, alpha, 0.0f);
 }
 
 // Experimental, not used by the engine: x staged once per token in global memory (one block
@@ -105,6 +108,91 @@ __global__ void matvec_q4_prestaged(const u8* w, const u8* scales, const u8* bia
         }
         acc = warp_sum(acc);
         if (lane == 0) y[r] = alpha * acc;
+    }
+}
+
+// Experimental, not used by the engine: the weights streamed into shared memory by the bulk
+// copy engine (cp.async.bulk, completing on an mbarrier) instead of register loads. A block
+// takes a contiguous range of rows in stages of BULK_ROWS rows (one per warp), and asks for
+// its first stages before it stages x, so that the weights' latency overlaps the staging and
+// up to `stages` stages are always in flight without holding registers. Same arithmetic and
+// order as matvec_q4 (bf16 scales and biases, group 64), so the same bits.
+#define BULK_ROWS 8
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+
+__device__ __forceinline__ void bar_wait(unsigned long long* bar, unsigned parity) {
+    asm volatile(
+        "{\n .reg .pred p;\n wait_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra wait_%=;\n}" ::"r"(
+            smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+__global__ void matvec_q4_bulk(const u8* w, const u8* scales, const u8* biases, const float* x, int rows, int cols,
+                               int rows_per_block, int stages, float* y, float alpha) {
+    constexpr int PF = 32, REC = staged_record(4), U = ROWS_UNROLL;
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    __shared__ unsigned long long bars[8];
+    int pieces = cols / PF, xbytes = staged_bytes(4, cols);
+    int row_bytes = cols / 2, group_bytes = (cols / 64) * 2;
+    int stage_bytes = BULK_ROWS * (row_bytes + 2 * group_bytes);
+    u8* buf = smem + xbytes;
+    int first = blockIdx.x * rows_per_block, last = min(rows, first + rows_per_block);
+    int count = (last - first + BULK_ROWS - 1) / BULK_ROWS;
+    auto issue = [&](int k) {  // stage k of this block into buffer k % stages
+        int a = first + k * BULK_ROWS, n = min(BULK_ROWS, last - a);
+        u8* b = buf + (k % stages) * stage_bytes;
+        unsigned long long* bar = &bars[k % stages];
+        unsigned tx = n * (row_bytes + 2 * group_bytes);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(tx) : "memory");
+        bulk_load(b, w + (long long)a * row_bytes, n * row_bytes, bar);
+        bulk_load(b + BULK_ROWS * row_bytes, scales + (long long)a * group_bytes, n * group_bytes, bar);
+        bulk_load(b + BULK_ROWS * (row_bytes + group_bytes), biases + (long long)a * group_bytes, n * group_bytes,
+                  bar);
+    };
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < stages; ++i)
+            asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(&bars[i])) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int k = 0; k < min(stages, count); ++k) issue(k);
+    }
+    stage_x<4>(x, cols, smem);  // ends with a barrier, which also publishes the mbarriers' init
+    const float2* meta = (const float2*)(smem + pieces * REC);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int k = 0; k < count; ++k) {
+        bar_wait(&bars[k % stages], (k / stages) & 1);
+        u8* b = buf + (k % stages) * stage_bytes;
+        int r = first + k * BULK_ROWS + warp;
+        if (r < last) {
+            const uint4* codes = (const uint4*)(b + warp * row_bytes);
+            const u16* sc = (const u16*)(b + BULK_ROWS * row_bytes + warp * group_bytes);
+            const u16* bi = (const u16*)(b + BULK_ROWS * (row_bytes + group_bytes) + warp * group_bytes);
+            float acc = 0.0f;
+            for (int base = 0; base < pieces; base += 32 * U) {
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    int p = base + u * 32 + lane;
+                    if (p >= pieces) break;
+                    float2 mt = meta[p];
+                    float d, unused;
+                    piece_dot<4, false>(codes[p], codes[p], smem + p * REC, d, unused);
+                    int g = p >> 1;  // 32 codes per piece, 64 per group
+                    acc += bf16_to_f32(sc[g]) * (d * mt.y) + bf16_to_f32(bi[g]) * mt.x;
+                }
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) y[r] = alpha * acc;
+        }
+        __syncthreads();  // the buffer is free again
+        if (threadIdx.x == 0 && k + stages < count) issue(k + stages);
     }
 }
 
@@ -630,6 +718,69 @@ static void bench_prestaged() {
     cudaFree(staged);
 }
 
+// The bulk-copy product against the engine's kernel: alone (over copies of the matrix, so
+// none is in L2) and in a chain of 16 replayed from a graph, for in_proj and out_proj.
+static void bench_bulk() {
+    for (int which = 0; which < 2; ++which) {
+        const int rows = which == 0 ? 12288 : 4096, cols = which == 0 ? 4096 : 8192, chain = 16;
+        const char* name = which == 0 ? "in_proj 12288x4096" : "out_proj 4096x8192";
+        std::vector<Matrix> ms;
+        for (int i = 0; i < chain; ++i) ms.push_back(make_matrix(rows, cols, 4, 7000 + 11 * i));
+        std::vector<float*> buf(chain + 1);
+        for (auto& b : buf) CHECK(cudaMalloc(&b, (size_t)std::max(rows, cols) * 4));
+        fill_float<<<64, 256>>>(buf[0], cols, 21);
+        size_t smem = smem_bytes(4, cols);
+        int per_sm = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, (const void*)matvec_q4, THREADS, smem));
+        int grid = std::min((rows + 7) / 8, per_sm * g_sms);
+        int row_bytes = cols / 2, group_bytes = cols / 64 * 2;
+        size_t stage = BULK_ROWS * (row_bytes + 2 * group_bytes);
+        CHECK(cudaFuncSetAttribute(matvec_q4_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+        for (int stages : {2, 3, 4, 6}) {
+            size_t bsmem = smem + stages * stage;
+            if (bsmem > 200 * 1024) continue;
+            int bper = 0;
+            CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&bper, (const void*)matvec_q4_bulk, THREADS, bsmem));
+            int bgrid = bper * g_sms;
+            int rpb = ((rows + bgrid - 1) / bgrid + BULK_ROWS - 1) / BULK_ROWS * BULK_ROWS;
+            bgrid = (rows + rpb - 1) / rpb;
+            auto product = [&](int how, int i, const float* in, float* out, float alpha, cudaStream_t s) {
+                const Matrix& m = ms[i];
+                if (how == 0)
+                    matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, in, rows, cols, out, alpha, 0.0f);
+                else
+                    matvec_q4_bulk<<<bgrid, THREADS, bsmem, s>>>(m.w, m.s, m.b, in, rows, cols, rpb, stages, out, alpha);
+            };
+            for (int how = 0; how < 2; ++how) {
+                if (how == 0 && stages != 2) continue;
+                // Alone: the same x, the matrices in turn.
+                product(how, 0, buf[0], buf[1], 1.0f, 0);
+                std::vector<float> got = fetch(buf[1], rows);
+                product(0, 0, buf[0], buf[1], 1.0f, 0);
+                double err = rel_l2(got, fetch(buf[1], rows));
+                int i = 0;
+                double alone = median_us(7, chain, [&] { product(how, i++ % chain, buf[0], buf[1], 1.0f, 0); });
+                char label[192];
+                snprintf(label, sizeof label, "%s %s alone (err %.1e)", name,
+                         how == 0 ? "engine kernel" : "bulk copies", err);
+                if (how == 1) snprintf(label + strlen(label), 40, ", %d stages, %d blocks", stages, bgrid);
+                row(label, alone, (double)ms[0].bytes());
+                // A chain (square matrices only: the output feeds the next product).
+                if (rows != cols && which == 1) continue;
+                cudaGraphExec_t exec = capture([&](cudaStream_t s) {
+                    for (int j = 0; j < chain; ++j) product(how, j, buf[j], buf[j + 1], 1.0f / 64, s);
+                });
+                double us = median_us(7, 1, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / chain;
+                snprintf(label, sizeof label, "%s %s, 16 chained, graph", name, how == 0 ? "engine kernel" : "bulk copies");
+                row(label, us, (double)ms[0].bytes());
+                CHECK(cudaGraphExecDestroy(exec));
+            }
+        }
+        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+        for (auto& b : buf) cudaFree(b);
+    }
+}
+
 // What one launch that only reads `bytes` achieves, in a chain of 16 launches over distinct
 // buffers (so that L2 holds none of them), launched plainly and replayed from a graph: the
 // ceiling for a product of that size.
@@ -660,7 +811,7 @@ static void bench_read_sizes() {
     cudaFree(sink);
 }
 
-int main() {
+int main(int argc, char** argv) {
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
     g_sms = prop.multiProcessorCount;
@@ -680,6 +831,10 @@ int main() {
     row("read-only stream 1 GiB", read_us, (double)n);
     CHECK(cudaFree(src));
     CHECK(cudaFree(dst));
+    if (argc > 1 && std::string(argv[1]) == "bulk") {
+        bench_bulk();
+        return 0;
+    }
     bench_matvec("lm_head 248320x4096 4-bit", 248320, 4096, 4, 1);
     bench_matvec("in_proj 12288x4096 4-bit", 12288, 4096, 4, 8);
     bench_matvec("out_proj 4096x8192 4-bit", 4096, 8192, 4, 8);

@@ -353,11 +353,54 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
     }
 }
 
-// DUAL: a second matrix w2 (same shape and format) is multiplied too and the output is
-// silu(W x) * (W2 x) (gate and up of a SwiGLU). Otherwise y = alpha * dot + beta * y.
-template <int BITS, bool DUAL>
-__device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y,
-                            float alpha, float beta) {
+// `a` one row on: row r of the result is row r + 1 of `a`, so that row_dot's DUAL path takes
+// two neighbouring rows of one matrix, and each piece of staged x it reads from shared memory
+// serves both.
+template <int BITS>
+__device__ __forceinline__ Affine next_row(const Affine& a, int cols, int group, int dtype) {
+    long long scale_bytes = (long long)(cols / group) * (dtype == DT_F32 ? 4 : 2);
+    return {a.w + (long long)cols * BITS / 8, a.scales + scale_bytes, a.biases + scale_bytes};
+}
+
+// Rows r and r + 1 (when below `rows`) of `a` dotted with the staged x, summed over the warp.
+template <int BITS>
+__device__ __forceinline__ void row_pair_dot(const Affine& a, int r, int rows, int cols, int group, int dtype,
+                                             const u8* xs, float& acc_a, float& acc_b) {
+    acc_a = 0.0f, acc_b = 0.0f;
+    row_dot<BITS, true>(a, r + 1 < rows ? next_row<BITS>(a, cols, group, dtype) : a, r, cols / (128 / BITS), group,
+                        dtype, xs, acc_a, acc_b);
+    acc_a = warp_sum(acc_a);
+    acc_b = warp_sum(acc_b);
+}
+
+// y = alpha * (W x) + beta * y, a row per warp, or a pair of neighbouring rows (PAIRS: the
+// host takes them for matrices tall enough to give every multiprocessor a block of pairs).
+template <int BITS, bool PAIRS>
+__device__ void matvec_pow2(Affine a, int group, int dtype, const float* x, int rows, int cols, float* y, float alpha,
+                            float beta) {
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    stage_x<BITS>(x, cols, smem);
+    constexpr int STEP = PAIRS ? 2 : 1;
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = STEP * (blockIdx.x * warps + (threadIdx.x >> 5)); r < rows; r += STEP * gridDim.x * warps) {
+        float acc_a = 0.0f, acc_b = 0.0f;
+        if (PAIRS) {
+            row_pair_dot<BITS>(a, r, rows, cols, group, dtype, smem, acc_a, acc_b);
+        } else {
+            row_dot<BITS, false>(a, a, r, cols / (128 / BITS), group, dtype, smem, acc_a, acc_b);
+            acc_a = warp_sum(acc_a);
+        }
+        if (lane == 0) {
+            y[r] = alpha * acc_a + (beta != 0.0f ? beta * y[r] : 0.0f);
+            if (PAIRS && r + 1 < rows) y[r + 1] = alpha * acc_b + (beta != 0.0f ? beta * y[r + 1] : 0.0f);
+        }
+    }
+}
+
+// silu(W x) * (W2 x) (gate and up of a SwiGLU; W2 of the same shape and format).
+template <int BITS>
+__device__ void swiglu_pow2(Affine a, Affine b, int group, int dtype, const float* x, int rows, int cols, float* y) {
     extern __shared__ uint4 smem_vec[];
     u8* smem = (u8*)smem_vec;
     stage_x<BITS>(x, cols, smem);
@@ -365,28 +408,31 @@ __device__ void matvec_pow2(Affine a, Affine b, int group, int dtype, const floa
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
         float acc_a = 0.0f, acc_b = 0.0f;
-        row_dot<BITS, DUAL>(a, b, r, pieces, group, dtype, smem, acc_a, acc_b);
+        row_dot<BITS, true>(a, b, r, pieces, group, dtype, smem, acc_a, acc_b);
         acc_a = warp_sum(acc_a);
-        if (DUAL) acc_b = warp_sum(acc_b);
-        if (lane == 0) {
-            if (DUAL) y[r] = siluf(acc_a) * acc_b;
-            else y[r] = alpha * acc_a + (beta != 0.0f ? beta * y[r] : 0.0f);
-        }
+        acc_b = warp_sum(acc_b);
+        if (lane == 0) y[r] = siluf(acc_a) * acc_b;
     }
 }
 
-#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                      \
-    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,    \
-                                              int dtype, const float* x, int rows, int cols, float* y,       \
-                                              float alpha, float beta) {                                     \
-        Affine a = {w, scales, biases};                                                                      \
-        matvec_pow2<BITS, false>(a, a, group, dtype, x, rows, cols, y, alpha, beta);                         \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
-        swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2, const u8* scales2,     \
-                       const u8* biases2, int group, int dtype, const float* x, int rows, int cols, float* y) { \
-        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                          \
-        matvec_pow2<BITS, true>(a, b, group, dtype, x, rows, cols, y, 1.0f, 0.0f);                           \
+#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                          \
+    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,      \
+                                              int dtype, const float* x, int rows, int cols, float* y,         \
+                                              float alpha, float beta) {                                       \
+        Affine a = {w, scales, biases};                                                                        \
+        matvec_pow2<BITS, false>(a, group, dtype, x, rows, cols, y, alpha, beta);                              \
+    }                                                                                                          \
+    extern "C" __global__ void matvec_pairs_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,\
+                                                    int dtype, const float* x, int rows, int cols, float* y,   \
+                                                    float alpha, float beta) {                                 \
+        Affine a = {w, scales, biases};                                                                        \
+        matvec_pow2<BITS, true>(a, group, dtype, x, rows, cols, y, alpha, beta);                               \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                              \
+        swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2, const u8* scales2,       \
+                       const u8* biases2, int group, int dtype, const float* x, int rows, int cols, float* y) {\
+        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                            \
+        swiglu_pow2<BITS>(a, b, group, dtype, x, rows, cols, y);                                               \
     }
 // Blocks per multiprocessor the SwiGLU kernel is compiled for: as many as fit without spills.
 MATVEC_POW2(2, 2)
@@ -421,6 +467,9 @@ __device__ void matvec_multi(const MatvecMulti& m, int group, int dtype, const f
     } else {
         stage_x<BITS>(x, cols, smem);
     }
+    // One row per warp: in pairs, as matvec_pairs takes them, the extra registers (three blocks
+    // per multiprocessor instead of four) cost more than the shared x reads saved here
+    // (docs/perf.md).
     int pieces = cols / (128 / BITS);
     int total = 0;
     for (int k = 0; k < m.count; ++k) total += m.rows[k];

@@ -23,6 +23,10 @@ pub struct Kernels {
     pub matvec_q: [CudaFunction; 3],
     /// Blocks of 256 threads of each `matvec_q` one multiprocessor holds at once.
     pub matvec_resident: [u32; 3],
+    /// The same products with a pair of neighbouring rows per warp, for matrices with more
+    /// rows than the grid has warps, and their blocks per multiprocessor.
+    pub matvec_pairs_q: [CudaFunction; 3],
+    pub matvec_pairs_resident: [u32; 3],
     pub swiglu_q: [CudaFunction; 3],
     /// Up to `MAX_MULTI` matrices reading the same x, one token, one launch (2, 4, 8 bits).
     pub matvec_multi_q: [CudaFunction; 3],
@@ -91,7 +95,9 @@ impl Kernels {
                 .unwrap_or(2)
         };
         let matvec_q = [f("matvec_q2")?, f("matvec_q4")?, f("matvec_q8")?];
-        let matvec_resident = [resident(&matvec_q[0]), resident(&matvec_q[1]), resident(&matvec_q[2])];
+        let matvec_resident = matvec_q.each_ref().map(resident);
+        let matvec_pairs_q = [f("matvec_pairs_q2")?, f("matvec_pairs_q4")?, f("matvec_pairs_q8")?];
+        let matvec_pairs_resident = matvec_pairs_q.each_ref().map(resident);
         let swiglu_batch_resident = [
             resident(&swiglu_batch_q[0]),
             resident(&swiglu_batch_q[1]),
@@ -101,6 +107,8 @@ impl Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q,
             matvec_resident,
+            matvec_pairs_q,
+            matvec_pairs_resident,
             swiglu_q: [f("swiglu_q2")?, f("swiglu_q4")?, f("swiglu_q8")?],
             matvec_multi_q: [f("matvec_multi_q2")?, f("matvec_multi_q4")?, f("matvec_multi_q8")?],
             swiglu_batch_q,
