@@ -178,7 +178,7 @@ impl CudaBackend {
             .by_key
             .insert(key.clone(), Slot::Waiting(Sightings { seen: 1, wait: 1 }))
         {
-            self.retire(stale)?;
+            self.retire([stale])?;
         }
         Ok(Action::Run)
     }
@@ -230,7 +230,7 @@ impl CudaBackend {
             last_used: slots.clock,
         };
         if let Some(Slot::Recorded(old)) = slots.by_key.insert(key.clone(), Slot::Recorded(recording)) {
-            self.retire(old)?;
+            self.retire([old])?;
         }
         self.evict_oldest(&mut slots)
     }
@@ -257,7 +257,7 @@ impl CudaBackend {
             .min_by_key(|(used, _)| *used)
             .map(|(_, k)| k);
         if let Some(Slot::Recorded(r)) = oldest.and_then(|k| slots.by_key.remove(&k)) {
-            self.retire(r)?;
+            self.retire([r])?;
         }
         Ok(())
     }
@@ -280,13 +280,20 @@ impl CudaBackend {
                 })
                 .collect()
         };
-        stale.into_iter().try_for_each(|r| self.retire(r))
+        self.retire(stale)
     }
 
-    /// Drops a recording once the device is done with it, its buffers back to the pool.
-    fn retire(&self, r: Recording) -> Result<()> {
+    /// Drops recordings once the device is done with them (one wait covers them all), their
+    /// buffers back to the pool.
+    fn retire(&self, recordings: impl IntoIterator<Item = Recording>) -> Result<()> {
+        let mut recordings = recordings.into_iter().peekable();
+        if recordings.peek().is_none() {
+            return Ok(());
+        }
         self.stream.synchronize().map_err(cuda("waiting for the device"))?;
-        self.pool.give_back_all(r.buffers);
+        for r in recordings {
+            self.pool.give_back_all(r.buffers);
+        }
         Ok(())
     }
 }

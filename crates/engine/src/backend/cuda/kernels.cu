@@ -415,24 +415,22 @@ __device__ void swiglu_pow2(Affine a, Affine b, int group, int dtype, const floa
     }
 }
 
-#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                          \
-    extern "C" __global__ void matvec_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,      \
-                                              int dtype, const float* x, int rows, int cols, float* y,         \
-                                              float alpha, float beta) {                                       \
-        Affine a = {w, scales, biases};                                                                        \
-        matvec_pow2<BITS, false>(a, group, dtype, x, rows, cols, y, alpha, beta);                              \
-    }                                                                                                          \
-    extern "C" __global__ void matvec_pairs_q##BITS(const u8* w, const u8* scales, const u8* biases, int group,\
-                                                    int dtype, const float* x, int rows, int cols, float* y,   \
-                                                    float alpha, float beta) {                                 \
-        Affine a = {w, scales, biases};                                                                        \
-        matvec_pow2<BITS, true>(a, group, dtype, x, rows, cols, y, alpha, beta);                               \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                              \
-        swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2, const u8* scales2,       \
-                       const u8* biases2, int group, int dtype, const float* x, int rows, int cols, float* y) {\
-        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                            \
-        swiglu_pow2<BITS>(a, b, group, dtype, x, rows, cols, y);                                               \
+// One row per warp (matvec_q) or pairs of neighbouring rows (matvec_pairs_q).
+#define MATVEC_ENTRY(NAME, BITS, PAIRS)                                                                          \
+    extern "C" __global__ void NAME(const u8* w, const u8* scales, const u8* biases, int group, int dtype,       \
+                                    const float* x, int rows, int cols, float* y, float alpha, float beta) {     \
+        Affine a = {w, scales, biases};                                                                          \
+        matvec_pow2<BITS, PAIRS>(a, group, dtype, x, rows, cols, y, alpha, beta);                                \
+    }
+
+#define MATVEC_POW2(BITS, MIN_BLOCKS)                                                                            \
+    MATVEC_ENTRY(matvec_q##BITS, BITS, false)                                                                    \
+    MATVEC_ENTRY(matvec_pairs_q##BITS, BITS, true)                                                               \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                                \
+        swiglu_q##BITS(const u8* w, const u8* scales, const u8* biases, const u8* w2, const u8* scales2,         \
+                       const u8* biases2, int group, int dtype, const float* x, int rows, int cols, float* y) {  \
+        Affine a = {w, scales, biases}, b = {w2, scales2, biases2};                                              \
+        swiglu_pow2<BITS>(a, b, group, dtype, x, rows, cols, y);                                                 \
     }
 // Blocks per multiprocessor the SwiGLU kernel is compiled for: as many as fit without spills.
 MATVEC_POW2(2, 2)
