@@ -1,0 +1,118 @@
+//! The Gated DeltaNet steps on the device: the causal depthwise conv with its rolling state,
+//! the gated delta rule with its recurrent state, and the gated RMSNorm.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{CudaBackend, CudaTensor, blocks, cuda, grid_for};
+use crate::error::{Error, Result};
+use crate::model::config::LinearAttentionConfig;
+
+impl CudaBackend {
+    /// Causal depthwise conv + SiLU over `x`, moving the rolling `state` on.
+    pub(super) fn conv1d_silu(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        state: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        if weight.rows != x.cols || state.cols != x.cols || state.rows + 1 != weight.cols {
+            return Err(Error::InvalidInput(
+                "causal_conv1d: weight, state and input disagree".into(),
+            ));
+        }
+        if weight.cols > 8 {
+            return Err(Error::InvalidInput(format!(
+                "causal_conv1d: kernel of {} taps (the CUDA kernel takes up to 8)",
+                weight.cols
+            )));
+        }
+        let out = self.tensor(x.rows, x.cols)?;
+        let (rows, c, kernel) = (x.rows as i32, x.cols as i32, weight.cols as i32);
+        launch!(
+            self,
+            &self.k.causal_conv1d_silu,
+            grid_for(x.cols),
+            &*x.buf,
+            &*weight.buf,
+            &mut *state.buf,
+            &rows,
+            &c,
+            &kernel,
+            &*out.buf
+        )?;
+        Ok(out)
+    }
+
+    /// The gated delta rule over the conv's output, continuing the recurrent `state`, with
+    /// the decay and update inputs `a`, `b`, `a_log` and `dt_bias`.
+    pub(super) fn delta_rule(
+        &self,
+        qkv: &CudaTensor,
+        [a, b, a_log, dt_bias]: [&CudaTensor; 4],
+        state: &mut CudaTensor,
+        dims: &LinearAttentionConfig,
+    ) -> Result<CudaTensor> {
+        let (nk, nv, dk, dv) = (
+            dims.num_key_heads,
+            dims.num_value_heads,
+            dims.key_head_dim,
+            dims.value_head_dim,
+        );
+        if dk > 256 || qkv.cols != dims.conv_dim() || state.rows != nv || state.cols != dk * dv {
+            return Err(Error::InvalidInput(
+                "gated_delta_rule: shapes disagree or key head dim > 256".into(),
+            ));
+        }
+        let out = self.tensor(qkv.rows, nv * dv)?;
+        // One warp per 16 key rows, one block per 32 value columns (DELTA_ROWS_PER_WARP).
+        let cfg = LaunchConfig {
+            grid_dim: (nv as u32, (dv as u32).div_ceil(32), 1),
+            block_dim: (32 * (dk as u32).div_ceil(16), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, nk, nv, dk, dv) = (qkv.rows as i32, nk as i32, nv as i32, dk as i32, dv as i32);
+        launch!(
+            self,
+            &self.k.gated_delta_rule,
+            cfg,
+            &*qkv.buf,
+            &*a.buf,
+            &*b.buf,
+            &*a_log.buf,
+            &*dt_bias.buf,
+            &mut *state.buf,
+            &rows,
+            &nk,
+            &nv,
+            &dk,
+            &dv,
+            &*out.buf
+        )?;
+        Ok(out)
+    }
+
+    /// RMSNorm of each head's slice of `x`, times `weight` and `silu(z)`.
+    pub(super) fn gated_norm(
+        &self,
+        x: &CudaTensor,
+        z: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        Self::check_same("gated_rms_norm", x, z)?;
+        let n = weight.len() as i32;
+        let out = self.tensor(x.rows, x.cols)?;
+        launch!(
+            self,
+            &self.k.gated_rms_norm,
+            blocks(x.len() / weight.len(), 128),
+            &*x.buf,
+            &*z.buf,
+            &*weight.buf,
+            &n,
+            &eps,
+            &*out.buf
+        )?;
+        Ok(out)
+    }
+}
