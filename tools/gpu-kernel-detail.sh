@@ -10,15 +10,13 @@
 # (default 40: past the prompt and the first recordings), then COUNT are profiled (default 4).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/gpu-common.sh
 bin=${DIST:-dist}/flash-moe
 out=${OUT:-/tmp/gpu-kernel-detail}
 work=${WORK:-/root/flash-moe-profile}
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+ncu=$(find_ncu)
 mkdir -p "$out" "$work"
-model=$work/syn397-4l-32e
-if [ ! -f "$model/flash-moe.json" ]; then
-  "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 32 --to "$model" >"$out/synth.log" 2>&1
-fi
+model=$(synth_model 4 32)
 "$ncu" --set full --clock-control none --cache-control all -k "regex:${KERNELS:?set KERNELS to a regex}" \
   --launch-skip "${SKIP:-40}" --launch-count "${COUNT:-4}" --print-details all \
   "$bin" generate --model "$model" --device cuda --prompt The --experts-per-token "${K:-10}" \

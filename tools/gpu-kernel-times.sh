@@ -10,16 +10,14 @@
 # a kernel's input often still sits in L2 (default: all, flushed before every kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/gpu-common.sh
 bin=${DIST:-dist}/flash-moe
 out=${OUT:-/tmp/gpu-kernel-times}
 work=${WORK:-/root/flash-moe-profile}
 k=${K:-10}
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+ncu=$(find_ncu)
 mkdir -p "$out" "$work"
-model=$work/syn397-4l-32e
-if [ ! -f "$model/flash-moe.json" ]; then
-  "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 32 --to "$model" >"$out/synth.log" 2>&1
-fi
+model=$(synth_model 4 32)
 decode=(generate --model "$model" --device cuda --prompt The --experts-per-token "$k" --max-tokens 3 --prefetch-experts)
 "$bin" "${decode[@]}" --warmup-tokens 8 --stats-json "$out/unprofiled.json" >"$out/unprofiled.log" 2>&1
 "$ncu" --clock-control none --cache-control "${CACHE:-all}" --csv --print-units base --metrics gpu__time_duration.sum \

@@ -7,15 +7,13 @@
 # (default 2048). Logs go to $OUT (default /tmp/gpu-prefill-kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/gpu-common.sh
 bin=${DIST:-dist}/flash-moe
 out=${OUT:-/tmp/gpu-prefill-kernels}
 work=${WORK:-/root/flash-moe-prefill}
-ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+ncu=$(find_ncu)
 mkdir -p "$out" "$work"
-model=$work/syn397-4l-256e
-if [ ! -f "$model/flash-moe.json" ]; then
-  "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 256 --to "$model" >"$out/synth.log" 2>&1
-fi
+model=$(synth_model 4 256)
 prompt=$(python3 -c "
 import random
 random.seed(0)

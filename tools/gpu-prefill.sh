@@ -13,14 +13,12 @@
 # /tmp/gpu-prefill).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. tools/gpu-common.sh
 bin=${DIST:-dist}/flash-moe
 out=${OUT:-/tmp/gpu-prefill}
 work=${WORK:-/root/flash-moe-prefill}
 mkdir -p "$out" "$work"
-model=$work/syn397-4l-256e
-if [ ! -f "$model/flash-moe.json" ]; then
-  "$bin" synth --shape qwen3.5-397b-a17b --layers 4 --experts 256 --to "$model" >"$out/synth.log" 2>&1
-fi
+model=$(synth_model 4 256)
 if [ -n "${LEAVE_GIB:-}" ]; then
   python3 tools/gpu_fill.py "$LEAVE_GIB" "$out/filled" &
   trap 'kill %1' EXIT

@@ -23,8 +23,8 @@ pub struct Kernels {
     pub matvec_q: [CudaFunction; 3],
     /// Blocks of 256 threads of each `matvec_q` one multiprocessor holds at once.
     pub matvec_resident: [u32; 3],
-    /// The same products with a pair of neighbouring rows per warp, for matrices with more
-    /// rows than the grid has warps, and their blocks per multiprocessor.
+    /// The same products with a pair of neighbouring rows per warp, for matrices tall enough
+    /// to give every multiprocessor a block of pairs, and their blocks per multiprocessor.
     pub matvec_pairs_q: [CudaFunction; 3],
     pub matvec_pairs_resident: [u32; 3],
     pub swiglu_q: [CudaFunction; 3],
@@ -98,11 +98,7 @@ impl Kernels {
         let matvec_resident = matvec_q.each_ref().map(resident);
         let matvec_pairs_q = [f("matvec_pairs_q2")?, f("matvec_pairs_q4")?, f("matvec_pairs_q8")?];
         let matvec_pairs_resident = matvec_pairs_q.each_ref().map(resident);
-        let swiglu_batch_resident = [
-            resident(&swiglu_batch_q[0]),
-            resident(&swiglu_batch_q[1]),
-            resident(&swiglu_batch_q[2]),
-        ];
+        let swiglu_batch_resident = swiglu_batch_q.each_ref().map(resident);
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q,
