@@ -8,7 +8,8 @@
 //
 // Built and run on a GPU machine (no cargo needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90 tools/matvec_lab.cu -o lab && ./lab
-// (`./lab bulk` runs only the bulk-copy experiment.)
+// (`./lab bulk` runs only the bulk-copy experiment, `./lab persistent` only the persistent
+// chain, the chained products shape by shape and the kernel boundary against a grid barrier.)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -204,6 +205,106 @@ __global__ void matvec_q4_bulk(const u8* w, const u8* scales, const u8* biases, 
             exit(1);                                                                             \
         }                                                                                        \
     } while (0)
+
+// ---------------------------------------------------------------------------------------
+// Experimental, not used by the engine: a chain of dependent one-token products in one
+// persistent launch. Every block stays resident and runs each step's rows as matvec_q4 /
+// matvec_pairs_q4 would, then arrives on the step's counter; before step s + 1 stages its x
+// it waits until every block has arrived on step s (a grid barrier through global memory).
+// No launch ramp between steps, and (PREFETCH) a block that has finished its rows of a step
+// asks L2 for its rows of the next one while the stragglers finish. The last block out sets
+// the counters back to 0, so that the launch can be replayed.
+struct ChainStep {
+    const u8 *w, *s, *b;
+    const float* x;
+    float* y;
+    int rows, cols, pairs;
+};
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
+// This warp's rows of `st` (as the row loop below takes them) asked into L2.
+__device__ void prefetch_rows(const ChainStep& st) {
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5, step = st.pairs ? 2 : 1;
+    long long row_bytes = st.cols / 2, scale_bytes = st.cols / 64 * 2;
+    for (int r = step * (blockIdx.x * warps + (threadIdx.x >> 5)); r < st.rows; r += step * gridDim.x * warps) {
+        int n = min(step, st.rows - r);
+        const u8* w = st.w + r * row_bytes;
+        for (long long o = 128LL * lane; o < n * row_bytes; o += 32 * 128) prefetch_l2(w + o);
+        if (lane < n) prefetch_l2(st.s + (r + lane) * scale_bytes), prefetch_l2(st.b + (r + lane) * scale_bytes);
+    }
+}
+
+template <bool PREFETCH>
+__global__ void __launch_bounds__(256, 3) chain_persistent_q4(const ChainStep* steps, int n, unsigned* done,
+                                                               float alpha) {
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int s = 0; s < n; ++s) {
+        ChainStep st = steps[s];
+        if (s > 0) {
+            if (threadIdx.x == 0) {
+                while (load_acquire(&done[s - 1]) < gridDim.x) {
+                }
+            }
+            __syncthreads();
+        }
+        stage_x<4>(st.x, st.cols, smem);
+        Affine a = {st.w, st.s, st.b};
+        int step = st.pairs ? 2 : 1;
+        for (int r = step * (blockIdx.x * warps + (threadIdx.x >> 5)); r < st.rows; r += step * gridDim.x * warps) {
+            float acc_a = 0.0f, acc_b = 0.0f;
+            if (st.pairs) {
+                row_pair_dot<4>(a, r, st.rows, st.cols, 64, DT_BF16, smem, acc_a, acc_b);
+            } else {
+                row_dot<4, false>(a, a, r, st.cols / 32, 64, DT_BF16, smem, acc_a, acc_b);
+                acc_a = warp_sum(acc_a);
+            }
+            if (lane == 0) {
+                st.y[r] = alpha * acc_a;
+                if (st.pairs && r + 1 < st.rows) st.y[r + 1] = alpha * acc_b;
+            }
+        }
+        if (PREFETCH && s + 1 < n) prefetch_rows(steps[s + 1]);
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(&done[s], 1u);
+        }
+    }
+    if (threadIdx.x == 0 && atomicAdd(&done[n], 1u) == gridDim.x - 1) {
+        for (int s = 0; s <= n; ++s) done[s] = 0;
+        __threadfence();
+    }
+}
+
+// The grid barrier of chain_persistent_q4 alone, `n` times, for its cost against a kernel
+// boundary in a graph.
+__global__ void barrier_chain(int n, unsigned* done) {
+    for (int s = 0; s < n; ++s) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(&done[s], 1u);
+            while (load_acquire(&done[s]) < gridDim.x) {
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(&done[n], 1u) == gridDim.x - 1) {
+        for (int s = 0; s <= n; ++s) done[s] = 0;
+        __threadfence();
+    }
+}
+
+__global__ void noop() {}
 
 static const int THREADS = 256;
 static int g_sms = 0;
@@ -811,6 +912,156 @@ static void bench_read_sizes() {
     cudaFree(sink);
 }
 
+// Per product of one shape: 16 distinct matrices chained (each reading the one before's
+// output) with the engine's kernels and grids, replayed from a graph; then a kernel boundary
+// (32 empty kernels from a graph) against the persistent kernel's grid barrier (32 in one
+// launch of as many blocks as the products take).
+static void bench_chain_shapes() {
+    struct Shape {
+        const char* name;
+        int rows, cols;
+    };
+    const Shape shapes[] = {{"in_proj 12288x4096", 12288, 4096},   {"in_proj_z 8192x4096", 8192, 4096},
+                            {"out_proj 4096x8192", 4096, 8192},    {"router 512x4096", 512, 4096},
+                            {"10 experts' gate+up 20480x4096", 20480, 4096}, {"10 experts' down 4096x10240", 4096, 10240},
+                            {"one expert's down 4096x1024", 4096, 1024}, {"one expert's gate 1024x4096", 1024, 4096}};
+    const int n = 16;
+    float alpha = 1.0f / 64;
+    for (const Shape& sh : shapes) {
+        std::vector<Matrix> ms;
+        int len = std::max(sh.rows, sh.cols);
+        std::vector<float*> buf(n + 1);
+        for (auto& b : buf) {
+            CHECK(cudaMalloc(&b, len * 4));
+            fill_float<<<64, 256>>>(b, len, 23);
+        }
+        for (int i = 0; i < n; ++i) ms.push_back(make_matrix(sh.rows, sh.cols, 4, 15000 + 13 * i));
+        size_t smem = smem_bytes(4, sh.cols);
+        bool pairs = sh.rows / 16 >= g_sms;
+        int per_sm = 0;
+        CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, pairs ? (const void*)matvec_pairs_q4 : (const void*)matvec_q4, THREADS, smem));
+        int grid = pairs ? std::min(sh.rows / 16, per_sm * g_sms) : std::min((sh.rows + 7) / 8, per_sm * g_sms);
+        cudaGraphExec_t exec = capture([&](cudaStream_t s) {
+            for (int i = 0; i < n; ++i) {
+                const Matrix& m = ms[i];
+                if (pairs)
+                    matvec_pairs_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], m.rows, m.cols,
+                                                                buf[i + 1], alpha, 0.0f);
+                else
+                    matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, buf[i], m.rows, m.cols,
+                                                          buf[i + 1], alpha, 0.0f);
+            }
+        });
+        double us = median_us(9, 2, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / n;
+        char label[128];
+        snprintf(label, sizeof label, "%s, %d chained, graph (%d blocks)", sh.name, n, grid);
+        row(label, us, (double)ms[0].bytes());
+        CHECK(cudaGraphExecDestroy(exec));
+        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+        for (auto& b : buf) cudaFree(b);
+    }
+    const int k = 32, grid = 3 * g_sms;
+    cudaGraphExec_t empty = capture([&](cudaStream_t s) {
+        for (int i = 0; i < k; ++i) noop<<<grid, THREADS, 0, s>>>();
+    });
+    printf("kernel boundary (32 empty kernels of %d blocks, graph): %.2f us each\n", grid,
+           median_us(9, 2, [&] { CHECK(cudaGraphLaunch(empty, 0)); }) / k);
+    unsigned* done;
+    CHECK(cudaMalloc(&done, (k + 1) * 4));
+    CHECK(cudaMemset(done, 0, (k + 1) * 4));
+    printf("grid barrier (32 in one launch of %d blocks): %.2f us each\n", grid,
+           median_us(9, 2, [&] { barrier_chain<<<grid, THREADS>>>(k, done); }) / k);
+    CHECK(cudaGraphExecDestroy(empty));
+    cudaFree(done);
+}
+
+// Four layers' worth of one-token products (in_proj 12288x4096, out_proj 4096x8192, router
+// 512x4096, ten experts' gate and up as one 20480x4096, their down as one 4096x10240), each
+// reading the one before's output: the engine's kernels on its grids replayed from a graph,
+// against the whole chain in one persistent launch, without and with the L2 prefetch of each
+// block's next rows. All must give the same bits.
+static void bench_persistent() {
+    struct Shape {
+        int rows, cols;
+    };
+    const Shape layer[5] = {{12288, 4096}, {4096, 8192}, {512, 4096}, {20480, 4096}, {4096, 10240}};
+    const int layers = 4, n = 5 * layers;
+    std::vector<Matrix> ms;
+    std::vector<float*> buf(n + 1);
+    for (auto& b : buf) CHECK(cudaMalloc(&b, 20480 * 4));
+    fill_float<<<64, 256>>>(buf[0], 20480, 17);
+    std::vector<ChainStep> host(n);
+    size_t smem = 0;
+    double bytes = 0;
+    for (int i = 0; i < n; ++i) {
+        Shape sh = layer[i % 5];
+        ms.push_back(make_matrix(sh.rows, sh.cols, 4, 12000 + 11 * i));
+        bytes += ms[i].bytes();
+        smem = std::max(smem, smem_bytes(4, sh.cols));
+        host[i] = {ms[i].w, ms[i].s, ms[i].b, buf[i], buf[i + 1], sh.rows, sh.cols, sh.rows / 16 >= g_sms};
+    }
+    ChainStep* steps;
+    unsigned* done;
+    CHECK(cudaMalloc(&steps, n * sizeof(ChainStep)));
+    CHECK(cudaMemcpy(steps, host.data(), n * sizeof(ChainStep), cudaMemcpyHostToDevice));
+    CHECK(cudaMalloc(&done, (n + 1) * 4));
+    CHECK(cudaMemset(done, 0, (n + 1) * 4));
+    int single = 0, pair = 0, per_sm[2] = {0, 0};
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&single, (const void*)matvec_q4, THREADS, smem));
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&pair, (const void*)matvec_pairs_q4, THREADS, smem));
+    CHECK(cudaFuncSetAttribute(chain_persistent_q4<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CHECK(cudaFuncSetAttribute(chain_persistent_q4<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[0], chain_persistent_q4<false>, THREADS, smem));
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[1], chain_persistent_q4<true>, THREADS, smem));
+    printf("persistent chain: %d steps, %.0f MB, blocks per SM %d/%d (engine kernels %d/%d)\n", n, bytes / 1e6,
+           per_sm[0], per_sm[1], single, pair);
+    const float alpha = 1.0f / 64;
+    auto engine = [&](cudaStream_t s) {
+        for (int i = 0; i < n; ++i) {
+            const ChainStep& st = host[i];
+            size_t sm = smem_bytes(4, st.cols);
+            if (st.pairs) {
+                int grid = std::min(st.rows / 16, pair * g_sms);
+                matvec_pairs_q4<<<grid, THREADS, sm, s>>>(st.w, st.s, st.b, 64, DT_BF16, st.x, st.rows, st.cols, st.y,
+                                                          alpha, 0.0f);
+            } else {
+                int grid = std::min((st.rows + 7) / 8, single * g_sms);
+                matvec_q4<<<grid, THREADS, sm, s>>>(st.w, st.s, st.b, 64, DT_BF16, st.x, st.rows, st.cols, st.y, alpha,
+                                                    0.0f);
+            }
+        }
+    };
+    auto persistent = [&](bool prefetch, cudaStream_t s) {
+        if (prefetch)
+            chain_persistent_q4<true><<<per_sm[1] * g_sms, THREADS, smem, s>>>(steps, n, done, alpha);
+        else
+            chain_persistent_q4<false><<<per_sm[0] * g_sms, THREADS, smem, s>>>(steps, n, done, alpha);
+    };
+    const char* names[3] = {"engine kernels, graph replay", "persistent", "persistent, L2 prefetch"};
+    std::vector<float> want;
+    for (int how = 0; how < 3; ++how) {
+        cudaGraphExec_t exec = capture([&](cudaStream_t s) {
+            if (how == 0) engine(s);
+            else persistent(how == 2, s);
+        });
+        auto once = [&] { CHECK(cudaGraphLaunch(exec, 0)); };
+        CHECK(cudaMemset(buf[n], 0xff, 4096 * 4));
+        once();
+        CHECK(cudaDeviceSynchronize());
+        std::vector<float> got = fetch(buf[n], 4096);
+        if (how == 0) want = got;
+        double us = median_us(9, 4, once);
+        char label[128];
+        snprintf(label, sizeof label, "4 layers' products, %s (err %.1e)", names[how], rel_l2(got, want));
+        row(label, us, bytes);
+        CHECK(cudaGraphExecDestroy(exec));
+    }
+    for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+    for (auto& b : buf) cudaFree(b);
+    cudaFree(steps), cudaFree(done);
+}
+
 int main(int argc, char** argv) {
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -833,6 +1084,11 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(dst));
     if (argc > 1 && std::string(argv[1]) == "bulk") {
         bench_bulk();
+        return 0;
+    }
+    if (argc > 1 && std::string(argv[1]) == "persistent") {
+        bench_persistent();
+        bench_chain_shapes();
         return 0;
     }
     bench_matvec("lm_head 248320x4096 4-bit", 248320, 4096, 4, 1);
