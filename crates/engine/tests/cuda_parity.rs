@@ -523,6 +523,38 @@ fn every_operation_matches_the_cpu() {
     });
 }
 
+/// Greedy decoding's choice made on the device: the same index as the host's argmax over the
+/// last row, on ties (the first wins), NaNs, zeros of both signs, infinities and a row of the
+/// vocabulary's size.
+#[test]
+fn the_device_argmax_is_the_hosts() {
+    let Some(gpu) = gpu(Some(0)) else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = SmallRng::seed_from_u64(21);
+    let mut vocab = random(&mut rng, 248_320, 8.0);
+    vocab[200_001] = 9.5;
+    vocab[7_777] = 9.5;
+    vocab[3] = f32::NAN;
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let rows: Vec<(usize, Vec<f32>)> = vec![
+        (1, vocab.clone()),
+        (2, [random(&mut rng, 1000, 1.0), vec![0.5; 1000]].concat()),
+        (1, vec![-1.0, -0.0, 0.0, -2.0]),
+        (1, vec![-3.0, 0.0, -0.0]),
+        (1, vec![nan, 1.0, nan, 1.0, inf, -inf]),
+        (1, vec![-inf; 5]),
+        (1, vec![nan; 70]),
+        (3, (0..3 * 4099).map(|i| ((i * 7919) % 4093) as f32).collect()),
+    ];
+    for (n, data) in rows {
+        let cols = data.len() / n;
+        let want = cpu.argmax_last_row(&cpu.upload(&data, n, cols).unwrap()).unwrap();
+        let got = gpu.argmax_last_row(&gpu.upload(&data, n, cols).unwrap()).unwrap();
+        eprintln!("argmax of the last of {n} rows of {cols}: {got}");
+        assert_eq!(got, want, "argmax of the last of {n} rows of {cols}");
+    }
+}
+
 /// The logits of every position, and the backend's expert cache counters; `prefetch` puts
 /// every expert in the backend's cache first (on a GPU with room for them all, one-token
 /// steps are then routed on the device).

@@ -8,7 +8,7 @@
 pub mod cpu;
 pub mod cuda;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
 use crate::storage::quant::MatrixView;
@@ -91,6 +91,16 @@ pub trait Backend: Send + Sync {
     fn load_matrix(&self, w: &MatrixView) -> Result<Self::Matrix>;
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// [`argmax`] of the last row of `logits` (greedy decoding's choice), found where the
+    /// logits are: a GPU sends back one index instead of the vocabulary's logits.
+    fn argmax_last_row(&self, logits: &Self::Tensor) -> Result<u32> {
+        let (rows, cols) = self.shape(logits);
+        if rows == 0 || cols == 0 {
+            return Err(Error::InvalidInput("argmax of an empty tensor".into()));
+        }
+        let all = self.download(logits)?;
+        Ok(argmax(&all[(rows - 1) * cols..]))
+    }
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A copy of `t` (snapshots of a sequence's state).
     fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
@@ -298,6 +308,31 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// The index of the largest value, the first one on ties (NaNs are passed over). Two passes
+/// the compiler vectorizes: lane-wise maxima over chunks, then the first chunk holding the
+/// maximum (248K entries: 32 us instead of 166 on the dev VM).
+pub fn argmax(values: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    let first_chunk = values.chunks(LANES).position(|c| c.contains(&max)).unwrap_or(0);
+    let within = values[first_chunk * LANES..]
+        .iter()
+        .position(|&v| v == max)
+        .unwrap_or(0);
+    (first_chunk * LANES + within) as u32
+}
+
 /// [`Backend::attention`]'s precondition, the same for every backend: the cache holds a key
 /// and a value for every position up to the last query's.
 pub fn check_kv_cache<B: Backend + ?Sized>(
@@ -309,7 +344,7 @@ pub fn check_kv_cache<B: Backend + ?Sized>(
 ) -> Result<()> {
     let (queries, keys, values) = (b.shape(q).0, b.shape(keys).0, b.shape(values).0);
     if keys < pos0 + queries || values != keys {
-        return Err(crate::error::Error::InvalidInput(
+        return Err(Error::InvalidInput(
             "attention: the KV cache is shorter than the positions".into(),
         ));
     }
@@ -347,9 +382,9 @@ pub fn norm_project<B: Backend + ?Sized, const N: usize>(
 ) -> Result<(B::Tensor, [B::Tensor; N])> {
     let (h, outs) = b.rms_norm_project(x, norm.0, norm.1, &ws)?;
     let got = outs.len();
-    let outs = outs.try_into().map_err(|_| {
-        crate::error::Error::InvalidInput(format!("rms_norm_project returned {got} outputs for {N} matrices"))
-    })?;
+    let outs = outs
+        .try_into()
+        .map_err(|_| Error::InvalidInput(format!("rms_norm_project returned {got} outputs for {N} matrices")))?;
     Ok((h, outs))
 }
 

@@ -100,7 +100,7 @@ pub fn generate<B: Backend>(
     let vram_start = model.backend().expert_cache_stats();
     let mut state = model.new_state()?;
     let start = Instant::now();
-    let mut logits = model.backend().download(&model.prefill(prompt, &mut state)?)?;
+    let logits = model.backend().download(&model.prefill(prompt, &mut state)?)?;
     let prefill_time = start.elapsed();
     let prefill_profile = state.profile.clone();
     let io_prefilled = io_now();
@@ -109,8 +109,13 @@ pub fn generate<B: Backend>(
     let mut decoder = StreamDecoder::default();
     let mut generated = 0;
     let mut stop = StopReason::Length;
+    // Logits after the first token stay on the device: greedy choices are made there.
+    let mut last = None;
     while generated < max_tokens {
-        let id = sampler.sample(&logits);
+        let id = match &last {
+            None => sampler.sample(&logits),
+            Some(device) => sampler.sample_on(model.backend(), device)?,
+        };
         generated += 1;
         if tokenizer.is_eos(id) {
             stop = StopReason::Eos;
@@ -120,9 +125,7 @@ pub fn generate<B: Backend>(
         if generated == max_tokens {
             break;
         }
-        logits = model
-            .backend()
-            .download(&model.forward(&[id], &mut state, Logits::Last)?)?;
+        last = Some(model.forward(&[id], &mut state, Logits::Last)?);
     }
     Ok(GenerationStats {
         prompt_tokens: prompt.len(),

@@ -7,6 +7,8 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::backend::Backend;
+pub use crate::backend::argmax;
 use crate::error::{Error, Result};
 
 /// Sampling settings. `temperature == 0` means greedy.
@@ -124,6 +126,19 @@ impl Sampler {
         id
     }
 
+    /// Picks the next token from logits still on `backend`: a greedy choice without
+    /// penalties is made there ([`Backend::argmax_last_row`]: one index comes back instead of
+    /// the vocabulary's logits), any other downloads them first.
+    pub fn sample_on<B: Backend>(&mut self, backend: &B, logits: &B::Tensor) -> Result<u32> {
+        let p = &self.params;
+        if !(p.temperature <= 0.0 || p.top_k == 1) || p.penalizes() {
+            return Ok(self.sample(&backend.download(logits)?));
+        }
+        let id = backend.argmax_last_row(logits)?;
+        *self.generated.entry(id).or_default() += 1;
+        Ok(id)
+    }
+
     fn apply_penalties(&self, logits: &mut [f32]) {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
@@ -186,31 +201,6 @@ impl Sampler {
     }
 }
 
-/// The index of the largest value, the first one on ties (NaNs are passed over). Two passes
-/// the compiler vectorizes: lane-wise maxima over chunks, then the first chunk holding the
-/// maximum (248K entries: 32 us instead of 166 on the dev VM).
-pub fn argmax(values: &[f32]) -> u32 {
-    const LANES: usize = 16;
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    let chunks = values.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (m, &v) in lanes.iter_mut().zip(chunk) {
-            *m = if v > *m { v } else { *m };
-        }
-    }
-    let max = lanes
-        .iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    let first_chunk = values.chunks(LANES).position(|c| c.contains(&max)).unwrap_or(0);
-    let within = values[first_chunk * LANES..]
-        .iter()
-        .position(|&v| v == max)
-        .unwrap_or(0);
-    (first_chunk * LANES + within) as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +214,27 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn sampling_on_a_backend_is_sampling_its_logits() {
+        let cpu = crate::backend::cpu::CpuBackend::new();
+        // Two rows: the choice is made on the last one.
+        let logits = [5.0, 0.0, 0.0, 0.1, 3.0, 2.0];
+        let tensor = cpu.upload(&logits, 2, 3).unwrap();
+        let mut greedy = Sampler::new(SamplingParams::default());
+        assert_eq!(greedy.sample_on(&cpu, &tensor).unwrap(), 1);
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let (mut on, mut off) = (Sampler::new(params.clone()), Sampler::new(params));
+        let row = [0.1, 0.3, 0.2];
+        let tensor = cpu.upload(&row, 1, 3).unwrap();
+        for _ in 0..20 {
+            assert_eq!(on.sample_on(&cpu, &tensor).unwrap(), off.sample(&row));
+        }
     }
 
     #[test]

@@ -186,29 +186,42 @@ impl<B: Backend> Session<B> {
         let mut stops = StopMatcher::new(&request.stop);
         let budget = request.max_tokens.min(self.max_context - request.prompt.len());
         let mut generated = 0;
-        while generated < budget {
-            let id = sampler.sample(logits);
-            generated += 1;
-            if tokenizer.is_eos(id) {
-                return flush(&mut stops, sink, FinishReason::Eos, generated);
+        // The logits after the last token run stay on the device (greedy choices are made
+        // there) and come back once, at the end, for the snapshot.
+        let mut last: Option<B::Tensor> = None;
+        let mut sample_until_stop = || -> Result<(FinishReason, usize)> {
+            while generated < budget {
+                let id = match &last {
+                    None => sampler.sample(logits),
+                    Some(device) => sampler.sample_on(model.backend(), device)?,
+                };
+                generated += 1;
+                if tokenizer.is_eos(id) {
+                    return flush(&mut stops, sink, FinishReason::Eos, generated);
+                }
+                let (text, stopped) = stops.push(&decoder.push(tokenizer, id)?);
+                if !text.is_empty() && !sink.text(&text) {
+                    return Ok((FinishReason::Cancelled, generated));
+                }
+                if stopped {
+                    return Ok((FinishReason::StopString, generated));
+                }
+                if generated == budget || sink.cancelled() {
+                    break;
+                }
+                last = Some(model.forward(&[id], state, Logits::Last)?);
+                tokens.push(id);
             }
-            let (text, stopped) = stops.push(&decoder.push(tokenizer, id)?);
-            if !text.is_empty() && !sink.text(&text) {
+            if sink.cancelled() {
                 return Ok((FinishReason::Cancelled, generated));
             }
-            if stopped {
-                return Ok((FinishReason::StopString, generated));
-            }
-            if generated == budget || sink.cancelled() {
-                break;
-            }
-            *logits = model.backend().download(&model.forward(&[id], state, Logits::Last)?)?;
-            tokens.push(id);
+            flush(&mut stops, sink, FinishReason::Length, generated)
+        };
+        let outcome = sample_until_stop();
+        if let Some(device) = &last {
+            *logits = model.backend().download(device)?;
         }
-        if sink.cancelled() {
-            return Ok((FinishReason::Cancelled, generated));
-        }
-        flush(&mut stops, sink, FinishReason::Length, generated)
+        outcome
     }
 
     /// The state after the longest snapshotted prefix of `prompt`, its logits and length.

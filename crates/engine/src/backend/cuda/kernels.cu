@@ -1396,6 +1396,35 @@ __device__ void top_k_warp(const float* row, int experts, int k, int renormalize
         for (int r = 0; r < k; ++r) weights[r] /= chosen_sum;
 }
 
+// Greedy decoding's choice: the index of the largest of `n` floats, the first one on ties,
+// NaNs passed over, as the host's argmax. A value and its index become one key, the value's
+// bits made to order as unsigned integers (zeros of either sign as +0, which compare equal)
+// over the complement of the index, so that the largest key is the first largest value;
+// each block's largest goes to *key (0 before the launch) by atomicMax. *key stays 0 when
+// every value is NaN.
+__device__ __forceinline__ unsigned long long argmax_key(float v, long long i) {
+    if (isnan(v)) return 0ull;
+    u32 b = v == 0.0f ? 0u : __float_as_uint(v);
+    u32 ordered = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)ordered << 32) | (u32)~(u32)i;
+}
+
+extern "C" __global__ void argmax_f32(const float* x, long long n, unsigned long long* key) {
+    __shared__ unsigned long long warp_best[32];
+    unsigned long long best = 0ull;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        best = max(best, argmax_key(x[i], i));
+    for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_best[warp] = best;
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < (blockDim.x >> 5) ? warp_best[lane] : 0ull;
+        for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+        if (lane == 0 && best != 0ull) atomicMax(key, best);
+    }
+}
+
 // One warp per token.
 extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
                                        float* weights) {

@@ -67,6 +67,8 @@ pub struct Kernels {
     pub route_top_k: CudaFunction,
     /// Top-k routing of one token into an expert batch, without the host.
     pub route_experts: CudaFunction,
+    /// Greedy decoding's choice among the logits, without downloading them.
+    pub argmax_f32: CudaFunction,
 }
 
 impl Kernels {
@@ -150,6 +152,7 @@ impl Kernels {
             gated_delta_rule: f("gated_delta_rule")?,
             route_top_k: f("route_top_k")?,
             route_experts: f("route_experts")?,
+            argmax_f32: f("argmax_f32")?,
         })
     }
 }
