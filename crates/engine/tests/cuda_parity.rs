@@ -555,6 +555,81 @@ fn the_device_argmax_is_the_hosts() {
     }
 }
 
+/// A temperature draw from logits on the device (among the candidates near the largest that
+/// come back) is the draw the sampler makes from the downloaded logits: the same tokens for
+/// the same seeds, with top-k, top-p and min-p, ties at the top-k cut, and rows with too many
+/// candidates (downloaded) or none (every logit NaN).
+#[test]
+fn the_device_draws_the_hosts_tokens() {
+    use flash_moe_engine::engine::sampler::{Sampler, SamplingParams};
+    let Some(gpu) = gpu(Some(0)) else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = SmallRng::seed_from_u64(22);
+    // Peaked: about 500 logits within reach of the largest (30 temperatures), the rest far
+    // below, as a trained model's usually are.
+    let peaked: Vec<f32> = (0..248_320)
+        .map(|_| match rng.random_range(0.0..1.0) < 0.002 {
+            true => rng.random_range(0.0..10.0),
+            false => rng.random_range(-40.0..-20.0),
+        })
+        .collect();
+    // Every logit a candidate (3000 of at most 4096), 20 of them tied for the top.
+    let mut ties = random(&mut rng, 3000, 1.0);
+    for i in (100..3000).step_by(145) {
+        ties[i] = 1.5;
+    }
+    let flat = random(&mut rng, 100_000, 1.0);
+    let params = [(0.7, 20, 0.95, 0.0), (1.0, 0, 1.0, 0.05), (0.6, 7, 0.8, 0.0)];
+    for (name, row) in [
+        ("peaked", peaked),
+        ("ties", ties),
+        ("flat", flat),
+        ("NaN", vec![f32::NAN; 64]),
+    ] {
+        let on_cpu = cpu.upload(&row, 1, row.len()).unwrap();
+        let on_gpu = gpu.upload(&row, 1, row.len()).unwrap();
+        // The candidates themselves, where they come back: those the host's filter keeps.
+        let span = 30.0 * 0.7;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let near: Vec<(u32, f32)> = (0..row.len() as u32)
+            .filter(|&i| row[i as usize] >= max - span)
+            .map(|i| (i, row[i as usize]))
+            .collect();
+        let found = gpu.logits_near_max(&on_gpu, span).unwrap();
+        eprintln!(
+            "{name} row: {} candidates, {}",
+            near.len(),
+            if found.is_some() {
+                "found on the device"
+            } else {
+                "downloaded"
+            }
+        );
+        match name {
+            "peaked" | "ties" => assert_eq!(found, Some(near), "candidates of the {name} row"),
+            _ => assert_eq!(found, None, "candidates of the {name} row"),
+        }
+        for (seed, &(temperature, top_k, top_p, min_p)) in params.iter().enumerate() {
+            let p = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                seed: seed as u64,
+                ..Default::default()
+            };
+            let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
+            let want: Vec<u32> = (0..32).map(|_| a.sample_on(&cpu, &on_cpu).unwrap()).collect();
+            let got: Vec<u32> = (0..32).map(|_| b.sample_on(&gpu, &on_gpu).unwrap()).collect();
+            eprintln!(
+                "draws from the {name} row, T {temperature} top-k {top_k}: {:?}",
+                &got[..8]
+            );
+            assert_eq!(got, want, "draws from the {name} row, T {temperature} top-k {top_k}");
+        }
+    }
+}
+
 /// The logits of every position, and the backend's expert cache counters; `prefetch` puts
 /// every expert in the backend's cache first (on a GPU with room for them all, one-token
 /// steps are then routed on the device).

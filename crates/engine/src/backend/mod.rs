@@ -101,6 +101,13 @@ pub trait Backend: Send + Sync {
         let all = self.download(logits)?;
         Ok(argmax(&all[(rows - 1) * cols..]))
     }
+    /// The logits of the last row of `logits` at least its largest minus `span`, as
+    /// `(index, logit)` in index order (a temperature draw's candidates, found where the
+    /// logits are), or `None` where the backend has no cheaper way than downloading them all
+    /// (or there are too many).
+    fn logits_near_max(&self, _logits: &Self::Tensor, _span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+        Ok(None)
+    }
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A copy of `t` (snapshots of a sequence's state).
     fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;

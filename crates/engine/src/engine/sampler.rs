@@ -126,15 +126,21 @@ impl Sampler {
         id
     }
 
-    /// Picks the next token from logits still on `backend`: a greedy choice without
-    /// penalties is made there ([`Backend::argmax_last_row`]: one index comes back instead of
-    /// the vocabulary's logits), any other downloads them first.
+    /// Picks the next token from logits still on `backend`, as [`Sampler::sample`] would from
+    /// their download. Without penalties little comes back: a greedy choice is made there
+    /// ([`Backend::argmax_last_row`]), a temperature draw among the logits near the largest
+    /// ([`Backend::logits_near_max`]).
     pub fn sample_on<B: Backend>(&mut self, backend: &B, logits: &B::Tensor) -> Result<u32> {
         let p = &self.params;
-        if !(p.temperature <= 0.0 || p.top_k == 1) || p.penalizes() {
+        let id = if p.penalizes() {
             return Ok(self.sample(&backend.download(logits)?));
-        }
-        let id = backend.argmax_last_row(logits)?;
+        } else if p.temperature <= 0.0 || p.top_k == 1 {
+            backend.argmax_last_row(logits)?
+        } else if let Some(candidates) = backend.logits_near_max(logits, NEGLIGIBLE * p.temperature)? {
+            self.choose_among(candidates)
+        } else {
+            return Ok(self.sample(&backend.download(logits)?));
+        };
         *self.generated.entry(id).or_default() += 1;
         Ok(id)
     }
@@ -165,18 +171,30 @@ impl Sampler {
         if p.temperature <= 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
-        let max = logits[argmax(logits) as usize];
-        let floor = max - NEGLIGIBLE * p.temperature;
-        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i] >= floor).collect();
+        let floor = logits[argmax(logits) as usize] - NEGLIGIBLE * p.temperature;
+        let candidates = (0..logits.len())
+            .filter(|&i| logits[i] >= floor)
+            .map(|i| (i as u32, logits[i]))
+            .collect();
+        self.choose_among(candidates)
+    }
+
+    /// The temperature draw among `candidates`, (token, logit) in token order: every logit
+    /// within `NEGLIGIBLE * temperature` of the largest, whichever side of the device found
+    /// them, so that both give the same draw.
+    fn choose_among(&mut self, mut order: Vec<(u32, f32)>) -> u32 {
+        let p = &self.params;
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
         if p.top_k > 0 && order.len() > p.top_k {
-            order.select_nth_unstable_by(p.top_k - 1, |&a, &b| logits[b].total_cmp(&logits[a]));
+            order.select_nth_unstable_by(p.top_k - 1, by_logit);
             order.truncate(p.top_k);
         }
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let weights: Vec<f32> = order
-            .iter()
-            .map(|&i| ((logits[i] - max) / p.temperature).exp())
-            .collect();
+        order.sort_by(by_logit);
+        // No candidate: every logit is NaN; greedy takes token 0 then too.
+        let Some(&(_, max)) = order.first() else {
+            return 0;
+        };
+        let weights: Vec<f32> = order.iter().map(|&(_, l)| ((l - max) / p.temperature).exp()).collect();
         let total: f32 = weights.iter().sum();
         // min-p: the best token has weight 1, so the cut is on the weight itself.
         let mut keep = weights.iter().take_while(|&&w| w >= p.min_p).count().max(1);
@@ -194,10 +212,10 @@ impl Sampler {
         for (i, w) in weights[..keep].iter().enumerate() {
             target -= w;
             if target <= 0.0 {
-                return order[i] as u32;
+                return order[i].0;
             }
         }
-        order[keep - 1] as u32
+        order[keep - 1].0
     }
 }
 

@@ -1425,6 +1425,42 @@ extern "C" __global__ void argmax_f32(const float* x, long long n, unsigned long
     }
 }
 
+// The largest value a key of argmax_f32 stands for (zeros as +0).
+__device__ __forceinline__ float argmax_value(unsigned long long key) {
+    u32 ordered = (u32)(key >> 32);
+    return __uint_as_float((ordered & 0x80000000u) ? (ordered ^ 0x80000000u) : ~ordered);
+}
+
+// A temperature draw's candidates: every value at least the largest (from argmax_f32's *key)
+// minus `span`, as (index, value bits) at out[2 + 2 slot] for the first `cap` found, in no
+// order; out[0] counts every one found. A warp takes its slots with one atomic. Nothing when
+// every value is NaN (*key 0).
+extern "C" __global__ void logits_near_max(const float* x, long long n, const unsigned long long* key, float span,
+                                           int cap, u32* out) {
+    unsigned long long k = *key;
+    if (k == 0ull) return;
+    float floor = argmax_value(k) - span;
+    int lane = threadIdx.x & 31;
+    long long stride = (long long)gridDim.x * blockDim.x;
+    // Warp-uniform trip count: every lane takes part in the ballot.
+    for (long long base = blockIdx.x * (long long)blockDim.x + (threadIdx.x & ~31); base < n; base += stride) {
+        long long i = base + lane;
+        float v = i < n ? x[i] : NEG_INF;
+        bool keep = i < n && v >= floor;
+        u32 mask = __ballot_sync(0xffffffffu, keep);
+        if (mask == 0u) continue;
+        int leader = __ffs(mask) - 1;
+        u32 first = 0u;
+        if (lane == leader) first = atomicAdd(out, (u32)__popc(mask));
+        first = __shfl_sync(0xffffffffu, first, leader);
+        u32 slot = first + __popc(mask & ((1u << lane) - 1u));
+        if (keep && slot < (u32)cap) {
+            out[2 + 2 * slot] = (u32)i;
+            out[3 + 2 * slot] = __float_as_uint(v);
+        }
+    }
+}
+
 // One warp per token.
 extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
                                        float* weights) {

@@ -69,6 +69,8 @@ pub struct Kernels {
     pub route_experts: CudaFunction,
     /// Greedy decoding's choice among the logits, without downloading them.
     pub argmax_f32: CudaFunction,
+    /// A temperature draw's candidates: the logits near the largest.
+    pub logits_near_max: CudaFunction,
 }
 
 impl Kernels {
@@ -153,6 +155,7 @@ impl Kernels {
             route_top_k: f("route_top_k")?,
             route_experts: f("route_experts")?,
             argmax_f32: f("argmax_f32")?,
+            logits_near_max: f("logits_near_max")?,
         })
     }
 }

@@ -188,6 +188,7 @@ mod experts;
 mod linear_attention;
 mod matvec;
 mod mma;
+mod sampling;
 
 use experts::{BatchSlot, InFlight};
 
@@ -479,30 +480,11 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_last_row(&self, logits: &CudaTensor) -> Result<u32> {
-        let (rows, cols) = (logits.rows, logits.cols);
-        if rows == 0 || cols == 0 {
-            return Err(Error::InvalidInput("argmax of an empty tensor".into()));
-        }
-        let row = logits.buf.slice((rows - 1) * cols..rows * cols);
-        // The key is a u64 in a zeroed buffer of two floats (what the pool hands out).
-        let mut key = self.alloc(2)?;
-        {
-            // SAFETY: two f32 are the size of one u64, and pool buffers are 256-byte aligned.
-            let mut key =
-                unsafe { key.transmute_mut::<u64>(1) }.ok_or_else(|| Error::Cuda("argmax key layout".into()))?;
-            let n = cols as i64;
-            let cfg = LaunchConfig {
-                grid_dim: ((cols as u32).div_ceil(THREADS * 4).clamp(1, 2 * self.sms as u32), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launch!(self, &self.k.argmax_f32, cfg, &row, &n, &mut key)?;
-        }
-        let halves = self.download_floats(&key, 2)?;
-        let key = u64::from(halves[0].to_bits()) | u64::from(halves[1].to_bits()) << 32;
-        // The low half is the index's complement; no key at all (every logit NaN) is index 0,
-        // as on the host.
-        Ok(if key == 0 { 0 } else { !(key as u32) })
+        self.argmax_of_last_row(logits)
+    }
+
+    fn logits_near_max(&self, logits: &CudaTensor, span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+        self.candidates_of_last_row(logits, span)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {

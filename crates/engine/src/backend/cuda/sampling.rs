@@ -1,0 +1,98 @@
+//! The next token's choice where the logits are: greedy decoding's argmax, and a temperature
+//! draw's candidates (the logits near the largest), so that a few bytes come back per token
+//! instead of the vocabulary's logits.
+
+use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+
+use super::{CudaBackend, CudaTensor, THREADS, cuda};
+use crate::backend::cuda::pool::PooledBuf;
+use crate::error::{Error, Result};
+
+/// Candidates a draw brings back at most (32 KiB); with more, the sampler downloads the row.
+const MAX_CANDIDATES: usize = 4096;
+
+impl CudaBackend {
+    /// [`crate::backend::argmax`] of the last row of `logits`.
+    pub(super) fn argmax_of_last_row(&self, logits: &CudaTensor) -> Result<u32> {
+        let key = self.argmax_key(&last_row(logits)?)?;
+        let halves = self.download_floats(&key, 2)?;
+        let key = u64::from(halves[0].to_bits()) | u64::from(halves[1].to_bits()) << 32;
+        // The low half is the index's complement; no key at all (every logit NaN) is index 0,
+        // as on the host.
+        Ok(if key == 0 { 0 } else { !(key as u32) })
+    }
+
+    /// The last row's logits at least its largest minus `span`, in index order; `None` when
+    /// there are more than [`MAX_CANDIDATES`], or none (every logit NaN).
+    pub(super) fn candidates_of_last_row(&self, logits: &CudaTensor, span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+        let row = last_row(logits)?;
+        let key = self.argmax_key(&row)?;
+        // A count, then (index, logit bits) pairs: two floats each, zeroed (the count).
+        let floats = 2 * (MAX_CANDIDATES + 1);
+        let mut found = self.alloc(floats)?;
+        {
+            // SAFETY: two f32 are the size of one u64, and pool buffers are 256-byte aligned.
+            let key = unsafe { key.transmute::<u64>(1) }.ok_or_else(|| Error::Cuda("argmax key layout".into()))?;
+            // SAFETY: u32 and f32 have the same size; the kernel writes bits as u32.
+            let mut out = unsafe { found.transmute_mut::<u32>(floats) }
+                .ok_or_else(|| Error::Cuda("candidate buffer layout".into()))?;
+            let (n, cap) = (row.len() as i64, MAX_CANDIDATES as i32);
+            launch!(
+                self,
+                &self.k.logits_near_max,
+                self.row_grid(row.len()),
+                &row,
+                &n,
+                &key,
+                &span,
+                &cap,
+                &mut out
+            )?;
+        }
+        let host = self.download_floats(&found, floats)?;
+        let count = host[0].to_bits() as usize;
+        if count == 0 || count > MAX_CANDIDATES {
+            return Ok(None);
+        }
+        let mut candidates: Vec<(u32, f32)> = host[2..2 + 2 * count]
+            .chunks_exact(2)
+            .map(|pair| (pair[0].to_bits(), pair[1]))
+            .collect();
+        // The kernel appends in no particular order.
+        candidates.sort_unstable_by_key(|&(index, _)| index);
+        Ok(Some(candidates))
+    }
+
+    /// The argmax key of `row` (`argmax_f32` in kernels.cu) in a zeroed buffer of two floats.
+    fn argmax_key(&self, row: &CudaView<'_, f32>) -> Result<PooledBuf> {
+        let mut key = self.alloc(2)?;
+        {
+            // SAFETY: two f32 are the size of one u64, and pool buffers are 256-byte aligned.
+            let mut key =
+                unsafe { key.transmute_mut::<u64>(1) }.ok_or_else(|| Error::Cuda("argmax key layout".into()))?;
+            let n = row.len() as i64;
+            launch!(self, &self.k.argmax_f32, self.row_grid(row.len()), row, &n, &mut key)?;
+        }
+        Ok(key)
+    }
+
+    /// Blocks for one pass over a row of `n` floats: four per thread, at most two blocks per
+    /// multiprocessor.
+    fn row_grid(&self, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(THREADS * 4).clamp(1, 2 * self.sms as u32), 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+fn last_row(t: &CudaTensor) -> Result<CudaView<'_, f32>> {
+    let (rows, cols) = (t.rows, t.cols);
+    if rows == 0 || cols == 0 {
+        return Err(Error::InvalidInput(
+            "the next token from an empty tensor of logits".into(),
+        ));
+    }
+    Ok(t.buf.slice((rows - 1) * cols..rows * cols))
+}
