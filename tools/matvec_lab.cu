@@ -9,7 +9,8 @@
 // Built and run on a GPU machine (no cargo needed):
 //   nvcc -O3 -std=c++17 -arch=sm_90 tools/matvec_lab.cu -o lab && ./lab
 // (`./lab bulk` runs only the bulk-copy experiment, `./lab persistent` only the persistent
-// chain, the chained products shape by shape and the kernel boundary against a grid barrier.)
+// chain, the chained products shape by shape and the kernel boundary against a grid barrier,
+// `./lab unroll` only the row pairs with more pieces in flight per lane.)
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -282,6 +283,29 @@ __global__ void __launch_bounds__(256, 3) chain_persistent_q4(const ChainStep* s
     if (threadIdx.x == 0 && atomicAdd(&done[n], 1u) == gridDim.x - 1) {
         for (int s = 0; s <= n; ++s) done[s] = 0;
         __threadfence();
+    }
+}
+
+// Row pairs with UNROLL pieces of each row in flight per lane (the engine's kernel: 2), for
+// matrices whose grid leaves room on the multiprocessors anyway (4096 rows: two blocks each).
+template <int UNROLL>
+__global__ void matvec_pairs_unroll_q4(const u8* w, const u8* scales, const u8* biases, const float* x, int rows,
+                                       int cols, float* y, float alpha) {
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    stage_x<4>(x, cols, smem);
+    Affine a = {w, scales, biases};
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = 2 * (blockIdx.x * warps + (threadIdx.x >> 5)); r < rows; r += 2 * gridDim.x * warps) {
+        float acc_a = 0.0f, acc_b = 0.0f;
+        row_dot<4, true, UNROLL>(a, r + 1 < rows ? next_row<4>(a, cols, 64, DT_BF16) : a, r, cols / 32, 64, DT_BF16,
+                                 smem, acc_a, acc_b);
+        acc_a = warp_sum(acc_a);
+        acc_b = warp_sum(acc_b);
+        if (lane == 0) {
+            y[r] = alpha * acc_a;
+            if (r + 1 < rows) y[r + 1] = alpha * acc_b;
+        }
     }
 }
 
@@ -976,6 +1000,66 @@ static void bench_chain_shapes() {
     cudaFree(done);
 }
 
+// Row pairs with 2 (the engine's), 4 and 8 pieces in flight per lane, chained per shape as
+// in bench_chain_shapes, each on its own grid (as many blocks as fit, at most rows / 16).
+static void bench_pairs_unroll() {
+    struct Shape {
+        const char* name;
+        int rows, cols;
+    };
+    const Shape shapes[] = {{"out_proj 4096x8192", 4096, 8192},
+                            {"10 experts' down 4096x10240", 4096, 10240},
+                            {"in_proj 12288x4096", 12288, 4096},
+                            {"in_proj+z 20480x4096", 20480, 4096},
+                            {"one expert's down 4096x1024", 4096, 1024}};
+    const int n = 16;
+    float alpha = 1.0f / 64;
+    for (const Shape& sh : shapes) {
+        std::vector<Matrix> ms;
+        int len = std::max(sh.rows, sh.cols);
+        std::vector<float*> buf(n + 1);
+        for (auto& b : buf) {
+            CHECK(cudaMalloc(&b, len * 4));
+            fill_float<<<64, 256>>>(b, len, 23);
+        }
+        for (int i = 0; i < n; ++i) ms.push_back(make_matrix(sh.rows, sh.cols, 4, 15000 + 13 * i));
+        size_t smem = smem_bytes(4, sh.cols);
+        std::vector<float> want;
+        auto variant = [&](const char* label, const void* kernel, auto launch) {
+            int per_sm = 0;
+            CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+            CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem));
+            int grid = std::min(sh.rows / 16, per_sm * g_sms);
+            cudaGraphExec_t exec = capture([&](cudaStream_t s) {
+                for (int i = 0; i < n; ++i) launch(ms[i], buf[i], buf[i + 1], grid, s);
+            });
+            CHECK(cudaGraphLaunch(exec, 0));
+            std::vector<float> got = fetch(buf[n], sh.rows);
+            if (want.empty()) want = got;
+            double us = median_us(9, 2, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / n;
+            char full[160];
+            snprintf(full, sizeof full, "%s, %s (%d/SM, err %.0e)", sh.name, label, per_sm, rel_l2(got, want));
+            row(full, us, (double)ms[0].bytes());
+            CHECK(cudaGraphExecDestroy(exec));
+        };
+        variant("engine pairs", (const void*)matvec_pairs_q4,
+                [&](const Matrix& m, const float* x, float* y, int grid, cudaStream_t s) {
+                    matvec_pairs_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, x, m.rows, m.cols, y,
+                                                                alpha, 0.0f);
+                });
+        variant("pairs, 4 in flight", (const void*)matvec_pairs_unroll_q4<4>,
+                [&](const Matrix& m, const float* x, float* y, int grid, cudaStream_t s) {
+                    matvec_pairs_unroll_q4<4><<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, alpha);
+                });
+        variant("pairs, 8 in flight", (const void*)matvec_pairs_unroll_q4<8>,
+                [&](const Matrix& m, const float* x, float* y, int grid, cudaStream_t s) {
+                    matvec_pairs_unroll_q4<8><<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, alpha);
+                });
+        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+        for (auto& b : buf) cudaFree(b);
+    }
+}
+
 // Four layers' worth of one-token products (in_proj 12288x4096, out_proj 4096x8192, router
 // 512x4096, ten experts' gate and up as one 20480x4096, their down as one 4096x10240), each
 // reading the one before's output: the engine's kernels on its grids replayed from a graph,
@@ -1084,6 +1168,10 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(dst));
     if (argc > 1 && std::string(argv[1]) == "bulk") {
         bench_bulk();
+        return 0;
+    }
+    if (argc > 1 && std::string(argv[1]) == "unroll") {
+        bench_pairs_unroll();
         return 0;
     }
     if (argc > 1 && std::string(argv[1]) == "persistent") {

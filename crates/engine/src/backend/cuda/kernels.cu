@@ -306,8 +306,10 @@ __device__ __forceinline__ void stage_x(const float* x, int cols, u8* xs) {
 }
 
 // This lane's share of row r of `a` (and of `b` when DUAL) dotted with the staged x: lane l
-// takes pieces l, l + 32, ... The caller sums over the warp.
-template <int BITS, bool DUAL>
+// takes pieces l, l + 32, ..., UNROLL at a time. Two matrices at a time hold twice the
+// registers per load in flight: by default half as many keep the occupancy (and so the loads
+// in flight per multiprocessor) up. The caller sums over the warp.
+template <int BITS, bool DUAL, int UNROLL = (DUAL ? ROWS_UNROLL / 2 : ROWS_UNROLL)>
 __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long long r, int pieces, int group,
                                         int dtype, const u8* xs, float& acc_a, float& acc_b) {
     constexpr int PF = 128 / BITS, REC = staged_record(BITS);
@@ -317,9 +319,6 @@ __device__ __forceinline__ void row_dot(const Affine& a, const Affine& b, long l
     long long first_group = r * (((long long)pieces * PF) >> group_shift);
     const uint4* ra = (const uint4*)a.w + r * pieces;
     const uint4* rb = (const uint4*)b.w + r * pieces;
-    // Two matrices at a time hold twice the registers per load in flight: half as many keep
-    // the occupancy (and so the loads in flight per multiprocessor) up.
-    constexpr int UNROLL = DUAL ? ROWS_UNROLL / 2 : ROWS_UNROLL;
     // Scales and biases are loaded with the codes: loaded where they are used, each was a
     // memory round trip of its own in the middle of the arithmetic.
     for (int base = 0; base < pieces; base += 32 * UNROLL) {
