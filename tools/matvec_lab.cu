@@ -936,30 +936,46 @@ static void bench_read_sizes() {
     cudaFree(sink);
 }
 
-// Per product of one shape: 16 distinct matrices chained (each reading the one before's
-// output) with the engine's kernels and grids, replayed from a graph; then a kernel boundary
-// (32 empty kernels from a graph) against the persistent kernel's grid barrier (32 in one
-// launch of as many blocks as the products take).
-static void bench_chain_shapes() {
-    struct Shape {
-        const char* name;
-        int rows, cols;
-    };
-    const Shape shapes[] = {{"in_proj 12288x4096", 12288, 4096},   {"in_proj_z 8192x4096", 8192, 4096},
-                            {"out_proj 4096x8192", 4096, 8192},    {"router 512x4096", 512, 4096},
-                            {"10 experts' gate+up 20480x4096", 20480, 4096}, {"10 experts' down 4096x10240", 4096, 10240},
-                            {"one expert's down 4096x1024", 4096, 1024}, {"one expert's gate 1024x4096", 1024, 4096}};
-    const int n = 16;
-    float alpha = 1.0f / 64;
-    for (const Shape& sh : shapes) {
-        std::vector<Matrix> ms;
+// A named one-token product shape, and 16 distinct matrices of it with the buffers of a chain
+// of products through them (each reading the one before's output, buf[0] the first input).
+struct Shape {
+    const char* name;
+    int rows, cols;
+};
+
+struct ShapeChain {
+    static const int n = 16;
+    std::vector<Matrix> ms;
+    std::vector<float*> buf;
+    explicit ShapeChain(const Shape& sh) : buf(n + 1) {
         int len = std::max(sh.rows, sh.cols);
-        std::vector<float*> buf(n + 1);
         for (auto& b : buf) {
             CHECK(cudaMalloc(&b, len * 4));
             fill_float<<<64, 256>>>(b, len, 23);
         }
         for (int i = 0; i < n; ++i) ms.push_back(make_matrix(sh.rows, sh.cols, 4, 15000 + 13 * i));
+    }
+    ~ShapeChain() {
+        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
+        for (auto& b : buf) cudaFree(b);
+    }
+};
+
+// Per product of one shape: 16 distinct matrices chained (each reading the one before's
+// output) with the engine's kernels and grids, replayed from a graph; then a kernel boundary
+// (32 empty kernels from a graph) against the persistent kernel's grid barrier (32 in one
+// launch of as many blocks as the products take).
+static void bench_chain_shapes() {
+    const Shape shapes[] = {{"in_proj 12288x4096", 12288, 4096},   {"in_proj_z 8192x4096", 8192, 4096},
+                            {"out_proj 4096x8192", 4096, 8192},    {"router 512x4096", 512, 4096},
+                            {"10 experts' gate+up 20480x4096", 20480, 4096}, {"10 experts' down 4096x10240", 4096, 10240},
+                            {"one expert's down 4096x1024", 4096, 1024}, {"one expert's gate 1024x4096", 1024, 4096}};
+    const int n = ShapeChain::n;
+    float alpha = 1.0f / 64;
+    for (const Shape& sh : shapes) {
+        ShapeChain c(sh);
+        std::vector<Matrix>& ms = c.ms;
+        std::vector<float*>& buf = c.buf;
         size_t smem = smem_bytes(4, sh.cols);
         bool pairs = sh.rows / 16 >= g_sms;
         int per_sm = 0;
@@ -982,8 +998,6 @@ static void bench_chain_shapes() {
         snprintf(label, sizeof label, "%s, %d chained, graph (%d blocks)", sh.name, n, grid);
         row(label, us, (double)ms[0].bytes());
         CHECK(cudaGraphExecDestroy(exec));
-        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
-        for (auto& b : buf) cudaFree(b);
     }
     const int k = 32, grid = 3 * g_sms;
     cudaGraphExec_t empty = capture([&](cudaStream_t s) {
@@ -1003,26 +1017,17 @@ static void bench_chain_shapes() {
 // Row pairs with 2 (the engine's), 4 and 8 pieces in flight per lane, chained per shape as
 // in bench_chain_shapes, each on its own grid (as many blocks as fit, at most rows / 16).
 static void bench_pairs_unroll() {
-    struct Shape {
-        const char* name;
-        int rows, cols;
-    };
     const Shape shapes[] = {{"out_proj 4096x8192", 4096, 8192},
                             {"10 experts' down 4096x10240", 4096, 10240},
                             {"in_proj 12288x4096", 12288, 4096},
                             {"in_proj+z 20480x4096", 20480, 4096},
                             {"one expert's down 4096x1024", 4096, 1024}};
-    const int n = 16;
+    const int n = ShapeChain::n;
     float alpha = 1.0f / 64;
     for (const Shape& sh : shapes) {
-        std::vector<Matrix> ms;
-        int len = std::max(sh.rows, sh.cols);
-        std::vector<float*> buf(n + 1);
-        for (auto& b : buf) {
-            CHECK(cudaMalloc(&b, len * 4));
-            fill_float<<<64, 256>>>(b, len, 23);
-        }
-        for (int i = 0; i < n; ++i) ms.push_back(make_matrix(sh.rows, sh.cols, 4, 15000 + 13 * i));
+        ShapeChain c(sh);
+        std::vector<Matrix>& ms = c.ms;
+        std::vector<float*>& buf = c.buf;
         size_t smem = smem_bytes(4, sh.cols);
         std::vector<float> want;
         auto variant = [&](const char* label, const void* kernel, auto launch) {
@@ -1055,8 +1060,6 @@ static void bench_pairs_unroll() {
                 [&](const Matrix& m, const float* x, float* y, int grid, cudaStream_t s) {
                     matvec_pairs_unroll_q4<8><<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, x, m.rows, m.cols, y, alpha);
                 });
-        for (auto& m : ms) cudaFree(m.w), cudaFree(m.s), cudaFree(m.b);
-        for (auto& b : buf) cudaFree(b);
     }
 }
 
@@ -1066,10 +1069,10 @@ static void bench_pairs_unroll() {
 // against the whole chain in one persistent launch, without and with the L2 prefetch of each
 // block's next rows. All must give the same bits.
 static void bench_persistent() {
-    struct Shape {
+    struct Dims {
         int rows, cols;
     };
-    const Shape layer[5] = {{12288, 4096}, {4096, 8192}, {512, 4096}, {20480, 4096}, {4096, 10240}};
+    const Dims layer[5] = {{12288, 4096}, {4096, 8192}, {512, 4096}, {20480, 4096}, {4096, 10240}};
     const int layers = 4, n = 5 * layers;
     std::vector<Matrix> ms;
     std::vector<float*> buf(n + 1);
@@ -1079,7 +1082,7 @@ static void bench_persistent() {
     size_t smem = 0;
     double bytes = 0;
     for (int i = 0; i < n; ++i) {
-        Shape sh = layer[i % 5];
+        Dims sh = layer[i % 5];
         ms.push_back(make_matrix(sh.rows, sh.cols, 4, 12000 + 11 * i));
         bytes += ms[i].bytes();
         smem = std::max(smem, smem_bytes(4, sh.cols));
