@@ -109,7 +109,8 @@ pub fn generate<B: Backend>(
     let mut decoder = StreamDecoder::default();
     let mut generated = 0;
     let mut stop = StopReason::Length;
-    // Logits after the first token stay on the device: greedy choices are made there.
+    // Logits after the first token stay on the device, where the sampler makes its choice
+    // (Sampler::sample_on).
     let mut last = None;
     while generated < max_tokens {
         let id = match &last {

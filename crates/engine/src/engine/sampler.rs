@@ -132,17 +132,19 @@ impl Sampler {
     /// ([`Backend::logits_near_max`]).
     pub fn sample_on<B: Backend>(&mut self, backend: &B, logits: &B::Tensor) -> Result<u32> {
         let p = &self.params;
-        let id = if p.penalizes() {
-            return Ok(self.sample(&backend.download(logits)?));
-        } else if p.temperature <= 0.0 || p.top_k == 1 {
-            backend.argmax_last_row(logits)?
-        } else if let Some(candidates) = backend.logits_near_max(logits, NEGLIGIBLE * p.temperature)? {
-            self.choose_among(candidates)
-        } else {
-            return Ok(self.sample(&backend.download(logits)?));
+        let (greedy, span) = (p.temperature <= 0.0 || p.top_k == 1, NEGLIGIBLE * p.temperature);
+        let chosen = match (p.penalizes(), greedy) {
+            (true, _) => None,
+            (false, true) => Some(backend.argmax_last_row(logits)?),
+            (false, false) => backend.logits_near_max(logits, span)?.map(|c| self.choose_among(c)),
         };
-        *self.generated.entry(id).or_default() += 1;
-        Ok(id)
+        match chosen {
+            Some(id) => {
+                *self.generated.entry(id).or_default() += 1;
+                Ok(id)
+            }
+            None => Ok(self.sample(&backend.download(logits)?)),
+        }
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
