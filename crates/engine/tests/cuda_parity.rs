@@ -555,10 +555,10 @@ fn the_device_argmax_is_the_hosts() {
     }
 }
 
-/// A temperature draw from logits on the device (among the candidates near the largest that
-/// come back) is the draw the sampler makes from the downloaded logits: the same tokens for
-/// the same seeds, with top-k, top-p and min-p, ties at the top-k cut, and rows with too many
-/// candidates (downloaded) or none (every logit NaN).
+/// A temperature draw from logits on the device (among the candidates that come back: each
+/// block's top k, or the logits near the largest) is the draw the sampler makes from the
+/// downloaded logits: the same tokens for the same seeds, with top-k, top-p and min-p, ties
+/// at the top-k cut, and rows with too many candidates (downloaded) or none (every NaN).
 #[test]
 fn the_device_draws_the_hosts_tokens() {
     use flash_moe_engine::engine::sampler::{Sampler, SamplingParams};
@@ -595,7 +595,10 @@ fn the_device_draws_the_hosts_tokens() {
             .filter(|&i| row[i as usize] >= max - span)
             .map(|i| (i, row[i as usize]))
             .collect();
-        let found = gpu.logits_near_max(&on_gpu, span).unwrap();
+        let found = gpu.draw_candidates(&on_gpu, span, 0).unwrap().map(|mut c| {
+            c.sort_unstable_by_key(|&(i, _)| i);
+            c
+        });
         eprintln!(
             "{name} row: {} candidates, {}",
             near.len(),
@@ -606,8 +609,25 @@ fn the_device_draws_the_hosts_tokens() {
             }
         );
         match name {
-            "peaked" | "ties" => assert_eq!(found, Some(near), "candidates of the {name} row"),
+            "peaked" | "ties" => assert_eq!(found, Some(near.clone()), "candidates of the {name} row"),
             _ => assert_eq!(found, None, "candidates of the {name} row"),
+        }
+        // With top-k: candidates the host's filter keeps, the top k among them.
+        let mut ranked = near.clone();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        for k in [1, 7, 20, 64] {
+            let got = gpu.draw_candidates(&on_gpu, span, k).unwrap().unwrap_or_default();
+            let kept = |&(i, l): &(u32, f32)| row[i as usize].to_bits() == l.to_bits() && l >= max - span;
+            assert!(
+                got.iter().all(kept),
+                "top {k} of the {name} row: not a logit above the cut"
+            );
+            let indices: std::collections::HashSet<u32> = got.iter().map(|c| c.0).collect();
+            let top = &ranked[..k.min(ranked.len())];
+            assert!(
+                top.iter().all(|c| indices.contains(&c.0)),
+                "top {k} of the {name} row: missing some of the top"
+            );
         }
         for (seed, &(temperature, top_k, top_p, min_p)) in params.iter().enumerate() {
             let p = SamplingParams {

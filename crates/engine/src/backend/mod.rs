@@ -101,11 +101,11 @@ pub trait Backend: Send + Sync {
         let all = self.download(logits)?;
         Ok(argmax(&all[(rows - 1) * cols..]))
     }
-    /// The logits of the last row of `logits` at least its largest minus `span`, as
-    /// `(index, logit)` in index order (a temperature draw's candidates, found where the
-    /// logits are), or `None` where the backend has no cheaper way than downloading them all
-    /// (or there are too many).
-    fn logits_near_max(&self, _logits: &Self::Tensor, _span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+    /// A temperature draw's candidates from the last row of `logits`, found where the logits
+    /// are, as `(index, logit)` in any order: every logit at least the largest minus `span`,
+    /// or with `top_k` set, at least the `top_k` largest of those (ties to the lower index).
+    /// `None` where the backend has no cheaper way than downloading the row.
+    fn draw_candidates(&self, _logits: &Self::Tensor, _span: f32, _top_k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         Ok(None)
     }
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;

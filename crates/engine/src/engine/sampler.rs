@@ -128,15 +128,17 @@ impl Sampler {
 
     /// Picks the next token from logits still on `backend`, as [`Sampler::sample`] would from
     /// their download. Without penalties little comes back: a greedy choice is made there
-    /// ([`Backend::argmax_last_row`]), a temperature draw among the logits near the largest
-    /// ([`Backend::logits_near_max`]).
+    /// ([`Backend::argmax_last_row`]), a temperature draw among the candidates the backend
+    /// finds ([`Backend::draw_candidates`]).
     pub fn sample_on<B: Backend>(&mut self, backend: &B, logits: &B::Tensor) -> Result<u32> {
         let p = &self.params;
         let (greedy, span) = (p.temperature <= 0.0 || p.top_k == 1, NEGLIGIBLE * p.temperature);
         let chosen = match (p.penalizes(), greedy) {
             (true, _) => None,
             (false, true) => Some(backend.argmax_last_row(logits)?),
-            (false, false) => backend.logits_near_max(logits, span)?.map(|c| self.choose_among(c)),
+            (false, false) => backend
+                .draw_candidates(logits, span, p.top_k)?
+                .map(|c| self.choose_among(c)),
         };
         match chosen {
             Some(id) => {
@@ -181,12 +183,14 @@ impl Sampler {
         self.choose_among(candidates)
     }
 
-    /// The temperature draw among `candidates`, (token, logit) in token order: every logit
-    /// within `NEGLIGIBLE * temperature` of the largest, whichever side of the device found
-    /// them, so that both give the same draw.
+    /// The temperature draw among `candidates`, (token, logit) in any order: every logit
+    /// within `NEGLIGIBLE * temperature` of the largest, or with top-k, at least the top k of
+    /// those. The order it ranks them by is total (by logit, then the lower token first), so
+    /// the top k and the draw are the same whichever side of the device found the candidates,
+    /// in whatever order.
     fn choose_among(&mut self, mut order: Vec<(u32, f32)>) -> u32 {
         let p = &self.params;
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && order.len() > p.top_k {
             order.select_nth_unstable_by(p.top_k - 1, by_logit);
             order.truncate(p.top_k);
@@ -234,6 +238,31 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default());
         assert_eq!(s.sample(&[0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn a_draw_does_not_depend_on_the_order_of_its_candidates() {
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_k: 5,
+            top_p: 0.9,
+            seed: 7,
+            ..Default::default()
+        };
+        // Ten tokens tie for the top, so top-k 5 keeps the five lowest: 0, 4, 8, 12, 16.
+        let candidates: Vec<(u32, f32)> = (0..40).map(|i| (i, [2.0, 1.0, 1.0, 0.5][i as usize % 4])).collect();
+        let draws = |order: Vec<(u32, f32)>| {
+            let mut s = Sampler::new(params.clone());
+            (0..50).map(|_| s.choose_among(order.clone())).collect::<Vec<u32>>()
+        };
+        let want = draws(candidates.clone());
+        assert!(want.iter().all(|id| [0, 4, 8, 12, 16].contains(id)), "{want:?}");
+        let mut reversed = candidates.clone();
+        reversed.reverse();
+        let mut rotated = candidates;
+        rotated.rotate_left(13);
+        assert_eq!(draws(reversed), want);
+        assert_eq!(draws(rotated), want);
     }
 
     #[test]

@@ -69,8 +69,9 @@ pub struct Kernels {
     pub route_experts: CudaFunction,
     /// Greedy decoding's choice among the logits, without downloading them.
     pub argmax_f32: CudaFunction,
-    /// A temperature draw's candidates: the logits near the largest.
+    /// A temperature draw's candidates: the logits near the largest, or each block's top k.
     pub logits_near_max: CudaFunction,
+    pub top_keys: CudaFunction,
 }
 
 impl Kernels {
@@ -156,6 +157,7 @@ impl Kernels {
             route_experts: f("route_experts")?,
             argmax_f32: f("argmax_f32")?,
             logits_near_max: f("logits_near_max")?,
+            top_keys: f("top_keys")?,
         })
     }
 }

@@ -483,8 +483,8 @@ impl Backend for CudaBackend {
         self.argmax_of_last_row(logits)
     }
 
-    fn logits_near_max(&self, logits: &CudaTensor, span: f32) -> Result<Option<Vec<(u32, f32)>>> {
-        self.candidates_of_last_row(logits, span)
+    fn draw_candidates(&self, logits: &CudaTensor, span: f32, top_k: usize) -> Result<Option<Vec<(u32, f32)>>> {
+        self.draw_candidates_of_last_row(logits, span, top_k)
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {

@@ -1,6 +1,6 @@
 //! The next token's choice where the logits are: greedy decoding's argmax, and a temperature
-//! draw's candidates (the logits near the largest), so that a few bytes come back per token
-//! instead of the vocabulary's logits.
+//! draw's candidates (each block's top k, or the logits near the largest), so that a few
+//! bytes come back per token instead of the vocabulary's logits.
 
 use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 
@@ -8,8 +8,13 @@ use super::{CudaBackend, CudaTensor, THREADS, cuda};
 use crate::backend::cuda::pool::PooledBuf;
 use crate::error::{Error, Result};
 
-/// Candidates a draw brings back at most (32 KiB); with more, the sampler downloads the row.
+/// Candidates a draw without top-k brings back at most (32 KiB); with more, the sampler
+/// downloads the row.
 const MAX_CANDIDATES: usize = 4096;
+
+/// The largest top-k taken from each block's sorted logits (`top_keys`: blocks of 1024).
+const MAX_TOP_K: usize = 64;
+const TOP_BLOCK: usize = 1024;
 
 impl CudaBackend {
     /// [`crate::backend::argmax`] of the last row of `logits`.
@@ -22,11 +27,58 @@ impl CudaBackend {
         Ok(if key == 0 { 0 } else { !(key as u32) })
     }
 
-    /// The last row's logits at least its largest minus `span`, in index order; `None` when
-    /// there are more than [`MAX_CANDIDATES`], or none (every logit NaN).
-    pub(super) fn candidates_of_last_row(&self, logits: &CudaTensor, span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+    /// [`crate::backend::Backend::draw_candidates`] of the last row of `logits`.
+    pub(super) fn draw_candidates_of_last_row(
+        &self,
+        logits: &CudaTensor,
+        span: f32,
+        top_k: usize,
+    ) -> Result<Option<Vec<(u32, f32)>>> {
         let row = last_row(logits)?;
-        let key = self.argmax_key(&row)?;
+        if (1..=MAX_TOP_K).contains(&top_k) {
+            return self.top_candidates(&row, span, top_k).map(Some);
+        }
+        self.candidates_near_max(&row, span)
+    }
+
+    /// The `top_k` largest logits of those at least the largest minus `span`: each block's
+    /// top k on the device (the global top k is among them), the top k of those here.
+    fn top_candidates(&self, row: &CudaView<'_, f32>, span: f32, top_k: usize) -> Result<Vec<(u32, f32)>> {
+        let floats = 2 * top_k * row.len().div_ceil(TOP_BLOCK);
+        let mut found = self.tensor(1, floats)?;
+        {
+            // SAFETY: u32 and f32 have the same size; the kernel writes bits as u32.
+            let mut out = unsafe { found.buf.transmute_mut::<u32>(floats) }
+                .ok_or_else(|| Error::Cuda("top-k buffer layout".into()))?;
+            let (n, k) = (row.len() as i64, top_k as i32);
+            let cfg = LaunchConfig {
+                grid_dim: (row.len().div_ceil(TOP_BLOCK) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, &self.k.top_keys, cfg, row, &n, &k, &mut out)?;
+        }
+        let host = self.download_floats(&found.buf, floats)?;
+        let mut candidates: Vec<(u32, f32)> = host
+            .chunks_exact(2)
+            .map(|pair| (pair[0].to_bits(), pair[1]))
+            .filter(|&(index, _)| index != u32::MAX)
+            .collect();
+        // The global top k among the blocks' (the sampler's order: by logit, then index).
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if candidates.len() > top_k {
+            candidates.select_nth_unstable_by(top_k - 1, by_logit);
+            candidates.truncate(top_k);
+        }
+        let max = candidates.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
+        candidates.retain(|&(_, l)| l >= max - span);
+        Ok(candidates)
+    }
+
+    /// The logits at least the largest minus `span` (the kernel appends them in no order);
+    /// `None` when there are more than [`MAX_CANDIDATES`], or none (every logit NaN).
+    fn candidates_near_max(&self, row: &CudaView<'_, f32>, span: f32) -> Result<Option<Vec<(u32, f32)>>> {
+        let key = self.argmax_key(row)?;
         // A count, then (index, logit bits) pairs: two floats each, zeroed (the count).
         let floats = 2 * (MAX_CANDIDATES + 1);
         let mut found = self.alloc(floats)?;
@@ -41,7 +93,7 @@ impl CudaBackend {
                 self,
                 &self.k.logits_near_max,
                 self.row_grid(row.len()),
-                &row,
+                row,
                 &n,
                 &key,
                 &span,
@@ -54,13 +106,12 @@ impl CudaBackend {
         if count == 0 || count > MAX_CANDIDATES {
             return Ok(None);
         }
-        let mut candidates: Vec<(u32, f32)> = host[2..2 + 2 * count]
-            .chunks_exact(2)
-            .map(|pair| (pair[0].to_bits(), pair[1]))
-            .collect();
-        // The kernel appends in no particular order.
-        candidates.sort_unstable_by_key(|&(index, _)| index);
-        Ok(Some(candidates))
+        Ok(Some(
+            host[2..2 + 2 * count]
+                .chunks_exact(2)
+                .map(|pair| (pair[0].to_bits(), pair[1]))
+                .collect(),
+        ))
     }
 
     /// The argmax key of `row` (`argmax_f32` in kernels.cu) in a zeroed buffer of two floats.
