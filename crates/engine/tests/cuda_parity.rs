@@ -558,7 +558,8 @@ fn the_device_argmax_is_the_hosts() {
 /// A temperature draw from logits on the device (among the candidates that come back: each
 /// block's top k, or the logits near the largest) is the draw the sampler makes from the
 /// downloaded logits: the same tokens for the same seeds, with top-k, top-p and min-p, ties
-/// at the top-k cut, and rows with too many candidates (downloaded) or none (every NaN).
+/// at the top-k cut, penalties, and rows with too many candidates (downloaded) or none (every
+/// NaN).
 #[test]
 fn the_device_draws_the_hosts_tokens() {
     use flash_moe_engine::engine::sampler::{Sampler, SamplingParams};
@@ -646,6 +647,33 @@ fn the_device_draws_the_hosts_tokens() {
                 &got[..8]
             );
             assert_eq!(got, want, "draws from the {name} row, T {temperature} top-k {top_k}");
+        }
+        // Penalties (applied on the device to a copy), greedy and drawn, with a prompt of the
+        // best candidates so that the repetition penalty touches tokens that matter.
+        let prompt: Vec<u32> = ranked.iter().take(8).map(|c| c.0).collect();
+        let penalties = [(0.5, 0.3, 1.0), (0.0, 0.0, 1.3), (1.5, 0.0, 1.1)];
+        for (seed, &(presence_penalty, frequency_penalty, repetition_penalty)) in penalties.iter().enumerate() {
+            for (temperature, top_k) in [(0.0, 0), (0.7, 20)] {
+                let p = SamplingParams {
+                    temperature,
+                    top_k,
+                    presence_penalty,
+                    frequency_penalty,
+                    repetition_penalty,
+                    seed: seed as u64,
+                    ..Default::default()
+                };
+                let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
+                a.set_prompt(&prompt);
+                b.set_prompt(&prompt);
+                let want: Vec<u32> = (0..32).map(|_| a.sample_on(&cpu, &on_cpu).unwrap()).collect();
+                let got: Vec<u32> = (0..32).map(|_| b.sample_on(&gpu, &on_gpu).unwrap()).collect();
+                let label = format!(
+                    "{name} row, T {temperature} top-k {top_k}, penalties {presence_penalty}/{frequency_penalty}/{repetition_penalty}"
+                );
+                eprintln!("draws from the {label}: {:?}", &got[..8]);
+                assert_eq!(got, want, "draws from the {label}");
+            }
         }
     }
 }

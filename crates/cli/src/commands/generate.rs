@@ -30,6 +30,19 @@ pub struct Args {
     /// Keep only the K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// Drop tokens less likely than P times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Subtracted once from the logit of every token generated so far (OpenAI's).
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (OpenAI's).
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Logits of tokens in the prompt or the output divided by it when positive, multiplied
+    /// when negative (transformers'; 1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -66,13 +79,23 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization");
     }
-    let mut sampler = Sampler::new(SamplingParams {
+    let params = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
+        min_p: args.min_p,
         seed: args.seed,
-        ..SamplingParams::default()
-    });
+        presence_penalty: args.presence_penalty,
+        frequency_penalty: args.frequency_penalty,
+        repetition_penalty: args.repetition_penalty,
+    };
+    // A sampler per run: the warm-up's tokens are not the measured run's output, which its
+    // penalties count.
+    let sampler = || {
+        let mut s = Sampler::new(params.clone());
+        s.set_prompt(&prompt);
+        s
+    };
     let io = Some(store.stats());
     if args.prefetch_experts {
         model.prefetch_experts()?;
@@ -83,7 +106,7 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
             &tokenizer,
             &prompt,
             args.warmup_tokens,
-            &mut sampler,
+            &mut sampler(),
             io,
             |_: &str| {},
         )?;
@@ -94,7 +117,7 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         &tokenizer,
         &prompt,
         args.max_tokens,
-        &mut sampler,
+        &mut sampler(),
         io,
         |text: &str| {
             // A closed pipe (e.g. `| head`) ends output, not the run.

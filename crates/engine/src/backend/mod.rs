@@ -108,6 +108,12 @@ pub trait Backend: Send + Sync {
     fn draw_candidates(&self, _logits: &Self::Tensor, _span: f32, _top_k: usize) -> Result<Option<Vec<(u32, f32)>>> {
         Ok(None)
     }
+    /// A copy of the last row of `logits` with `penalties` applied ([`LogitPenalty::apply`],
+    /// at most one per token), made where the logits are; `None` where the backend has no
+    /// cheaper way than downloading them.
+    fn penalized_last_row(&self, _logits: &Self::Tensor, _penalties: &[LogitPenalty]) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// A copy of `t` (snapshots of a sequence's state).
     fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
@@ -312,6 +318,26 @@ pub trait Backend: Send + Sync {
     /// Runs `step`, or replays what it launched when it ran before under `key`.
     fn run_step(&self, _key: &StepKey, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         step()
+    }
+}
+
+/// What the sampler's penalties do to the logit of one token seen before: divided by
+/// `repetition` when positive, multiplied by it otherwise, then `minus` subtracted.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogitPenalty {
+    pub token: u32,
+    pub repetition: f32,
+    pub minus: f32,
+}
+
+impl LogitPenalty {
+    pub fn apply(&self, logit: f32) -> f32 {
+        let scaled = if logit > 0.0 {
+            logit / self.repetition
+        } else {
+            logit * self.repetition
+        };
+        scaled - self.minus
     }
 }
 

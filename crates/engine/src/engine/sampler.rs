@@ -1,14 +1,14 @@
 //! Next-token choice: penalties on tokens already seen, then greedy or temperature sampling
 //! with top-k, top-p and min-p filtering.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::backend::Backend;
 pub use crate::backend::argmax;
+use crate::backend::{Backend, LogitPenalty};
 use crate::error::{Error, Result};
 
 /// Sampling settings. `temperature == 0` means greedy.
@@ -127,17 +127,25 @@ impl Sampler {
     }
 
     /// Picks the next token from logits still on `backend`, as [`Sampler::sample`] would from
-    /// their download. Without penalties little comes back: a greedy choice is made there
+    /// their download. Little comes back: penalties are applied there to a copy
+    /// ([`Backend::penalized_last_row`]), a greedy choice is made there
     /// ([`Backend::argmax_last_row`]), a temperature draw among the candidates the backend
     /// finds ([`Backend::draw_candidates`]).
     pub fn sample_on<B: Backend>(&mut self, backend: &B, logits: &B::Tensor) -> Result<u32> {
+        let penalized = match self.params.penalizes() {
+            false => None,
+            true => match backend.penalized_last_row(logits, &self.penalties())? {
+                Some(row) => Some(row),
+                None => return Ok(self.sample(&backend.download(logits)?)),
+            },
+        };
+        let row = penalized.as_ref().unwrap_or(logits);
         let p = &self.params;
         let (greedy, span) = (p.temperature <= 0.0 || p.top_k == 1, NEGLIGIBLE * p.temperature);
-        let chosen = match (p.penalizes(), greedy) {
-            (true, _) => None,
-            (false, true) => Some(backend.argmax_last_row(logits)?),
-            (false, false) => backend
-                .draw_candidates(logits, span, p.top_k)?
+        let chosen = match greedy {
+            true => Some(backend.argmax_last_row(row)?),
+            false => backend
+                .draw_candidates(row, span, p.top_k)?
                 .map(|c| self.choose_among(c)),
         };
         match chosen {
@@ -145,27 +153,36 @@ impl Sampler {
                 *self.generated.entry(id).or_default() += 1;
                 Ok(id)
             }
+            // From the logits as they came: `sample` applies the penalties itself.
             None => Ok(self.sample(&backend.download(logits)?)),
         }
     }
 
-    fn apply_penalties(&self, logits: &mut [f32]) {
+    /// The penalty on each token seen so far: the repetition penalty on the prompt's and the
+    /// output's (once on a token of both, as transformers applies it), presence and frequency
+    /// on the output's.
+    fn penalties(&self) -> Vec<LogitPenalty> {
         let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            let seen = self.prompt.iter().chain(self.generated.keys());
-            for &id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
-            }
+        let mut by_token: BTreeMap<u32, LogitPenalty> = BTreeMap::new();
+        let seen = |token| LogitPenalty {
+            token,
+            repetition: p.repetition_penalty,
+            minus: 0.0,
+        };
+        for &token in self.prompt.iter().chain(self.generated.keys()) {
+            by_token.entry(token).or_insert_with(|| seen(token));
         }
-        for (&id, &count) in &self.generated {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l -= p.presence_penalty + p.frequency_penalty * count as f32;
+        for (&token, &count) in &self.generated {
+            by_token.entry(token).or_insert_with(|| seen(token)).minus =
+                p.presence_penalty + p.frequency_penalty * count as f32;
+        }
+        by_token.into_values().collect()
+    }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        for penalty in self.penalties() {
+            if let Some(l) = logits.get_mut(penalty.token as usize) {
+                *l = penalty.apply(*l);
             }
         }
     }
@@ -376,5 +393,14 @@ mod tests {
         s.set_prompt(&[0]);
         // Token 0 (in the prompt) drops from 1.0 to 0.5, below token 1's 0.8.
         assert_eq!(s.sample(&[1.0, 0.8]), 1);
+        // A token of both the prompt and the output is penalized once: 3.0 -> 1.5, still
+        // above 1.0 (twice, 0.75, it would lose).
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        s.set_prompt(&[0]);
+        assert_eq!(s.sample(&[3.0, 1.0]), 0);
+        assert_eq!(s.sample(&[3.0, 1.0]), 0);
     }
 }

@@ -1395,6 +1395,19 @@ __device__ void top_k_warp(const float* row, int experts, int k, int renormalize
         for (int r = 0; r < k; ++r) weights[r] /= chosen_sum;
 }
 
+// The sampler's penalties on a row of logits, one thread per penalized token (each token at
+// most once): as LogitPenalty::apply, (token, repetition bits, minus bits) triples.
+extern "C" __global__ void penalize_logits(float* x, long long cols, const u32* penalties, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    u32 token = penalties[3 * i];
+    float repetition = __uint_as_float(penalties[3 * i + 1]), minus = __uint_as_float(penalties[3 * i + 2]);
+    if ((long long)token >= cols) return;
+    float l = x[token];
+    l = l > 0.0f ? l / repetition : l * repetition;
+    x[token] = l - minus;
+}
+
 // A value and its index as one key that orders as (value, lower index first): the value's
 // bits made to order as unsigned integers (f32's total order: -0 below +0) over the index's
 // complement. NaN (never chosen) is 0, below every key of a value.

@@ -72,6 +72,8 @@ pub struct Kernels {
     /// A temperature draw's candidates: the logits near the largest, or each block's top k.
     pub logits_near_max: CudaFunction,
     pub top_keys: CudaFunction,
+    /// The sampler's penalties on a copy of the logits.
+    pub penalize_logits: CudaFunction,
 }
 
 impl Kernels {
@@ -158,6 +160,7 @@ impl Kernels {
             argmax_f32: f("argmax_f32")?,
             logits_near_max: f("logits_near_max")?,
             top_keys: f("top_keys")?,
+            penalize_logits: f("penalize_logits")?,
         })
     }
 }

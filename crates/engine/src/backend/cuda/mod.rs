@@ -32,7 +32,7 @@ use memory::{DeviceBytes, keep_freed_memory, out_of_memory};
 use pool::{BufferPool, PooledBuf};
 
 use crate::backend::{
-    AttentionShape, Backend, DeviceRouting, ExpertCacheStats, ExpertRows, Route, SharedExpert, StepKey,
+    AttentionShape, Backend, DeviceRouting, ExpertCacheStats, ExpertRows, LogitPenalty, Route, SharedExpert, StepKey,
 };
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
@@ -481,6 +481,10 @@ impl Backend for CudaBackend {
 
     fn argmax_last_row(&self, logits: &CudaTensor) -> Result<u32> {
         self.argmax_of_last_row(logits)
+    }
+
+    fn penalized_last_row(&self, logits: &CudaTensor, penalties: &[LogitPenalty]) -> Result<Option<CudaTensor>> {
+        self.penalized_copy_of_last_row(logits, penalties).map(Some)
     }
 
     fn draw_candidates(&self, logits: &CudaTensor, span: f32, top_k: usize) -> Result<Option<Vec<(u32, f32)>>> {

@@ -4,7 +4,8 @@
 
 use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaTensor, THREADS, cuda};
+use super::{CudaBackend, CudaTensor, THREADS, cuda, grid_for};
+use crate::backend::LogitPenalty;
 use crate::backend::cuda::pool::PooledBuf;
 use crate::error::{Error, Result};
 
@@ -25,6 +26,38 @@ impl CudaBackend {
         // The low half is the index's complement; no key at all (every logit NaN) is index 0,
         // as on the host.
         Ok(if key == 0 { 0 } else { !(key as u32) })
+    }
+
+    /// The last row of `logits` with the sampler's `penalties` applied, in a new tensor.
+    pub(super) fn penalized_copy_of_last_row(
+        &self,
+        logits: &CudaTensor,
+        penalties: &[LogitPenalty],
+    ) -> Result<CudaTensor> {
+        let row = last_row(logits)?;
+        let mut out = self.tensor(1, row.len())?;
+        self.stream
+            .memcpy_dtod(&row, &mut out.buf.slice_mut(0..row.len()))
+            .map_err(cuda("copying the logits"))?;
+        if penalties.is_empty() {
+            return Ok(out);
+        }
+        let triples: Vec<u32> = penalties
+            .iter()
+            .flat_map(|p| [p.token, p.repetition.to_bits(), p.minus.to_bits()])
+            .collect();
+        let dev = self.to_device(&triples)?;
+        let (cols, n) = (row.len() as i64, penalties.len() as i32);
+        launch!(
+            self,
+            &self.k.penalize_logits,
+            grid_for(penalties.len()),
+            &mut *out.buf,
+            &cols,
+            &dev,
+            &n
+        )?;
+        Ok(out)
     }
 
     /// [`crate::backend::Backend::draw_candidates`] of the last row of `logits`.
