@@ -630,6 +630,16 @@ fn the_device_draws_the_hosts_tokens() {
                 "top {k} of the {name} row: missing some of the top"
             );
         }
+        // 32 draws on each side from the same settings, seed and prompt.
+        let same_draws = |p: SamplingParams, prompt: &[u32], label: String| {
+            let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
+            a.set_prompt(prompt);
+            b.set_prompt(prompt);
+            let want: Vec<u32> = (0..32).map(|_| a.sample_on(&cpu, &on_cpu).unwrap()).collect();
+            let got: Vec<u32> = (0..32).map(|_| b.sample_on(&gpu, &on_gpu).unwrap()).collect();
+            eprintln!("draws from the {label}: {:?}", &got[..8]);
+            assert_eq!(got, want, "draws from the {label}");
+        };
         for (seed, &(temperature, top_k, top_p, min_p)) in params.iter().enumerate() {
             let p = SamplingParams {
                 temperature,
@@ -639,14 +649,7 @@ fn the_device_draws_the_hosts_tokens() {
                 seed: seed as u64,
                 ..Default::default()
             };
-            let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
-            let want: Vec<u32> = (0..32).map(|_| a.sample_on(&cpu, &on_cpu).unwrap()).collect();
-            let got: Vec<u32> = (0..32).map(|_| b.sample_on(&gpu, &on_gpu).unwrap()).collect();
-            eprintln!(
-                "draws from the {name} row, T {temperature} top-k {top_k}: {:?}",
-                &got[..8]
-            );
-            assert_eq!(got, want, "draws from the {name} row, T {temperature} top-k {top_k}");
+            same_draws(p, &[], format!("{name} row, T {temperature} top-k {top_k}"));
         }
         // Penalties (applied on the device to a copy), greedy and drawn, with a prompt of the
         // best candidates so that the repetition penalty touches tokens that matter.
@@ -663,16 +666,10 @@ fn the_device_draws_the_hosts_tokens() {
                     seed: seed as u64,
                     ..Default::default()
                 };
-                let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p));
-                a.set_prompt(&prompt);
-                b.set_prompt(&prompt);
-                let want: Vec<u32> = (0..32).map(|_| a.sample_on(&cpu, &on_cpu).unwrap()).collect();
-                let got: Vec<u32> = (0..32).map(|_| b.sample_on(&gpu, &on_gpu).unwrap()).collect();
                 let label = format!(
                     "{name} row, T {temperature} top-k {top_k}, penalties {presence_penalty}/{frequency_penalty}/{repetition_penalty}"
                 );
-                eprintln!("draws from the {label}: {:?}", &got[..8]);
-                assert_eq!(got, want, "draws from the {label}");
+                same_draws(p, &prompt, label);
             }
         }
     }
