@@ -1,7 +1,7 @@
 //! Next-token choice: penalties on tokens already seen, then greedy or temperature sampling
 //! with top-k, top-p and min-p filtering.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use rand::rngs::StdRng;
@@ -163,20 +163,21 @@ impl Sampler {
     /// on the output's.
     fn penalties(&self) -> Vec<LogitPenalty> {
         let p = &self.params;
-        let mut by_token: BTreeMap<u32, LogitPenalty> = BTreeMap::new();
         let seen = |token| LogitPenalty {
             token,
             repetition: p.repetition_penalty,
             minus: 0.0,
         };
-        for &token in self.prompt.iter().chain(self.generated.keys()) {
-            by_token.entry(token).or_insert_with(|| seen(token));
-        }
+        // The prompt's tokens are sorted and unique (set_prompt), and may be many: no map.
+        let mut list: Vec<LogitPenalty> = self.prompt.iter().map(|&token| seen(token)).collect();
         for (&token, &count) in &self.generated {
-            by_token.entry(token).or_insert_with(|| seen(token)).minus =
-                p.presence_penalty + p.frequency_penalty * count as f32;
+            let minus = p.presence_penalty + p.frequency_penalty * count as f32;
+            match self.prompt.binary_search(&token) {
+                Ok(i) => list[i].minus = minus,
+                Err(_) => list.push(LogitPenalty { minus, ..seen(token) }),
+            }
         }
-        by_token.into_values().collect()
+        list
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
