@@ -92,8 +92,20 @@ impl CudaBackend {
             launch!(self, &self.k.top_keys, cfg, row, &n, &k, &mut out)?;
         }
         let host = self.download_floats(&found.buf, floats)?;
-        let pairs: Vec<(u32, f32)> = host.chunks_exact(2).map(|p| (p[0].to_bits(), p[1])).collect();
-        Ok(global_top_k(&pairs, top_k, span))
+        let mut candidates: Vec<(u32, f32)> = host
+            .chunks_exact(2)
+            .map(|pair| (pair[0].to_bits(), pair[1]))
+            .filter(|&(index, _)| index != u32::MAX)
+            .collect();
+        // The global top k among the blocks' (the sampler's order: by logit, then index).
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if candidates.len() > top_k {
+            candidates.select_nth_unstable_by(top_k - 1, by_logit);
+            candidates.truncate(top_k);
+        }
+        let max = candidates.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
+        candidates.retain(|&(_, l)| l >= max - span);
+        Ok(candidates)
     }
 
     /// The logits at least the largest minus `span` (the kernel appends them in no order);
@@ -159,35 +171,6 @@ impl CudaBackend {
     }
 }
 
-/// The sampler's order: by logit, then the lower index first (`Less`: ranks higher).
-fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
-}
-
-/// The `top_k` best of `blocks` (each block's best `top_k` in that order, index `u32::MAX`
-/// where it had fewer) that are at least the best minus `span`. The global k-th ranks at or
-/// above each full block's k-th (that block alone holds k at or above it), so only the
-/// candidates at or above the highest of those are ranked.
-fn global_top_k(blocks: &[(u32, f32)], top_k: usize, span: f32) -> Vec<(u32, f32)> {
-    let cut = blocks
-        .chunks_exact(top_k)
-        .map(|block| block[top_k - 1])
-        .filter(|&(index, _)| index != u32::MAX)
-        .min_by(by_logit);
-    let mut candidates: Vec<(u32, f32)> = blocks
-        .iter()
-        .copied()
-        .filter(|c| c.0 != u32::MAX && cut.is_none_or(|cut| by_logit(c, &cut).is_le()))
-        .collect();
-    if candidates.len() > top_k {
-        candidates.select_nth_unstable_by(top_k - 1, by_logit);
-        candidates.truncate(top_k);
-    }
-    let max = candidates.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
-    candidates.retain(|&(_, l)| l >= max - span);
-    candidates
-}
-
 fn last_row(t: &CudaTensor) -> Result<CudaView<'_, f32>> {
     let (rows, cols) = (t.rows, t.cols);
     if rows == 0 || cols == 0 {
@@ -196,41 +179,4 @@ fn last_row(t: &CudaTensor) -> Result<CudaView<'_, f32>> {
         ));
     }
     Ok(t.buf.slice((rows - 1) * cols..rows * cols))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::global_top_k;
-
-    /// `global_top_k`, in index order (it returns the top k in no particular order).
-    fn top(blocks: &[(u32, f32)], k: usize, span: f32) -> Vec<(u32, f32)> {
-        let mut t = global_top_k(blocks, k, span);
-        t.sort_by_key(|c| c.0);
-        t
-    }
-
-    #[test]
-    fn the_global_top_k_comes_from_the_blocks_best() {
-        // Three blocks' best 3 (in the sampler's order), the last block short of values: the
-        // cut is the second block's third (5.0, token 11), which the first block's 4.0s rank
-        // below.
-        let none = (u32::MAX, 0.0);
-        let blocks = [
-            (5, 9.0),
-            (1, 4.0),
-            (7, 4.0),
-            (12, 8.0),
-            (10, 6.0),
-            (11, 5.0),
-            (20, 7.0),
-            none,
-            none,
-        ];
-        assert_eq!(top(&blocks, 3, 100.0), [(5, 9.0), (12, 8.0), (20, 7.0)]);
-        // Ties at the cut go to the lower index; the span drops what is far below the best.
-        let tied = [(3, 1.0), (9, 1.0), (4, 1.0), (8, 1.0)];
-        assert_eq!(top(&tied, 2, 100.0), [(3, 1.0), (4, 1.0)]);
-        assert_eq!(top(&blocks, 3, 1.5), [(5, 9.0), (12, 8.0)]);
-        assert!(top(&[none, none], 2, 1.0).is_empty());
-    }
 }
