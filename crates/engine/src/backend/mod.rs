@@ -341,6 +341,21 @@ impl LogitPenalty {
     }
 }
 
+/// A temperature draw's order on its candidates `(token, logit)`: by logit, then the lower
+/// token first (`Less`: ranks higher). It is total, so the top k and the draw do not depend
+/// on where the candidates were found, nor on their order.
+pub fn draw_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the `k` candidates that rank highest in [`draw_order`], in no particular order.
+pub fn keep_top_k(candidates: &mut Vec<(u32, f32)>, k: usize) {
+    if k > 0 && candidates.len() > k {
+        candidates.select_nth_unstable_by(k - 1, draw_order);
+        candidates.truncate(k);
+    }
+}
+
 /// The index of the largest value, the first one on ties (NaNs are passed over). Two passes
 /// the compiler vectorizes: lane-wise maxima over chunks, then the first chunk holding the
 /// maximum (248K entries: 32 us instead of 166 on the dev VM).

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 pub use crate::backend::argmax;
-use crate::backend::{Backend, LogitPenalty};
+use crate::backend::{Backend, LogitPenalty, draw_order, keep_top_k};
 use crate::error::{Error, Result};
 
 /// Sampling settings. `temperature == 0` means greedy.
@@ -203,17 +203,12 @@ impl Sampler {
 
     /// The temperature draw among `candidates`, (token, logit) in any order: every logit
     /// within `NEGLIGIBLE * temperature` of the largest, or with top-k, at least the top k of
-    /// those. The order it ranks them by is total (by logit, then the lower token first), so
-    /// the top k and the draw are the same whichever side of the device found the candidates,
-    /// in whatever order.
+    /// those. Ranked by [`draw_order`], so the top k and the draw are the same whichever side
+    /// of the device found the candidates, in whatever order.
     fn choose_among(&mut self, mut order: Vec<(u32, f32)>) -> u32 {
         let p = &self.params;
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && order.len() > p.top_k {
-            order.select_nth_unstable_by(p.top_k - 1, by_logit);
-            order.truncate(p.top_k);
-        }
-        order.sort_by(by_logit);
+        keep_top_k(&mut order, p.top_k);
+        order.sort_by(draw_order);
         // No candidate: every logit is NaN; greedy takes token 0 then too.
         let Some(&(_, max)) = order.first() else {
             return 0;

@@ -5,8 +5,8 @@
 use cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, THREADS, cuda, grid_for};
-use crate::backend::LogitPenalty;
 use crate::backend::cuda::pool::PooledBuf;
+use crate::backend::{LogitPenalty, keep_top_k};
 use crate::error::{Error, Result};
 
 /// Candidates a draw without top-k brings back at most (32 KiB); with more, the sampler
@@ -97,12 +97,8 @@ impl CudaBackend {
             .map(|pair| (pair[0].to_bits(), pair[1]))
             .filter(|&(index, _)| index != u32::MAX)
             .collect();
-        // The global top k among the blocks' (the sampler's order: by logit, then index).
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if candidates.len() > top_k {
-            candidates.select_nth_unstable_by(top_k - 1, by_logit);
-            candidates.truncate(top_k);
-        }
+        // The global top k among the blocks'.
+        keep_top_k(&mut candidates, top_k);
         let max = candidates.iter().map(|&(_, l)| l).fold(f32::NEG_INFINITY, f32::max);
         candidates.retain(|&(_, l)| l >= max - span);
         Ok(candidates)
