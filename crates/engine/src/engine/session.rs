@@ -186,8 +186,8 @@ impl<B: Backend> Session<B> {
         let mut stops = StopMatcher::new(&request.stop);
         let budget = request.max_tokens.min(self.max_context - request.prompt.len());
         let mut generated = 0;
-        // The logits after the last token run stay on the device (greedy choices are made
-        // there) and come back once, at the end, for the snapshot.
+        // The logits after the last token run stay on the device (the sampler makes its
+        // choice there) and come back once, at the end, for the snapshot.
         let mut last: Option<B::Tensor> = None;
         let mut sample_until_stop = || -> Result<(FinishReason, usize)> {
             while generated < budget {
