@@ -57,7 +57,7 @@ def dense_bytes(binary, model):
 
 
 def measure(a, layers, hbm, h2d):
-    """Every (K, cap) run at one depth: the table's rows, each run's stats, and the model's sizes."""
+    """Every (K, cap, CPU share) run at one depth: the table's rows, each run's stats, and the model's sizes."""
     work = Path(a.workdir)
     model = work / f"syn397-{layers}l-{a.experts or 512}e"
     synth(a.bin, model, layers, a.experts)
@@ -72,53 +72,55 @@ def measure(a, layers, hbm, h2d):
                 pass
     rows = []
     runs = {}
-    for k in map(int, a.ks.split(",")):
-        for cap in a.caps.split(","):
-            stats = work / f"decode-k{k}-cap{cap}.json"
-            cmd = [a.bin, "generate", "--model", model, "--device", a.device, "--prompt", "The",
-                   "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
-                   "--stats-json", stats]
-            if cap != "auto":
-                cmd += ["--gpu-expert-cache-gib", f"{float(cap) * layers / 60:.3f}"]
-            if a.host_cache_mib:
-                cmd += ["--expert-cache-mib", a.host_cache_mib]
-            if a.prefetch:
-                cmd += ["--prefetch-experts"]
-            if a.no_cuda_graphs:
-                cmd += ["--no-cuda-graphs"]
-            r = run(cmd)
-            s = json.loads(stats.read_text())
-            runs[f"k{k}-cap{cap}"] = s
-            calls = max(s["decode_calls"], 1)
-            v = s["decode_vram"] or {"hits": 0, "misses": 0, "budget_bytes": 0}
-            hits, misses = v["hits"] / calls, v["misses"] / calls
-            io = s["decode_io"]
-            cold = io["bytes_cold"] / calls
-            sec = s["decode_seconds"] / calls
-            phases = s["decode_phase_seconds"]
-            # After the forward pass returns: the logits' download, which waits for the GPU to
-            # finish the last layer's experts (their copies too) and the lm_head, then sampling.
-            # The last layer's share of it cannot be told apart from the per-token costs here,
-            # so the 60-layer estimate scales all of it with depth: it is a lower bound (with
-            # every expert in VRAM, about 0.3 ms of download and sampling per token is counted
-            # 60 / layers times). Two depths (--layers 4,8) give a closer estimate.
-            after = sec - sum(phases.values()) / calls
-            outside = phases["lm_head"] / calls
-            per_layer = (sec - outside) / layers
-            floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
-            floor_outside = lm_head / hbm
-            est60 = 60 * per_layer + outside
-            floor60 = 60 * (floor - floor_outside) / layers + floor_outside
-            host_share = 100 * io["cache_hits"] / max(io["fetches"], 1)
-            rows.append((k, cap, 1 / sec, per_layer * 1e3, 1 / est60,
-                         100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
-                         (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, floor60 / est60,
-                         after * 1e3, v["budget_bytes"] / 2**30, host_share,
-                         100 * v.get("device_routed", 0) / (calls * layers),
-                         100 * v.get("replayed_steps", 0) / (calls * layers)))
-            print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
-            print(f"  K={k} cap {cap}: ms per token by phase: " +
-                  ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
+    runs_to_do = [(k, cap, share) for k in map(int, a.ks.split(",")) for cap in a.caps.split(",")
+                  for share in a.cpu_shares.split(",")]
+    for k, cap, share in runs_to_do:
+        label = cap if float(share) == 0 else f"{cap}, CPU {share}"
+        stats = work / f"decode-k{k}-cap{cap}-cpu{share}.json"
+        cmd = [a.bin, "generate", "--model", model, "--device", a.device, "--prompt", "The",
+               "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
+               "--stats-json", stats, "--cpu-expert-share", share]
+        if cap != "auto":
+            cmd += ["--gpu-expert-cache-gib", f"{float(cap) * layers / 60:.3f}"]
+        if a.host_cache_mib:
+            cmd += ["--expert-cache-mib", a.host_cache_mib]
+        if a.prefetch:
+            cmd += ["--prefetch-experts"]
+        if a.no_cuda_graphs:
+            cmd += ["--no-cuda-graphs"]
+        r = run(cmd)
+        s = json.loads(stats.read_text())
+        runs[f"k{k}-cap{cap}-cpu{share}"] = s
+        calls = max(s["decode_calls"], 1)
+        v = s["decode_vram"] or {"hits": 0, "misses": 0, "budget_bytes": 0}
+        hits, misses = v["hits"] / calls, v["misses"] / calls
+        io = s["decode_io"]
+        cold = io["bytes_cold"] / calls
+        sec = s["decode_seconds"] / calls
+        phases = s["decode_phase_seconds"]
+        # After the forward pass returns: the logits' download, which waits for the GPU to
+        # finish the last layer's experts (their copies too) and the lm_head, then sampling.
+        # The last layer's share of it cannot be told apart from the per-token costs here,
+        # so the 60-layer estimate scales all of it with depth: it is a lower bound (with
+        # every expert in VRAM, about 0.3 ms of download and sampling per token is counted
+        # 60 / layers times). Two depths (--layers 4,8) give a closer estimate.
+        after = sec - sum(phases.values()) / calls
+        outside = phases["lm_head"] / calls
+        per_layer = (sec - outside) / layers
+        floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
+        floor_outside = lm_head / hbm
+        est60 = 60 * per_layer + outside
+        floor60 = 60 * (floor - floor_outside) / layers + floor_outside
+        host_share = 100 * io["cache_hits"] / max(io["fetches"], 1)
+        rows.append((k, label, 1 / sec, per_layer * 1e3, 1 / est60,
+                     100 * hits / max(hits + misses, 1e-9), hits * EXPERT_RECORD / 1e6,
+                     (misses * EXPERT_RECORD - cold) / 1e6, cold / 1e6, 1 / floor, floor / sec, floor60 / est60,
+                     after * 1e3, v["budget_bytes"] / 2**30, host_share,
+                     100 * v.get("device_routed", 0) / (calls * layers),
+                     100 * v.get("replayed_steps", 0) / (calls * layers)))
+        print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
+        print(f"  K={k} cap {label}: ms per token by phase: " +
+              ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
     return {"layers": layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "rows": rows, "runs": runs}
 
 
@@ -171,6 +173,8 @@ def main():
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--warmup", type=int, default=48)
     p.add_argument("--ks", default="4,10")
+    p.add_argument("--cpu-shares", default="0",
+                   help="shares of the missed experts the CPU computes (--cpu-expert-share), e.g. 0,0.3")
     p.add_argument("--caps", default="0,16,24,auto",
                    help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
                         "scaled by layers/60 so the cached share of experts matches the full model")

@@ -23,6 +23,11 @@ fn argmax(row: &[f32]) -> usize {
 
 /// Runs `logits` on `model` and checks it against `reference`.
 fn check(model: &Path, reference: &str, prefill: Option<usize>) {
+    check_with(model, reference, prefill, &[]);
+}
+
+/// [`check`] with `extra` arguments for `logits`.
+fn check_with(model: &Path, reference: &str, prefill: Option<usize>, extra: &[&str]) {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
     let ids: Vec<String> = meta["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
@@ -42,6 +47,7 @@ fn check(model: &Path, reference: &str, prefill: Option<usize>) {
     if let Some(p) = &prefill_text {
         args.extend(["--prefill", p]);
     }
+    args.extend(extra);
     let run = flash_moe(&args);
     assert!(run.status.success(), "{}: {}", model.display(), stderr(&run));
     let (shape, ours) = read_npy(&out);
@@ -102,6 +108,21 @@ fn mlx_qwen35_mixed_2_6_matches_mlx_lm() {
 #[test]
 fn mlx_qwen3next_4bit_f16_matches_mlx_lm() {
     check_fixture("mlx-qwen3next-4bit-f16");
+}
+
+/// Missed experts computed on the CPU beside the device's (`--cpu-expert-share`) change only
+/// the order of a token's sum; on the CPU backend every routed expert is a miss, so the
+/// one-token steps take that path for half of their experts, then for all.
+#[test]
+fn experts_shared_with_the_cpu_match_mlx_lm() {
+    let model = fixtures().join("mlx-qwen35-4bit");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference.json")).unwrap()).unwrap();
+    let prefill = meta["prefill"].as_u64().unwrap() as usize;
+    for share in ["0.5", "1"] {
+        let extra = ["--cpu-expert-share", share];
+        check_with(&model, "reference-prefill-decode.npy", Some(prefill), &extra);
+    }
 }
 
 #[test]

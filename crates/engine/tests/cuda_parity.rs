@@ -685,11 +685,24 @@ fn fixture_logits<B: Backend>(
     prefill: usize,
     prefetch: bool,
 ) -> Result<(Vec<f32>, Option<ExpertCacheStats>)> {
+    fixture_logits_sharing(backend, model, ids, prefill, prefetch, 0.0)
+}
+
+/// [`fixture_logits`] with `cpu_share` of the missed experts computed by the host CPU.
+fn fixture_logits_sharing<B: Backend>(
+    backend: B,
+    model: &std::path::Path,
+    ids: &[u32],
+    prefill: usize,
+    prefetch: bool,
+    cpu_share: f32,
+) -> Result<(Vec<f32>, Option<ExpertCacheStats>)> {
     let store = ExpertStore::new(StoreConfig {
         io: ExpertIo::Read(flash_moe_engine::storage::io::IoMode::PageCache),
         ..StoreConfig::default()
     });
-    let model = load_model(model, backend, Arc::clone(&store))?;
+    let mut model = load_model(model, backend, Arc::clone(&store))?;
+    model.set_cpu_expert_share(cpu_share)?;
     if prefetch {
         model.prefetch_experts()?;
     }
@@ -803,18 +816,31 @@ fn every_fixture_model_matches_the_cpu() {
                     "{name_str}: no layer step was replayed with a VRAM cache too small for every expert"
                 );
             }
-            let err = relative_l2(&gpu_plain, &cpu);
-            let vocab = cpu.len() / ids.len();
-            let same_argmax = gpu_plain
-                .chunks(vocab)
-                .zip(cpu.chunks(vocab))
-                .all(|(a, b)| argmax(a) == argmax(b));
-            eprintln!(
-                "{:<28} prefill {prefill:>2}: CUDA vs CPU relative L2 {err:.2e}, argmax {}",
-                dir.file_name().unwrap().to_string_lossy(),
-                if same_argmax { "identical" } else { "DIFFERS" }
+            // Half of the missed experts computed on the host CPU beside the GPU: only the
+            // order of the sum changes.
+            let (gpu_shared, shared_stats) =
+                fixture_logits_sharing(gpu(Some(0)).unwrap(), &dir, &ids, prefill, false, 0.5)
+                    .unwrap_or_else(|e| panic!("{name} prefill {prefill} on CUDA with CPU experts: {e}"));
+            let uploaded = shared_stats.map_or(0, |s| s.uploaded_bytes);
+            let (_, plain_stats) = fixture_logits(gpu(Some(0)).unwrap(), &dir, &ids, prefill, false).unwrap();
+            assert!(
+                ids.len() == prefill || uploaded < plain_stats.map_or(0, |s| s.uploaded_bytes),
+                "{name}: with half of the missed experts on the CPU, as many bytes went to the GPU"
             );
-            assert!(err < 1e-3 && same_argmax, "{}: CUDA vs CPU {err:.3e}", dir.display());
+            let vocab = cpu.len() / ids.len();
+            for (what, logits) in [("CUDA", &gpu_plain), ("CUDA with CPU experts", &gpu_shared)] {
+                let err = relative_l2(logits, &cpu);
+                let same_argmax = logits
+                    .chunks(vocab)
+                    .zip(cpu.chunks(vocab))
+                    .all(|(a, b)| argmax(a) == argmax(b));
+                eprintln!(
+                    "{:<28} prefill {prefill:>2}: {what} vs CPU relative L2 {err:.2e}, argmax {}",
+                    dir.file_name().unwrap().to_string_lossy(),
+                    if same_argmax { "identical" } else { "DIFFERS" }
+                );
+                assert!(err < 1e-3 && same_argmax, "{}: {what} vs CPU {err:.3e}", dir.display());
+            }
             checked += 1;
         }
     }

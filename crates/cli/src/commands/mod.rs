@@ -106,6 +106,12 @@ pub struct ModelArgs {
     /// need more, the cache gives experts back.
     #[arg(long)]
     pub gpu_expert_cache_gib: Option<f64>,
+    /// On a GPU: of one token's routed experts missing from the VRAM cache, the share (0 to
+    /// 1, rounded) the CPU computes from host memory while the others are copied to the
+    /// GPU. Pays where the CPU computes an expert in about the time the link copies one
+    /// (see docs/perf.md); 0 sends every missed expert to the GPU.
+    #[arg(long, default_value_t = 0.0)]
+    pub cpu_expert_share: f32,
     /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]
@@ -171,6 +177,7 @@ impl ModelArgs {
         let mut model = load_model(&self.model, backend, store)
             .with_context(|| format!("loading model from {}", self.model.display()))?;
         model.set_prefill_chunk(self.prefill_chunk)?;
+        model.set_cpu_expert_share(self.cpu_expert_share)?;
         model.reserve_state_memory(context.unwrap_or(model.config.max_position_embeddings.min(RESERVED_CONTEXT)));
         if let Some(k) = self.experts_per_token {
             let native = model.config.moe.experts_per_token;

@@ -50,6 +50,7 @@ fn short(p: Phase) -> &'static str {
         Phase::Routing => "routing",
         Phase::ExpertIoWait => "io-wait",
         Phase::ExpertCompute => "experts",
+        Phase::CpuExperts => "cpu-experts",
         Phase::LmHead => "lm_head",
         Phase::Other => "other",
         Phase::Replayed => "replayed",

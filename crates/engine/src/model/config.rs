@@ -195,7 +195,7 @@ fn parse(family: Family, f: &Fields<'_>) -> Result<ModelConfig> {
     let head_dim = f.usize_or("head_dim", 256)?;
     let (rope_theta, partial) = rope(f)?;
     let rotary_dim = (head_dim as f64 * partial) as usize;
-    if rotary_dim % 2 != 0 || rotary_dim > head_dim {
+    if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
         return Err(f.invalid(
             "partial_rotary_factor",
             format!("gives an odd or oversized rotary dim {rotary_dim}"),
@@ -218,7 +218,7 @@ fn parse(family: Family, f: &Fields<'_>) -> Result<ModelConfig> {
         value_head_dim: f.usize("linear_value_head_dim")?,
         conv_kernel: f.usize_or("linear_conv_kernel_dim", 4)?,
     };
-    if linear.num_key_heads == 0 || linear.num_value_heads % linear.num_key_heads != 0 {
+    if linear.num_key_heads == 0 || !linear.num_value_heads.is_multiple_of(linear.num_key_heads) {
         return Err(f.invalid(
             "linear_num_value_heads",
             "must be a multiple of linear_num_key_heads".into(),

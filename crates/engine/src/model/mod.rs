@@ -14,6 +14,7 @@ pub mod weights;
 use attention::{GatedAttention, KvCache};
 use config::{FfnKind, LayerKind, ModelConfig};
 use linear_attention::{DeltaState, GatedDeltaNet};
+pub use moe::ExpertPlan;
 use moe::{DenseMlp, SparseMoe};
 use profile::{Phase, PhaseTimes, Profile, Stopwatch};
 use weights::{LayerWeight, Weight, WeightSource};
@@ -102,7 +103,7 @@ pub struct Model<B: Backend> {
     lm_head: B::Matrix,
     final_norm: B::Tensor,
     layers: Vec<DecoderLayer<B>>,
-    experts_per_token: usize,
+    experts: ExpertPlan,
     prefill_chunk: usize,
 }
 
@@ -135,7 +136,10 @@ impl<B: Backend> Model<B> {
                 ffn,
             });
         }
-        let experts_per_token = config.moe.experts_per_token;
+        let experts = ExpertPlan {
+            per_token: config.moe.experts_per_token,
+            cpu_share: 0.0,
+        };
         Ok(Model {
             config,
             backend,
@@ -143,7 +147,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             final_norm,
             layers,
-            experts_per_token,
+            experts,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
         })
     }
@@ -154,7 +158,7 @@ impl<B: Backend> Model<B> {
 
     /// Routed experts per token (the config's `num_experts_per_tok` unless overridden).
     pub fn experts_per_token(&self) -> usize {
-        self.experts_per_token
+        self.experts.per_token
     }
 
     /// Overrides the number of routed experts per token.
@@ -165,7 +169,19 @@ impl<B: Backend> Model<B> {
                 self.config.moe.num_experts
             )));
         }
-        self.experts_per_token = k;
+        self.experts.per_token = k;
+        Ok(())
+    }
+
+    /// Of one token's routed experts that the backend does not hold, the share the host CPU
+    /// computes from host memory while the others go to the device ([`ExpertPlan`]).
+    pub fn set_cpu_expert_share(&mut self, share: f32) -> Result<()> {
+        if !(0.0..=1.0).contains(&share) {
+            return Err(Error::InvalidInput(format!(
+                "the CPU's share of missed experts must be between 0 and 1, not {share}"
+            )));
+        }
+        self.experts.cpu_share = share;
         Ok(())
     }
 
@@ -255,7 +271,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         match (state, &layer.ffn) {
             (LayerState::Linear(s), Ffn::Moe(_)) if b.routes_on_device(index) => {
-                b.step_key(index, self.experts_per_token, &[x, &s.conv, &s.recurrent])
+                b.step_key(index, self.experts.per_token, &[x, &s.conv, &s.recurrent])
             }
             _ => None,
         }
@@ -317,7 +333,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let norm = (&layer.post_attention_norm, self.config.rms_norm_eps);
         match &layer.ffn {
-            Ffn::Moe(moe) => moe.forward_into(b, norm, self.experts_per_token, times, clock, routing_log, x),
+            Ffn::Moe(moe) => moe.forward_into(b, norm, self.experts, times, clock, routing_log, x),
             Ffn::Dense(mlp) => {
                 let h = b.rms_norm(x, norm.0, norm.1)?;
                 clock.charge(times, Phase::Other);

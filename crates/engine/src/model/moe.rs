@@ -6,7 +6,10 @@ use std::sync::Arc;
 
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
-use super::weights::{ExpertSource, LayerWeight as W, Weight, WeightSource};
+use rayon::prelude::*;
+
+use super::weights::{ExpertSource, ExpertView, LayerWeight as W, Weight, WeightSource};
+use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::{Backend, DeviceRouting, ExpertRows, Route, SharedExpert, norm_project, shared_expert_ffn};
 use crate::error::{Error, Result};
 
@@ -37,6 +40,25 @@ impl<B: Backend> SwiGlu<B> {
     fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let act = b.swiglu(x, &self.gate, &self.up)?;
         b.matmul(&act, &self.down)
+    }
+}
+
+/// How a layer's routed experts run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpertPlan {
+    /// Routed experts per token.
+    pub per_token: usize,
+    /// Of one token's routed experts that the backend does not hold (a GPU's VRAM cache
+    /// missed them), the share (rounded) the host CPU computes from their bytes in host
+    /// memory while the others are copied to the device: the two run at once, so a token
+    /// waits for the slower of them instead of for every copy. 0: the backend runs them all.
+    pub cpu_share: f32,
+}
+
+impl ExpertPlan {
+    /// How many of `missed` experts the CPU takes.
+    fn on_cpu(&self, missed: usize) -> usize {
+        ((missed as f32 * self.cpu_share).round() as usize).min(missed)
     }
 }
 
@@ -104,7 +126,7 @@ impl<B: Backend> SparseMoe<B> {
         &self,
         b: &B,
         norm: (&B::Tensor, f32),
-        experts_per_token: usize,
+        plan: ExpertPlan,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
         routing_log: Option<&mut Vec<Vec<usize>>>,
@@ -139,7 +161,7 @@ impl<B: Backend> SparseMoe<B> {
         // need not wait for the decision. Not when the routing is to be logged.
         let routing = DeviceRouting {
             layer: self.layer,
-            experts_per_token,
+            experts_per_token: plan.per_token,
             renormalize: self.renormalize,
         };
         if tokens == 1
@@ -149,21 +171,23 @@ impl<B: Backend> SparseMoe<B> {
             clock.charge(times, Phase::ExpertCompute);
             return Ok(());
         }
-        let routes = b.route_top_k(&router_logits, experts_per_token, self.renormalize)?;
+        let routes = b.route_top_k(&router_logits, plan.per_token, self.renormalize)?;
         if let Some(log) = routing_log {
             log.extend(routes.iter().map(|r| r.iter().map(|&(e, _)| e).collect()));
         }
-        self.run_routed(b, x, &routes, shared.as_ref(), times, clock, out)
+        self.run_routed(b, x, &routes, plan, shared.as_ref(), times, clock, out)
     }
 
     /// Runs the experts `routes` chose, each once on the tokens that chose it (fetching those
-    /// the backend does not hold, all in flight at once), then the shared expert.
+    /// the backend does not hold, all in flight at once), then the shared expert; for one
+    /// token, `plan`'s share of the fetched ones on the host CPU.
     #[allow(clippy::too_many_arguments)]
     fn run_routed(
         &self,
         b: &B,
         x: &B::Tensor,
         routes: &[Route],
+        plan: ExpertPlan,
         shared: Option<&SharedExpert<'_, B>>,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
@@ -189,6 +213,12 @@ impl<B: Backend> SparseMoe<B> {
             .map(|(&e, _)| e)
             .collect();
         let mut pending = self.experts.fetch(&missing)?.into_iter();
+        // The CPU takes the last of the missed experts, the device's copies start with the
+        // first. It needs x in host memory, fetched before any copy is queued.
+        let on_cpu = if tokens == 1 { plan.on_cpu(missing.len()) } else { 0 };
+        let cpu_from = missing.get(missing.len() - on_cpu).copied().unwrap_or(usize::MAX);
+        let x_host = if on_cpu > 0 { Some(b.download(x)?) } else { None };
+        let mut cpu_work: Vec<(ExpertView, f32)> = Vec::with_capacity(on_cpu);
         clock.charge(times, Phase::Routing);
         // Experts are used in index order, whatever order they arrive in, so the sum is the
         // same bit for bit however the bytes were fetched.
@@ -214,6 +244,10 @@ impl<B: Backend> SparseMoe<B> {
                     }
                     let view = fetched.wait()?;
                     clock.charge(times, Phase::ExpertIoWait);
+                    if e >= cpu_from {
+                        cpu_work.push((view, weights[0]));
+                        continue;
+                    }
                     group_fetched += view.storage_bytes();
                     b.load_expert(self.layer, e, &view)?
                 }
@@ -236,8 +270,34 @@ impl<B: Backend> SparseMoe<B> {
             shared_expert_ffn(b, x, shared, out)?;
         }
         clock.charge(times, Phase::ExpertCompute);
+        if let Some(x_host) = x_host {
+            let y = experts_on_cpu(&x_host, &cpu_work)?;
+            clock.charge(times, Phase::CpuExperts);
+            b.add_assign(out, &b.upload(&y, 1, y.len())?)?;
+            clock.charge(times, Phase::ExpertCompute);
+        }
         Ok(())
     }
+}
+
+/// `sum_e(w_e * expert_e(x))` for one token on the host CPU, the experts side by side, summed
+/// in their order.
+fn experts_on_cpu(x: &[f32], work: &[(ExpertView, f32)]) -> Result<Vec<f32>> {
+    let cpu = CpuBackend::new();
+    let x = CpuTensor::new(1, x.len(), x.to_vec());
+    let outputs: Vec<CpuTensor> = work
+        .par_iter()
+        .map(|(expert, w)| {
+            let mut y = cpu.zeros(1, x.cols)?;
+            cpu.expert_ffn(&x, expert, &[0], &[*w], &mut y)?;
+            Ok(y)
+        })
+        .collect::<Result<_>>()?;
+    let mut sum = vec![0f32; x.cols];
+    for y in outputs {
+        sum.iter_mut().zip(&y.data).for_each(|(s, v)| *s += v);
+    }
+    Ok(sum)
 }
 
 /// Bytes of fetched experts one group holds at most. On a GPU that does not cache them,

@@ -14,6 +14,8 @@ pub enum Phase {
     ExpertIoWait,
     /// Routed and shared expert arithmetic.
     ExpertCompute,
+    /// Routed experts computed by the host CPU beside a GPU (`ExpertPlan::cpu_share`).
+    CpuExperts,
     LmHead,
     /// Embedding, norms, residual additions.
     Other,
@@ -22,12 +24,13 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Attention,
         Phase::LinearAttention,
         Phase::Routing,
         Phase::ExpertIoWait,
         Phase::ExpertCompute,
+        Phase::CpuExperts,
         Phase::LmHead,
         Phase::Other,
         Phase::Replayed,
@@ -40,6 +43,7 @@ impl Phase {
             Phase::Routing => "routing",
             Phase::ExpertIoWait => "expert I/O wait",
             Phase::ExpertCompute => "expert compute",
+            Phase::CpuExperts => "CPU experts",
             Phase::LmHead => "lm_head",
             Phase::Other => "other",
             Phase::Replayed => "replayed",

@@ -157,7 +157,7 @@ fn dense_quantization(
     if entry.shape.len() != 2 || entry.dtype()? == DType::U32 {
         return Ok(None);
     }
-    if entry.shape[1] % group != 0 {
+    if !entry.shape[1].is_multiple_of(group) {
         notes.push(format!(
             "{} kept unquantized: {} columns are not a multiple of {group}",
             entry.name, entry.shape[1]
@@ -322,7 +322,7 @@ impl ConversionPlan {
         });
         match (requested, source.encoding) {
             (Bits::Keep, e) => e,
-            (Bits::Affine(_), e) if source.cols % group != 0 => e,
+            (Bits::Affine(_), e) if !source.cols.is_multiple_of(group) => e,
             (Bits::Affine(bits), Encoding::Dense(dtype)) => Encoding::Affine {
                 bits,
                 group_size: group,

@@ -119,7 +119,10 @@ impl MatrixView {
                         "{bits}-bit affine is not supported (supported: 2, 3, 4, 5, 6, 8)"
                     )));
                 }
-                if group_size == 0 || self.cols % group_size != 0 || (group_size * bits as usize) % 8 != 0 {
+                if group_size == 0
+                    || !self.cols.is_multiple_of(group_size)
+                    || !(group_size * bits as usize).is_multiple_of(8)
+                {
                     return Err(bad(format!(
                         "group size {group_size} does not divide the {} input columns into whole bytes",
                         self.cols

@@ -368,7 +368,7 @@ pub fn read_record(
 fn read_direct(buffers: &Arc<BufferPool>, seg: &Segment, dst: &mut [u8]) -> Result<Warmth> {
     let align = DIRECT_ALIGN as u64;
     let needed = seg.offset + seg.len as u64;
-    if seg.offset % align == 0 {
+    if seg.offset.is_multiple_of(align) {
         seg.file.read_direct(dst, seg.offset, needed)?;
         return Ok(Warmth::Cold);
     }

@@ -5,6 +5,9 @@
 use rayon::prelude::*;
 
 use super::CpuTensor;
+#[cfg(target_arch = "x86_64")]
+use super::fixed_point::AffineRow;
+use super::fixed_point::{FixedPointX, IntegerKernel};
 use crate::storage::checkpoint::DType;
 use crate::storage::quant::{Encoding, MatrixView, read_float};
 
@@ -18,23 +21,24 @@ pub fn matmul(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { matmul_avx2(x, w) };
     }
-    matmul_portable(x, w)
+    matmul_portable(x, w, None)
 }
 
-/// The same code compiled for AVX2 and FMA, chosen at run time: the release binary targets
-/// baseline x86-64 so that it runs everywhere.
+/// The same code compiled for AVX2 and FMA, chosen at run time (the release binary targets
+/// baseline x86-64 so that it runs everywhere), with one-token products in fixed point.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matmul_avx2(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
-    matmul_portable(x, w)
+    matmul_portable(x, w, IntegerKernel::detect())
 }
 
+/// `integer`: the fixed-point kernel this CPU runs, if any.
 #[inline(always)]
-fn matmul_portable(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
+fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>) -> CpuTensor {
     let (t, k) = (x.rows, x.cols);
     debug_assert_eq!(k, w.cols);
     let n = w.rows;
-    let fused = FusedAffine::new(w, x);
+    let fused = FusedAffine::new(w, x, integer);
     // Computed as [n, t] so each task writes a contiguous block, then transposed.
     let mut out_nt = vec![0.0f32; n * t];
     out_nt
@@ -77,11 +81,14 @@ struct FusedAffine {
     scale_dtype: DType,
     /// `sum(x_g)` per group.
     group_sums: Vec<f32>,
+    /// x in fixed point, where the CPU and the encoding suit an integer kernel.
+    fixed: Option<FixedPointX>,
 }
 
 impl FusedAffine {
+    /// `integer`: the fixed-point kernel this CPU runs, if any.
     #[inline(always)]
-    fn new(w: &MatrixView, x: &CpuTensor) -> Option<Self> {
+    fn new(w: &MatrixView, x: &CpuTensor, integer: Option<IntegerKernel>) -> Option<Self> {
         let Encoding::Affine {
             bits,
             group_size,
@@ -98,6 +105,7 @@ impl FusedAffine {
             group: group_size,
             scale_dtype,
             group_sums: x.data.chunks_exact(group_size).map(|g| g.iter().sum()).collect(),
+            fixed: integer.and_then(|k| FixedPointX::new(&x.data, bits, group_size, k)),
         })
     }
 
@@ -109,6 +117,18 @@ impl FusedAffine {
         let sb = groups * self.scale_dtype.size();
         let scales = &w.scales.as_ref().map_or(&[][..], |b| b.bytes())[r * sb..(r + 1) * sb];
         let biases = &w.biases.as_ref().map_or(&[][..], |b| b.bytes())[r * sb..(r + 1) * sb];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(fixed) = &self.fixed {
+            let row = AffineRow {
+                codes: row,
+                scales,
+                biases,
+                dtype: self.scale_dtype,
+            };
+            // SAFETY: `fixed` exists only for a kernel the CPU runs; the row has every group's
+            // codes, scale and bias.
+            return unsafe { fixed.row_dot(row, &self.group_sums) };
+        }
         let gb = self.group * self.bits as usize / 8;
         let mut acc = 0.0f32;
         for (g, (codes, xg)) in row.chunks_exact(gb).zip(x.chunks_exact(self.group)).enumerate() {
@@ -161,4 +181,88 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::blob::Blob;
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut state = seed | 1;
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    fn affine(rows: usize, cols: usize, bits: u32, group: usize) -> MatrixView {
+        let groups = rows * cols / group;
+        let floats = |seed, base: f32| -> Vec<u8> {
+            noise(seed, groups)
+                .iter()
+                .flat_map(|&b| half::bf16::from_f32(base + f32::from(b) * 1e-4).to_bits().to_le_bytes())
+                .collect()
+        };
+        MatrixView::affine(
+            "test",
+            rows,
+            cols,
+            bits,
+            group,
+            DType::BF16,
+            Blob::from_vec(noise(7, rows * cols * bits as usize / 8)),
+            Blob::from_vec(floats(11, 0.01)),
+            Blob::from_vec(floats(13, -0.05)),
+        )
+        .expect("valid matrix")
+    }
+
+    /// The fixed-point kernel against the float one, on inputs whose groups span many
+    /// magnitudes (and one that is all zeros).
+    #[test]
+    fn fixed_point_products_match_the_float_ones() {
+        let kernels = match IntegerKernel::detect() {
+            Some(IntegerKernel::Avx512Vnni) => vec![IntegerKernel::Avx2, IntegerKernel::Avx512Vnni],
+            Some(k) => {
+                eprintln!("the AVX-512 VNNI kernel is not checked: this CPU does not run it");
+                vec![k]
+            }
+            None => {
+                eprintln!("skipped: this CPU runs no fixed-point kernel");
+                return;
+            }
+        };
+        let cols = 512;
+        let x: Vec<f32> = noise(3, cols)
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| match i / 64 {
+                2 => 0.0,
+                g => (f32::from(b) - 127.5) * 10f32.powi(g as i32 - 4),
+            })
+            .collect();
+        let x = CpuTensor::new(1, cols, x);
+        let encodings = [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (8, 64), (8, 32)];
+        for (kernel, (bits, group)) in kernels.iter().flat_map(|&k| encodings.map(|e| (k, e))) {
+            let w = affine(40, cols, bits, group);
+            let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
+            assert!(fixed.fixed.is_some(), "{bits}-bit, groups of {group}");
+            let float = FusedAffine::new(&w, &x, None).expect("fused");
+            for r in 0..w.rows {
+                let (a, b) = (fixed.row_dot(&w, r, &x.data), float.row_dot(&w, r, &x.data));
+                // The largest |weight|: scales up to 0.0356 times the largest code, biases -0.05.
+                let w_max = 0.0356 * ((1u32 << bits) - 1) as f32 + 0.05;
+                let scale: f32 = x.data.iter().map(|v| v.abs()).sum::<f32>() * w_max;
+                assert!(
+                    (a - b).abs() <= 1e-6 * scale,
+                    "{bits}-bit, groups of {group}, row {r}: {a} vs {b}"
+                );
+            }
+        }
+    }
 }

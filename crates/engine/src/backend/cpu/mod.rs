@@ -3,6 +3,7 @@
 //! decoded row by row as they are used.
 
 mod attention;
+mod fixed_point;
 mod linear_attention;
 mod matmul;
 mod moe;

@@ -65,7 +65,7 @@ impl CudaBackend {
         pos0: usize,
     ) -> Result<CudaTensor> {
         crate::backend::check_kv_cache(self, q, keys, values, pos0)?;
-        if shape.num_kv_heads == 0 || shape.num_heads % shape.num_kv_heads != 0 {
+        if shape.num_kv_heads == 0 || !shape.num_heads.is_multiple_of(shape.num_kv_heads) {
             return Err(Error::InvalidInput(format!(
                 "attention: {} query heads over {} KV heads",
                 shape.num_heads, shape.num_kv_heads

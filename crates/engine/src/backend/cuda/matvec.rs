@@ -31,7 +31,7 @@ unsafe impl cudarc::driver::DeviceRepr for MatvecMultiParams {}
 /// to 16 bytes (the batched down projection stacks one per expert).
 pub(super) fn staged_bytes(bits: usize, cols: usize) -> usize {
     let words = 8 / bits;
-    let record = 3 * 16 * words + if (3 * words) % 2 == 0 { 16 } else { 0 };
+    let record = 3 * 16 * words + if (3 * words).is_multiple_of(2) { 16 } else { 0 };
     ((cols / (128 / bits)) * (record + 8)).next_multiple_of(16)
 }
 
@@ -67,7 +67,7 @@ impl CudaBackend {
     pub(super) fn pow2_plan(&self, w: &CudaMatrix) -> Option<(usize, LaunchConfig)> {
         let (index, bits) = pow2_kernel(&w.encoding)?;
         let per_piece = 128 / bits;
-        if w.cols % per_piece != 0 || w.data.0 % 16 != 0 {
+        if !w.cols.is_multiple_of(per_piece) || !w.data.0.is_multiple_of(16) {
             return None;
         }
         let smem = staged_bytes(bits, w.cols);

@@ -51,7 +51,7 @@ impl CudaBackend {
     pub(super) fn mma_kernel(&self, w: &CudaMatrix) -> Option<(usize, usize)> {
         let (index, bits) = pow2_kernel(&w.encoding)?;
         let stage_cols = STAGE_PIECES * 128 / bits;
-        (self.tensor_cores && w.cols % stage_cols == 0 && w.data.0 % 16 == 0).then_some((index, bits))
+        (self.tensor_cores && w.cols.is_multiple_of(stage_cols) && w.data.0.is_multiple_of(16)).then_some((index, bits))
     }
 
     /// Whether a launch of `tiles` token tiles over `rows` rows gives every multiprocessor two

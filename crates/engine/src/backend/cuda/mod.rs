@@ -290,7 +290,7 @@ impl CudaBackend {
             let pinned = unsafe { ctx.alloc_pinned_with_flags::<u8>(size, 0) };
             if let Ok(mut slice) = pinned
                 && let Ok(ptr) = slice.as_mut_ptr()
-                && (ptr as usize) % 4096 == 0
+                && (ptr as usize).is_multiple_of(4096)
             {
                 return Box::new(PinnedBuf {
                     _slice: slice,
@@ -813,7 +813,7 @@ impl Backend for CudaBackend {
     fn swiglu(&self, x: &CudaTensor, gate: &CudaMatrix, up: &CudaMatrix) -> Result<CudaTensor> {
         let plan = self
             .pow2_plan(gate)
-            .filter(|_| x.rows == 1 && gate.encoding == up.encoding && up.data.0 % 16 == 0);
+            .filter(|_| x.rows == 1 && gate.encoding == up.encoding && up.data.0.is_multiple_of(16));
         let Some((index, cfg)) = plan else {
             return self.silu_mul(&self.matmul(x, gate)?, &self.matmul(x, up)?);
         };

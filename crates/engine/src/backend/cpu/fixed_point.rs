@@ -1,0 +1,337 @@
+//! One-token products of 2-, 4- and 8-bit affine weights in integer arithmetic, as the CUDA
+//! kernels do them. x becomes 24-bit fixed point per group, the only rounding (at most half
+//! a unit of its 24th bit, about f32's own), split into a high and a low 12-bit half so that
+//! every code's product with it is an exact 16-bit multiply-add (`vpmaddwd`, or `vpdpwssd`
+//! with AVX-512 VNNI, which also adds): 16 or 32 codes per instruction, where the float
+//! kernel spent about a cycle on each code.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use crate::storage::checkpoint::DType;
+use std::ops::Range;
+
+use crate::storage::quant::decode_floats;
+
+/// The integer kernels a CPU can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IntegerKernel {
+    Avx2,
+    Avx512Vnni,
+}
+
+impl IntegerKernel {
+    /// The widest kernel this CPU runs, if any.
+    pub fn detect() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("avx2") && has!("fma") {
+                return Some(IntegerKernel::Avx512Vnni);
+            }
+            if has!("avx2") && has!("fma") {
+                return Some(IntegerKernel::Avx2);
+            }
+        }
+        None
+    }
+
+    /// Bytes of codes one step reads: one load, widened to 16-bit lanes.
+    fn piece(self) -> usize {
+        match self {
+            IntegerKernel::Avx2 => 16,
+            IntegerKernel::Avx512Vnni => 32,
+        }
+    }
+}
+
+/// A one-token input in fixed point, per group of the weights it multiplies.
+pub struct FixedPointX {
+    kernel: IntegerKernel,
+    bits: u32,
+    group: usize,
+    /// `2^(E - 22)` per group, where every |x| of the group is below `2^E`.
+    units: Vec<f32>,
+    /// `X = rint(x / unit) = 4096 * hi + lo` with `lo` in `0..4096`, laid out in the order the
+    /// codes unpack: within each piece, field `f` of lane `i` holds code `per * i + f`, where
+    /// `per` codes share a byte.
+    hi: Vec<i16>,
+    lo: Vec<i16>,
+}
+
+impl FixedPointX {
+    /// `None` where the encoding's groups do not fill whole pieces or x has a value that is
+    /// not finite (the float kernel then keeps the IEEE semantics). Groups too short for
+    /// AVX-512's pieces take the AVX2 kernel.
+    pub fn new(x: &[f32], bits: u32, group: usize, kernel: IntegerKernel) -> Option<Self> {
+        let group_bytes = group * bits as usize / 8;
+        let kernel = match kernel {
+            IntegerKernel::Avx512Vnni if !group_bytes.is_multiple_of(32) => IntegerKernel::Avx2,
+            k => k,
+        };
+        let piece = kernel.piece();
+        if !matches!(bits, 2 | 4 | 8) || !group_bytes.is_multiple_of(piece) || !x.len().is_multiple_of(group) {
+            return None;
+        }
+        if !x.iter().all(|v| v.is_finite()) {
+            return None;
+        }
+        let per = 8 / bits as usize;
+        let piece_codes = piece * per;
+        let mut units = Vec::with_capacity(x.len() / group);
+        let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);
+        for (g, xs) in x.chunks_exact(group).enumerate() {
+            let e = exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs())));
+            let to_fixed = 2f64.powi(22 - e);
+            units.push(2f64.powi(e - 22) as f32);
+            for (j, &v) in xs.iter().enumerate() {
+                let r = (g * group + j) % piece_codes;
+                let at = (g * group + j - r) + (r % per) * piece + r / per;
+                // |fixed| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
+                let fixed = (f64::from(v) * to_fixed).round_ties_even() as i32;
+                hi[at] = (fixed >> 12) as i16;
+                lo[at] = (fixed & 4095) as i16;
+            }
+        }
+        Some(FixedPointX {
+            kernel,
+            bits,
+            group,
+            units,
+            hi,
+            lo,
+        })
+    }
+
+    /// `sum_g(scale_g * (q_g . x_g) + bias_g * sums[g])` over one row of codes, its scales and
+    /// biases (`dtype` each), with `sums[g] = sum(x_g)`.
+    ///
+    /// # Safety
+    /// The CPU must run the kernel `self` was made for ([`IntegerKernel::detect`]); `codes`
+    /// must hold a row of `units.len()` groups and `scales`, `biases` one value per group.
+    #[cfg(target_arch = "x86_64")]
+    pub unsafe fn row_dot(&self, row: AffineRow, sums: &[f32]) -> f32 {
+        // Scales and biases decoded a chunk of groups at a time, outside the kernels: read
+        // one by one, with the type's dispatch, they cost as much as the codes' arithmetic.
+        const CHUNK: usize = 64;
+        let (mut scales, mut biases) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let size = row.dtype.size();
+        let mut total = 0f32;
+        for first in (0..self.units.len()).step_by(CHUNK) {
+            let n = CHUNK.min(self.units.len() - first);
+            decode_floats(
+                &row.scales[first * size..(first + n) * size],
+                row.dtype,
+                &mut scales[..n],
+            );
+            decode_floats(
+                &row.biases[first * size..(first + n) * size],
+                row.dtype,
+                &mut biases[..n],
+            );
+            let groups = first..first + n;
+            // SAFETY: the caller's.
+            total += unsafe {
+                match (self.kernel, self.bits) {
+                    (IntegerKernel::Avx2, 4) => self.codes_dot_avx2::<4>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx2, 8) => self.codes_dot_avx2::<8>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx2, _) => self.codes_dot_avx2::<2>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, 4) => self.codes_dot_avx512::<4>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, 8) => self.codes_dot_avx512::<8>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, _) => self.codes_dot_avx512::<2>(row.codes, groups.clone(), &scales),
+                }
+            };
+            total += biases[..n].iter().zip(&sums[groups]).map(|(b, s)| b * s).sum::<f32>();
+        }
+        total
+    }
+
+    /// `sum_g(scale_g * unit_g * (q_g . X_g))` over `groups`, with `scales` from the first.
+    /// Alternate groups go to two accumulators (swapped each time), so that no chain of
+    /// dependent additions sets the pace.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn codes_dot_avx2<const BITS: u32>(&self, codes: &[u8], groups: Range<usize>, scales: &[f32]) -> f32 {
+        let (mut acc, mut other) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (g, scale) in groups.zip(scales) {
+            // SAFETY: the caller's.
+            let (hi, lo) = unsafe { self.group_avx2::<BITS>(codes, g) };
+            let u = self.units[g] * scale;
+            let lo = _mm256_mul_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(u));
+            let dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(4096.0 * u), lo);
+            acc = _mm256_add_ps(acc, dot);
+            std::mem::swap(&mut acc, &mut other);
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` has room for eight floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc, other)) };
+        lanes.iter().sum::<f32>()
+    }
+
+    /// Group `g`'s products with the high and low halves, in eight 32-bit lanes each.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn group_avx2<const BITS: u32>(&self, codes: &[u8], g: usize) -> (__m256i, __m256i) {
+        const PIECE: usize = 16;
+        let per = 8 / BITS as usize;
+        let group_bytes = self.group * BITS as usize / 8;
+        debug_assert!(codes.len() >= group_bytes * (g + 1));
+        let mask = _mm256_set1_epi16((1i16 << BITS) - 1);
+        let (mut sum_hi, mut sum_lo) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for at in (g * group_bytes..(g + 1) * group_bytes).step_by(PIECE) {
+            // SAFETY: `at + PIECE` is within the row, and x's halves have `per * PIECE`
+            // values for each piece of codes.
+            let (v, hi, lo) = unsafe {
+                (
+                    _mm256_cvtepu8_epi16(_mm_loadu_si128(codes.as_ptr().add(at).cast())),
+                    self.hi.as_ptr().add(at * per).cast::<__m256i>(),
+                    self.lo.as_ptr().add(at * per).cast::<__m256i>(),
+                )
+            };
+            for f in 0..per {
+                let q = match (BITS, f) {
+                    (8, _) => v,
+                    (4, 0) => _mm256_and_si256(v, mask),
+                    (4, _) => _mm256_srli_epi16::<4>(v),
+                    (_, 0) => _mm256_and_si256(v, mask),
+                    (_, 1) => _mm256_and_si256(_mm256_srli_epi16::<2>(v), mask),
+                    (_, 2) => _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask),
+                    _ => _mm256_srli_epi16::<6>(v),
+                };
+                // SAFETY: as above.
+                let (h, l) = unsafe { (_mm256_loadu_si256(hi.add(f)), _mm256_loadu_si256(lo.add(f))) };
+                sum_hi = _mm256_add_epi32(sum_hi, _mm256_madd_epi16(q, h));
+                sum_lo = _mm256_add_epi32(sum_lo, _mm256_madd_epi16(q, l));
+            }
+        }
+        (sum_hi, sum_lo)
+    }
+
+    /// [`Self::codes_dot_avx2`] on 32-byte pieces, with the multiply-add and the sum in one
+    /// instruction.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn codes_dot_avx512<const BITS: u32>(&self, codes: &[u8], groups: Range<usize>, scales: &[f32]) -> f32 {
+        let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (g, scale) in groups.zip(scales) {
+            // SAFETY: the caller's.
+            let (hi, lo) = unsafe { self.group_avx512::<BITS>(codes, g) };
+            let u = self.units[g] * scale;
+            let lo = _mm512_mul_ps(_mm512_cvtepi32_ps(lo), _mm512_set1_ps(u));
+            let dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(4096.0 * u), lo);
+            acc = _mm512_add_ps(acc, dot);
+            std::mem::swap(&mut acc, &mut other);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
+    }
+
+    /// [`Self::group_avx2`] on 32-byte pieces, in sixteen lanes.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn group_avx512<const BITS: u32>(&self, codes: &[u8], g: usize) -> (__m512i, __m512i) {
+        const PIECE: usize = 32;
+        let per = 8 / BITS as usize;
+        let group_bytes = self.group * BITS as usize / 8;
+        debug_assert!(codes.len() >= group_bytes * (g + 1));
+        let mask = _mm512_set1_epi16((1i16 << BITS) - 1);
+        let (mut sum_hi, mut sum_lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        for at in (g * group_bytes..(g + 1) * group_bytes).step_by(PIECE) {
+            // SAFETY: `at + PIECE` is within the row, and x's halves have `per * PIECE`
+            // values for each piece of codes.
+            let (v, hi, lo) = unsafe {
+                (
+                    _mm512_cvtepu8_epi16(_mm256_loadu_si256(codes.as_ptr().add(at).cast())),
+                    self.hi.as_ptr().add(at * per),
+                    self.lo.as_ptr().add(at * per),
+                )
+            };
+            for f in 0..per {
+                let q = match (BITS, f) {
+                    (8, _) => v,
+                    (4, 0) => _mm512_and_si512(v, mask),
+                    (4, _) => _mm512_srli_epi16::<4>(v),
+                    (_, 0) => _mm512_and_si512(v, mask),
+                    (_, 1) => _mm512_and_si512(_mm512_srli_epi16::<2>(v), mask),
+                    (_, 2) => _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask),
+                    _ => _mm512_srli_epi16::<6>(v),
+                };
+                // SAFETY: as above.
+                let (h, l) = unsafe {
+                    (
+                        _mm512_loadu_si512(hi.add(f * PIECE).cast()),
+                        _mm512_loadu_si512(lo.add(f * PIECE).cast()),
+                    )
+                };
+                sum_hi = _mm512_dpwssd_epi32(sum_hi, q, h);
+                sum_lo = _mm512_dpwssd_epi32(sum_lo, q, l);
+            }
+        }
+        (sum_hi, sum_lo)
+    }
+}
+
+/// One row of an affine-quantized matrix.
+#[derive(Clone, Copy)]
+pub struct AffineRow<'a> {
+    pub codes: &'a [u8],
+    pub scales: &'a [u8],
+    pub biases: &'a [u8],
+    pub dtype: DType,
+}
+
+/// The least `e` with `m < 2^e` for finite `m >= 0` (`-126` for zero and subnormals, which
+/// are below it too).
+fn exponent_above(m: f32) -> i32 {
+    let biased = ((m.to_bits() >> 23) & 0xff) as i32;
+    biased.max(1) - 126
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exponent_bounds_the_group() {
+        for m in [0.0f32, 1e-40, 0.3, 0.5, 1.0, 1.5, 2.0, 3.9, 1e30, f32::MAX] {
+            let e = exponent_above(m);
+            assert!(f64::from(m) < 2f64.powi(e), "{m} vs 2^{e}");
+            assert!(
+                m == 0.0 || m < 1e-38 || f64::from(m) >= 2f64.powi(e - 1),
+                "{m} vs 2^{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_represent() {
+        let k = IntegerKernel::Avx512Vnni;
+        assert!(FixedPointX::new(&[1.0, f32::NAN].repeat(32), 4, 64, k).is_none());
+        assert!(FixedPointX::new(&[1.0; 64], 4, 16, k).is_none(), "8-byte groups");
+        assert!(FixedPointX::new(&[1.0; 64], 3, 64, k).is_none());
+        assert_eq!(FixedPointX::new(&[1.0; 64], 4, 64, k).map(|x| x.kernel), Some(k));
+        let short = FixedPointX::new(&[1.0; 64], 4, 32, k).map(|x| x.kernel);
+        assert_eq!(short, Some(IntegerKernel::Avx2), "16-byte groups");
+    }
+
+    /// Reconstructing x from the halves in their unpacked order gives x within half a unit.
+    #[test]
+    fn the_halves_hold_x() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        for (bits, kernel) in [2, 4, 8]
+            .into_iter()
+            .flat_map(|b| [(b, IntegerKernel::Avx2), (b, IntegerKernel::Avx512Vnni)])
+        {
+            let fx = FixedPointX::new(&x, bits, 64, kernel).expect("representable");
+            let (per, piece) = (8 / bits as usize, fx.kernel.piece());
+            for (i, &v) in x.iter().enumerate() {
+                let r = i % (piece * per);
+                let at = (i - r) + (r % per) * piece + r / per;
+                let fixed = 4096 * i32::from(fx.hi[at]) + i32::from(fx.lo[at]);
+                let unit = fx.units[i / 64];
+                assert!((fixed as f32 * unit - v).abs() <= unit / 2.0, "bits {bits}, x[{i}]");
+            }
+        }
+    }
+}
