@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
-use rayon::prelude::*;
-
 use super::weights::{ExpertSource, ExpertView, LayerWeight as W, Weight, WeightSource};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::{Backend, DeviceRouting, ExpertRows, Route, SharedExpert, norm_project, shared_expert_ffn};
@@ -280,24 +278,15 @@ impl<B: Backend> SparseMoe<B> {
     }
 }
 
-/// `sum_e(w_e * expert_e(x))` for one token on the host CPU, the experts side by side, summed
-/// in their order.
+/// `sum_e(w_e * expert_e(x))` for one token on the host CPU, in the experts' order.
 fn experts_on_cpu(x: &[f32], work: &[(ExpertView, f32)]) -> Result<Vec<f32>> {
     let cpu = CpuBackend::new();
     let x = CpuTensor::new(1, x.len(), x.to_vec());
-    let outputs: Vec<CpuTensor> = work
-        .par_iter()
-        .map(|(expert, w)| {
-            let mut y = cpu.zeros(1, x.cols)?;
-            cpu.expert_ffn(&x, expert, &[0], &[*w], &mut y)?;
-            Ok(y)
-        })
-        .collect::<Result<_>>()?;
-    let mut sum = vec![0f32; x.cols];
-    for y in outputs {
-        sum.iter_mut().zip(&y.data).for_each(|(s, v)| *s += v);
-    }
-    Ok(sum)
+    let experts: Vec<&ExpertView> = work.iter().map(|(e, _)| e).collect();
+    let weights: Vec<f32> = work.iter().map(|&(_, w)| w).collect();
+    let mut sum = CpuTensor::new(1, x.cols, vec![0.0; x.cols]);
+    cpu.experts_ffn_one_token(&x, &experts, &weights, None, &mut sum)?;
+    Ok(sum.data)
 }
 
 /// Bytes of fetched experts one group holds at most. On a GPU that does not cache them,

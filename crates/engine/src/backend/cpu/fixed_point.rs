@@ -77,20 +77,23 @@ impl FixedPointX {
             return None;
         }
         let per = 8 / bits as usize;
-        let piece_codes = piece * per;
         let mut units = Vec::with_capacity(x.len() / group);
         let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);
         for (g, xs) in x.chunks_exact(group).enumerate() {
             let e = exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs())));
             let to_fixed = 2f64.powi(22 - e);
             units.push(2f64.powi(e - 22) as f32);
-            for (j, &v) in xs.iter().enumerate() {
-                let r = (g * group + j) % piece_codes;
-                let at = (g * group + j - r) + (r % per) * piece + r / per;
-                // |fixed| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
-                let fixed = (f64::from(v) * to_fixed).round_ties_even() as i32;
-                hi[at] = (fixed >> 12) as i16;
-                lo[at] = (fixed & 4095) as i16;
+            // Within a piece, code `per * i + f` goes to field `f`, lane `i`.
+            for (p, piece_x) in xs.chunks_exact(piece * per).enumerate() {
+                let at = g * group + p * piece * per;
+                for (i, lane) in piece_x.chunks_exact(per).enumerate() {
+                    for (f, &v) in lane.iter().enumerate() {
+                        // |fixed| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
+                        let fixed = round_to_int(f64::from(v) * to_fixed);
+                        hi[at + f * piece + i] = (fixed >> 12) as i16;
+                        lo[at + f * piece + i] = (fixed & 4095) as i16;
+                    }
+                }
             }
         }
         Some(FixedPointX {
@@ -281,6 +284,14 @@ pub struct AffineRow<'a> {
     pub dtype: DType,
 }
 
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^31`: adding and taking
+/// away 1.5 * 2^52 leaves no fraction bits (f64's default rounding does the rest), without
+/// the library call `round_ties_even` is on baseline x86-64.
+fn round_to_int(v: f64) -> i32 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    ((v + MAGIC) - MAGIC) as i32
+}
+
 /// The least `e` with `m < 2^e` for finite `m >= 0` (`-126` for zero and subnormals, which
 /// are below it too).
 fn exponent_above(m: f32) -> i32 {
@@ -301,6 +312,22 @@ mod tests {
                 m == 0.0 || m < 1e-38 || f64::from(m) >= 2f64.powi(e - 1),
                 "{m} vs 2^{e}"
             );
+        }
+    }
+
+    #[test]
+    fn rounds_to_the_nearest_even() {
+        for (v, r) in [
+            (0.5, 0),
+            (1.5, 2),
+            (2.5, 2),
+            (-0.5, 0),
+            (-1.5, -2),
+            (3.2, 3),
+            (-3.7, -4),
+            (4194304.0, 4194304),
+        ] {
+            assert_eq!(round_to_int(v), r, "{v}");
         }
     }
 

@@ -9,7 +9,9 @@ mod matmul;
 mod moe;
 mod norm;
 
-use crate::backend::{AttentionShape, Backend, Route};
+use rayon::prelude::*;
+
+use crate::backend::{AttentionShape, Backend, Route, SharedExpert, shared_expert_ffn};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -242,6 +244,35 @@ impl Backend for CpuBackend {
             data.extend_from_slice(x.row(r));
         }
         Ok(CpuTensor::new(rows.len(), x.cols, data))
+    }
+
+    /// The experts side by side (each one's products are too small to keep every thread
+    /// busy), their outputs added to `out` in the experts' order: the same sum, bit for bit,
+    /// as one expert after the other.
+    fn experts_ffn_one_token(
+        &self,
+        x: &CpuTensor,
+        experts: &[&ExpertView],
+        weights: &[f32],
+        shared: Option<&SharedExpert<'_, Self>>,
+        out: &mut CpuTensor,
+    ) -> Result<()> {
+        let outputs: Vec<CpuTensor> = experts
+            .par_iter()
+            .zip(weights)
+            .map(|(expert, &w)| {
+                let mut y = CpuTensor::new(1, out.cols, vec![0.0; out.cols]);
+                self.expert_ffn(x, expert, &[0], &[w], &mut y)?;
+                Ok(y)
+            })
+            .collect::<Result<_>>()?;
+        for y in outputs {
+            self.add_assign(out, &y)?;
+        }
+        match shared {
+            Some(s) => shared_expert_ffn(self, x, s, out),
+            None => Ok(()),
+        }
     }
 
     fn scatter_add_rows(&self, out: &mut CpuTensor, y: &CpuTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
