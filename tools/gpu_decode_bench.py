@@ -75,7 +75,7 @@ def measure(a, layers, hbm, h2d):
     runs_to_do = [(k, cap, share) for k in map(int, a.ks.split(",")) for cap in a.caps.split(",")
                   for share in a.cpu_shares.split(",")]
     for k, cap, share in runs_to_do:
-        label = cap if float(share) == 0 else f"{cap}, CPU {share}"
+        label = cap if share == "0" else f"{cap}, CPU {share}"
         stats = work / f"decode-k{k}-cap{cap}-cpu{share}.json"
         cmd = [a.bin, "generate", "--model", model, "--device", a.device, "--prompt", "The",
                "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
@@ -119,7 +119,7 @@ def measure(a, layers, hbm, h2d):
                      100 * v.get("device_routed", 0) / (calls * layers),
                      100 * v.get("replayed_steps", 0) / (calls * layers)))
         print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
-        print(f"  K={k} cap {label}: ms per token by phase: " +
+        print(f"  K={k} cap {label}: CPU share at the end {s.get('cpu_expert_share', 0):.2f}; ms per token by phase: " +
               ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
     return {"layers": layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "rows": rows, "runs": runs}
 
@@ -174,7 +174,7 @@ def main():
     p.add_argument("--warmup", type=int, default=48)
     p.add_argument("--ks", default="4,10")
     p.add_argument("--cpu-shares", default="0",
-                   help="shares of the missed experts the CPU computes (--cpu-expert-share), e.g. 0,0.3")
+                   help="shares of the missed experts the CPU computes (--cpu-expert-share), e.g. 0,0.3,auto")
     p.add_argument("--caps", default="0,16,24,auto",
                    help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
                         "scaled by layers/60 so the cached share of experts matches the full model")

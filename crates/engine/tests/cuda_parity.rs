@@ -12,9 +12,9 @@ use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
 use flash_moe_engine::backend::{AttentionShape, Backend, ExpertCacheStats, ExpertRows, SharedExpert};
 use flash_moe_engine::engine::load_model;
-use flash_moe_engine::model::Logits;
 use flash_moe_engine::model::config::LinearAttentionConfig;
 use flash_moe_engine::model::weights::ExpertView;
+use flash_moe_engine::model::{CpuShare, Logits};
 use flash_moe_engine::storage::blob::Blob;
 use flash_moe_engine::storage::checkpoint::DType;
 use flash_moe_engine::storage::quant::MatrixView;
@@ -702,7 +702,7 @@ fn fixture_logits_sharing<B: Backend>(
         ..StoreConfig::default()
     });
     let mut model = load_model(model, backend, Arc::clone(&store))?;
-    model.set_cpu_expert_share(cpu_share)?;
+    model.set_cpu_expert_share(CpuShare::Fixed(cpu_share))?;
     if prefetch {
         model.prefetch_experts()?;
     }

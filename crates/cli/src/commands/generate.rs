@@ -134,11 +134,16 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
         model.backend().describe(),
     );
     if let Some(path) = &args.stats_json {
-        let json = super::timing::json(&stats);
+        let mut json = super::timing::json(&stats);
+        json["cpu_expert_share"] = model.cpu_expert_share().into();
         std::fs::write(path, json.to_string()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     if args.timing {
         eprint!("{}", super::timing::report(&model.config, &stats));
+        eprintln!(
+            "share of missed experts computed on the CPU: {:.2}",
+            model.cpu_expert_share()
+        );
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use flash_moe_engine::backend::Backend;
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
 use flash_moe_engine::engine::load_model;
-use flash_moe_engine::model::Model;
+use flash_moe_engine::model::{CpuShare, Model};
 use flash_moe_engine::storage::io::IoMode;
 use flash_moe_engine::storage::store::{ExpertIo, ExpertStore, StoreConfig};
 
@@ -108,10 +108,12 @@ pub struct ModelArgs {
     pub gpu_expert_cache_gib: Option<f64>,
     /// On a GPU: of one token's routed experts missing from the VRAM cache, the share (0 to
     /// 1, rounded) the CPU computes from host memory while the others are copied to the
-    /// GPU. Pays where the CPU computes an expert in about the time the link copies one
-    /// (see docs/perf.md); 0 sends every missed expert to the GPU.
-    #[arg(long, default_value_t = 0.0)]
-    pub cpu_expert_share: f32,
+    /// GPU. auto: where both would take as long, from the link's bandwidth (measured at
+    /// start) and the CPU's (measured as it computes). Pays where the CPU streams experts at
+    /// a good part of the link's rate (a PCIe 4 card beside a many-core CPU); the sum's order,
+    /// and with auto its last bits, then vary. 0: every missed expert goes to the GPU.
+    #[arg(long, default_value = "0")]
+    pub cpu_expert_share: CpuShare,
     /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]

@@ -307,6 +307,11 @@ pub trait Backend: Send + Sync {
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None
     }
+    /// Bytes per second the backend copies from page-locked host memory into its own (a
+    /// GPU's link), measured once; `None` for a backend that computes in host memory.
+    fn host_link_rate(&self) -> Option<f64> {
+        None
+    }
 
     // --- recorded steps ----------------------------------------------------------------------
     /// The key under which a one-token step of `layer` over `buffers` may be recorded, or

@@ -14,7 +14,7 @@ pub mod weights;
 use attention::{GatedAttention, KvCache};
 use config::{FfnKind, LayerKind, ModelConfig};
 use linear_attention::{DeltaState, GatedDeltaNet};
-pub use moe::ExpertPlan;
+pub use moe::{CpuShare, CpuSplit, ExpertPlan};
 use moe::{DenseMlp, SparseMoe};
 use profile::{Phase, PhaseTimes, Profile, Stopwatch};
 use weights::{LayerWeight, Weight, WeightSource};
@@ -138,7 +138,7 @@ impl<B: Backend> Model<B> {
         }
         let experts = ExpertPlan {
             per_token: config.moe.experts_per_token,
-            cpu_share: 0.0,
+            cpu: CpuSplit::new(CpuShare::Fixed(0.0), None),
         };
         Ok(Model {
             config,
@@ -174,15 +174,26 @@ impl<B: Backend> Model<B> {
     }
 
     /// Of one token's routed experts that the backend does not hold, the share the host CPU
-    /// computes from host memory while the others go to the device ([`ExpertPlan`]).
-    pub fn set_cpu_expert_share(&mut self, share: f32) -> Result<()> {
-        if !(0.0..=1.0).contains(&share) {
+    /// computes from host memory while the others go to the device ([`CpuShare`]).
+    pub fn set_cpu_expert_share(&mut self, share: CpuShare) -> Result<()> {
+        if let CpuShare::Fixed(v) = share
+            && !(0.0..=1.0).contains(&v)
+        {
             return Err(Error::InvalidInput(format!(
-                "the CPU's share of missed experts must be between 0 and 1, not {share}"
+                "the CPU's share of missed experts must be between 0 and 1, not {v}"
             )));
         }
-        self.experts.cpu_share = share;
+        let link = match share {
+            CpuShare::Auto => self.backend.host_link_rate(),
+            CpuShare::Fixed(_) => None,
+        };
+        self.experts.cpu = CpuSplit::new(share, link);
         Ok(())
+    }
+
+    /// The share of a token's missed experts the host CPU computes now.
+    pub fn cpu_expert_share(&self) -> f32 {
+        self.experts.cpu.share()
     }
 
     /// Reads every routed expert once through storage, so that its in-process cache and the
@@ -333,7 +344,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let norm = (&layer.post_attention_norm, self.config.rms_norm_eps);
         match &layer.ffn {
-            Ffn::Moe(moe) => moe.forward_into(b, norm, self.experts, times, clock, routing_log, x),
+            Ffn::Moe(moe) => moe.forward_into(b, norm, &self.experts, times, clock, routing_log, x),
             Ffn::Dense(mlp) => {
                 let h = b.rms_norm(x, norm.0, norm.1)?;
                 clock.charge(times, Phase::Other);

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
@@ -42,21 +44,109 @@ impl<B: Backend> SwiGlu<B> {
 }
 
 /// How a layer's routed experts run.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct ExpertPlan {
     /// Routed experts per token.
     pub per_token: usize,
-    /// Of one token's routed experts that the backend does not hold (a GPU's VRAM cache
-    /// missed them), the share (rounded) the host CPU computes from their bytes in host
-    /// memory while the others are copied to the device: the two run at once, so a token
-    /// waits for the slower of them instead of for every copy. 0: the backend runs them all.
-    pub cpu_share: f32,
+    /// Which of one token's missed experts the host CPU computes.
+    pub cpu: CpuSplit,
 }
 
-impl ExpertPlan {
+/// The share of one token's routed experts that the backend does not hold (a GPU's VRAM
+/// cache missed them) which the host CPU computes from their bytes in host memory while the
+/// others are copied to the device: the two run at once, so that a token waits for the
+/// slower of them instead of for every copy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum CpuShare {
+    /// This share (0 to 1) of the missed experts, rounded.
+    Fixed(f32),
+    /// The share at which both sides take as long: the CPU's measured rate over the sum of
+    /// it and the link's (none where the backend computes in host memory).
+    Auto,
+}
+
+impl std::str::FromStr for CpuShare {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "auto" {
+            return Ok(CpuShare::Auto);
+        }
+        match s.parse::<f32>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(CpuShare::Fixed(v)),
+            _ => Err(format!("`{s}` is not auto or a share between 0 and 1")),
+        }
+    }
+}
+
+/// [`CpuShare`] with what `Auto` measures.
+#[derive(Debug)]
+pub struct CpuSplit {
+    share: CpuShare,
+    /// The backend's host-to-device bytes per second (`Auto` only).
+    link_rate: Option<f64>,
+    /// The CPU's bytes of experts per second (f64 bits): a moving average over the layers it
+    /// computed, starting from a guess.
+    cpu_rate: AtomicU64,
+    /// Layers the CPU computed experts for.
+    samples: AtomicU64,
+    /// Layers with missed experts of which `Auto` gave the CPU none.
+    skipped: AtomicU64,
+}
+
+/// Before measuring, `Auto` takes the CPU for this fraction of the link.
+const FIRST_GUESS: f64 = 0.5;
+/// Every so many layers that `Auto` gave the CPU none of their missed experts, it gives it
+/// one, to measure the CPU again: an estimate that fell too low would otherwise stay there.
+const REMEASURE_EVERY: u64 = 32;
+
+impl CpuSplit {
+    pub fn new(share: CpuShare, link_rate: Option<f64>) -> Self {
+        CpuSplit {
+            share,
+            link_rate,
+            cpu_rate: AtomicU64::new((FIRST_GUESS * link_rate.unwrap_or(0.0)).to_bits()),
+            samples: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// The share in force now.
+    pub fn share(&self) -> f32 {
+        match (self.share, self.link_rate) {
+            (CpuShare::Fixed(v), _) => v,
+            (CpuShare::Auto, Some(link)) => {
+                let cpu = f64::from_bits(self.cpu_rate.load(Ordering::Relaxed));
+                (cpu / (cpu + link)) as f32
+            }
+            (CpuShare::Auto, None) => 0.0,
+        }
+    }
+
     /// How many of `missed` experts the CPU takes.
     fn on_cpu(&self, missed: usize) -> usize {
-        ((missed as f32 * self.cpu_share).round() as usize).min(missed)
+        let n = ((missed as f32 * self.share()).round() as usize).min(missed);
+        let auto = self.share == CpuShare::Auto && self.link_rate.is_some();
+        if auto
+            && n == 0
+            && missed > 0
+            && self.skipped.fetch_add(1, Ordering::Relaxed) % REMEASURE_EVERY == REMEASURE_EVERY - 1
+        {
+            return 1;
+        }
+        n
+    }
+
+    /// Counts `bytes` of experts the CPU computed in `elapsed`. The first layer's time is
+    /// left out: it pays for starting the CPU's threads.
+    fn record(&self, bytes: usize, elapsed: Duration) {
+        if self.samples.fetch_add(1, Ordering::Relaxed) == 0 {
+            return;
+        }
+        let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-9);
+        let old = f64::from_bits(self.cpu_rate.load(Ordering::Relaxed));
+        self.cpu_rate
+            .store((0.9 * old + 0.1 * rate).to_bits(), Ordering::Relaxed);
     }
 }
 
@@ -124,7 +214,7 @@ impl<B: Backend> SparseMoe<B> {
         &self,
         b: &B,
         norm: (&B::Tensor, f32),
-        plan: ExpertPlan,
+        plan: &ExpertPlan,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
         routing_log: Option<&mut Vec<Vec<usize>>>,
@@ -185,7 +275,7 @@ impl<B: Backend> SparseMoe<B> {
         b: &B,
         x: &B::Tensor,
         routes: &[Route],
-        plan: ExpertPlan,
+        plan: &ExpertPlan,
         shared: Option<&SharedExpert<'_, B>>,
         times: &mut PhaseTimes,
         clock: &mut Stopwatch,
@@ -213,7 +303,7 @@ impl<B: Backend> SparseMoe<B> {
         let mut pending = self.experts.fetch(&missing)?.into_iter();
         // The CPU takes the last of the missed experts, the device's copies start with the
         // first. It needs x in host memory, fetched before any copy is queued.
-        let on_cpu = if tokens == 1 { plan.on_cpu(missing.len()) } else { 0 };
+        let on_cpu = if tokens == 1 { plan.cpu.on_cpu(missing.len()) } else { 0 };
         let cpu_from = missing.get(missing.len() - on_cpu).copied().unwrap_or(usize::MAX);
         let x_host = if on_cpu > 0 { Some(b.download(x)?) } else { None };
         let mut cpu_work: Vec<(ExpertView, f32)> = Vec::with_capacity(on_cpu);
@@ -269,7 +359,10 @@ impl<B: Backend> SparseMoe<B> {
         }
         clock.charge(times, Phase::ExpertCompute);
         if let Some(x_host) = x_host {
+            let started = Instant::now();
             let y = experts_on_cpu(&x_host, &cpu_work)?;
+            let bytes = cpu_work.iter().map(|(e, _)| e.storage_bytes()).sum();
+            plan.cpu.record(bytes, started.elapsed());
             clock.charge(times, Phase::CpuExperts);
             b.add_assign(out, &b.upload(&y, 1, y.len())?)?;
             clock.charge(times, Phase::ExpertCompute);
@@ -327,5 +420,52 @@ impl<B: Backend> DenseMlp<B> {
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.0.forward(b, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_and_round() {
+        assert_eq!("auto".parse(), Ok(CpuShare::Auto));
+        assert_eq!("0.3".parse(), Ok(CpuShare::Fixed(0.3)));
+        assert!("1.5".parse::<CpuShare>().is_err());
+        assert!("half".parse::<CpuShare>().is_err());
+        let fixed = CpuSplit::new(CpuShare::Fixed(0.3), None);
+        assert_eq!([1, 2, 4, 10].map(|m| fixed.on_cpu(m)), [0, 1, 1, 3]);
+        assert_eq!(CpuSplit::new(CpuShare::Fixed(1.0), None).on_cpu(7), 7);
+    }
+
+    #[test]
+    fn auto_balances_the_cpu_against_the_link() {
+        assert_eq!(CpuSplit::new(CpuShare::Auto, None).on_cpu(10), 0, "no link: no split");
+        let split = CpuSplit::new(CpuShare::Auto, Some(60e9));
+        assert!(
+            (split.share() - 1.0 / 3.0).abs() < 1e-6,
+            "first guess: half the link's rate"
+        );
+        split.record(1, Duration::from_secs(1));
+        assert!((split.share() - 1.0 / 3.0).abs() < 1e-6, "the first layer is left out");
+        // 10 GB/s measured: the average moves a tenth of the way.
+        split.record(10_000_000, Duration::from_millis(1));
+        let cpu = 0.9 * 30e9 + 0.1 * 10e9;
+        assert!((f64::from(split.share()) - cpu / (cpu + 60e9)).abs() < 1e-6);
+        assert_eq!(split.on_cpu(10), 3);
+    }
+
+    #[test]
+    fn auto_measures_again_after_giving_the_cpu_nothing() {
+        let split = CpuSplit::new(CpuShare::Auto, Some(60e9));
+        for _ in 0..40 {
+            split.record(1, Duration::from_secs(1));
+        }
+        assert!(split.share() < 0.05);
+        let given: Vec<usize> = (0..64).map(|_| split.on_cpu(4)).collect();
+        assert_eq!(given.iter().filter(|&&n| n == 1).count(), 2, "{given:?}");
+        assert!(given.iter().all(|&n| n <= 1));
+        let fixed = CpuSplit::new(CpuShare::Fixed(0.0), None);
+        assert!((0..64).all(|_| fixed.on_cpu(4) == 0), "a fixed share is kept");
     }
 }

@@ -16,10 +16,11 @@
 mod expert_cache;
 mod graphs;
 pub mod kernels;
+mod link;
 mod memory;
 mod pool;
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
@@ -165,6 +166,8 @@ pub struct CudaBackend {
     /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
     graphs: StepGraphs,
     record_steps: bool,
+    /// The host-to-device link's bytes per second, measured when first asked.
+    link_rate: OnceLock<Option<f64>>,
 }
 
 const THREADS: u32 = 256;
@@ -265,6 +268,7 @@ impl CudaBackend {
             in_flight: Mutex::default(),
             graphs: StepGraphs::default(),
             record_steps: true,
+            link_rate: OnceLock::new(),
         })
     }
 
@@ -933,6 +937,10 @@ impl Backend for CudaBackend {
 
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         Some(self.cache.stats())
+    }
+
+    fn host_link_rate(&self) -> Option<f64> {
+        *self.link_rate.get_or_init(|| self.measure_link().ok())
     }
 
     fn step_key(&self, layer: usize, experts_per_token: usize, buffers: &[&CudaTensor]) -> Option<StepKey> {
