@@ -99,6 +99,9 @@ const FIRST_GUESS: f64 = 0.5;
 /// Every so many layers that `Auto` gave the CPU none of their missed experts, it gives it
 /// one, to measure the CPU again: an estimate that fell too low would otherwise stay there.
 const REMEASURE_EVERY: u64 = 32;
+/// `Auto` splits a layer's missed experts only from this many: below, the CPU's fixed costs
+/// (x brought to the host, its threads started) outweigh the copy of one or two experts.
+const AUTO_MIN_MISSED: usize = 4;
 
 impl CpuSplit {
     pub fn new(share: CpuShare, link_rate: Option<f64>) -> Self {
@@ -125,13 +128,12 @@ impl CpuSplit {
 
     /// How many of `missed` experts the CPU takes.
     fn on_cpu(&self, missed: usize) -> usize {
+        let auto = self.share == CpuShare::Auto;
+        if auto && (missed < AUTO_MIN_MISSED || self.link_rate.is_none()) {
+            return 0;
+        }
         let n = ((missed as f32 * self.share()).round() as usize).min(missed);
-        let auto = self.share == CpuShare::Auto && self.link_rate.is_some();
-        if auto
-            && n == 0
-            && missed > 0
-            && self.skipped.fetch_add(1, Ordering::Relaxed) % REMEASURE_EVERY == REMEASURE_EVERY - 1
-        {
+        if auto && n == 0 && self.skipped.fetch_add(1, Ordering::Relaxed) % REMEASURE_EVERY == REMEASURE_EVERY - 1 {
             return 1;
         }
         n
@@ -453,6 +455,7 @@ mod tests {
         let cpu = 0.9 * 30e9 + 0.1 * 10e9;
         assert!((f64::from(split.share()) - cpu / (cpu + 60e9)).abs() < 1e-6);
         assert_eq!(split.on_cpu(10), 3);
+        assert_eq!(split.on_cpu(3), 0, "too few missed experts to split");
     }
 
     #[test]
