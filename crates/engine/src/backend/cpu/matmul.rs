@@ -1,6 +1,6 @@
-//! Matrix products against weights in any stored encoding. For a prompt each weight row is
-//! decoded once into f32 and then multiplied with every token, so `T` tokens read the weights
-//! once, not `T` times; one token's products with affine weights never decode a row.
+//! Matrix products against weights in any stored encoding. Each weight row is decoded once
+//! into f32 and then multiplied with every token of the batch, so a prompt of `T` tokens reads
+//! the weights once, not `T` times.
 
 use rayon::prelude::*;
 
@@ -16,64 +16,53 @@ const ROWS_PER_TASK: usize = 16;
 
 /// `x · wᵀ` for `x` of shape `[T, w.cols]`.
 pub fn matmul(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
-    if x.rows == 1 {
-        let mut out = matvecs(&[(&x.data, w)]);
-        return CpuTensor::new(1, w.rows, out.pop().unwrap_or_default());
-    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { matmul_avx2(x, w) };
     }
-    matmul_rows(x, w)
+    matmul_portable(x, w, None)
 }
 
-/// One-token products `x_i · w_iᵀ` for each pair: all their rows in one parallel loop, so
-/// that small matrices (a token's experts) keep every thread busy together.
-pub fn matvecs(pairs: &[(&[f32], &MatrixView)]) -> Vec<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { matvecs_avx2(pairs) };
-    }
-    matvecs_portable(pairs, None)
-}
-
-/// The same code compiled for AVX2 and FMA, chosen at run time: the release binary targets
-/// baseline x86-64 so that it runs everywhere.
+/// The same code compiled for AVX2 and FMA, chosen at run time (the release binary targets
+/// baseline x86-64 so that it runs everywhere), with one-token products in fixed point.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matmul_avx2(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
-    matmul_rows(x, w)
+    matmul_portable(x, w, IntegerKernel::detect())
 }
 
-/// [`matvecs`] compiled for AVX2 and FMA, with the products in fixed point.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn matvecs_avx2(pairs: &[(&[f32], &MatrixView)]) -> Vec<Vec<f32>> {
-    matvecs_portable(pairs, IntegerKernel::detect())
-}
-
-/// A prompt's products: each weight row decoded once, then multiplied with every token.
+/// `integer`: the fixed-point kernel this CPU runs, if any.
 #[inline(always)]
-fn matmul_rows(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
+fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>) -> CpuTensor {
     let (t, k) = (x.rows, x.cols);
     debug_assert_eq!(k, w.cols);
     let n = w.rows;
+    let fused = FusedAffine::new(w, x, integer);
     // Computed as [n, t] so each task writes a contiguous block, then transposed.
     let mut out_nt = vec![0.0f32; n * t];
     out_nt
         .par_chunks_mut(t * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(chunk, block)| {
+            let first = chunk * ROWS_PER_TASK;
+            if let Some(f) = &fused {
+                for (i, o) in block.iter_mut().enumerate() {
+                    *o = f.row_dot(w, first + i, &x.data);
+                }
+                return;
+            }
             let mut row = vec![0.0f32; k];
             for (i, outs) in block.chunks_mut(t).enumerate() {
-                w.dequantize_row(chunk * ROWS_PER_TASK + i, &mut row);
+                w.dequantize_row(first + i, &mut row);
                 for (o, xt) in outs.iter_mut().zip(x.data.chunks_exact(k)) {
                     *o = dot(&row, xt);
                 }
             }
         });
+    if t == 1 {
+        return CpuTensor::new(1, n, out_nt);
+    }
     let mut out = vec![0.0f32; t * n];
     for (r, col) in out_nt.chunks_exact(t).enumerate() {
         for (ti, &v) in col.iter().enumerate() {
@@ -81,36 +70,6 @@ fn matmul_rows(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
         }
     }
     CpuTensor::new(t, n, out)
-}
-
-/// `integer`: the fixed-point kernel this CPU runs, if any.
-#[inline(always)]
-fn matvecs_portable(pairs: &[(&[f32], &MatrixView)], integer: Option<IntegerKernel>) -> Vec<Vec<f32>> {
-    let fused: Vec<Option<FusedAffine>> = pairs.par_iter().map(|(x, w)| FusedAffine::new(w, x, integer)).collect();
-    let mut outs: Vec<Vec<f32>> = pairs.iter().map(|(_, w)| vec![0.0; w.rows]).collect();
-    let mut tasks = Vec::new();
-    for (p, out) in outs.iter_mut().enumerate() {
-        tasks.extend(
-            out.chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .map(|(c, o)| (p, c * ROWS_PER_TASK, o)),
-        );
-    }
-    tasks.into_par_iter().for_each(|(p, first, block)| {
-        let (x, w) = pairs[p];
-        if let Some(f) = &fused[p] {
-            for (i, o) in block.iter_mut().enumerate() {
-                *o = f.row_dot(w, first + i, x);
-            }
-            return;
-        }
-        let mut row = vec![0.0f32; w.cols];
-        for (i, o) in block.iter_mut().enumerate() {
-            w.dequantize_row(first + i, &mut row);
-            *o = dot(&row, x);
-        }
-    });
-    outs
 }
 
 /// One-token products with 2-, 4- or 8-bit affine weights in the fused form
@@ -129,7 +88,7 @@ struct FusedAffine {
 impl FusedAffine {
     /// `integer`: the fixed-point kernel this CPU runs, if any.
     #[inline(always)]
-    fn new(w: &MatrixView, x: &[f32], integer: Option<IntegerKernel>) -> Option<Self> {
+    fn new(w: &MatrixView, x: &CpuTensor, integer: Option<IntegerKernel>) -> Option<Self> {
         let Encoding::Affine {
             bits,
             group_size,
@@ -138,15 +97,15 @@ impl FusedAffine {
         else {
             return None;
         };
-        if !matches!(bits, 2 | 4 | 8) {
+        if x.rows != 1 || !matches!(bits, 2 | 4 | 8) {
             return None;
         }
         Some(FusedAffine {
             bits,
             group: group_size,
             scale_dtype,
-            group_sums: x.chunks_exact(group_size).map(|g| g.iter().sum()).collect(),
-            fixed: integer.and_then(|k| FixedPointX::new(x, bits, group_size, k)),
+            group_sums: x.data.chunks_exact(group_size).map(|g| g.iter().sum()).collect(),
+            fixed: integer.and_then(|k| FixedPointX::new(&x.data, bits, group_size, k)),
         })
     }
 
@@ -291,9 +250,9 @@ mod tests {
         let encodings = [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (8, 64), (8, 32)];
         for (kernel, (bits, group)) in kernels.iter().flat_map(|&k| encodings.map(|e| (k, e))) {
             let w = affine(40, cols, bits, group);
-            let fixed = FusedAffine::new(&w, &x.data, Some(kernel)).expect("fused");
+            let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
             assert!(fixed.fixed.is_some(), "{bits}-bit, groups of {group}");
-            let float = FusedAffine::new(&w, &x.data, None).expect("fused");
+            let float = FusedAffine::new(&w, &x, None).expect("fused");
             for r in 0..w.rows {
                 let (a, b) = (fixed.row_dot(&w, r, &x.data), float.row_dot(&w, r, &x.data));
                 // The largest |weight|: scales up to 0.0356 times the largest code, biases -0.05.

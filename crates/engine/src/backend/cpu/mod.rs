@@ -9,7 +9,9 @@ mod matmul;
 mod moe;
 mod norm;
 
-use crate::backend::{AttentionShape, Backend, Route, SharedExpert, experts_ffn_one_by_one, shared_expert_ffn};
+use rayon::prelude::*;
+
+use crate::backend::{AttentionShape, Backend, Route, SharedExpert, shared_expert_ffn};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -42,17 +44,6 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
-}
-
-/// An input of `cols` columns for products with `w`.
-fn fits(cols: usize, w: &MatrixView) -> Result<()> {
-    if cols == w.cols {
-        return Ok(());
-    }
-    Err(Error::InvalidInput(format!(
-        "matmul with `{}`: input has {cols} columns, the matrix {}",
-        w.name, w.cols
-    )))
 }
 
 fn same_shape(op: &str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
@@ -125,7 +116,12 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &MatrixView) -> Result<CpuTensor> {
-        fits(x.cols, w)?;
+        if x.cols != w.cols {
+            return Err(Error::InvalidInput(format!(
+                "matmul with `{}`: input has {} columns, the matrix {}",
+                w.name, x.cols, w.cols
+            )));
+        }
         Ok(matmul::matmul(x, w))
     }
 
@@ -250,10 +246,9 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(rows.len(), x.cols, data))
     }
 
-    /// The experts' gate and up products in one parallel loop, then their down products in
-    /// another (one expert's products are too small to keep every thread busy), their outputs
-    /// added to `out` in the experts' order: the same sum, bit for bit, as one expert after
-    /// the other.
+    /// The experts side by side (each one's products are too small to keep every thread
+    /// busy), their outputs added to `out` in the experts' order: the same sum, bit for bit,
+    /// as one expert after the other.
     fn experts_ffn_one_token(
         &self,
         x: &CpuTensor,
@@ -262,50 +257,22 @@ impl Backend for CpuBackend {
         shared: Option<&SharedExpert<'_, Self>>,
         out: &mut CpuTensor,
     ) -> Result<()> {
-        if x.rows != 1 {
-            return experts_ffn_one_by_one(self, x, experts, weights, shared, out);
-        }
-        for e in experts {
-            fits(x.cols, &e.gate)?;
-            fits(x.cols, &e.up)?;
-        }
-        let pairs: Vec<(&[f32], &MatrixView)> = experts
-            .iter()
-            .flat_map(|e| [(&x.data[..], &e.gate), (&x.data[..], &e.up)])
-            .collect();
-        let gate_up = matmul::matvecs(&pairs);
-        let acts: Vec<Vec<f32>> = gate_up
-            .chunks_exact(2)
-            .map(|gu| gu[0].iter().zip(&gu[1]).map(|(&g, &u)| norm::silu(g) * u).collect())
-            .collect();
-        for (e, act) in experts.iter().zip(&acts) {
-            fits(act.len(), &e.down)?;
-        }
-        let pairs: Vec<(&[f32], &MatrixView)> = acts.iter().zip(experts).map(|(a, e)| (&a[..], &e.down)).collect();
-        for (y, &w) in matmul::matvecs(&pairs).iter().zip(weights) {
-            if y.len() != out.cols {
-                return Err(Error::InvalidInput("an expert's output is not the hidden size".into()));
-            }
-            out.data.iter_mut().zip(y).for_each(|(d, &v)| *d += w * v);
+        let outputs: Vec<CpuTensor> = experts
+            .par_iter()
+            .zip(weights)
+            .map(|(expert, &w)| {
+                let mut y = CpuTensor::new(1, out.cols, vec![0.0; out.cols]);
+                self.expert_ffn(x, expert, &[0], &[w], &mut y)?;
+                Ok(y)
+            })
+            .collect::<Result<_>>()?;
+        for y in outputs {
+            self.add_assign(out, &y)?;
         }
         match shared {
             Some(s) => shared_expert_ffn(self, x, s, out),
             None => Ok(()),
         }
-    }
-
-    fn matmul_many(&self, x: &CpuTensor, ws: &[&MatrixView]) -> Result<Vec<CpuTensor>> {
-        if x.rows != 1 {
-            return ws.iter().map(|w| self.matmul(x, w)).collect();
-        }
-        for w in ws {
-            fits(x.cols, w)?;
-        }
-        let pairs: Vec<(&[f32], &MatrixView)> = ws.iter().map(|w| (&x.data[..], *w)).collect();
-        Ok(matmul::matvecs(&pairs)
-            .into_iter()
-            .map(|y| CpuTensor::new(1, y.len(), y))
-            .collect())
     }
 
     fn scatter_add_rows(&self, out: &mut CpuTensor, y: &CpuTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
