@@ -2,13 +2,13 @@
 //! experts, a shared expert scaled by `sigmoid(shared_expert_gate)`) and a dense SwiGLU MLP.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use super::config::ModelConfig;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
-use super::weights::{ExpertSource, ExpertView, LayerWeight as W, Weight, WeightSource};
+use super::weights::{ExpertSource, ExpertView, LayerWeight as W, PendingExpert, Weight, WeightSource};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::{Backend, DeviceRouting, ExpertRows, Route, SharedExpert, norm_project, shared_expert_ffn};
 use crate::error::{Error, Result};
@@ -302,13 +302,23 @@ impl<B: Backend> SparseMoe<B> {
             .filter(|(_, r)| r.is_none())
             .map(|(&e, _)| e)
             .collect();
-        let mut pending = self.experts.fetch(&missing)?.into_iter();
-        // The CPU takes the last of the missed experts, the device's copies start with the
-        // first. It needs x in host memory, fetched before any copy is queued.
+        let mut pending = self.experts.fetch(&missing)?;
+        // The CPU takes the last of the missed experts and starts on them at once, beside the
+        // device's copies of the others. It needs x in host memory, fetched before any copy
+        // is queued (a download behind the copies would wait for them).
         let on_cpu = if tokens == 1 { plan.cpu.on_cpu(missing.len()) } else { 0 };
         let cpu_from = missing.get(missing.len() - on_cpu).copied().unwrap_or(usize::MAX);
-        let x_host = if on_cpu > 0 { Some(b.download(x)?) } else { None };
-        let mut cpu_work: Vec<(ExpertView, f32)> = Vec::with_capacity(on_cpu);
+        let cpu_result = if on_cpu > 0 {
+            let cpu_pending = pending.split_off(missing.len() - on_cpu);
+            let cpu_weights = missing[missing.len() - on_cpu..]
+                .iter()
+                .map(|e| by_expert.get(e).map_or(0.0, |(_, w)| w[0]))
+                .collect();
+            Some(start_experts_on_cpu(b.download(x)?, cpu_pending, cpu_weights))
+        } else {
+            None
+        };
+        let mut pending = pending.into_iter();
         clock.charge(times, Phase::Routing);
         // Experts are used in index order, whatever order they arrive in, so the sum is the
         // same bit for bit however the bytes were fetched.
@@ -323,6 +333,7 @@ impl<B: Backend> SparseMoe<B> {
         for ((e, (rows, weights)), resident) in by_expert.into_iter().zip(resident.iter_mut()) {
             let expert = match resident.take() {
                 Some(expert) => expert,
+                None if e >= cpu_from => continue,
                 None => {
                     let fetched = pending
                         .next()
@@ -334,10 +345,6 @@ impl<B: Backend> SparseMoe<B> {
                     }
                     let view = fetched.wait()?;
                     clock.charge(times, Phase::ExpertIoWait);
-                    if e >= cpu_from {
-                        cpu_work.push((view, weights[0]));
-                        continue;
-                    }
                     group_fetched += view.storage_bytes();
                     b.load_expert(self.layer, e, &view)?
                 }
@@ -360,17 +367,55 @@ impl<B: Backend> SparseMoe<B> {
             shared_expert_ffn(b, x, shared, out)?;
         }
         clock.charge(times, Phase::ExpertCompute);
-        if let Some(x_host) = x_host {
-            let started = Instant::now();
-            let y = experts_on_cpu(&x_host, &cpu_work)?;
-            let bytes = cpu_work.iter().map(|(e, _)| e.storage_bytes()).sum();
-            plan.cpu.record(bytes, started.elapsed());
+        if let Some(result) = cpu_result {
+            let done = result
+                .recv()
+                .map_err(|_| Error::InvalidInput("the CPU's experts were lost".into()))??;
+            plan.cpu.record(done.bytes, done.compute);
             clock.charge(times, Phase::CpuExperts);
-            b.add_assign(out, &b.upload(&y, 1, y.len())?)?;
+            b.add_assign(out, &b.upload(&done.sum, 1, done.sum.len())?)?;
             clock.charge(times, Phase::ExpertCompute);
         }
         Ok(())
     }
+}
+
+/// What the CPU's share of a token's experts came to.
+struct CpuExperts {
+    /// `sum_e(w_e * expert_e(x))`.
+    sum: Vec<f32>,
+    /// The experts' bytes, and the time their arithmetic took (not the wait for them).
+    bytes: usize,
+    compute: Duration,
+}
+
+/// Computes `sum_e(w_e * expert_e(x))` over `experts` on the CPU's thread pool, from when
+/// their bytes arrive, while the caller goes on; the result comes through the channel.
+fn start_experts_on_cpu(
+    x: Vec<f32>,
+    experts: Vec<PendingExpert>,
+    weights: Vec<f32>,
+) -> mpsc::Receiver<Result<CpuExperts>> {
+    let (done, result) = mpsc::channel();
+    rayon::spawn(move || {
+        let run = || -> Result<CpuExperts> {
+            let views = experts
+                .into_iter()
+                .map(PendingExpert::wait)
+                .collect::<Result<Vec<_>>>()?;
+            let started = Instant::now();
+            let work: Vec<(ExpertView, f32)> = views.into_iter().zip(weights).collect();
+            let sum = experts_on_cpu(&x, &work)?;
+            Ok(CpuExperts {
+                sum,
+                bytes: work.iter().map(|(e, _)| e.storage_bytes()).sum(),
+                compute: started.elapsed(),
+            })
+        };
+        // The receiver is gone only when the layer failed on the device side.
+        let _ = done.send(run());
+    });
+    result
 }
 
 /// `sum_e(w_e * expert_e(x))` for one token on the host CPU, in the experts' order.

@@ -14,7 +14,10 @@ pub enum Phase {
     ExpertIoWait,
     /// Routed and shared expert arithmetic.
     ExpertCompute,
-    /// Routed experts computed by the host CPU beside a GPU (`ExpertPlan::cpu_share`).
+    /// Waiting for the routed experts the host CPU computes beside a GPU ([`CpuShare`]), past
+    /// the device's work queued meanwhile.
+    ///
+    /// [`CpuShare`]: super::moe::CpuShare
     CpuExperts,
     LmHead,
     /// Embedding, norms, residual additions.
