@@ -303,6 +303,9 @@ impl<B: Backend> SparseMoe<B> {
             .map(|(&e, _)| e)
             .collect();
         let mut pending = self.experts.fetch(&missing)?;
+        if pending.len() != missing.len() {
+            return Err(Error::InvalidInput("expert fetch fell short".into()));
+        }
         // The CPU takes the last of the missed experts and starts on them at once, beside the
         // device's copies of the others. It needs x in host memory, fetched before any copy
         // is queued (a download behind the copies would wait for them).
