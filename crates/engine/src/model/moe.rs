@@ -310,10 +310,11 @@ impl<B: Backend> SparseMoe<B> {
         // device's copies of the others. It needs x in host memory, fetched before any copy
         // is queued (a download behind the copies would wait for them).
         let on_cpu = if tokens == 1 { plan.cpu.on_cpu(missing.len()) } else { 0 };
-        let cpu_from = missing.get(missing.len() - on_cpu).copied().unwrap_or(usize::MAX);
+        let first_on_cpu = missing.len() - on_cpu;
+        let cpu_from = missing.get(first_on_cpu).copied().unwrap_or(usize::MAX);
         let cpu_result = if on_cpu > 0 {
-            let cpu_pending = pending.split_off(missing.len() - on_cpu);
-            let cpu_weights = missing[missing.len() - on_cpu..]
+            let cpu_pending = pending.split_off(first_on_cpu);
+            let cpu_weights = missing[first_on_cpu..]
                 .iter()
                 .map(|e| by_expert.get(e).map_or(0.0, |(_, w)| w[0]))
                 .collect();
@@ -392,8 +393,9 @@ struct CpuExperts {
     compute: Duration,
 }
 
-/// Computes `sum_e(w_e * expert_e(x))` over `experts` on the CPU's thread pool, from when
-/// their bytes arrive, while the caller goes on; the result comes through the channel.
+/// Computes `sum_e(w_e * expert_e(x))` over `experts` on the CPU's thread pool, in their
+/// order, from when their bytes arrive, while the caller goes on; the result comes through
+/// the channel.
 fn start_experts_on_cpu(
     x: Vec<f32>,
     experts: Vec<PendingExpert>,
@@ -407,11 +409,13 @@ fn start_experts_on_cpu(
                 .map(PendingExpert::wait)
                 .collect::<Result<Vec<_>>>()?;
             let started = Instant::now();
-            let work: Vec<(ExpertView, f32)> = views.into_iter().zip(weights).collect();
-            let sum = experts_on_cpu(&x, &work)?;
+            let x = CpuTensor::new(1, x.len(), x);
+            let mut sum = CpuTensor::new(1, x.cols, vec![0.0; x.cols]);
+            let refs: Vec<&ExpertView> = views.iter().collect();
+            CpuBackend::new().experts_ffn_one_token(&x, &refs, &weights, None, &mut sum)?;
             Ok(CpuExperts {
-                sum,
-                bytes: work.iter().map(|(e, _)| e.storage_bytes()).sum(),
+                sum: sum.data,
+                bytes: views.iter().map(ExpertView::storage_bytes).sum(),
                 compute: started.elapsed(),
             })
         };
@@ -419,17 +423,6 @@ fn start_experts_on_cpu(
         let _ = done.send(run());
     });
     result
-}
-
-/// `sum_e(w_e * expert_e(x))` for one token on the host CPU, in the experts' order.
-fn experts_on_cpu(x: &[f32], work: &[(ExpertView, f32)]) -> Result<Vec<f32>> {
-    let cpu = CpuBackend::new();
-    let x = CpuTensor::new(1, x.len(), x.to_vec());
-    let experts: Vec<&ExpertView> = work.iter().map(|(e, _)| e).collect();
-    let weights: Vec<f32> = work.iter().map(|&(_, w)| w).collect();
-    let mut sum = CpuTensor::new(1, x.cols, vec![0.0; x.cols]);
-    cpu.experts_ffn_one_token(&x, &experts, &weights, None, &mut sum)?;
-    Ok(sum.data)
 }
 
 /// Bytes of fetched experts one group holds at most. On a GPU that does not cache them,
