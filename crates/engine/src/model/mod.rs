@@ -138,7 +138,7 @@ impl<B: Backend> Model<B> {
         }
         let experts = ExpertPlan {
             per_token: config.moe.experts_per_token,
-            cpu: CpuSplit::new(CpuShare::Fixed(0.0), None),
+            cpu: CpuSplit::new(CpuShare::Fixed(0.0)),
         };
         Ok(Model {
             config,
@@ -183,11 +183,7 @@ impl<B: Backend> Model<B> {
                 "the CPU's share of missed experts must be between 0 and 1, not {v}"
             )));
         }
-        let link = match share {
-            CpuShare::Auto => self.backend.host_link_rate(),
-            CpuShare::Fixed(_) => None,
-        };
-        self.experts.cpu = CpuSplit::new(share, link);
+        self.experts.cpu = CpuSplit::new(share);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use super::config::ModelConfig;
@@ -83,10 +83,11 @@ impl std::str::FromStr for CpuShare {
 #[derive(Debug)]
 pub struct CpuSplit {
     share: CpuShare,
-    /// The backend's host-to-device bytes per second (`Auto` only).
-    link_rate: Option<f64>,
+    /// The backend's host-to-device bytes per second, asked for the first time `Auto` has
+    /// missed experts to split (a backend that holds every expert never measures it).
+    link_rate: OnceLock<Option<f64>>,
     /// The CPU's bytes of experts per second (f64 bits): a moving average over the layers it
-    /// computed, starting from a guess.
+    /// computed; 0 until the first counted one, the guess standing in for it.
     cpu_rate: AtomicU64,
     /// Layers the CPU computed experts for.
     samples: AtomicU64,
@@ -104,32 +105,41 @@ const REMEASURE_EVERY: u64 = 32;
 const AUTO_MIN_MISSED: usize = 4;
 
 impl CpuSplit {
-    pub fn new(share: CpuShare, link_rate: Option<f64>) -> Self {
+    pub fn new(share: CpuShare) -> Self {
         CpuSplit {
             share,
-            link_rate,
-            cpu_rate: AtomicU64::new((FIRST_GUESS * link_rate.unwrap_or(0.0)).to_bits()),
+            link_rate: OnceLock::new(),
+            cpu_rate: AtomicU64::new(0),
             samples: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
         }
     }
 
-    /// The share in force now.
+    /// The share in force now (for `Auto`, 0 until it has had experts to split).
     pub fn share(&self) -> f32 {
-        match (self.share, self.link_rate) {
+        match (self.share, self.link_rate.get().copied().flatten()) {
             (CpuShare::Fixed(v), _) => v,
             (CpuShare::Auto, Some(link)) => {
-                let cpu = f64::from_bits(self.cpu_rate.load(Ordering::Relaxed));
+                let cpu = self.cpu_rate(link);
                 (cpu / (cpu + link)) as f32
             }
             (CpuShare::Auto, None) => 0.0,
         }
     }
 
-    /// How many of `missed` experts the CPU takes.
-    fn on_cpu(&self, missed: usize) -> usize {
+    /// The CPU's measured rate, or before any, the guess.
+    fn cpu_rate(&self, link: f64) -> f64 {
+        match f64::from_bits(self.cpu_rate.load(Ordering::Relaxed)) {
+            0.0 => FIRST_GUESS * link,
+            measured => measured,
+        }
+    }
+
+    /// How many of `missed` experts the CPU takes; `link_rate` is the backend's
+    /// ([`Backend::host_link_rate`]), asked once.
+    fn on_cpu(&self, missed: usize, link_rate: impl FnOnce() -> Option<f64>) -> usize {
         let auto = self.share == CpuShare::Auto;
-        if auto && (missed < AUTO_MIN_MISSED || self.link_rate.is_none()) {
+        if auto && (missed < AUTO_MIN_MISSED || self.link_rate.get_or_init(link_rate).is_none()) {
             return 0;
         }
         let n = ((missed as f32 * self.share()).round() as usize).min(missed);
@@ -142,11 +152,14 @@ impl CpuSplit {
     /// Counts `bytes` of experts the CPU computed in `elapsed`. The first layer's time is
     /// left out: it pays for starting the CPU's threads.
     fn record(&self, bytes: usize, elapsed: Duration) {
+        let Some(link) = self.link_rate.get().copied().flatten() else {
+            return;
+        };
         if self.samples.fetch_add(1, Ordering::Relaxed) == 0 {
             return;
         }
         let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-9);
-        let old = f64::from_bits(self.cpu_rate.load(Ordering::Relaxed));
+        let old = self.cpu_rate(link);
         self.cpu_rate
             .store((0.9 * old + 0.1 * rate).to_bits(), Ordering::Relaxed);
     }
@@ -309,7 +322,11 @@ impl<B: Backend> SparseMoe<B> {
         // The CPU takes the last of the missed experts and starts on them at once, beside the
         // device's copies of the others. It needs x in host memory, fetched before any copy
         // is queued (a download behind the copies would wait for them).
-        let on_cpu = if tokens == 1 { plan.cpu.on_cpu(missing.len()) } else { 0 };
+        let on_cpu = if tokens == 1 {
+            plan.cpu.on_cpu(missing.len(), || b.host_link_rate())
+        } else {
+            0
+        };
         let first_on_cpu = missing.len() - on_cpu;
         let cpu_from = missing.get(first_on_cpu).copied().unwrap_or(usize::MAX);
         let cpu_result = if on_cpu > 0 {
@@ -470,21 +487,30 @@ impl<B: Backend> DenseMlp<B> {
 mod tests {
     use super::*;
 
+    const LINK: fn() -> Option<f64> = || Some(60e9);
+
     #[test]
     fn shares_parse_and_round() {
         assert_eq!("auto".parse(), Ok(CpuShare::Auto));
         assert_eq!("0.3".parse(), Ok(CpuShare::Fixed(0.3)));
         assert!("1.5".parse::<CpuShare>().is_err());
         assert!("half".parse::<CpuShare>().is_err());
-        let fixed = CpuSplit::new(CpuShare::Fixed(0.3), None);
-        assert_eq!([1, 2, 4, 10].map(|m| fixed.on_cpu(m)), [0, 1, 1, 3]);
-        assert_eq!(CpuSplit::new(CpuShare::Fixed(1.0), None).on_cpu(7), 7);
+        let fixed = CpuSplit::new(CpuShare::Fixed(0.3));
+        assert_eq!([1, 2, 4, 10].map(|m| fixed.on_cpu(m, LINK)), [0, 1, 1, 3]);
+        assert_eq!(CpuSplit::new(CpuShare::Fixed(1.0)).on_cpu(7, || None), 7);
     }
 
     #[test]
     fn auto_balances_the_cpu_against_the_link() {
-        assert_eq!(CpuSplit::new(CpuShare::Auto, None).on_cpu(10), 0, "no link: no split");
-        let split = CpuSplit::new(CpuShare::Auto, Some(60e9));
+        assert_eq!(
+            CpuSplit::new(CpuShare::Auto).on_cpu(10, || None),
+            0,
+            "no link: no split"
+        );
+        let split = CpuSplit::new(CpuShare::Auto);
+        assert_eq!(split.share(), 0.0, "nothing split yet");
+        assert_eq!(split.on_cpu(3, || panic!("asked for too few missed experts")), 0);
+        assert_eq!(split.on_cpu(10, LINK), 3);
         assert!(
             (split.share() - 1.0 / 3.0).abs() < 1e-6,
             "first guess: half the link's rate"
@@ -495,21 +521,22 @@ mod tests {
         split.record(10_000_000, Duration::from_millis(1));
         let cpu = 0.9 * 30e9 + 0.1 * 10e9;
         assert!((f64::from(split.share()) - cpu / (cpu + 60e9)).abs() < 1e-6);
-        assert_eq!(split.on_cpu(10), 3);
-        assert_eq!(split.on_cpu(3), 0, "too few missed experts to split");
+        assert_eq!(split.on_cpu(10, || panic!("asked twice")), 3);
+        assert_eq!(split.on_cpu(3, LINK), 0, "too few missed experts to split");
     }
 
     #[test]
     fn auto_measures_again_after_giving_the_cpu_nothing() {
-        let split = CpuSplit::new(CpuShare::Auto, Some(60e9));
+        let split = CpuSplit::new(CpuShare::Auto);
+        assert_eq!(split.on_cpu(4, LINK), 1);
         for _ in 0..40 {
             split.record(1, Duration::from_secs(1));
         }
         assert!(split.share() < 0.05);
-        let given: Vec<usize> = (0..64).map(|_| split.on_cpu(4)).collect();
+        let given: Vec<usize> = (0..64).map(|_| split.on_cpu(4, LINK)).collect();
         assert_eq!(given.iter().filter(|&&n| n == 1).count(), 2, "{given:?}");
         assert!(given.iter().all(|&n| n <= 1));
-        let fixed = CpuSplit::new(CpuShare::Fixed(0.0), None);
-        assert!((0..64).all(|_| fixed.on_cpu(4) == 0), "a fixed share is kept");
+        let fixed = CpuSplit::new(CpuShare::Fixed(0.0));
+        assert!((0..64).all(|_| fixed.on_cpu(4, LINK) == 0), "a fixed share is kept");
     }
 }
