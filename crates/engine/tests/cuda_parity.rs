@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
-use flash_moe_engine::backend::{AttentionShape, Backend, ExpertCacheStats, ExpertRows, SharedExpert};
+use flash_moe_engine::backend::{
+    AttentionShape, Backend, ExpertCacheStats, ExpertRows, HeadPrep, SharedExpert, attention_inputs_unfused,
+};
 use flash_moe_engine::engine::load_model;
 use flash_moe_engine::model::config::LinearAttentionConfig;
 use flash_moe_engine::model::weights::ExpertView;
@@ -404,6 +406,29 @@ fn every_operation_matches_the_cpu() {
             Ok([b.download(&q)?, b.download(&gate)?].concat())
         }
     );
+    // The attention inputs in one launch: head dims that load as float4s and one that does
+    // not, partial and full rotation, one row and three after five cached.
+    for (heads, kv_heads, d, rot, rows) in [
+        (8usize, 2usize, 64usize, 16usize, 1usize),
+        (4, 2, 30, 30, 3),
+        (16, 1, 256, 64, 1),
+    ] {
+        let name = format!("attention inputs {heads}:{kv_heads} heads of {d}, rotary {rot}, {rows} rows");
+        let args = (heads, kv_heads, d, rot, rows);
+        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b,
+                                                     p: (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize
+        )| {
+            attention_inputs(b, p, false)
+        });
+        let fused = attention_inputs(&gpu, args, false).unwrap();
+        let unfused = attention_inputs(&gpu, args, true).unwrap();
+        assert!(fused == unfused, "{name}: the fused launch changed a bit");
+    }
     same_on_both!(
         "attention GQA 8:2, 3 queries after 40 cached",
         &cpu,
@@ -678,6 +703,45 @@ fn the_device_draws_the_hosts_tokens() {
 /// The logits of every position, and the backend's expert cache counters; `prefetch` puts
 /// every expert in the backend's cache first (on a GPU with room for them all, one-token
 /// steps are then routed on the device).
+/// `Backend::attention_inputs` (or its unfused composition) on random projections with five
+/// rows already cached: the queries, gates, keys and values, one after another.
+fn attention_inputs<B: Backend>(b: &B, p: (usize, usize, usize, usize, usize), unfused: bool) -> Result<Vec<f32>> {
+    let (heads, kv_heads, d, rotary_dim, rows) = p;
+    let mut rng = SmallRng::seed_from_u64(5);
+    let kv = kv_heads * d;
+    let query_gate = b.upload(&random(&mut rng, rows * heads * 2 * d, 1.0), rows, heads * 2 * d)?;
+    let k = b.upload(&random(&mut rng, rows * kv, 1.0), rows, kv)?;
+    let v = b.upload(&random(&mut rng, rows * kv, 1.0), rows, kv)?;
+    let q_norm = b.upload(&random(&mut rng, d, 1.0), 1, d)?;
+    let k_norm = b.upload(&random(&mut rng, d, 1.0), 1, d)?;
+    let mut keys = b.upload(&random(&mut rng, 5 * kv, 1.0), 5, kv)?;
+    let mut values = b.upload(&random(&mut rng, 5 * kv, 1.0), 5, kv)?;
+    let prep = HeadPrep {
+        shape: AttentionShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        },
+        q_norm: &q_norm,
+        k_norm: &k_norm,
+        eps: 1e-6,
+        rotary_dim,
+        rope_theta: 1e7,
+    };
+    let (q, gate) = if unfused {
+        attention_inputs_unfused(b, &query_gate, &k, &v, &prep, 5, &mut keys, &mut values)?
+    } else {
+        b.attention_inputs(&query_gate, &k, &v, &prep, 5, &mut keys, &mut values)?
+    };
+    Ok([
+        b.download(&q)?,
+        b.download(&gate)?,
+        b.download(&keys)?,
+        b.download(&values)?,
+    ]
+    .concat())
+}
+
 fn fixture_logits<B: Backend>(
     backend: B,
     model: &std::path::Path,

@@ -170,6 +170,24 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Self::Tensor, Self::Tensor)>;
     /// Rotate-half RoPE on the first `rotary_dim` dims of every head; row `t` is at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Tensor, head_dim: usize, rotary_dim: usize, theta: f64, pos0: usize) -> Result<()>;
+    /// The attention inputs of `T` rows at positions `pos0..pos0 + T`, from a full-attention
+    /// layer's projections: the queries split from their gates (`query_gate` holds heads of
+    /// `[query | gate]`), queries and keys RMS-normalized per head and rotated as `prep`
+    /// says, the keys appended to `keys` and `v` to `values`. Returns `(query, gate)`.
+    /// Backends may do it all in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_inputs(
+        &self,
+        query_gate: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        prep: &HeadPrep<'_, Self::Tensor>,
+        pos0: usize,
+        keys: &mut Self::Tensor,
+        values: &mut Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        attention_inputs_unfused(self, query_gate, k, v, prep, pos0, keys, values)
+    }
     /// Causal softmax attention of the `T` query rows (at positions `pos0..pos0+T`) over the
     /// first `pos0 + T` cached key/value rows.
     fn attention(
@@ -423,6 +441,41 @@ pub struct ExpertRows<'a, E> {
     pub expert: &'a E,
     pub rows: &'a [usize],
     pub weights: &'a [f32],
+}
+
+/// What a full-attention layer does to each query and key head before attending: RMSNorm
+/// with `q_norm` / `k_norm` (`head_dim` wide), then rotate-half RoPE on the first
+/// `rotary_dim` dims.
+pub struct HeadPrep<'a, T> {
+    pub shape: AttentionShape,
+    pub q_norm: &'a T,
+    pub k_norm: &'a T,
+    pub eps: f32,
+    pub rotary_dim: usize,
+    pub rope_theta: f64,
+}
+
+/// [`Backend::attention_inputs`] as the backend's separate operations.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_inputs_unfused<B: Backend + ?Sized>(
+    b: &B,
+    query_gate: &B::Tensor,
+    k: &B::Tensor,
+    v: &B::Tensor,
+    prep: &HeadPrep<'_, B::Tensor>,
+    pos0: usize,
+    keys: &mut B::Tensor,
+    values: &mut B::Tensor,
+) -> Result<(B::Tensor, B::Tensor)> {
+    let hd = prep.shape.head_dim;
+    let (q, gate) = b.split_query_gate(query_gate, prep.shape.num_heads, hd)?;
+    let mut q = b.rms_norm(&q, prep.q_norm, prep.eps)?;
+    let mut k = b.rms_norm(k, prep.k_norm, prep.eps)?;
+    b.rope(&mut q, hd, prep.rotary_dim, prep.rope_theta, pos0)?;
+    b.rope(&mut k, hd, prep.rotary_dim, prep.rope_theta, pos0)?;
+    b.append_rows(keys, &k)?;
+    b.append_rows(values, v)?;
+    Ok((q, gate))
 }
 
 /// [`Backend::rms_norm_project`] for a fixed number of matrices: the normalized `x` and the

@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::weights::{LayerWeight as W, Weight, WeightSource};
-use crate::backend::{AttentionShape, Backend, norm_project};
+use crate::backend::{AttentionShape, Backend, HeadPrep, norm_project};
 use crate::error::Result;
 
 pub struct GatedAttention<B: Backend> {
@@ -77,15 +77,16 @@ impl<B: Backend> GatedAttention<B> {
         pos0: usize,
         residual: &mut B::Tensor,
     ) -> Result<()> {
-        let hd = self.shape.head_dim;
         let (_, [query_gate, k, v]) = norm_project(b, residual, norm, [&self.q_proj, &self.k_proj, &self.v_proj])?;
-        let (q, gate) = b.split_query_gate(&query_gate, self.shape.num_heads, hd)?;
-        let mut q = b.rms_norm(&q, &self.q_norm, self.eps)?;
-        let mut k = b.rms_norm(&k, &self.k_norm, self.eps)?;
-        b.rope(&mut q, hd, self.rotary_dim, self.rope_theta, pos0)?;
-        b.rope(&mut k, hd, self.rotary_dim, self.rope_theta, pos0)?;
-        b.append_rows(&mut cache.keys, &k)?;
-        b.append_rows(&mut cache.values, &v)?;
+        let prep = HeadPrep {
+            shape: self.shape,
+            q_norm: &self.q_norm,
+            k_norm: &self.k_norm,
+            eps: self.eps,
+            rotary_dim: self.rotary_dim,
+            rope_theta: self.rope_theta,
+        };
+        let (q, gate) = b.attention_inputs(&query_gate, &k, &v, &prep, pos0, &mut cache.keys, &mut cache.values)?;
         let mut out = b.attention(&q, &cache.keys, &cache.values, self.shape, pos0)?;
         b.mul_sigmoid(&mut out, &gate)?;
         b.matmul_add(&out, &self.o_proj, residual)

@@ -32,6 +32,13 @@ enum Ffn<B: Backend> {
     Dense(DenseMlp<B>),
 }
 
+/// The part of a one-token layer step the backend records and replays.
+enum RecordedPart {
+    None,
+    Layer(StepKey),
+    Ffn(StepKey),
+}
+
 struct DecoderLayer<B: Backend> {
     input_norm: B::Tensor,
     post_attention_norm: B::Tensor,
@@ -269,19 +276,31 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// The key under which the backend may record this one-token step of layer `index`: a
-    /// linear-attention layer (nothing in it depends on the position) whose experts the
-    /// backend routes by itself (no wait on the device). Layers with a dense MLP would do
-    /// too, but no fixture has a linear-attention layer with one, so the parity test could
-    /// not check them.
-    fn step_key(&self, index: usize, layer: &DecoderLayer<B>, state: &LayerState<B>, x: &B::Tensor) -> Option<StepKey> {
+    /// What of this one-token step of layer `index` the backend may record, and under which
+    /// key. Nothing in a recorded part may depend on the position or wait on the device:
+    /// a linear-attention layer whose experts the backend routes by itself is recorded whole;
+    /// of a full-attention layer (RoPE, the cache append and the attention read the position)
+    /// only the MoE block. Layers with a dense MLP would do too, but no fixture has one, so
+    /// the parity test could not check them.
+    fn recorded_part(
+        &self,
+        index: usize,
+        layer: &DecoderLayer<B>,
+        state: &LayerState<B>,
+        x: &B::Tensor,
+    ) -> RecordedPart {
         let b = &self.backend;
-        match (state, &layer.ffn) {
-            (LayerState::Linear(s), Ffn::Moe(_)) if b.routes_on_device(index) => {
-                b.step_key(index, self.experts.per_token, &[x, &s.conv, &s.recurrent])
-            }
-            _ => None,
+        if !matches!(layer.ffn, Ffn::Moe(_)) || !b.routes_on_device(index) {
+            return RecordedPart::None;
         }
+        let per_token = self.experts.per_token;
+        let key = match state {
+            LayerState::Linear(s) => b
+                .step_key(index, per_token, &[x, &s.conv, &s.recurrent])
+                .map(RecordedPart::Layer),
+            LayerState::Attention(_) => b.step_key(index, per_token, &[x]).map(RecordedPart::Ffn),
+        };
+        key.unwrap_or(RecordedPart::None)
     }
 
     /// `layer` on `x` (the residual stream, updated), continuing `state`.
@@ -362,20 +381,28 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let pos0 = state.position;
         let (mut x, mut clock) = self.embed_timed(ids, state)?;
-        for (index, layer, layer_state, times, mut log) in self.layers_with(state) {
-            let key = match (&log, ids.len()) {
-                (None, 1) => self.step_key(index, layer, layer_state, &x),
-                _ => None,
+        for (index, layer, layer_state, times, log) in self.layers_with(state) {
+            let part = match (&log, ids.len()) {
+                (None, 1) => self.recorded_part(index, layer, layer_state, &x),
+                _ => RecordedPart::None,
             };
             let mut ran = false;
-            let mut step = || {
-                ran = true;
-                let log = log.as_deref_mut();
-                self.layer_step(layer, layer_state, pos0, times, &mut clock, log, &mut x)
-            };
-            match &key {
-                Some(key) => b.run_step(key, &mut step)?,
-                None => step()?,
+            match part {
+                RecordedPart::None => {
+                    self.layer_step(layer, layer_state, pos0, times, &mut clock, log, &mut x)?;
+                    ran = true;
+                }
+                RecordedPart::Layer(key) => b.run_step(&key, &mut || {
+                    ran = true;
+                    self.layer_step(layer, layer_state, pos0, times, &mut clock, None, &mut x)
+                })?,
+                RecordedPart::Ffn(key) => {
+                    self.mixer_step(layer, layer_state, pos0, times, &mut clock, &mut x)?;
+                    b.run_step(&key, &mut || {
+                        ran = true;
+                        self.ffn_step(layer, times, &mut clock, None, &mut x)
+                    })?;
+                }
             }
             if !ran {
                 clock.charge(times, Phase::Replayed);

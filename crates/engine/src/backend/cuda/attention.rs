@@ -14,7 +14,7 @@ use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{CudaBackend, CudaTensor, THREADS, blocks, cuda};
-use crate::backend::AttentionShape;
+use crate::backend::{AttentionShape, HeadPrep};
 use crate::error::{Error, Result};
 
 /// The attention scores one launch may hold (floats): 256 MiB, rather than a size that grows
@@ -55,6 +55,95 @@ impl QueryBlock<'_> {
 }
 
 impl CudaBackend {
+    /// Room in `dst` (a KV cache) for `extra` more rows: a buffer of twice the size, the rows
+    /// so far copied over, when it is full.
+    pub(super) fn reserve_rows(&self, dst: &mut CudaTensor, extra: usize) -> Result<()> {
+        let needed = (dst.rows + extra) * dst.cols;
+        if needed > dst.buf.len() {
+            let mut grown = self.alloc((2 * dst.buf.len()).max(needed).max(64 * dst.cols))?;
+            if dst.len() > 0 {
+                self.stream
+                    .memcpy_dtod(&dst.buf.slice(0..dst.len()), &mut grown.slice_mut(0..dst.len()))
+                    .map_err(cuda("growing a cache"))?;
+            }
+            dst.buf = grown;
+        }
+        Ok(())
+    }
+
+    /// [`crate::backend::Backend::attention_inputs`] in one launch: a block per (row, head)
+    /// of the queries, the keys and the values.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn prepare_attention(
+        &self,
+        query_gate: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        prep: &HeadPrep<'_, CudaTensor>,
+        pos0: usize,
+        keys: &mut CudaTensor,
+        values: &mut CudaTensor,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        let AttentionShape {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        } = prep.shape;
+        let rows = query_gate.rows;
+        let kv_width = kv_heads * d;
+        let shapes_agree = query_gate.cols == 2 * heads * d
+            && [k, v].iter().all(|t| t.rows == rows && t.cols == kv_width)
+            && [&*keys, &*values].iter().all(|t| t.cols == kv_width)
+            && keys.rows == values.rows
+            && prep.q_norm.len() == d
+            && prep.k_norm.len() == d
+            && prep.rotary_dim <= d
+            && prep.rotary_dim.is_multiple_of(2);
+        if !shapes_agree {
+            return Err(Error::InvalidInput(format!(
+                "attention inputs: {heads} query and {kv_heads} KV heads of {d} (rotary {}) do not match \
+                 the projections, norms or caches",
+                prep.rotary_dim
+            )));
+        }
+        self.reserve_rows(keys, rows)?;
+        self.reserve_rows(values, rows)?;
+        let q = self.tensor(rows, heads * d)?;
+        let gate = self.tensor(rows, heads * d)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((rows * (heads + 2 * kv_heads)) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (4 * d) as u32,
+        };
+        let (h, kvh, di, rot) = (heads as i32, kv_heads as i32, d as i32, prep.rotary_dim as i32);
+        let (theta, p0, at) = (prep.rope_theta as f32, pos0 as i32, keys.rows as i64);
+        launch!(
+            self,
+            &self.k.attention_inputs,
+            cfg,
+            &*query_gate.buf,
+            &*k.buf,
+            &*v.buf,
+            &*prep.q_norm.buf,
+            &*prep.k_norm.buf,
+            &prep.eps,
+            &h,
+            &kvh,
+            &di,
+            &rot,
+            &theta,
+            &p0,
+            &at,
+            &*q.buf,
+            &*gate.buf,
+            &mut *keys.buf,
+            &mut *values.buf
+        )?;
+        keys.rows += rows;
+        values.rows += rows;
+        Ok((q, gate))
+    }
+
     /// [`crate::backend::Backend::attention`].
     pub(super) fn attend(
         &self,

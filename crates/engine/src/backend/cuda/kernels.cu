@@ -1080,6 +1080,63 @@ extern "C" __global__ void rope(float* x, int cols, int head_dim, int rot, float
     h[k + half] = b * c + a * s;
 }
 
+// A full-attention layer's inputs for `rows` rows at positions pos0..: block (t, j) takes
+// query head j < heads (split from its gate, RMS-normalized, rotated), key head j - heads
+// (normalized, rotated, written to the cache at row at + t) or value head j - heads -
+// kv_heads (copied to the cache). The same arithmetic as split_query_gate, rms_norm and
+// rope one after another, in one launch instead of seven. Shared memory: d floats.
+extern "C" __global__ void attention_inputs(const float* qg, const float* k, const float* v, const float* q_norm,
+                                            const float* k_norm, float eps, int heads, int kv_heads, int d, int rot,
+                                            float theta, int pos0, long long at, float* q, float* gate, float* keys,
+                                            float* values) {
+    extern __shared__ float head[];
+    __shared__ float scratch[32];
+    int per_row = heads + 2 * kv_heads;
+    int t = blockIdx.x / per_row, j = blockIdx.x % per_row;
+    long long kvd = (long long)kv_heads * d;
+    if (j >= heads + kv_heads) {
+        const float* src = v + t * kvd + (long long)(j - heads - kv_heads) * d;
+        float* dst = values + (at + t) * kvd + (long long)(j - heads - kv_heads) * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i];
+        return;
+    }
+    bool query = j < heads;
+    int h = query ? j : j - heads;
+    const float* src = query ? qg + ((long long)t * heads + h) * 2 * d : k + t * kvd + (long long)h * d;
+    const float* w = query ? q_norm : k_norm;
+    float* dst = query ? q + ((long long)t * heads + h) * d : keys + (at + t) * kvd + (long long)h * d;
+    if (query)
+        for (int i = threadIdx.x; i < d; i += blockDim.x) gate[((long long)t * heads + h) * d + i] = src[d + i];
+    float4 vec[RMS_VECS];
+    float inv = rms_inverse(src, d, eps, scratch, vec);
+    if (rms_vectorized(d)) {
+#pragma unroll
+        for (int u = 0; u < RMS_VECS; ++u) {
+            int c = 4 * (u * blockDim.x + threadIdx.x);
+            if (c >= d) break;
+            float4 wv = *(const float4*)(w + c);
+            *(float4*)(head + c) = make_float4(vec[u].x * inv * wv.x, vec[u].y * inv * wv.y, vec[u].z * inv * wv.z,
+                                               vec[u].w * inv * wv.w);
+        }
+    } else {
+        for (int i = threadIdx.x; i < d; i += blockDim.x) head[i] = src[i] * inv * w[i];
+    }
+    __syncthreads();
+    int half = rot / 2;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        if (i >= rot) {
+            dst[i] = head[i];
+            continue;
+        }
+        int kk = i < half ? i : i - half;
+        float inv_freq = 1.0f / powf(theta, (float)(2 * kk) / (float)rot);
+        float angle = (float)(pos0 + t) * inv_freq;
+        float c = (float)cos((double)angle), s = (float)sin((double)angle);
+        float a = head[kk], b = head[kk + half];
+        dst[i] = i < half ? a * c - b * s : b * c + a * s;
+    }
+}
+
 // Scores of causal attention: one block per (query row t, head h), one warp per key.
 // scores[(t * heads + h) * keys_cap + j] = q . k_j * scale for j <= pos0 + t.
 // Attention for a few queries (decode), split over the keys as flash-decoding does: block

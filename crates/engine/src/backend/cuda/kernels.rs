@@ -59,6 +59,7 @@ pub struct Kernels {
     /// Rows of floats as the two f16 limbs `grouped_matmul_q` reads.
     pub split_rows_f16: CudaFunction,
     pub rope: CudaFunction,
+    pub attention_inputs: CudaFunction,
     pub attention_split: CudaFunction,
     pub attention_combine: CudaFunction,
     pub attention_softmax: CudaFunction,
@@ -150,6 +151,7 @@ impl Kernels {
             ],
             split_rows_f16: f("split_rows_f16")?,
             rope: f("rope")?,
+            attention_inputs: f("attention_inputs")?,
             attention_split: f("attention_split")?,
             attention_combine: f("attention_combine")?,
             attention_softmax: f("attention_softmax")?,

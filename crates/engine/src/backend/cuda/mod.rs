@@ -33,7 +33,8 @@ use memory::{DeviceBytes, keep_freed_memory, out_of_memory};
 use pool::{BufferPool, PooledBuf};
 
 use crate::backend::{
-    AttentionShape, Backend, DeviceRouting, ExpertCacheStats, ExpertRows, LogitPenalty, Route, SharedExpert, StepKey,
+    AttentionShape, Backend, DeviceRouting, ExpertCacheStats, ExpertRows, HeadPrep, LogitPenalty, Route, SharedExpert,
+    StepKey,
 };
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
@@ -522,16 +523,7 @@ impl Backend for CudaBackend {
         if dst.cols != src.cols {
             return Err(Error::InvalidInput("append_rows: column counts differ".into()));
         }
-        let needed = (dst.rows + src.rows) * dst.cols;
-        if needed > dst.buf.len() {
-            let mut grown = self.alloc((2 * dst.buf.len()).max(needed).max(64 * dst.cols))?;
-            if dst.len() > 0 {
-                self.stream
-                    .memcpy_dtod(&dst.buf.slice(0..dst.len()), &mut grown.slice_mut(0..dst.len()))
-                    .map_err(cuda("growing a cache"))?;
-            }
-            dst.buf = grown;
-        }
+        self.reserve_rows(dst, src.rows)?;
         if src.len() > 0 {
             let at = dst.len();
             self.stream
@@ -540,6 +532,19 @@ impl Backend for CudaBackend {
         }
         dst.rows += src.rows;
         Ok(())
+    }
+
+    fn attention_inputs(
+        &self,
+        query_gate: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        prep: &HeadPrep<'_, CudaTensor>,
+        pos0: usize,
+        keys: &mut CudaTensor,
+        values: &mut CudaTensor,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        self.prepare_attention(query_gate, k, v, prep, pos0, keys, values)
     }
 
     fn embed(&self, table: &CudaMatrix, ids: &[u32]) -> Result<CudaTensor> {
