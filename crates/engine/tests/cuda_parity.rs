@@ -14,7 +14,7 @@ use flash_moe_engine::backend::{
     AttentionShape, Backend, ExpertCacheStats, ExpertRows, HeadPrep, SharedExpert, attention_inputs_unfused,
 };
 use flash_moe_engine::engine::load_model;
-use flash_moe_engine::model::config::LinearAttentionConfig;
+use flash_moe_engine::model::config::{LayerKind, LinearAttentionConfig, ModelConfig};
 use flash_moe_engine::model::weights::ExpertView;
 use flash_moe_engine::model::{CpuShare, Logits};
 use flash_moe_engine::storage::blob::Blob;
@@ -864,6 +864,20 @@ fn every_fixture_model_matches_the_cpu() {
                 assert!(
                     decode_steps == 0 || replayed > 0,
                     "{name_str}: no layer step was replayed from a CUDA graph"
+                );
+                // Full-attention layers' MoE blocks are replayed too: more replays than the
+                // linear-attention layers alone could make.
+                let config = ModelConfig::from_dir(&dir).unwrap();
+                let linear = config
+                    .layers
+                    .iter()
+                    .filter(|&&k| k == LayerKind::LinearAttention)
+                    .count();
+                let attention = config.layers.len() - linear;
+                assert!(
+                    decode_steps == 0 || attention == 0 || replayed as usize > linear * decode_steps,
+                    "{name_str}: {replayed} replays in {decode_steps} tokens: the full-attention layers' MoE \
+                     blocks were not replayed"
                 );
                 routed_models += usize::from(routed > 0);
                 eprintln!(

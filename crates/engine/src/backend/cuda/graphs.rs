@@ -1,9 +1,10 @@
 //! Layer steps recorded as CUDA graphs and replayed.
 //!
 //! One token through a linear-attention layer whose experts are routed on the device is the
-//! same nine launches token after token, on the same buffers. Recorded once (stream
-//! capture), the step is replayed as one launch: the host saves the launches and the device
-//! the gaps between them (docs/perf.md: about 1.4 us per launch on an H200).
+//! same nine launches token after token, on the same buffers; so is the MoE block of a
+//! full-attention layer (its attention reads the position, and is not recorded). Recorded
+//! once (stream capture), the step is replayed as one launch: the host saves the launches
+//! and the device the gaps between them (docs/perf.md: about 1.4 us per launch on an H200).
 //!
 //! A key runs unrecorded the first time it is seen, which leaves in the buffer pool every
 //! buffer the step takes (a recording may not allocate: the allocation would become part of
@@ -26,8 +27,8 @@ use super::{CudaBackend, cuda};
 use crate::backend::StepKey;
 use crate::error::Result;
 
-/// Recordings kept at once: one per linear-attention layer for each of a few sequences
-/// (Qwen3.5-397B has 45 such layers; a recording holds about 0.3 MB of buffers).
+/// Recordings kept at once: one per MoE layer for each of a few sequences (Qwen3.5-397B has
+/// 60; a recording holds about 0.3 MB of buffers).
 const MAX_RECORDINGS: usize = 256;
 /// Sightings a key waits, at most, before its next recording attempt.
 const MAX_WAIT: u32 = 1024;
