@@ -81,7 +81,7 @@ def measure(a, layers, hbm, h2d):
                "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
                "--stats-json", stats, "--cpu-expert-share", share]
         if cap != "auto":
-            cmd += ["--gpu-expert-cache-gib", f"{float(cap) * layers / 60:.3f}"]
+            cmd += ["--gpu-expert-cache-gib", f"{float(cap) * layers / 60 * (a.experts or 512) / 512:.3f}"]
         if a.host_cache_mib:
             cmd += ["--expert-cache-mib", a.host_cache_mib]
         if a.prefetch:
@@ -176,8 +176,9 @@ def main():
     p.add_argument("--cpu-shares", default="0",
                    help="shares of the missed experts the CPU computes (--cpu-expert-share), e.g. 0,0.3,auto")
     p.add_argument("--caps", default="0,16,24,auto",
-                   help="VRAM expert cache caps in GiB for the full 60-layer model, or auto; the cap used is "
-                        "scaled by layers/60 so the cached share of experts matches the full model")
+                   help="VRAM expert cache caps in GiB for the full model (60 layers of 512 experts), or auto; "
+                        "the cap used is scaled by layers/60 and experts/512, so that it holds the same share of "
+                        "the experts as in the full model")
     p.add_argument("--host-cache-mib", type=int, default=0,
                    help="pinned in-process expert cache; with --prefetch every expert is in host RAM first")
     p.add_argument("--prefetch", action="store_true")
