@@ -13,6 +13,7 @@
 //! `memory.rs`: room made for the sequence state when the device runs out; `kernels.rs`
 //! and `kernels.cu`: the CUDA C and its compilation.
 
+mod admission;
 mod expert_cache;
 mod graphs;
 pub mod kernels;
