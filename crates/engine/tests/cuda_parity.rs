@@ -415,16 +415,9 @@ fn every_operation_matches_the_cpu() {
     ] {
         let name = format!("attention inputs {heads}:{kv_heads} heads of {d}, rotary {rot}, {rows} rows");
         let args = (heads, kv_heads, d, rot, rows);
-        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b,
-                                                     p: (
-            usize,
-            usize,
-            usize,
-            usize,
-            usize
-        )| {
-            attention_inputs(b, p, false)
-        });
+        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: HeadArgs| attention_inputs(
+            b, p, false
+        ));
         let fused = attention_inputs(&gpu, args, false).unwrap();
         let unfused = attention_inputs(&gpu, args, true).unwrap();
         assert!(fused == unfused, "{name}: the fused launch changed a bit");
@@ -703,9 +696,12 @@ fn the_device_draws_the_hosts_tokens() {
 /// The logits of every position, and the backend's expert cache counters; `prefetch` puts
 /// every expert in the backend's cache first (on a GPU with room for them all, one-token
 /// steps are then routed on the device).
+/// Query heads, KV heads, head dim, rotary dims, rows.
+type HeadArgs = (usize, usize, usize, usize, usize);
+
 /// `Backend::attention_inputs` (or its unfused composition) on random projections with five
 /// rows already cached: the queries, gates, keys and values, one after another.
-fn attention_inputs<B: Backend>(b: &B, p: (usize, usize, usize, usize, usize), unfused: bool) -> Result<Vec<f32>> {
+fn attention_inputs<B: Backend>(b: &B, p: HeadArgs, unfused: bool) -> Result<Vec<f32>> {
     let (heads, kv_heads, d, rotary_dim, rows) = p;
     let mut rng = SmallRng::seed_from_u64(5);
     let kv = kv_heads * d;

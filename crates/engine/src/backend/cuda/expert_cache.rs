@@ -3,13 +3,14 @@
 //! Eviction is least-recently-used with a second chance for experts that were hit before:
 //! an evicted candidate with hits left is moved back to the front with one hit fewer, so an
 //! expert used in many tokens outlives a burst of one-off ones (recency and frequency). When
-//! the cache is full, a missed expert is kept only if it was used more often lately than the
-//! expert it would evict (`admission`); otherwise it serves its token and is dropped.
+//! a token's misses outnumber what the cache holds, a missed expert is kept only if it was
+//! used more often lately than the expert it would evict (`admission`); otherwise it serves
+//! its token and is dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::admission::Frequencies;
+use super::admission::Admission;
 use super::experts::LayerTable;
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::ExpertCacheStats;
@@ -59,8 +60,8 @@ struct Inner {
     /// Device-side tables of the layers whose experts are all resident (`None`: they cannot
     /// run as one batch). Dropped when the layer loses an expert.
     tables: HashMap<usize, Option<Arc<LayerTable>>>,
-    /// Recent uses of every expert, hits and misses, for admission.
-    uses: Frequencies,
+    /// Lookups and misses per cycle of the layers, for the admission rule.
+    admission: Admission,
 }
 
 pub struct VramCache {
@@ -92,7 +93,7 @@ impl VramCache {
                 stats: ExpertCacheStats::default(),
                 per_layer: HashMap::new(),
                 tables: HashMap::new(),
-                uses: Frequencies::default(),
+                admission: Admission::default(),
             }),
         }
     }
@@ -111,7 +112,6 @@ impl VramCache {
 
     pub fn get(&self, layer: usize, index: usize) -> Option<CudaExpert> {
         let mut inner = self.lock();
-        inner.uses.record((layer, index));
         let found = inner.entries.get_mut(&(layer, index)).map(|e| {
             e.credit = e.credit.saturating_add(1).min(3);
             e.expert.clone()
@@ -119,6 +119,7 @@ impl VramCache {
         if found.is_some() {
             inner.stats.hits += 1;
         }
+        inner.admission.record(layer, index, found.is_some());
         found
     }
 
@@ -167,8 +168,9 @@ impl VramCache {
         freed
     }
 
-    /// Copies a fetched expert to the device and keeps it when the budget allows, in place of
-    /// colder experts when it is full.
+    /// Copies a fetched expert to the device and keeps it when the budget allows, evicting
+    /// the least recently used (or, while the cache holds less than a cycle's misses, only
+    /// colder ones).
     pub fn insert(&self, backend: &CudaBackend, layer: usize, index: usize, view: &ExpertView) -> Result<CudaExpert> {
         let expert = backend.upload_expert(view)?;
         let bytes = view.storage_bytes() as u64;
@@ -180,11 +182,12 @@ impl VramCache {
         if size > budget {
             return Ok(expert);
         }
+        let filtered = inner.admission.filters(size, budget);
         while inner.stats.resident_bytes + size > budget {
             let Some((&key, old)) = inner.entries.peek_lru() else {
                 break;
             };
-            if old.credit == 0 && !inner.uses.admits((layer, index), key) {
+            if filtered && old.credit == 0 && !inner.admission.admits((layer, index), key) {
                 return Ok(expert);
             }
             let Some((key, mut old)) = inner.entries.pop_lru() else {
