@@ -11,8 +11,9 @@ experts. Rules:
   switch  lru, turning into admit while a cycle of the layers misses more experts than the
           cache holds (the rule of crates/engine/src/backend/cuda/admission.rs)
 
-Use counts are halved once the uses since the last halving reach 8x the keys seen, as in
-the engine. Standard library only: python3 tools/cache_policy_sim.py [tokens]
+As in the engine, use counts are halved once the uses since the last halving reach 8x the
+keys seen, and the misses per cycle are a running mean giving the last cycle a weight of 1/4.
+Standard library only: python3 tools/cache_policy_sim.py [tokens]
 """
 
 import random
@@ -63,7 +64,7 @@ def hit_rate(rule, lookups, capacity):
     last_layer = -1
     for key in lookups:
         if key[0] < last_layer:
-            per_cycle = cycle_misses if per_cycle is None else per_cycle + 0.1 * (cycle_misses - per_cycle)
+            per_cycle = cycle_misses if per_cycle is None else per_cycle + 0.25 * (cycle_misses - per_cycle)
             cycle_misses = 0
         last_layer = key[0]
         uses.record(key)

@@ -16,8 +16,10 @@ use std::collections::HashMap;
 /// old popularity fades and the cache follows a change of topic.
 const AGING_FACTOR: u64 = 8;
 
-/// Weight of the last cycle in the running mean of misses per cycle.
-const CYCLE_WEIGHT: f64 = 0.1;
+/// Weight of the last cycle in the running mean of misses per cycle: a prompt's prefill
+/// misses most experts of every layer in one cycle, and the mean should be back at the
+/// decode's level within about ten tokens.
+const CYCLE_WEIGHT: f64 = 0.25;
 
 /// Use counts of (layer, expert) keys, halved now and then.
 #[derive(Default)]
@@ -137,11 +139,31 @@ mod tests {
         // 20 misses per cycle of 1-byte experts.
         assert!(a.filters(1, 19));
         assert!(!a.filters(1, 20));
-        // Cycles of 4 misses pull the mean down by a tenth of the gap each.
-        for _ in 0..40 {
+        // Cycles of 4 misses pull the mean down by a quarter of the gap each.
+        token(&mut a, 4, 1);
+        assert!(a.filters(1, 19), "the second cycle had 20 misses too");
+        token(&mut a, 4, 1);
+        assert!(!a.filters(1, 19) && a.filters(1, 15), "a quarter of the way to 4: 16");
+        for _ in 0..20 {
             token(&mut a, 4, 1);
         }
-        assert!(!a.filters(1, 5), "the mean follows the cycles");
-        assert!(a.filters(1, 4), "but stays above them");
+        assert!(!a.filters(1, 5) && a.filters(1, 3), "the mean follows the cycles");
+    }
+
+    #[test]
+    fn a_prefill_cycle_weighs_on_the_mean_for_a_few_tokens_only() {
+        // 180 misses per decode cycle, 30,000 in the prefill's, a cache of 540 experts: the
+        // rule applies for ten tokens after the prompt, not for good.
+        let mut a = Admission::default();
+        token(&mut a, 60, 3);
+        token(&mut a, 60, 500);
+        for _ in 0..6 {
+            token(&mut a, 60, 3);
+        }
+        assert!(a.filters(1, 540));
+        for _ in 0..6 {
+            token(&mut a, 60, 3);
+        }
+        assert!(!a.filters(1, 540));
     }
 }
