@@ -82,4 +82,28 @@ fn main() {
             median(rates) / 1e9
         );
     }
+    // A prompt's product: every token against every row, compute-bound when done well.
+    for (name, rows, cols, tokens) in [
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 2),
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 4),
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 8),
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 16),
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 64),
+        ("in_proj 4096x4096 4-bit", 4096, 4096, 512),
+        ("expert gate 1024x4096 4-bit", 1024, 4096, 24),
+    ] {
+        let w = affine(rows, cols, 4);
+        let x = b.upload(&vec![0.5f32; tokens * cols], tokens, cols).expect("upload");
+        let rates: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(b.matmul(&x, &w).expect("matmul"));
+                2.0 * (rows * cols * tokens) as f64 / t.elapsed().as_secs_f64()
+            })
+            .collect();
+        println!(
+            "{name} x {tokens} tokens: {:.1} GFLOP/s (median of 3)",
+            median(rates) / 1e9
+        );
+    }
 }

@@ -14,6 +14,15 @@ use crate::storage::quant::{Encoding, MatrixView, read_float};
 /// Output rows handled by one rayon task: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 16;
 
+/// Tokens from which a product runs as tiles of dequantized rows times all the tokens
+/// (sgemm): the row-at-a-time loop reads all of x once per row, which for a prompt chunk
+/// (8 MiB at 512 tokens of 4096) no longer stays in cache. Below 8 tokens both are bound by
+/// the dequantization (docs/perf.md).
+const GEMM_MIN_TOKENS: usize = 8;
+
+/// Rows per tile: 128 dequantized rows of 4096 columns are 2 MiB, reused by every token.
+const GEMM_TILE_ROWS: usize = 128;
+
 /// `x · wᵀ` for `x` of shape `[T, w.cols]`.
 pub fn matmul(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
     #[cfg(target_arch = "x86_64")]
@@ -37,6 +46,9 @@ unsafe fn matmul_avx2(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
 fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>) -> CpuTensor {
     let (t, k) = (x.rows, x.cols);
     debug_assert_eq!(k, w.cols);
+    if t >= GEMM_MIN_TOKENS {
+        return matmul_tiled(x, w);
+    }
     let n = w.rows;
     let fused = FusedAffine::new(w, x, integer);
     // Computed as [n, t] so each task writes a contiguous block, then transposed.
@@ -67,6 +79,55 @@ fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>
     for (r, col) in out_nt.chunks_exact(t).enumerate() {
         for (ti, &v) in col.iter().enumerate() {
             out[ti * n + r] = v;
+        }
+    }
+    CpuTensor::new(t, n, out)
+}
+
+/// `x · wᵀ` for many tokens: tiles of `GEMM_TILE_ROWS` rows, each dequantized once and
+/// multiplied with every token by a blocked sgemm (`matrixmultiply`), tiles in parallel.
+fn matmul_tiled(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
+    let (t, k, n) = (x.rows, x.cols, w.rows);
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(GEMM_TILE_ROWS))
+        .into_par_iter()
+        .map(|tile| {
+            let first = tile * GEMM_TILE_ROWS;
+            let rows = GEMM_TILE_ROWS.min(n - first);
+            let mut tile_w = vec![0.0f32; rows * k];
+            for (i, row) in tile_w.chunks_exact_mut(k).enumerate() {
+                w.dequantize_row(first + i, row);
+            }
+            let mut block = vec![0.0f32; t * rows];
+            // SAFETY: x is t x k (row stride k), tile_w is rows x k read as its transpose
+            // (k x rows: row stride 1, column stride k), block is t x rows (row stride rows);
+            // each buffer holds exactly those elements.
+            unsafe {
+                matrixmultiply::sgemm(
+                    t,
+                    k,
+                    rows,
+                    1.0,
+                    x.data.as_ptr(),
+                    k as isize,
+                    1,
+                    tile_w.as_ptr(),
+                    1,
+                    k as isize,
+                    0.0,
+                    block.as_mut_ptr(),
+                    rows as isize,
+                    1,
+                );
+            }
+            block
+        })
+        .collect();
+    let mut out = vec![0.0f32; t * n];
+    for (tile, block) in blocks.iter().enumerate() {
+        let first = tile * GEMM_TILE_ROWS;
+        let rows = block.len() / t;
+        for (dst, src) in out.chunks_exact_mut(n).zip(block.chunks_exact(rows)) {
+            dst[first..first + rows].copy_from_slice(src);
         }
     }
     CpuTensor::new(t, n, out)
@@ -220,6 +281,29 @@ mod tests {
             Blob::from_vec(floats(13, -0.05)),
         )
         .expect("valid matrix")
+    }
+
+    /// A prompt's product (tiles of dequantized rows through sgemm, the last tile partial)
+    /// against the same tokens one at a time (the one-token kernels).
+    #[test]
+    fn many_token_products_match_one_token_ones() {
+        let (rows, cols, tokens) = (2 * GEMM_TILE_ROWS + 44, 256, GEMM_MIN_TOKENS + 13);
+        let w = affine(rows, cols, 4, 64);
+        let x: Vec<f32> = noise(5, tokens * cols)
+            .iter()
+            .map(|&b| f32::from(b) / 64.0 - 2.0)
+            .collect();
+        let many = matmul(&CpuTensor::new(tokens, cols, x.clone()), &w);
+        assert_eq!((many.rows, many.cols), (tokens, rows));
+        for (t, xt) in x.chunks_exact(cols).enumerate() {
+            let one = matmul(&CpuTensor::new(1, cols, xt.to_vec()), &w);
+            for (r, (&a, &b)) in many.data[t * rows..(t + 1) * rows].iter().zip(&one.data).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "token {t}, row {r}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     /// The fixed-point kernel against the float one, on inputs whose groups span many
