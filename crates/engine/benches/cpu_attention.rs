@@ -1,6 +1,6 @@
 //! CPU attention for one token (decode) over a long KV cache, with Qwen3.5-397B's heads (32
 //! query heads over 2 KV heads of 256): time per layer and the rate at which it reads the
-//! cache (keys and values once). Run with `cargo bench -p flash-moe-engine --bench cpu_attention`.
+//! cache (keys and values once); then a prompt's attention. Run with `cargo bench -p flash-moe-engine --bench cpu_attention`.
 
 use std::time::Instant;
 
@@ -40,5 +40,26 @@ fn main() {
         let secs = times[times.len() / 2];
         let bytes = 2.0 * (context * kv_width * 4) as f64;
         println!("{:<28} {:>10.2} {:>14.1}", context, secs * 1e3, bytes / secs / 1e9);
+    }
+    // A prompt: every query over the keys up to its own position.
+    println!("{:<28} {:>10} {:>14}", "prompt, tokens", "ms/layer", "GFLOP/s");
+    for tokens in [512usize, 2048] {
+        let q = b.upload(&values(tokens * width, 1), tokens, width).expect("queries");
+        let k = b.upload(&values(tokens * kv_width, 2), tokens, kv_width).expect("keys");
+        let v = b
+            .upload(&values(tokens * kv_width, 3), tokens, kv_width)
+            .expect("values");
+        let mut times: Vec<f64> = (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(b.attention(&q, &k, &v, shape, 0).expect("attention"));
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let secs = times[times.len() / 2];
+        // Scores and weighted values over the causal half: 2 * 2 * heads * d * tokens^2 / 2.
+        let flops = 2.0 * (32 * 256) as f64 * (tokens * tokens) as f64;
+        println!("{:<28} {:>10.2} {:>14.1}", tokens, secs * 1e3, flops / secs / 1e9);
     }
 }

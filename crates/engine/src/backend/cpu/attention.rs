@@ -5,7 +5,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::CpuTensor;
-use super::matmul::dot;
+use super::gemm::{Strided, sgemm};
 use crate::backend::AttentionShape;
 
 /// Splits rows whose heads hold `[query (head_dim) | gate (head_dim)]` into two tensors.
@@ -53,6 +53,16 @@ pub fn rope(x: &mut CpuTensor, head_dim: usize, rotary_dim: usize, theta: f64, p
     });
 }
 
+/// Queries from which attention runs as matrix products (a prompt): per KV head and block of
+/// query rows, the scores of the group's heads against the keys by sgemm, the masked
+/// softmax, and the weighted values by sgemm, so that each key and value row is read once
+/// per block rather than once per query.
+const GEMM_MIN_QUERIES: usize = 16;
+/// Query rows per block, at most.
+const QUERY_BLOCK: usize = 64;
+/// Scores one block may hold (floats), which shortens the blocks of long contexts.
+const SCORES_PER_BLOCK: usize = 1 << 22;
+
 /// Keys per task when few queries attend (decode): their work splits over chunks of the
 /// cache so that every core takes part, and merges per head after.
 const KEYS_PER_TASK: usize = 512;
@@ -76,6 +86,9 @@ pub fn attention(q: &CpuTensor, keys: &CpuTensor, values: &CpuTensor, shape: Att
         num_kv_heads,
         head_dim,
     } = shape;
+    if q.rows >= GEMM_MIN_QUERIES {
+        return attention_products(q, keys, values, shape, pos0);
+    }
     let group = num_heads / num_kv_heads;
     let pairs = q.rows * num_kv_heads;
     let keys_seen = pos0 + q.rows;
@@ -104,6 +117,94 @@ pub fn attention(q: &CpuTensor, keys: &CpuTensor, values: &CpuTensor, shape: Att
     CpuTensor::new(q.rows, num_heads * head_dim, out)
 }
 
+/// [`attention`] for a prompt, as matrix products per KV head and block of query rows.
+fn attention_products(
+    q: &CpuTensor,
+    keys: &CpuTensor,
+    values: &CpuTensor,
+    shape: AttentionShape,
+    pos0: usize,
+) -> CpuTensor {
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim: d,
+    } = shape;
+    let group = num_heads / num_kv_heads;
+    let block = (SCORES_PER_BLOCK / (group * (pos0 + q.rows)).max(1)).clamp(1, QUERY_BLOCK);
+    let blocks = q.rows.div_ceil(block);
+    let outputs: Vec<Vec<f32>> = (0..num_kv_heads * blocks)
+        .into_par_iter()
+        .map(|i| {
+            let (kv, first) = (i / blocks, i % blocks * block);
+            let rows = block.min(q.rows - first);
+            block_attention(q, keys, values, shape, kv, first..first + rows, pos0)
+        })
+        .collect();
+    let mut out = vec![0.0f32; q.rows * num_heads * d];
+    for (i, o) in outputs.iter().enumerate() {
+        let (kv, first) = (i / blocks, i % blocks * block);
+        for (t, heads) in o.chunks_exact(group * d).enumerate() {
+            let at = (first + t) * num_heads * d + kv * group * d;
+            out[at..at + group * d].copy_from_slice(heads);
+        }
+    }
+    CpuTensor::new(q.rows, num_heads * d, out)
+}
+
+/// The outputs of query rows `rows` (at positions `pos0 + row`) for the query heads of KV
+/// head `kv`, row by row, each row's heads one after another.
+fn block_attention(
+    q: &CpuTensor,
+    keys: &CpuTensor,
+    values: &CpuTensor,
+    shape: AttentionShape,
+    kv: usize,
+    rows: Range<usize>,
+    pos0: usize,
+) -> Vec<f32> {
+    let d = shape.head_dim;
+    let group = shape.num_heads / shape.num_kv_heads;
+    // The keys the block's last row sees; earlier rows mask the rest.
+    let cap = pos0 + rows.end;
+    let first = rows.start;
+    let queries: Vec<f32> = rows
+        .flat_map(|t| q.row(t)[kv * group * d..(kv + 1) * group * d].iter().copied())
+        .collect();
+    let m = queries.len() / d;
+    let keys_t = head_columns(keys, 0..cap, kv * d..(kv + 1) * d).transposed();
+    let mut scores = vec![0.0f32; m * cap];
+    let scale = 1.0 / (d as f32).sqrt();
+    sgemm(scale, &Strided::of(&queries, m, d, false), &keys_t, &mut scores);
+    for (r, row) in scores.chunks_exact_mut(cap).enumerate() {
+        let (live, masked) = row.split_at_mut(pos0 + first + r / group + 1);
+        masked.fill(0.0);
+        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        live.iter_mut().for_each(|s| *s = (*s - max).exp());
+        let total: f32 = live.iter().sum();
+        live.iter_mut().for_each(|s| *s /= total);
+    }
+    let mut out = vec![0.0f32; m * d];
+    sgemm(
+        1.0,
+        &Strided::of(&scores, m, cap, false),
+        &head_columns(values, 0..cap, kv * d..(kv + 1) * d),
+        &mut out,
+    );
+    out
+}
+
+/// Rows `rows` and columns `cols` of a cache: one KV head's keys or values.
+fn head_columns(cache: &CpuTensor, rows: Range<usize>, cols: Range<usize>) -> Strided<'_> {
+    Strided {
+        data: &cache.data[rows.start * cache.cols + cols.start..],
+        rows: rows.len(),
+        cols: cols.len(),
+        row_stride: cache.cols,
+        col_stride: 1,
+    }
+}
+
 /// The queries `heads` (one after another, each as wide as `cols`) over the keys `range`,
 /// columns `cols` of the cache rows.
 fn chunk_attention(
@@ -116,31 +217,29 @@ fn chunk_attention(
     let d = cols.len();
     let (group, n) = (heads.len() / d, range.len());
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0.0f32; group * n];
-    for (i, j) in range.clone().enumerate() {
-        let key = &keys.row(j)[cols.clone()];
-        for (member, query) in heads.chunks_exact(d).enumerate() {
-            scores[member * n + i] = dot(query, key) * scale;
-        }
-    }
     let mut part = Partial {
         max: vec![f32::NEG_INFINITY; group],
         sum: vec![0.0; group],
         values: vec![0.0; group * d],
     };
-    for (member, s) in scores.chunks_exact_mut(n.max(1)).enumerate().take(group) {
+    if n == 0 {
+        return part;
+    }
+    let mut scores = vec![0.0f32; group * n];
+    let keys_t = head_columns(keys, range.clone(), cols.clone()).transposed();
+    sgemm(scale, &Strided::of(heads, group, d, false), &keys_t, &mut scores);
+    for (member, s) in scores.chunks_exact_mut(n).enumerate() {
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         s.iter_mut().for_each(|x| *x = (*x - max).exp());
         part.max[member] = max;
         part.sum[member] = s.iter().sum();
     }
-    for (i, j) in range.enumerate() {
-        let value = &values.row(j)[cols.clone()];
-        for (member, acc) in part.values.chunks_exact_mut(d).enumerate() {
-            let w = scores[member * n + i];
-            acc.iter_mut().zip(value).for_each(|(a, &x)| *a += w * x);
-        }
-    }
+    sgemm(
+        1.0,
+        &Strided::of(&scores, group, n, false),
+        &head_columns(values, range, cols),
+        &mut part.values,
+    );
     part
 }
 
@@ -239,9 +338,10 @@ mod tests {
                 })
                 .collect()
         };
-        // 3 queries after 1100 cached keys: split over chunks of 512, the last ones partial.
-        // 40 queries after 30: one task per (query, KV head).
-        for (rows, pos0) in [(3, 1100), (40, 30)] {
+        // 3 queries after 1100 cached keys: split over chunks of 512, the last ones partial;
+        // after 1022, the first query's last chunk is empty. 40 queries after 30, and 150
+        // after 20: matrix products, one block of rows, and three blocks (the last partial).
+        for (rows, pos0) in [(3, 1100), (3, 1022), (40, 30), (150, 20)] {
             let keys = pos0 + rows;
             let q = CpuTensor::new(rows, 8 * 16, random(rows * 8 * 16).iter().map(|x| 4.0 * x).collect());
             let k = CpuTensor::new(keys, 2 * 16, random(keys * 2 * 16));

@@ -8,6 +8,7 @@ use super::CpuTensor;
 #[cfg(target_arch = "x86_64")]
 use super::fixed_point::AffineRow;
 use super::fixed_point::{FixedPointX, IntegerKernel};
+use super::gemm::{Strided, sgemm};
 use crate::storage::checkpoint::DType;
 use crate::storage::quant::{Encoding, MatrixView, read_float};
 
@@ -98,27 +99,8 @@ fn matmul_tiled(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
                 w.dequantize_row(first + i, row);
             }
             let mut block = vec![0.0f32; t * rows];
-            // SAFETY: x is t x k (row stride k), tile_w is rows x k read as its transpose
-            // (k x rows: row stride 1, column stride k), block is t x rows (row stride rows);
-            // each buffer holds exactly those elements.
-            unsafe {
-                matrixmultiply::sgemm(
-                    t,
-                    k,
-                    rows,
-                    1.0,
-                    x.data.as_ptr(),
-                    k as isize,
-                    1,
-                    tile_w.as_ptr(),
-                    1,
-                    k as isize,
-                    0.0,
-                    block.as_mut_ptr(),
-                    rows as isize,
-                    1,
-                );
-            }
+            let x = Strided::of(&x.data, t, k, false);
+            sgemm(1.0, &x, &Strided::of(&tile_w, k, rows, true), &mut block);
             block
         })
         .collect();

@@ -4,6 +4,7 @@
 
 mod attention;
 mod fixed_point;
+mod gemm;
 mod linear_attention;
 mod matmul;
 mod moe;
