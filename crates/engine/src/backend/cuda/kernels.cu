@@ -88,6 +88,25 @@ __device__ __forceinline__ float rms_inverse(const float* src, int n, float eps,
     return rsqrtf(block_sum(ss, scratch) / n + eps);
 }
 
+// dst[i] = src[i] * inv * weight[i] over a row of n floats (RMSNorm's scaling), from the
+// float4s rms_inverse left in v when the row was loaded vectorized; dst may be global or
+// shared memory.
+__device__ __forceinline__ void rms_scale(const float* src, const float* weight, int n, float inv,
+                                          const float4 (&v)[RMS_VECS], float* dst) {
+    if (rms_vectorized(n)) {
+#pragma unroll
+        for (int j = 0; j < RMS_VECS; ++j) {
+            int c = 4 * (j * blockDim.x + threadIdx.x);
+            if (c >= n) break;
+            float4 w = *(const float4*)(weight + c);
+            *(float4*)(dst + c) = make_float4(v[j].x * inv * w.x, v[j].y * inv * w.y, v[j].z * inv * w.z,
+                                              v[j].w * inv * w.w);
+        }
+        return;
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+}
+
 __device__ float block_max(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
     v = warp_max(v);
@@ -968,18 +987,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* weight, int n, 
     float* dst = out + (long long)blockIdx.x * n;
     float4 v[RMS_VECS];
     float inv = rms_inverse(src, n, eps, scratch, v);
-    if (rms_vectorized(n)) {
-#pragma unroll
-        for (int j = 0; j < RMS_VECS; ++j) {
-            int c = 4 * (j * blockDim.x + threadIdx.x);
-            if (c >= n) break;
-            float4 w = *(const float4*)(weight + c);
-            *(float4*)(dst + c) = make_float4(v[j].x * inv * w.x, v[j].y * inv * w.y, v[j].z * inv * w.z,
-                                              v[j].w * inv * w.w);
-        }
-        return;
-    }
-    for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i] * inv * weight[i];
+    rms_scale(src, weight, n, inv, v, dst);
 }
 extern "C" __global__ void gated_rms_norm(const float* x, const float* z, const float* weight, int n, float eps,
                                           float* out) {
@@ -1109,18 +1117,7 @@ extern "C" __global__ void attention_inputs(const float* qg, const float* k, con
         for (int i = threadIdx.x; i < d; i += blockDim.x) gate[((long long)t * heads + h) * d + i] = src[d + i];
     float4 vec[RMS_VECS];
     float inv = rms_inverse(src, d, eps, scratch, vec);
-    if (rms_vectorized(d)) {
-#pragma unroll
-        for (int u = 0; u < RMS_VECS; ++u) {
-            int c = 4 * (u * blockDim.x + threadIdx.x);
-            if (c >= d) break;
-            float4 wv = *(const float4*)(w + c);
-            *(float4*)(head + c) = make_float4(vec[u].x * inv * wv.x, vec[u].y * inv * wv.y, vec[u].z * inv * wv.z,
-                                               vec[u].w * inv * wv.w);
-        }
-    } else {
-        for (int i = threadIdx.x; i < d; i += blockDim.x) head[i] = src[i] * inv * w[i];
-    }
+    rms_scale(src, w, d, inv, vec, head);
     __syncthreads();
     int half = rot / 2;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
