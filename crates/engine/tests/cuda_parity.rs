@@ -509,27 +509,42 @@ fn every_operation_matches_the_cpu() {
             Ok(outs.concat())
         });
     }
-    same_on_both!(
-        "route_top_k 5 tokens x 512 experts, k 10",
-        &cpu,
-        &gpu,
-        1e-6,
-        (),
-        |b, _p: ()| {
-            let mut rng = SmallRng::seed_from_u64(9);
-            let logits = b.upload(&random(&mut rng, 5 * 512, 4.0), 5, 512)?;
-            let mut out = Vec::new();
-            for renorm in [true, false] {
-                for route in b.route_top_k(&logits, 10, renorm)? {
-                    for (e, w) in route {
-                        out.push(e as f32);
-                        out.push(w);
+    // Tokens, experts, k: slices of 64 experts in every warp, one part-filled slice, the
+    // most a token takes; logits rounded to quarters, so that many probabilities tie (the
+    // lower expert wins on both).
+    for (tokens, experts, k, ties) in [
+        (5, 512, 10, false),
+        (3, 100, 32, false),
+        (4, 64, 4, true),
+        (2, 700, 8, true),
+    ] {
+        same_on_both!(
+            &format!("route_top_k {tokens} tokens x {experts} experts, k {k}, ties {ties}"),
+            &cpu,
+            &gpu,
+            1e-6,
+            (tokens, experts, k, ties),
+            |b, p: (usize, usize, usize, bool)| {
+                let (tokens, experts, k, ties) = p;
+                let mut rng = SmallRng::seed_from_u64(9);
+                let mut logits = random(&mut rng, tokens * experts, 4.0);
+                if ties {
+                    logits.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0);
+                }
+                let logits = b.upload(&logits, tokens, experts)?;
+                let mut out = Vec::new();
+                for renorm in [true, false] {
+                    for route in b.route_top_k(&logits, k, renorm)? {
+                        for (e, w) in route {
+                            out.push(e as f32);
+                            out.push(w);
+                        }
                     }
                 }
+                Ok(out)
             }
-            Ok(out)
-        }
-    );
+        );
+    }
     same_on_both!("gather_rows + scatter_add_rows", &cpu, &gpu, 1e-6, (), |b, _p: ()| {
         let mut rng = SmallRng::seed_from_u64(10);
         let x = b.upload(&random(&mut rng, 6 * 32, 1.0), 6, 32)?;

@@ -40,6 +40,24 @@ struct ExpertPtrs([u64; 9]);
 // SAFETY: plain old data laid out as the C struct the routing kernel takes by value.
 unsafe impl cudarc::driver::DeviceRepr for ExpertPtrs {}
 
+/// The `DeviceRoute` kernel parameter: the router logits, the layer's table, the shared
+/// expert and its gate logit, where the batch goes, and the routing's sizes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DeviceRouteParams {
+    logits: u64,
+    table: u64,
+    shared: ExpertPtrs,
+    shared_logit: u64,
+    batch: u64,
+    experts: i32,
+    k: i32,
+    renormalize: i32,
+}
+
+// SAFETY: plain old data laid out as the C struct the routing gate/up kernel takes by value.
+unsafe impl cudarc::driver::DeviceRepr for DeviceRouteParams {}
+
 /// How a batch of experts of one shape and format launches.
 #[derive(Clone, Copy)]
 struct BatchPlan {
@@ -65,7 +83,7 @@ impl BatchPlan {
 }
 
 /// Every expert of one layer in VRAM, for routing on the device: `table` holds each expert's
-/// nine addresses, `batch` the batch `route_experts` writes for the launches that follow
+/// nine addresses, `batch` the batch the routing gate/up launch writes for the down launch
 /// (reused token after token: the launches of one stream run in order). The cache drops the
 /// table when it evicts any of its experts; the table holds them too, so that one evicted
 /// while a launch still has the table is freed after that launch (frees are stream-ordered).
@@ -250,7 +268,7 @@ impl CudaBackend {
                 params.w[slot] = self.expert_addresses(s.matrices)?.0;
             }
             let kernels = [&self.k.swiglu_batch_q[plan.index], &self.k.down_batch_q[plan.index]];
-            self.launch_batch(&plan, chunk.len(), kernels, &params, x, out)?;
+            self.launch_batch(&plan, chunk.len(), kernels, (&params, &params), x, out)?;
         }
         Ok(true)
     }
@@ -270,14 +288,15 @@ impl CudaBackend {
     }
 
     /// The gate/up and down launches of one batch of `count` experts: `kernels` take the
-    /// batch by value (`ExpertBatchParams`, routed by the host) or as the device address
-    /// `route_experts` wrote it to.
-    fn launch_batch<A: cudarc::driver::DeviceRepr>(
+    /// batch by value (`ExpertBatchParams`, routed by the host), or the gate/up kernel routes
+    /// the token (`DeviceRouteParams`) and the down kernel reads the batch from the device
+    /// address it wrote it to.
+    fn launch_batch<A: cudarc::driver::DeviceRepr, D: cudarc::driver::DeviceRepr>(
         &self,
         plan: &BatchPlan,
         count: usize,
         kernels: [&CudaFunction; 2],
-        batch: &A,
+        (gate_up_batch, down_batch): (&A, &D),
         x: &CudaTensor,
         out: &mut CudaTensor,
     ) -> Result<()> {
@@ -309,7 +328,7 @@ impl CudaBackend {
             self,
             gate_up,
             swiglu_cfg,
-            batch,
+            gate_up_batch,
             &group,
             &dtype,
             &*x.buf,
@@ -321,7 +340,7 @@ impl CudaBackend {
             self,
             down,
             down_cfg,
-            batch,
+            down_batch,
             &group,
             &dtype,
             &*act.buf,
@@ -352,9 +371,10 @@ impl CudaBackend {
         }))
     }
 
-    /// One token's routing and experts on the device, from a layer's table: `route_experts`
-    /// writes the batch that the two batched launches read. Returns false, having done
-    /// nothing, when the shared expert or the batch size does not fit the table's plan.
+    /// One token's routing and experts on the device, from a layer's table: the gate/up
+    /// launch routes the token and writes the batch that the down launch reads. Returns
+    /// false, having done nothing, when the shared expert or the batch size does not fit the
+    /// table's plan.
     pub(super) fn route_and_run(
         &self,
         table: &LayerTable,
@@ -370,7 +390,8 @@ impl CudaBackend {
             self.batch_plan(std::iter::once([s.gate_proj, s.up_proj, s.down_proj]))
                 .is_some_and(|p| p.same_launch(&table.plan))
         });
-        if count > table.plan.max_count || logits.rows != 1 || logits.cols != table.experts.len() || !shared_fits {
+        let experts = table.experts.len();
+        if count > table.plan.max_count || k > experts || logits.rows != 1 || logits.cols != experts || !shared_fits {
             return Ok(false);
         }
         use cudarc::driver::DevicePtr;
@@ -383,28 +404,20 @@ impl CudaBackend {
         };
         let (table_ptr, _t) = table.table.device_ptr(&self.stream);
         let (batch_ptr, _b) = table.batch.device_ptr(&self.stream);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: (table.experts.len() * 4 + k * 8) as u32,
+        let (logits_ptr, _l) = logits.buf.device_ptr(&self.stream);
+        let route = DeviceRouteParams {
+            logits: logits_ptr,
+            table: table_ptr,
+            shared: shared_ptrs,
+            shared_logit,
+            batch: batch_ptr,
+            experts: experts as i32,
+            k: k as i32,
+            renormalize: i32::from(routing.renormalize),
         };
-        let (e, kk, renorm) = (table.experts.len() as i32, k as i32, i32::from(routing.renormalize));
-        launch!(
-            self,
-            &self.k.route_experts,
-            cfg,
-            &*logits.buf,
-            &e,
-            &kk,
-            &renorm,
-            &table_ptr,
-            &shared_ptrs,
-            &shared_logit,
-            &batch_ptr
-        )?;
         let index = table.plan.index;
-        let kernels = [&self.k.swiglu_batch_dev_q[index], &self.k.down_batch_dev_q[index]];
-        self.launch_batch(&table.plan, count, kernels, &batch_ptr, x, out)?;
+        let kernels = [&self.k.route_swiglu_batch_q[index], &self.k.down_batch_dev_q[index]];
+        self.launch_batch(&table.plan, count, kernels, (&route, &batch_ptr), x, out)?;
         Ok(true)
     }
 }

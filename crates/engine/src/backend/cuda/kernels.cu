@@ -602,16 +602,167 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     }
 }
 
-// The batch a routing kernel wrote (device-side routing), copied into shared memory so the
-// loops read it as fast as a kernel parameter; ends with a barrier.
+// Routing: the top k of one token's router softmax, ranked as the CPU ranks it (the larger
+// probability first, the lower expert on ties). A router probability's key orders that way
+// as an unsigned integer; a NaN ranks as a probability of 0, so that k distinct experts are
+// chosen whatever the logits.
+__device__ __forceinline__ unsigned long long route_key(float p, int e) {
+    u32 bits = isnan(p) ? 0u : __float_as_uint(p);  // p >= 0: the bits order as the values
+    return ((unsigned long long)(bits | 0x80000000u) << 32) | (u32)~(u32)e;
+}
+
+// 32 keys, one per lane, sorted descending across the warp by a bitonic network of shuffles.
+__device__ __forceinline__ unsigned long long warp_sort_keys(unsigned long long v) {
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int size = 2; size <= 32; size <<= 1)
+#pragma unroll
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            unsigned long long o = __shfl_xor_sync(0xffffffffu, v, stride);
+            // Runs descend where bit `size` of the lane is clear (the whole warp at the end);
+            // there the lower lane of a pair keeps the larger key.
+            bool larger = ((lane & stride) == 0) == ((lane & size) == 0);
+            v = larger ? max(v, o) : min(v, o);
+        }
+    return v;
+}
+
+// The 32 largest of two descending runs of 32 keys (one per lane), descending: the larger of
+// a[i] and b[31 - i] form a bitonic run that holds them, which halving steps sort.
+__device__ __forceinline__ unsigned long long warp_merge_keys(unsigned long long a, unsigned long long b) {
+    int lane = threadIdx.x & 31;
+    unsigned long long v = max(a, __shfl_sync(0xffffffffu, b, 31 - lane));
+#pragma unroll
+    for (int stride = 16; stride > 0; stride >>= 1) {
+        unsigned long long o = __shfl_xor_sync(0xffffffffu, v, stride);
+        v = (lane & stride) == 0 ? max(v, o) : min(v, o);
+    }
+    return v;
+}
+
+// Routing blocks have this many threads; a token takes at most ROUTE_MAX_K experts.
+#define ROUTE_THREADS 256
+#define ROUTE_MAX_K 32
+
+struct RouteScratch {
+    unsigned long long runs[ROUTE_THREADS / 32][32];
+    float reduce[32];
+    int chosen[ROUTE_MAX_K];  // experts by rank
+    float weight[ROUTE_MAX_K];
+};
+
+// The top k (1 <= k <= ROUTE_MAX_K <= experts) of one token's `experts` router logits, by a
+// block of ROUTE_THREADS threads, into s.chosen and s.weight by rank: each warp sorts slices
+// of 64 probabilities and keeps the 32 largest it has seen, and the warps' runs are merged
+// pairwise. Weights as the CPU computes them: probability over the sum of all, and with
+// `renormalize` over the sum of the chosen ones. Ends with a barrier.
+__device__ void top_k_block(const float* row, int experts, int k, int renormalize, RouteScratch& s) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float m = NEG_INF;
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) m = fmaxf(m, row[e]);
+    m = block_max(m, s.reduce);
+    float sum = 0.0f;
+    unsigned long long best = 0ull;  // below every expert's key
+    for (int base = warp * 64; base < experts; base += warps * 64) {
+        int e0 = base + lane, e1 = e0 + 32;
+        float p0 = e0 < experts ? expf(row[e0] - m) : 0.0f, p1 = e1 < experts ? expf(row[e1] - m) : 0.0f;
+        sum += p0 + p1;
+        unsigned long long a = e0 < experts ? route_key(p0, e0) : 0ull, b = e1 < experts ? route_key(p1, e1) : 0ull;
+        best = warp_merge_keys(best, warp_merge_keys(warp_sort_keys(a), warp_sort_keys(b)));
+    }
+    sum = block_sum(sum, s.reduce);
+    s.runs[warp][lane] = best;
+    __syncthreads();
+    int active = min(warps, (experts + 63) / 64);
+    for (int half = 1; half < active; half <<= 1) {
+        if ((warp & (2 * half - 1)) == 0 && warp + half < active)
+            s.runs[warp][lane] = warp_merge_keys(s.runs[warp][lane], s.runs[warp + half][lane]);
+        __syncthreads();
+    }
+    if (warp == 0) {
+        unsigned long long key = s.runs[0][lane];
+        float w = lane < k ? __uint_as_float((u32)(key >> 32) & 0x7fffffffu) / sum : 0.0f;
+        if (renormalize) w /= warp_sum(w);
+        if (lane < k) {
+            s.chosen[lane] = (int)~(u32)key;
+            s.weight[lane] = w;
+        }
+    }
+    __syncthreads();
+}
+
+// One block per token.
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) route_top_k(const float* logits, int experts, int k,
+                                                                      int renormalize, int* idx, float* weights) {
+    __shared__ RouteScratch s;
+    top_k_block(logits + (long long)blockIdx.x * experts, experts, k, renormalize, s);
+    for (int r = threadIdx.x; r < k; r += blockDim.x) {
+        idx[(long long)blockIdx.x * k + r] = s.chosen[r];
+        weights[(long long)blockIdx.x * k + r] = s.weight[r];
+    }
+}
+
+// The device addresses of one expert's gate, up and down (codes, scales, biases each).
+struct ExpertPtrs {
+    const u8* w[9];
+};
+
+// What routing one token on the device reads: its router logits, the table of the layer's
+// experts (all in VRAM), the shared expert (w[0] null for none) and its gate logit; `batch`
+// is where the batch goes for the down launch.
+struct DeviceRoute {
+    const float* logits;
+    const ExpertPtrs* table;
+    ExpertPtrs shared;
+    const float* shared_logit;
+    ExpertBatch* batch;
+    int experts, k, renormalize;
+};
+
+// The top k of the router logits as the ExpertBatch of the layer's experts, in expert order
+// with the shared expert last, exactly as the host-routed path builds it (so both give the
+// same sums). Ends with a barrier.
+__device__ void route_batch(const DeviceRoute& route, RouteScratch& s, ExpertBatch& batch) {
+    top_k_block(route.logits, route.experts, route.k, route.renormalize, s);
+    int k = route.k, t = threadIdx.x;
+    bool has_shared = route.shared.w[0] != nullptr;
+    if (t < 9 * k) {
+        int r = t / 9, m = t % 9, e = s.chosen[r], slot = 0;  // this expert's place in index order
+        for (int j = 0; j < k; ++j) slot += s.chosen[j] < e;
+        batch.w[slot][m] = route.table[e].w[m];
+        if (m == 0) batch.weight[slot] = s.weight[r];
+    } else if (has_shared) {
+        // Constant indices: a kernel parameter indexed at run time is copied to the stack.
+#pragma unroll
+        for (int m = 0; m < 9; ++m)
+            if (t == 9 * k + m) batch.w[k][m] = route.shared.w[m];
+    }
+    if (t == 0) {
+        batch.shared_logit = route.shared_logit;
+        batch.shared_slot = has_shared ? k : -1;
+        batch.count = has_shared ? k + 1 : k;
+    }
+    __syncthreads();
+}
+
+// The batch the gate/up launch routed (device-side routing), copied into shared memory so
+// the loops read it as fast as a kernel parameter; ends with a barrier.
 __device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch* local) {
     for (int i = threadIdx.x; i < (int)(sizeof(ExpertBatch) / 4); i += blockDim.x)
         ((u32*)local)[i] = ((const u32*)batch)[i];
     __syncthreads();
 }
 
-// The batched kernels take the batch by value (host-routed) or from device memory, where
-// route_experts wrote it (device-routed).
+// A routed batch written out for the down launch that follows.
+__device__ __forceinline__ void write_batch(const ExpertBatch* local, ExpertBatch* batch) {
+    for (int i = threadIdx.x; i < (int)(sizeof(ExpertBatch) / 4); i += blockDim.x)
+        ((u32*)batch)[i] = ((const u32*)local)[i];
+}
+
+// The batched kernels take the batch by value (host-routed), or route the token themselves
+// (device-routed: every block of the gate/up launch takes the same decision, block 0 writes
+// it for the down launch, which reads it from device memory). Routing in the gate/up launch
+// saves a launch of its own, whose single block left the GPU idle (6 us per layer).
 #define EXPERT_BATCH(BITS, MIN_BLOCKS)                                                                     \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
         swiglu_batch_q##BITS(ExpertBatch batch, int group, int dtype, const float* x, int rows, int cols,    \
@@ -623,10 +774,12 @@ __device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch
         down_batch<BITS>(batch, group, dtype, act, rows, cols, out);                                         \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS)                                            \
-        swiglu_batch_dev_q##BITS(const ExpertBatch* batch, int group, int dtype, const float* x, int rows,  \
-                                 int cols, float* act) {                                                     \
+        route_swiglu_batch_q##BITS(DeviceRoute route, int group, int dtype, const float* x, int rows, int cols, \
+                                   float* act) {                                                             \
         __shared__ ExpertBatch local;                                                                        \
-        copy_batch(batch, &local);                                                                           \
+        __shared__ RouteScratch scratch;                                                                     \
+        route_batch(route, scratch, local);                                                                  \
+        if (blockIdx.x == 0) write_batch(&local, route.batch);                                               \
         swiglu_batch<BITS>(local, group, dtype, x, rows, cols, act);                                         \
     }                                                                                                        \
     extern "C" __global__ void down_batch_dev_q##BITS(const ExpertBatch* batch, int group, int dtype,        \
@@ -1400,55 +1553,6 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
     }
 }
 
-// The top k of one token's router logits, by one warp with no block barriers: the softmax
-// stays in shared memory (`probs`), each lane keeps the best expert among its own (e = lane,
-// lane + 32, ...), and each of the k rounds takes the warp's best (largest probability,
-// lowest index on ties); only the lane that owned the winner looks for its next best. Lane 0
-// writes the indices and weights.
-__device__ void top_k_warp(const float* row, int experts, int k, int renormalize, float* probs, int* idx,
-                           float* weights) {
-    int lane = threadIdx.x & 31;
-    float m = NEG_INF;
-    for (int e = lane; e < experts; e += 32) m = fmaxf(m, row[e]);
-    m = warp_max(m);
-    float sum = 0.0f;
-    for (int e = lane; e < experts; e += 32) {
-        probs[e] = expf(row[e] - m);
-        sum += probs[e];
-    }
-    sum = warp_sum(sum);
-    auto lane_best = [&](float& bv, int& bi) {
-        bv = -1.0f;
-        bi = 0x7fffffff;
-        for (int e = lane; e < experts; e += 32)
-            if (probs[e] > bv) bv = probs[e], bi = e;
-    };
-    float mine_v;
-    int mine_i;
-    lane_best(mine_v, mine_i);
-    float chosen_sum = 0.0f;
-    for (int r = 0; r < k; ++r) {
-        float bv = mine_v;
-        int bi = mine_i;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) bv = ov, bi = oi;
-        }
-        if (lane == 0) {
-            idx[r] = bi;
-            weights[r] = bv / sum;
-        }
-        chosen_sum += bv / sum;
-        if (bi == mine_i) {
-            probs[bi] = -1.0f;  // taken
-            lane_best(mine_v, mine_i);
-        }
-    }
-    if (renormalize && lane == 0)
-        for (int r = 0; r < k; ++r) weights[r] /= chosen_sum;
-}
-
 // The sampler's penalties on a row of logits, one thread per penalized token (each token at
 // most once): as LogitPenalty::apply, (token, repetition bits, minus bits) triples.
 extern "C" __global__ void penalize_logits(float* x, long long cols, const u32* penalties, int n) {
@@ -1558,44 +1662,3 @@ extern "C" __global__ void top_keys(const float* x, long long n, int k, u32* out
     }
 }
 
-// One warp per token.
-extern "C" __global__ void route_top_k(const float* logits, int experts, int k, int renormalize, int* idx,
-                                       float* weights) {
-    extern __shared__ float probs[];
-    top_k_warp(logits + (long long)blockIdx.x * experts, experts, k, renormalize, probs, idx + blockIdx.x * k,
-               weights + blockIdx.x * k);
-}
-
-// The device addresses of one expert's gate, up and down (codes, scales, biases each).
-struct ExpertPtrs {
-    const u8* w[9];
-};
-
-// One token routed without the host: the top k of the router logits become the ExpertBatch
-// of the layer's experts in `table` (all on the device), in expert order and with the shared
-// expert last (when shared.w[0] is set), exactly as the host-routed path builds it, so both
-// give the same sums. One warp; shared memory: `experts` floats, then k indices and weights.
-extern "C" __global__ void route_experts(const float* logits, int experts, int k, int renormalize,
-                                         const ExpertPtrs* table, ExpertPtrs shared, const float* shared_logit,
-                                         ExpertBatch* batch) {
-    extern __shared__ float probs[];
-    int* idx = (int*)(probs + experts);
-    float* weights = (float*)(idx + k);
-    top_k_warp(logits, experts, k, renormalize, probs, idx, weights);
-    __syncwarp();
-    int lane = threadIdx.x & 31;
-    if (lane < k) {
-        int slot = 0;  // this expert's place in index order
-        for (int j = 0; j < k; ++j) slot += idx[j] < idx[lane];
-        for (int m = 0; m < 9; ++m) batch->w[slot][m] = table[idx[lane]].w[m];
-        batch->weight[slot] = weights[lane];
-    }
-    if (lane == 0) {
-        bool has_shared = shared.w[0] != nullptr;
-        if (has_shared)
-            for (int m = 0; m < 9; ++m) batch->w[k][m] = shared.w[m];
-        batch->shared_logit = shared_logit;
-        batch->shared_slot = has_shared ? k : -1;
-        batch->count = has_shared ? k + 1 : k;
-    }
-}

@@ -32,13 +32,13 @@ pub struct Kernels {
     pub matvec_multi_q: [CudaFunction; 3],
     /// All routed experts of a token in two launches (2, 4, 8 bits).
     pub swiglu_batch_q: [CudaFunction; 3],
-    /// Blocks of 256 threads of each `swiglu_batch_q` one multiprocessor holds at once (its
-    /// registers bound it), to size grids in whole waves.
+    /// Blocks of 256 threads of each `swiglu_batch_q` (or `route_swiglu_batch_q`) one
+    /// multiprocessor holds at once (their registers bound it), to size grids in whole waves.
     pub swiglu_batch_resident: [u32; 3],
     pub down_batch_q: [CudaFunction; 3],
-    /// The same two launches reading the batch from device memory, where `route_experts`
-    /// wrote it (device-side routing).
-    pub swiglu_batch_dev_q: [CudaFunction; 3],
+    /// The same two launches for a token routed on the device: the gate/up launch routes it
+    /// and writes the batch to device memory, where the down launch reads it.
+    pub route_swiglu_batch_q: [CudaFunction; 3],
     pub down_batch_dev_q: [CudaFunction; 3],
     pub matvec_affine_any: CudaFunction,
     pub matvec_dense: CudaFunction,
@@ -66,8 +66,6 @@ pub struct Kernels {
     pub causal_conv1d_silu: CudaFunction,
     pub gated_delta_rule: CudaFunction,
     pub route_top_k: CudaFunction,
-    /// Top-k routing of one token into an expert batch, without the host.
-    pub route_experts: CudaFunction,
     /// Greedy decoding's choice among the logits, without downloading them.
     pub argmax_f32: CudaFunction,
     /// A temperature draw's candidates: the logits near the largest, or each block's top k.
@@ -106,7 +104,13 @@ impl Kernels {
         let matvec_resident = matvec_q.each_ref().map(resident);
         let matvec_pairs_q = [f("matvec_pairs_q2")?, f("matvec_pairs_q4")?, f("matvec_pairs_q8")?];
         let matvec_pairs_resident = matvec_pairs_q.each_ref().map(resident);
-        let swiglu_batch_resident = swiglu_batch_q.each_ref().map(resident);
+        let route_swiglu_batch_q = [
+            f("route_swiglu_batch_q2")?,
+            f("route_swiglu_batch_q4")?,
+            f("route_swiglu_batch_q8")?,
+        ];
+        let swiglu_batch_resident =
+            std::array::from_fn(|i| resident(&swiglu_batch_q[i]).min(resident(&route_swiglu_batch_q[i])));
         Ok(Kernels {
             dequant_rows: f("dequant_rows")?,
             matvec_q,
@@ -122,11 +126,7 @@ impl Kernels {
                 big_smem("down_batch_q4")?,
                 big_smem("down_batch_q8")?,
             ],
-            swiglu_batch_dev_q: [
-                f("swiglu_batch_dev_q2")?,
-                f("swiglu_batch_dev_q4")?,
-                f("swiglu_batch_dev_q8")?,
-            ],
+            route_swiglu_batch_q,
             down_batch_dev_q: [
                 big_smem("down_batch_dev_q2")?,
                 big_smem("down_batch_dev_q4")?,
@@ -158,7 +158,6 @@ impl Kernels {
             causal_conv1d_silu: f("causal_conv1d_silu")?,
             gated_delta_rule: f("gated_delta_rule")?,
             route_top_k: f("route_top_k")?,
-            route_experts: f("route_experts")?,
             argmax_f32: f("argmax_f32")?,
             logits_near_max: f("logits_near_max")?,
             top_keys: f("top_keys")?,

@@ -173,6 +173,8 @@ pub struct CudaBackend {
 }
 
 const THREADS: u32 = 256;
+/// Experts one token's routing takes at most (`ROUTE_MAX_K` in kernels.cu).
+const ROUTE_MAX_K: usize = 32;
 
 /// Launches kernel `$f` on the backend's stream with the arguments in declared order.
 macro_rules! launch {
@@ -733,13 +735,18 @@ impl Backend for CudaBackend {
 
     fn route_top_k(&self, logits: &CudaTensor, k: usize, renormalize: bool) -> Result<Vec<Route>> {
         let (t, experts) = (logits.rows, logits.cols);
+        if k == 0 || k > experts.min(ROUTE_MAX_K) {
+            return Err(Error::InvalidInput(format!(
+                "routing {k} of {experts} experts per token (the CUDA routing takes 1 to {ROUTE_MAX_K})"
+            )));
+        }
         // Indices and weights in one buffer, so the host waits for one copy only.
         let mut routes = self.tensor(2 * t, k)?;
         let cfg = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
-            // One warp per token (the kernel uses no block barriers).
-            block_dim: (32, 1, 1),
-            shared_mem_bytes: (experts * 4) as u32,
+            // One block per token (ROUTE_THREADS in kernels.cu).
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
         };
         let (e, kk, renorm) = (experts as i32, k as i32, i32::from(renormalize));
         {
