@@ -65,6 +65,19 @@ __device__ float block_sum(float v, float* scratch) {
     return total;
 }
 
+// block_sum of two values at once (each summed in block_sum's order); `scratch` holds 32.
+__device__ float2 block_sum2(float2 v, float2* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v.x = warp_sum(v.x);
+    v.y = warp_sum(v.y);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float2 total = make_float2(0.0f, 0.0f);
+    for (int w = 0; w < warps; ++w) total.x += scratch[w].x, total.y += scratch[w].y;
+    return total;
+}
+
 // RMSNorm's 1 / sqrt(mean(x^2) + eps) for one row of n floats, the same in every block that
 // computes it (the fused products compute it per block); a barrier. When the row is loaded
 // as float4s (rms_vectorized), this thread's RMS_VECS of them are left in v.
@@ -547,8 +560,13 @@ __device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, con
     }
 }
 
+// Loads in flight per lane in the batched down product: its grid gives a multiprocessor about
+// two blocks, so registers do not bound the blocks resident (8: 121-123 registers), and a
+// lane's 11 pieces of a row (ten experts and the shared one, 1024 columns at 4 bits) take two
+// round trips instead of three.
+#define DOWN_UNROLL 8
 // out[r] += sum over experts e of weight_e * (down_e[r] . act[e]). One warp per row; the
-// lanes walk the (expert, piece) pairs of the row in order, ROWS_UNROLL loads in flight each,
+// lanes walk the (expert, piece) pairs of the row in order, DOWN_UNROLL loads in flight each,
 // so a row of a narrow matrix (1024 columns: one piece per lane per expert) still keeps
 // several loads in flight.
 template <int BITS>
@@ -569,12 +587,12 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     for (int r = blockIdx.x * warps + (threadIdx.x >> 5); r < rows; r += gridDim.x * warps) {
         float total = 0.0f;
         int e = lane / pieces, p = lane % pieces;  // this lane's next (expert, piece)
-        for (int base = 0; base < items; base += 32 * ROWS_UNROLL) {
-            uint4 v[ROWS_UNROLL];
-            u32 sc[ROWS_UNROLL], bi[ROWS_UNROLL];
-            int ue[ROWS_UNROLL], up[ROWS_UNROLL];
+        for (int base = 0; base < items; base += 32 * DOWN_UNROLL) {
+            uint4 v[DOWN_UNROLL];
+            u32 sc[DOWN_UNROLL], bi[DOWN_UNROLL];
+            int ue[DOWN_UNROLL], up[DOWN_UNROLL];
 #pragma unroll
-            for (int u = 0; u < ROWS_UNROLL; ++u) {
+            for (int u = 0; u < DOWN_UNROLL; ++u) {
                 ue[u] = e;
                 up[u] = p;
                 if (base + u * 32 + lane < items) {
@@ -586,7 +604,7 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
                 for (p += 32; p >= pieces; p -= pieces) ++e;
             }
 #pragma unroll
-            for (int u = 0; u < ROWS_UNROLL; ++u) {
+            for (int u = 0; u < DOWN_UNROLL; ++u) {
                 if (base + u * 32 + lane >= items) break;
                 int ex = ue[u], px = up[u];
                 const u8* xs = smem + ex * stride;
@@ -1483,7 +1501,7 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
                                             int dv, float* out) {
     __shared__ float qs[DELTA_KEY_MAX], ks[DELTA_KEY_MAX];
     __shared__ float part[DELTA_KEY_MAX / DELTA_ROWS_PER_WARP][32];
-    __shared__ float scratch[32];
+    __shared__ float2 scratch2[32];
     int h = blockIdx.x;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     int col = blockIdx.y * 32 + lane;
@@ -1504,19 +1522,24 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
     int i = threadIdx.x;
     for (int t = 0; t < rows; ++t) {
         const float* row = qkv + (long long)t * conv_dim;
+        // Every load of the token first, so that they travel together rather than one after
+        // each barrier.
         float qv = i < dk ? row[kh * dk + i] : 0.0f;
         float kv = i < dk ? row[key_dim + kh * dk + i] : 0.0f;
-        float qn = rsqrtf(block_sum(qv * qv, scratch) + 1e-6f) * q_scale;
-        float kn = rsqrtf(block_sum(kv * kv, scratch) + 1e-6f);
+        float v = live ? row[2 * key_dim + h * dv + col] : 0.0f;
+        float av = a[(long long)t * nv + h] + dt_bias[h];
+        float bv = b[(long long)t * nv + h];
+        float2 sq = block_sum2(make_float2(qv * qv, kv * kv), scratch2);
+        float qn = rsqrtf(sq.x + 1e-6f) * q_scale;
+        float kn = rsqrtf(sq.y + 1e-6f);
         // Rows past dk (up to the last warp's 16) read zeros.
         if (i < warps * DELTA_ROWS_PER_WARP) {
             qs[i] = qv * qn;
             ks[i] = kv * kn;
         }
-        float av = a[(long long)t * nv + h] + dt_bias[h];
         float softplus = av > 20.0f ? av : log1pf(expf(av));
         float decay = expf(-A * softplus);
-        float beta = sigmoidf(b[(long long)t * nv + h]);
+        float beta = sigmoidf(bv);
         __syncthreads();
         float read = 0.0f;
 #pragma unroll
@@ -1528,7 +1551,6 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
         __syncthreads();
         read = 0.0f;
         for (int w = 0; w < warps; ++w) read += part[w][lane];
-        float v = live ? row[2 * key_dim + h * dv + col] : 0.0f;
         float delta = (v - read) * beta;
         float o = 0.0f;
 #pragma unroll
