@@ -303,12 +303,14 @@ impl CudaBackend {
         let (inter, hidden, index) = (plan.inter, plan.hidden, plan.index);
         let mut act = self.tensor(count, inter)?;
         let swiglu_cfg = LaunchConfig {
-            // Two whole waves at most: a third, partial wave (8 blocks per multiprocessor
-            // against the 3 that fit) left most multiprocessors idle at the end.
+            // One wave at most: every block stages x (and on the device-routed path takes
+            // the routing decision), so fewer blocks with more rows each do less of that; a
+            // second wave cost 4% of a token at K=10 (docs/perf.md), a third, partial one left
+            // most multiprocessors idle at the end.
             grid_dim: (
                 (count * inter)
                     .div_ceil(8)
-                    .min(2 * self.k.swiglu_batch_resident[index].max(1) as usize * self.sms) as u32,
+                    .min(self.k.swiglu_batch_resident[index].max(1) as usize * self.sms) as u32,
                 1,
                 1,
             ),
