@@ -544,8 +544,18 @@ pub fn expert_ffn_unfused<B: Backend + ?Sized>(
     weights: &[f32],
     out: &mut B::Tensor,
 ) -> Result<()> {
+    b.scatter_add_rows(out, &expert_output(b, x, expert, rows)?, rows, weights)
+}
+
+/// `down(silu(gate(x_i)) * up(x_i))` for the rows `rows` of `x`, one output row each.
+pub fn expert_output<B: Backend + ?Sized>(
+    b: &B,
+    x: &B::Tensor,
+    expert: &B::Expert,
+    rows: &[usize],
+) -> Result<B::Tensor> {
     let [gate_w, up_w, down_w] = b.expert_matrices(expert)?;
     let xs = b.gather_rows(x, rows)?;
     let act = b.silu_mul(&b.matmul(&xs, gate_w)?, &b.matmul(&xs, up_w)?)?;
-    b.scatter_add_rows(out, &b.matmul(&act, down_w)?, rows, weights)
+    b.matmul(&act, down_w)
 }

@@ -227,11 +227,11 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(in crate::backend::cpu) mod tests {
     use super::*;
     use crate::storage::blob::Blob;
 
-    fn noise(seed: u64, n: usize) -> Vec<u8> {
+    pub(in crate::backend::cpu) fn noise(seed: u64, n: usize) -> Vec<u8> {
         let mut state = seed | 1;
         (0..n)
             .map(|_| {
@@ -243,7 +243,7 @@ mod tests {
             .collect()
     }
 
-    fn affine(rows: usize, cols: usize, bits: u32, group: usize) -> MatrixView {
+    pub(in crate::backend::cpu) fn affine(rows: usize, cols: usize, bits: u32, group: usize) -> MatrixView {
         let groups = rows * cols / group;
         let floats = |seed, base: f32| -> Vec<u8> {
             noise(seed, groups)

@@ -12,7 +12,7 @@ mod norm;
 
 use rayon::prelude::*;
 
-use crate::backend::{AttentionShape, Backend, Route, SharedExpert, shared_expert_ffn};
+use crate::backend::{AttentionShape, Backend, ExpertRows, Route, SharedExpert, expert_output, shared_expert_ffn};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 use crate::model::weights::ExpertView;
@@ -276,6 +276,23 @@ impl Backend for CpuBackend {
         }
     }
 
+    /// Several experts at once, as many as there are threads: one expert's products split
+    /// into too few tiles of rows to keep a many-core CPU busy (an expert's gate of 512 rows
+    /// is four). Their outputs are added to `out` in the order given: the same sums, bit for
+    /// bit, as one expert after the other.
+    fn experts_ffn_rows(&self, x: &CpuTensor, work: &[ExpertRows<'_, ExpertView>], out: &mut CpuTensor) -> Result<()> {
+        for chunk in work.chunks(rayon::current_num_threads().max(1)) {
+            let outputs: Vec<CpuTensor> = chunk
+                .par_iter()
+                .map(|w| expert_output(self, x, w.expert, w.rows))
+                .collect::<Result<_>>()?;
+            for (w, y) in chunk.iter().zip(&outputs) {
+                self.scatter_add_rows(out, y, w.rows, w.weights)?;
+            }
+        }
+        Ok(())
+    }
+
     fn scatter_add_rows(&self, out: &mut CpuTensor, y: &CpuTensor, rows: &[usize], weights: &[f32]) -> Result<()> {
         if y.cols != out.cols || y.rows != rows.len() || weights.len() != rows.len() {
             return Err(Error::InvalidInput("scatter_add_rows: shapes disagree".into()));
@@ -300,5 +317,54 @@ impl Backend for CpuBackend {
 
     fn expert_matrices<'a>(&self, expert: &'a ExpertView) -> Result<[&'a MatrixView; 3]> {
         Ok([&expert.gate, &expert.up, &expert.down])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::matmul::tests::{affine, noise};
+    use super::*;
+
+    /// Experts run side by side give the same bits as one expert after the other, with more
+    /// experts than threads and some on enough rows for the tiled products.
+    #[test]
+    fn experts_side_by_side_sum_as_one_after_the_other() {
+        let (tokens, hidden, inter) = (24, 128, 64);
+        let experts: Vec<ExpertView> = (0..7)
+            .map(|_| ExpertView {
+                gate: affine(inter, hidden, 4, 64),
+                up: affine(inter, hidden, 8, 64),
+                down: affine(hidden, inter, 4, 32),
+            })
+            .collect();
+        let chosen: Vec<(Vec<usize>, Vec<f32>)> = (0..experts.len())
+            .map(|e| {
+                let rows: Vec<usize> = (0..tokens).filter(|t| (t + e) % (e + 1) == 0).collect();
+                let weights = rows.iter().map(|&t| 0.1 + 0.01 * (t + e) as f32).collect();
+                (rows, weights)
+            })
+            .collect();
+        let work: Vec<ExpertRows<'_, ExpertView>> = experts
+            .iter()
+            .zip(&chosen)
+            .map(|(expert, (rows, weights))| ExpertRows { expert, rows, weights })
+            .collect();
+        let x = CpuTensor::new(
+            tokens,
+            hidden,
+            noise(3, tokens * hidden)
+                .iter()
+                .map(|&b| f32::from(b) / 128.0 - 1.0)
+                .collect(),
+        );
+        let b = CpuBackend::new();
+        let mut want = CpuTensor::new(tokens, hidden, vec![0.5; tokens * hidden]);
+        for w in &work {
+            b.expert_ffn(&x, w.expert, w.rows, w.weights, &mut want).unwrap();
+        }
+        let mut got = CpuTensor::new(tokens, hidden, vec![0.5; tokens * hidden]);
+        b.experts_ffn_rows(&x, &work, &mut got).unwrap();
+        assert!(work.iter().any(|w| w.rows.len() >= 16) && work.iter().any(|w| w.rows.len() < 8));
+        assert_eq!(got, want);
     }
 }
