@@ -142,3 +142,29 @@ fn unparsable_ids_are_a_usage_error() {
     assert!(!run.status.success());
     assert!(stderr(&run).contains("--ids"), "{}", stderr(&run));
 }
+
+#[test]
+fn too_many_experts_per_token_names_the_limit() {
+    let model = fixtures().join("hf-qwen35-f32-per-expert");
+    let out = tempfile::tempdir().unwrap();
+    let npy = out.path().join("x.npy");
+    let run = flash_moe(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--out",
+        npy.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--experts-per-token",
+        "7",
+    ]);
+    let err = stderr(&run);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("experts per token must be between 1 and 6 (6 experts per layer), not 7"),
+        "{err}"
+    );
+}

@@ -86,6 +86,10 @@ pub trait Backend: Send + Sync {
 
     /// A short description, e.g. `cpu (2 threads)`.
     fn describe(&self) -> String;
+    /// The most routed experts per token this backend's routing takes (`None`: any).
+    fn max_experts_per_token(&self) -> Option<usize> {
+        None
+    }
 
     // --- memory ----------------------------------------------------------------------------
     fn load_matrix(&self, w: &MatrixView) -> Result<Self::Matrix>;

@@ -118,9 +118,29 @@ pub struct Model<B: Backend> {
 /// chunk's attention and linear-attention activations grow with it.
 pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 
+/// `k` routed experts per token: at least one, at most the layer's experts and what the
+/// backend's routing takes.
+fn check_experts_per_token<B: Backend>(backend: &B, config: &ModelConfig, k: usize) -> Result<()> {
+    let most = backend
+        .max_experts_per_token()
+        .map_or(config.moe.num_experts, |m| m.min(config.moe.num_experts));
+    if k == 0 || k > most {
+        return Err(Error::InvalidInput(format!(
+            "experts per token must be between 1 and {most} ({} experts per layer{}), not {k}",
+            config.moe.num_experts,
+            match backend.max_experts_per_token() {
+                Some(m) => format!(", and backend {} routes at most {m}", backend.describe()),
+                None => String::new(),
+            }
+        )));
+    }
+    Ok(())
+}
+
 impl<B: Backend> Model<B> {
     /// Builds the model from weights in canonical form.
     pub fn load(backend: B, config: ModelConfig, src: &dyn WeightSource) -> Result<Self> {
+        check_experts_per_token(&backend, &config, config.moe.experts_per_token)?;
         let (h, vocab) = (config.hidden_size, config.vocab_size);
         let embed = backend.load_matrix(&src.matrix(Weight::Embed, vocab, h)?)?;
         let lm_head = backend.load_matrix(&src.matrix(Weight::LmHead, vocab, h)?)?;
@@ -170,12 +190,7 @@ impl<B: Backend> Model<B> {
 
     /// Overrides the number of routed experts per token.
     pub fn set_experts_per_token(&mut self, k: usize) -> Result<()> {
-        if k == 0 || k > self.config.moe.num_experts {
-            return Err(Error::InvalidInput(format!(
-                "experts per token must be between 1 and {}, not {k}",
-                self.config.moe.num_experts
-            )));
-        }
+        check_experts_per_token(&self.backend, &self.config, k)?;
         self.experts.per_token = k;
         Ok(())
     }

@@ -733,6 +733,10 @@ impl Backend for CudaBackend {
         self.gated_norm(x, z, weight, eps)
     }
 
+    fn max_experts_per_token(&self) -> Option<usize> {
+        Some(ROUTE_MAX_K)
+    }
+
     fn route_top_k(&self, logits: &CudaTensor, k: usize, renormalize: bool) -> Result<Vec<Route>> {
         let (t, experts) = (logits.rows, logits.cols);
         if k == 0 || k > experts.min(ROUTE_MAX_K) {
