@@ -121,14 +121,13 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 2048;
 /// `k` routed experts per token: at least one, at most the layer's experts and what the
 /// backend's routing takes.
 fn check_experts_per_token<B: Backend>(backend: &B, config: &ModelConfig, k: usize) -> Result<()> {
-    let most = backend
-        .max_experts_per_token()
-        .map_or(config.moe.num_experts, |m| m.min(config.moe.num_experts));
+    let limit = backend.max_experts_per_token();
+    let most = limit.map_or(config.moe.num_experts, |m| m.min(config.moe.num_experts));
     if k == 0 || k > most {
         return Err(Error::InvalidInput(format!(
             "experts per token must be between 1 and {most} ({} experts per layer{}), not {k}",
             config.moe.num_experts,
-            match backend.max_experts_per_token() {
+            match limit {
                 Some(m) => format!(", and backend {} routes at most {m}", backend.describe()),
                 None => String::new(),
             }

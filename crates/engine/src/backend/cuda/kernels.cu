@@ -763,18 +763,10 @@ __device__ void route_batch(const DeviceRoute& route, RouteScratch& s, ExpertBat
     __syncthreads();
 }
 
-// The batch the gate/up launch routed (device-side routing), copied into shared memory so
-// the loops read it as fast as a kernel parameter; ends with a barrier.
-__device__ __forceinline__ void copy_batch(const ExpertBatch* batch, ExpertBatch* local) {
+// A batch copied word by word by the block's threads, between shared and device memory.
+__device__ __forceinline__ void copy_batch(const ExpertBatch* from, ExpertBatch* to) {
     for (int i = threadIdx.x; i < (int)(sizeof(ExpertBatch) / 4); i += blockDim.x)
-        ((u32*)local)[i] = ((const u32*)batch)[i];
-    __syncthreads();
-}
-
-// A routed batch written out for the down launch that follows.
-__device__ __forceinline__ void write_batch(const ExpertBatch* local, ExpertBatch* batch) {
-    for (int i = threadIdx.x; i < (int)(sizeof(ExpertBatch) / 4); i += blockDim.x)
-        ((u32*)batch)[i] = ((const u32*)local)[i];
+        ((u32*)to)[i] = ((const u32*)from)[i];
 }
 
 // The batched kernels take the batch by value (host-routed), or route the token themselves
@@ -797,13 +789,14 @@ __device__ __forceinline__ void write_batch(const ExpertBatch* local, ExpertBatc
         __shared__ ExpertBatch local;                                                                        \
         __shared__ RouteScratch scratch;                                                                     \
         route_batch(route, scratch, local);                                                                  \
-        if (blockIdx.x == 0) write_batch(&local, route.batch);                                               \
+        if (blockIdx.x == 0) copy_batch(&local, route.batch); /* for the down launch */                      \
         swiglu_batch<BITS>(local, group, dtype, x, rows, cols, act);                                         \
     }                                                                                                        \
     extern "C" __global__ void down_batch_dev_q##BITS(const ExpertBatch* batch, int group, int dtype,        \
                                                       const float* act, int rows, int cols, float* out) {    \
         __shared__ ExpertBatch local;                                                                        \
-        copy_batch(batch, &local);                                                                           \
+        copy_batch(batch, &local); /* read as fast as a kernel parameter */                                  \
+        __syncthreads();                                                                                     \
         down_batch<BITS>(local, group, dtype, act, rows, cols, out);                                         \
     }
 // Blocks per multiprocessor the gate/up kernel is compiled for: as many as fit without spills.
