@@ -3,6 +3,7 @@
 //! decoded row by row as they are used.
 
 mod attention;
+mod delta_chunks;
 mod fixed_point;
 mod gemm;
 mod linear_attention;
