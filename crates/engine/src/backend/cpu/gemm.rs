@@ -1,4 +1,5 @@
-//! A bounds-checked front for `matrixmultiply`'s blocked sgemm.
+//! A bounds-checked front for blocked sgemm: the `gemm` crate's (AVX-512 or AVX2 kernels,
+//! chosen at run time), or `matrixmultiply`'s for products of few rows.
 
 /// A matrix read in place: element (i, j) is `data[i * row_stride + j * col_stride]`.
 pub struct Strided<'a> {
@@ -58,27 +59,59 @@ pub fn sgemm(alpha: f32, a: &Strided<'_>, b: &Strided<'_>, c: &mut [f32]) {
         c.len()
     );
     let stride = |s: usize| s as isize;
-    // SAFETY: checked above: every element of a and b the product reads lies in its slice,
-    // and c holds exactly a.rows x b.cols floats written with row stride b.cols.
+    if a.rows < SMALL_PRODUCT_ROWS {
+        // SAFETY: checked above: every element of a and b the product reads lies in its
+        // slice, and c holds exactly a.rows x b.cols floats written with row stride b.cols.
+        unsafe {
+            matrixmultiply::sgemm(
+                a.rows,
+                a.cols,
+                b.cols,
+                alpha,
+                a.data.as_ptr(),
+                stride(a.row_stride),
+                stride(a.col_stride),
+                b.data.as_ptr(),
+                stride(b.row_stride),
+                stride(b.col_stride),
+                0.0,
+                c.as_mut_ptr(),
+                stride(b.cols),
+                1,
+            );
+        }
+        return;
+    }
+    // SAFETY: as above. `gemm` computes dst = alpha * dst + beta * a · b: with dst not read,
+    // its beta is our alpha.
     unsafe {
-        matrixmultiply::sgemm(
+        gemm::gemm(
             a.rows,
-            a.cols,
             b.cols,
-            alpha,
-            a.data.as_ptr(),
-            stride(a.row_stride),
-            stride(a.col_stride),
-            b.data.as_ptr(),
-            stride(b.row_stride),
-            stride(b.col_stride),
-            0.0,
+            a.cols,
             c.as_mut_ptr(),
-            stride(b.cols),
             1,
+            stride(b.cols),
+            false,
+            a.data.as_ptr(),
+            stride(a.col_stride),
+            stride(a.row_stride),
+            b.data.as_ptr(),
+            stride(b.col_stride),
+            stride(b.row_stride),
+            0.0,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }
+
+/// Products of fewer rows (a decode step's query heads over a chunk of keys) run on
+/// `matrixmultiply`, the rest on `gemm`, each where it measured faster (docs/perf.md).
+const SMALL_PRODUCT_ROWS: usize = 32;
 
 #[cfg(test)]
 mod tests {
@@ -99,6 +132,27 @@ mod tests {
             &mut c,
         );
         assert_eq!(c, [38.0, 44.0, 86.0, 100.0]);
+    }
+
+    #[test]
+    fn products_of_many_rows_follow_the_strides() {
+        // Enough rows for the `gemm` crate's path; a read as stored, b through its transpose.
+        let (m, k, n) = (SMALL_PRODUCT_ROWS + 9, 7, 5);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 - 6.0).collect();
+        let b_t: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.5 - 1.0).collect();
+        let mut c = vec![0.0; m * n];
+        sgemm(
+            3.0,
+            &Strided::of(&a, m, k, false),
+            &Strided::of(&b_t, k, n, true),
+            &mut c,
+        );
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b_t[j * k + p]).sum::<f32>() * 3.0;
+                assert_eq!(c[i * n + j], want, "({i}, {j})");
+            }
+        }
     }
 
     #[test]
