@@ -2,8 +2,9 @@
 //! query heads over 2 KV heads of 256): time per layer and the rate at which it reads the
 //! cache (keys and values once); then a prompt's attention. Run with `cargo bench -p flash-moe-engine --bench cpu_attention`.
 
-use std::time::Instant;
+mod common;
 
+use common::{median_secs, values};
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::{AttentionShape, Backend};
 
@@ -15,11 +16,6 @@ fn main() {
     };
     let (width, kv_width) = (32 * 256, 2 * 256);
     let b = CpuBackend::new();
-    let values = |n: usize, salt: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 7919 + salt) % 1000) as f32 / 1000.0 - 0.5)
-            .collect()
-    };
     println!("{:<28} {:>10} {:>14}", "one token, context", "ms/layer", "cache GB/s");
     for context in [4096usize, 23_000] {
         let q = b.upload(&values(width, 1), 1, width).expect("query");
@@ -29,15 +25,9 @@ fn main() {
         let v = b
             .upload(&values(context * kv_width, 3), context, kv_width)
             .expect("values");
-        let mut times: Vec<f64> = (0..7)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(b.attention(&q, &k, &v, shape, context - 1).expect("attention"));
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let secs = times[times.len() / 2];
+        let secs = median_secs(7, || {
+            std::hint::black_box(b.attention(&q, &k, &v, shape, context - 1).expect("attention"));
+        });
         let bytes = 2.0 * (context * kv_width * 4) as f64;
         println!("{:<28} {:>10.2} {:>14.1}", context, secs * 1e3, bytes / secs / 1e9);
     }
@@ -49,15 +39,9 @@ fn main() {
         let v = b
             .upload(&values(tokens * kv_width, 3), tokens, kv_width)
             .expect("values");
-        let mut times: Vec<f64> = (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(b.attention(&q, &k, &v, shape, 0).expect("attention"));
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        times.sort_by(f64::total_cmp);
-        let secs = times[times.len() / 2];
+        let secs = median_secs(3, || {
+            std::hint::black_box(b.attention(&q, &k, &v, shape, 0).expect("attention"));
+        });
         // Scores and weighted values over the causal half: 2 * 2 * heads * d * tokens^2 / 2.
         let flops = 2.0 * (32 * 256) as f64 * (tokens * tokens) as f64;
         println!("{:<28} {:>10.2} {:>14.1}", tokens, secs * 1e3, flops / secs / 1e9);

@@ -2,29 +2,12 @@
 //! 32 or 64 value heads of 128): the causal conv and the gated delta rule, time per layer and
 //! per prompt token. Run with `cargo bench -p flash-moe-engine --bench cpu_linear_attention`.
 
-use std::time::Instant;
+mod common;
 
+use common::{median_secs, values};
 use flash_moe_engine::backend::Backend;
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::model::config::LinearAttentionConfig;
-
-fn values(n: usize, salt: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i * 7919 + salt) % 1000) as f32 / 1000.0 - 0.5)
-        .collect()
-}
-
-fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
-    let mut times: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
 
 fn main() {
     let b = CpuBackend::new();
@@ -32,7 +15,7 @@ fn main() {
         "{:<22} {:>7} {:>12} {:>12} {:>14}",
         "value heads, tokens", "", "conv ms", "delta ms", "delta us/token"
     );
-    for (value_heads, tokens) in [(32usize, 16usize), (32, 512), (64, 512), (32, 2048)] {
+    for (value_heads, tokens) in [(64usize, 1usize), (32, 16), (32, 512), (64, 512), (32, 2048)] {
         let dims = LinearAttentionConfig {
             num_key_heads: 16,
             num_value_heads: value_heads,

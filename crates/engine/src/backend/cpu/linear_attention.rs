@@ -175,6 +175,7 @@ fn recurrence(x: &HeadInputs, s: &mut [f32], out: &mut [f32], dk: usize, dv: usi
 
 #[cfg(test)]
 mod tests {
+    use super::super::matmul::tests::noise;
     use super::*;
 
     #[test]
@@ -190,15 +191,11 @@ mod tests {
         assert!((next.data[0] - silu(0.01 + 0.2 + 3.0)).abs() < 1e-5);
     }
 
-    /// Values in [-scale, scale) from a xorshift generator.
-    fn random(seed: &mut u64, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed ^= *seed << 13;
-                *seed ^= *seed >> 7;
-                *seed ^= *seed << 17;
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
+    /// `n` values in [-scale, scale] from the matmul tests' noise.
+    fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+        noise(seed, n)
+            .iter()
+            .map(|&b| (f32::from(b) / 127.5 - 1.0) * scale)
             .collect()
     }
 
@@ -220,17 +217,12 @@ mod tests {
             conv_kernel: 4,
         };
         let (tokens, nv) = (150, dims.num_value_heads);
-        let mut seed = 7u64;
-        let qkv = CpuTensor::new(
-            tokens,
-            dims.conv_dim(),
-            random(&mut seed, tokens * dims.conv_dim(), 1.0),
-        );
-        let a = CpuTensor::new(tokens, nv, random(&mut seed, tokens * nv, 3.0));
-        let b = CpuTensor::new(tokens, nv, random(&mut seed, tokens * nv, 3.0));
-        let (a_log, dt_bias) = (random(&mut seed, nv, 1.0), random(&mut seed, nv, 1.0));
+        let qkv = CpuTensor::new(tokens, dims.conv_dim(), random(1, tokens * dims.conv_dim(), 1.0));
+        let a = CpuTensor::new(tokens, nv, random(2, tokens * nv, 3.0));
+        let b = CpuTensor::new(tokens, nv, random(3, tokens * nv, 3.0));
+        let (a_log, dt_bias) = (random(4, nv, 1.0), random(5, nv, 1.0));
         let state_len = dims.key_head_dim * dims.value_head_dim;
-        let start = CpuTensor::new(nv, state_len, random(&mut seed, nv * state_len, 0.5));
+        let start = CpuTensor::new(nv, state_len, random(6, nv * state_len, 0.5));
 
         let mut chunked_state = CpuTensor::new(nv, state_len, start.data.clone());
         let chunked = gated_delta_rule(&qkv, &a, &b, &a_log, &dt_bias, &mut chunked_state, &dims);
