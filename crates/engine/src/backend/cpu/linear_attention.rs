@@ -14,30 +14,34 @@ use crate::model::config::LinearAttentionConfig;
 /// Depthwise causal conv with `kernel - 1` rows of history from `state`, then SiLU.
 /// `weight` is `[channels, kernel]`; the last tap multiplies the current token.
 ///
-/// Taps run outermost over whole rows of channels (weights transposed once per call), so the
-/// inner loop is contiguous in both operands; each channel still sums its taps in order.
+/// Taps run outermost over pieces of a row of channels, so that the inner loop walks the
+/// input contiguously (the weights with a stride of `kernel`) and the piece stays in L1;
+/// each channel still sums its taps in order.
 pub fn causal_conv1d_silu(x: &CpuTensor, weight: &CpuTensor, state: &mut CpuTensor) -> CpuTensor {
     let (c, k, t) = (x.cols, weight.cols, x.rows);
     let keep = k - 1;
-    let taps: Vec<f32> = (0..k)
-        .flat_map(|j| (0..c).map(move |ch| weight.data[ch * k + j]))
-        .collect();
     // Row `i` of the input with its history in front: the state's rows, then the tokens.
     let history = |i: usize| if i < keep { state.row(i) } else { x.row(i - keep) };
     let mut out = vec![0.0f32; t * c];
     out.par_chunks_mut(c * CONV_ROWS).enumerate().for_each(|(block, rows)| {
         for (r, row) in rows.chunks_mut(c).enumerate() {
             let ti = block * CONV_ROWS + r;
-            // The first tap assigns: the output's fresh pages are written before they are read.
-            for ((o, &w), &h) in row.iter_mut().zip(&taps[..c]).zip(history(ti)) {
-                *o = w * h;
-            }
-            for (j, tap) in taps.chunks(c).enumerate().skip(1) {
-                for ((o, &w), &h) in row.iter_mut().zip(tap).zip(history(ti + j)) {
-                    *o += w * h;
+            // Pieces of the row small enough that the passes over taps stay in L1.
+            for (p, piece) in row.chunks_mut(CONV_CHANNELS).enumerate() {
+                let channels = p * CONV_CHANNELS..p * CONV_CHANNELS + piece.len();
+                let weights = || weight.data[channels.start * k..channels.end * k].chunks_exact(k);
+                let input = |j: usize| &history(ti + j)[channels.clone()];
+                // The first tap assigns: the output's fresh pages are written before they are read.
+                for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(0)) {
+                    *o = w[0] * h;
                 }
+                for j in 1..k {
+                    for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(j)) {
+                        *o += w[j] * h;
+                    }
+                }
+                piece.iter_mut().for_each(|o| *o = silu(*o));
             }
-            row.iter_mut().for_each(|o| *o = silu(*o));
         }
     });
     let tail: Vec<f32> = (t..t + keep).flat_map(|i| history(i).to_vec()).collect();
@@ -47,6 +51,9 @@ pub fn causal_conv1d_silu(x: &CpuTensor, weight: &CpuTensor, state: &mut CpuTens
 
 /// Token rows per parallel task in the conv.
 const CONV_ROWS: usize = 16;
+
+/// Channels the conv takes through all its taps at a time.
+const CONV_CHANNELS: usize = 512;
 
 /// torch's softplus (beta 1, threshold 20).
 fn softplus(x: f32) -> f32 {
