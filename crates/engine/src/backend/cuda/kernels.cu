@@ -1568,6 +1568,221 @@ extern "C" __global__ void gated_delta_rule(const float* qkv, const float* a, co
     }
 }
 
+// The gated delta rule over a prompt in chunks of DC tokens, as products of the chunk's rows
+// (the CPU backend's `delta_chunks.rs` derives the form). Grid: (value heads, blocks of DCOLS
+// value columns); 256 threads. The block keeps its columns of the head's state in shared
+// memory and, per chunk, runs phases separated by barriers, each a loop over its work items
+// (so every phase is a function of the thread index alone):
+//   load      the chunk's q, k, v slices, log decays and strengths;
+//   normalise q and k per token, sum the log decays (G), the decays to the chunk's end;
+//   pairs     beta_t exp(G_t - G_j) k_t.k_j (j < t), exp(G_t - G_j) q_t.k_j (j <= t), and
+//             exp(G_t) S0^T k_t, exp(G_t) S0^T q_t;
+//   solve     the deltas by forward substitution, one thread per column;
+//   finish    the outputs, and the state: exp(G_last) S0 + sum_t exp(G_last - G_t) k_t delta_t^T.
+#define DC 32
+#define DCOLS 32
+#define DELTA_FLUSH_BELOW -40.0f
+
+// exp(log_decay), or zero below exp(-40), as the CPU backend does: products of smaller decays
+// with small values are subnormal, and what they scale is under f32 resolution.
+__device__ __forceinline__ float chunk_decay(float log_decay) {
+    return log_decay < DELTA_FLUSH_BELOW ? 0.0f : expf(log_decay);
+}
+
+struct DeltaChunk {
+    // Global inputs and outputs.
+    const float *qkv, *a, *b;
+    float* out;
+    int t0, n;                      // the chunk's first token and its length (<= DC)
+    int h, kh, col0, dk, dv, nv, key_dim, conv_dim;
+    float A, dt_bias, q_scale;
+    // Shared memory.
+    float* S;                       // [dk][DCOLS] the block's columns of the state
+    float *ks, *qs;                 // [DC][dk + 4] the chunk's keys and queries
+    float *gram, *score;            // [DC][DC + 1] weighted pairs
+    float *dl, *rk, *rq;            // [DC][DCOLS] values then deltas; what S0 gives k and q
+    float *cum, *beta, *to_end;     // [DC] G_t, strengths, exp(G_last - G_t)
+};
+// (`delta_chunks_shared_bytes` in linear_attention.rs sizes this layout.)
+
+__device__ __forceinline__ int delta_ks_stride(int dk) { return dk + 4; }
+
+__device__ void delta_chunk_load(const DeltaChunk& c, int tid) {
+    int stride = delta_ks_stride(c.dk);
+    for (int e = tid; e < c.n * c.dk; e += blockDim.x) {
+        int t = e / c.dk, i = e % c.dk;
+        const float* row = c.qkv + (long long)(c.t0 + t) * c.conv_dim;
+        c.qs[t * stride + i] = row[c.kh * c.dk + i];
+        c.ks[t * stride + i] = row[c.key_dim + c.kh * c.dk + i];
+    }
+    for (int e = tid; e < c.n * DCOLS; e += blockDim.x) {
+        int t = e / DCOLS, col = c.col0 + e % DCOLS;
+        c.dl[e] = col < c.dv ? c.qkv[(long long)(c.t0 + t) * c.conv_dim + 2 * c.key_dim + c.h * c.dv + col] : 0.0f;
+    }
+    if (tid < c.n) {
+        float av = c.a[(long long)(c.t0 + tid) * c.nv + c.h] + c.dt_bias;
+        float softplus = av > 20.0f ? av : log1pf(expf(av));
+        c.cum[tid] = -c.A * softplus;
+        c.beta[tid] = sigmoidf(c.b[(long long)(c.t0 + tid) * c.nv + c.h]);
+    }
+}
+
+// x . y over n floats (n a multiple of 4, both 16-byte aligned), summed in order.
+__device__ __forceinline__ float dot4(const float* x, const float* y, int n) {
+    float dot = 0.0f;
+    for (int i = 0; i < n; i += 4) {
+        float4 a = *(const float4*)(x + i), b = *(const float4*)(y + i);
+        dot += a.x * b.x;
+        dot += a.y * b.y;
+        dot += a.z * b.z;
+        dot += a.w * b.w;
+    }
+    return dot;
+}
+
+// One thread per token normalises its q and k; thread DC sums the log decays.
+__device__ void delta_chunk_normalise(const DeltaChunk& c, int tid) {
+    int stride = delta_ks_stride(c.dk);
+    if (tid < c.n) {
+        float* q = c.qs + tid * stride;
+        float* k = c.ks + tid * stride;
+        float qn = rsqrtf(dot4(q, q, c.dk) + 1e-6f) * c.q_scale, kn = rsqrtf(dot4(k, k, c.dk) + 1e-6f);
+        for (int i = 0; i < c.dk; ++i) q[i] *= qn, k[i] *= kn;
+    }
+    if (tid == DC) {
+        float g = 0.0f;
+        for (int t = 0; t < c.n; ++t) g += c.cum[t], c.cum[t] = g;
+    }
+}
+
+// The weighted pairs, one per thread; then what S0 gives keys and queries, four tokens by one
+// column per thread (each state value loaded once for the four).
+__device__ void delta_chunk_pairs(const DeltaChunk& c, int tid) {
+    int stride = delta_ks_stride(c.dk), n = c.n;
+    for (int e = tid; e < 2 * n * n; e += blockDim.x) {
+        bool scores = e >= n * n;
+        int r = scores ? e - n * n : e, t = r / n, j = r % n;
+        if (j > t || (j == t && !scores)) continue;
+        float w = chunk_decay(c.cum[t] - c.cum[j]) * dot4((scores ? c.qs : c.ks) + t * stride, c.ks + j * stride, c.dk);
+        if (scores) c.score[t * (DC + 1) + j] = w;
+        else c.gram[t * (DC + 1) + j] = c.beta[t] * w;
+    }
+    int quads = (n + 3) / 4;
+    for (int e = tid; e < 2 * quads * DCOLS; e += blockDim.x) {
+        bool queries = e >= quads * DCOLS;
+        int r = queries ? e - quads * DCOLS : e, t0 = r / DCOLS * 4, col = r % DCOLS;
+        const float* x = (queries ? c.qs : c.ks) + t0 * stride;
+        float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int i = 0; i < c.dk; i += 4) {
+            float s0 = c.S[i * DCOLS + col], s1 = c.S[(i + 1) * DCOLS + col];
+            float s2 = c.S[(i + 2) * DCOLS + col], s3 = c.S[(i + 3) * DCOLS + col];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                // Rows past the chunk read what an earlier chunk left; their sums are not kept.
+                float4 k = *(const float4*)(x + u * stride + i);
+                dot[u] += s0 * k.x;
+                dot[u] += s1 * k.y;
+                dot[u] += s2 * k.z;
+                dot[u] += s3 * k.w;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (t0 + u < n) (queries ? c.rq : c.rk)[(t0 + u) * DCOLS + col] = chunk_decay(c.cum[t0 + u]) * dot[u];
+    }
+    if (tid < n) c.to_end[tid] = chunk_decay(c.cum[n - 1] - c.cum[tid]);
+}
+
+// delta_t = beta_t (v_t - exp(G_t) S0^T k_t) - sum_{j<t} gram[t][j] delta_j, one thread per
+// column with its deltas in registers (the loops unrolled), so that the chain waits only on
+// its own FMAs.
+__device__ void delta_chunk_solve(const DeltaChunk& c, int tid) {
+    if (tid >= DCOLS) return;
+    float d[DC];
+#pragma unroll
+    for (int t = 0; t < DC; ++t) {
+        if (t < c.n) {
+            float x = c.beta[t] * (c.dl[t * DCOLS + tid] - c.rk[t * DCOLS + tid]);
+#pragma unroll
+            for (int j = 0; j < t; ++j) x -= c.gram[t * (DC + 1) + j] * d[j];
+            d[t] = x;
+            c.dl[t * DCOLS + tid] = x;
+        }
+    }
+}
+
+// The outputs, one per thread; the state, four key rows by one column per thread.
+__device__ void delta_chunk_finish(const DeltaChunk& c, int tid) {
+    int stride = delta_ks_stride(c.dk), n = c.n;
+    for (int e = tid; e < n * DCOLS; e += blockDim.x) {
+        int t = e / DCOLS, col = e % DCOLS;
+        float o = c.rq[e];
+        for (int j = 0; j <= t; ++j) o += c.score[t * (DC + 1) + j] * c.dl[j * DCOLS + col];
+        if (c.col0 + col < c.dv) c.out[(long long)(c.t0 + t) * c.nv * c.dv + c.h * c.dv + c.col0 + col] = o;
+    }
+    float kept = chunk_decay(c.cum[n - 1]);
+    for (int e = tid; e < c.dk / 4 * DCOLS; e += blockDim.x) {
+        int i = e / DCOLS * 4, col = e % DCOLS;
+        float u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int t = 0; t < n; ++t) {
+            float w = c.to_end[t] * c.dl[t * DCOLS + col];
+            float4 k = *(const float4*)(c.ks + t * stride + i);
+            u[0] += k.x * w;
+            u[1] += k.y * w;
+            u[2] += k.z * w;
+            u[3] += k.w * w;
+        }
+#pragma unroll
+        for (int r = 0; r < 4; ++r) c.S[(i + r) * DCOLS + col] = c.S[(i + r) * DCOLS + col] * kept + u[r];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gated_delta_chunks(
+    const float* qkv, const float* a, const float* b, const float* a_log, const float* dt_bias, float* state,
+    int rows, int nk, int nv, int dk, int dv, float* out) {
+    extern __shared__ float smem[];
+    DeltaChunk c;
+    c.qkv = qkv, c.a = a, c.b = b, c.out = out;
+    c.h = blockIdx.x, c.kh = c.h / (nv / nk), c.col0 = blockIdx.y * DCOLS;
+    c.dk = dk, c.dv = dv, c.nv = nv, c.key_dim = nk * dk, c.conv_dim = 2 * nk * dk + nv * dv;
+    c.A = expf(a_log[c.h]), c.dt_bias = dt_bias[c.h], c.q_scale = rsqrtf((float)dk);
+    c.S = smem;
+    c.ks = c.S + dk * DCOLS;
+    c.qs = c.ks + DC * delta_ks_stride(dk);
+    c.gram = c.qs + DC * delta_ks_stride(dk);
+    c.score = c.gram + DC * (DC + 1);
+    c.dl = c.score + DC * (DC + 1);
+    c.rk = c.dl + DC * DCOLS;
+    c.rq = c.rk + DC * DCOLS;
+    c.cum = c.rq + DC * DCOLS;
+    c.beta = c.cum + DC;
+    c.to_end = c.beta + DC;
+    int tid = threadIdx.x;
+    float* head = state + (long long)c.h * dk * dv;
+    for (int e = tid; e < dk * DCOLS; e += blockDim.x) {
+        int col = c.col0 + e % DCOLS;
+        c.S[e] = col < dv ? head[(long long)(e / DCOLS) * dv + col] : 0.0f;
+    }
+    for (c.t0 = 0; c.t0 < rows; c.t0 += DC) {
+        c.n = min(DC, rows - c.t0);
+        __syncthreads();  // the state loaded, or the last chunk finished
+        delta_chunk_load(c, tid);
+        __syncthreads();
+        delta_chunk_normalise(c, tid);
+        __syncthreads();
+        delta_chunk_pairs(c, tid);
+        __syncthreads();
+        delta_chunk_solve(c, tid);
+        __syncthreads();
+        delta_chunk_finish(c, tid);
+    }
+    __syncthreads();
+    for (int e = tid; e < dk * DCOLS; e += blockDim.x) {
+        int col = c.col0 + e % DCOLS;
+        if (col < dv) head[(long long)(e / DCOLS) * dv + col] = c.S[e];
+    }
+}
+
 // The sampler's penalties on a row of logits, one thread per penalized token (each token at
 // most once): as LogitPenalty::apply, (token, repetition bits, minus bits) triples.
 extern "C" __global__ void penalize_logits(float* x, long long cols, const u32* penalties, int n) {

@@ -65,6 +65,8 @@ pub struct Kernels {
     pub attention_softmax: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
     pub gated_delta_rule: CudaFunction,
+    /// The delta rule over a prompt in chunks of tokens.
+    pub gated_delta_chunks: CudaFunction,
     pub route_top_k: CudaFunction,
     /// Greedy decoding's choice among the logits, without downloading them.
     pub argmax_f32: CudaFunction,
@@ -84,7 +86,8 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
         };
         // The batched down projection keeps every expert's activation in shared memory, the
-        // grouped products their stages of codes and x.
+        // grouped products their stages of codes and x, the chunked delta rule a block's
+        // columns of the state and a chunk's keys and queries.
         let big_smem = |name: &str| {
             let func = f(name)?;
             func.set_attribute(
@@ -157,6 +160,7 @@ impl Kernels {
             attention_softmax: f("attention_softmax")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,
             gated_delta_rule: f("gated_delta_rule")?,
+            gated_delta_chunks: big_smem("gated_delta_chunks")?,
             route_top_k: f("route_top_k")?,
             argmax_f32: f("argmax_f32")?,
             logits_near_max: f("logits_near_max")?,

@@ -7,6 +7,22 @@ use super::{CudaBackend, CudaTensor, blocks, cuda, grid_for};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 
+/// Prompts at least this long run the delta rule in chunks (`gated_delta_chunks`), as on the
+/// CPU; fewer tokens, decode among them, scan token by token (`gated_delta_rule`).
+const CHUNKED_MIN_TOKENS: usize = 16;
+
+/// Tokens per chunk and value columns per block of `gated_delta_chunks` (DC, DCOLS).
+const DELTA_CHUNK: u32 = 32;
+const DELTA_CHUNK_COLUMNS: u32 = 32;
+
+/// Dynamic shared memory of `gated_delta_chunks` (the layout of `DeltaChunk`): the block's
+/// columns of the state, the chunk's keys and queries (rows padded by 4), two triangles of
+/// pairs (rows padded by 1), three `[chunk, columns]` arrays and three per token.
+fn delta_chunks_shared_bytes(dk: usize) -> u32 {
+    let (dk, c, cols) = (dk as u32, DELTA_CHUNK, DELTA_CHUNK_COLUMNS);
+    4 * (dk * cols + 2 * c * (dk + 4) + 2 * c * (c + 1) + 3 * c * cols + 3 * c)
+}
+
 impl CudaBackend {
     /// Causal depthwise conv + SiLU over `x`, moving the rolling `state` on.
     pub(super) fn conv1d_silu(
@@ -64,16 +80,28 @@ impl CudaBackend {
             ));
         }
         let out = self.tensor(qkv.rows, nv * dv)?;
-        // One warp per 16 key rows, one block per 32 value columns (DELTA_ROWS_PER_WARP).
-        let cfg = LaunchConfig {
-            grid_dim: (nv as u32, (dv as u32).div_ceil(32), 1),
-            block_dim: (32 * (dk as u32).div_ceil(16), 1, 1),
-            shared_mem_bytes: 0,
+        // The chunked kernel reads keys and queries as float4s.
+        let (kernel, cfg) = if qkv.rows >= CHUNKED_MIN_TOKENS && dk % 4 == 0 {
+            // 256 threads per block of DCOLS value columns.
+            let cfg = LaunchConfig {
+                grid_dim: (nv as u32, (dv as u32).div_ceil(DELTA_CHUNK_COLUMNS), 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: delta_chunks_shared_bytes(dk),
+            };
+            (&self.k.gated_delta_chunks, cfg)
+        } else {
+            // One warp per 16 key rows, one block per 32 value columns (DELTA_ROWS_PER_WARP).
+            let cfg = LaunchConfig {
+                grid_dim: (nv as u32, (dv as u32).div_ceil(32), 1),
+                block_dim: (32 * (dk as u32).div_ceil(16), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (&self.k.gated_delta_rule, cfg)
         };
         let (rows, nk, nv, dk, dv) = (qkv.rows as i32, nk as i32, nv as i32, dk as i32, dv as i32);
         launch!(
             self,
-            &self.k.gated_delta_rule,
+            kernel,
             cfg,
             &*qkv.buf,
             &*a.buf,
