@@ -3,6 +3,7 @@
 // run.sh, which extracts the kernel's part of kernels.cu into part.cu. Exits 1 when the
 // relative L2 of the outputs or the state exceeds 1e-5.
 #include <cmath>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -19,12 +20,33 @@ std::barrier<>* bar;
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__
 struct alignas(16) float4 { float x, y, z, w; };
 float* smem_heap;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+// cp.async as copies done at once (landed by any later wait), zeros when not valid.
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    if (valid) memcpy(dst, src, 16); else memset(dst, 0, 16);
+}
+inline void cp_async4(void* dst, const void* src, bool valid) {
+    if (valid) memcpy(dst, src, 4); else memset(dst, 0, 4);
+}
+inline void cp_async_commit() {}
+template <int N> void cp_async_wait() {}
+// Warp 0's shuffles (the only warp that shuffles): lanes trade through an array between two
+// barriers of 32.
+std::barrier<>* warp0_bar;
+float warp0_lanes[32];
+inline float __shfl_up_sync(unsigned, float v, int delta) {
+    int lane = threadIdx.x;
+    warp0_lanes[lane] = v;
+    warp0_bar->arrive_and_wait();
+    float up = lane >= delta ? warp0_lanes[lane - delta] : v;
+    warp0_bar->arrive_and_wait();
+    return up;
+}
 #include "part.cu"
 
 static unsigned long long seed = 7;
@@ -55,11 +77,13 @@ int main(int argc, char** argv) {
             for (int c = 0; c < dv; ++c) { float o = 0; for (int i = 0; i < dk; ++i) { S[i*dv+c] += k[i]*d[c]; o += S[i*dv+c]*q[i]; } out_ref[t*nv*dv+h*dv+c] = o; }
         }
     }
-    int floats = dk * 32 + 2 * 32 * (dk + 4) + 2 * 32 * 33 + 3 * 32 * 32 + 3 * 32;  // as linear_attention.rs
+    // As delta_chunks_shared_bytes in linear_attention.rs.
+    int floats = dk * 32 + 3 * 32 * (dk + 4) + 2 * 32 * 32 + 4 * 32 + 2 * 32 * 33 + 3 * 32 * 32 + 5 * 32;
     std::vector<float, std::allocator<float>> shared_mem(floats, NAN);
     smem_heap = shared_mem.data();
-    std::barrier<> br(256);
+    std::barrier<> br(256), br0(32);
     bar = &br;
+    warp0_bar = &br0;
     for (int bx = 0; bx < nv; ++bx)
         for (int by = 0; by < (dv + 31) / 32; ++by) {
             std::vector<std::thread> th;

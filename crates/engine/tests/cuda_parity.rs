@@ -470,8 +470,10 @@ fn every_operation_matches_the_cpu() {
         (128, 128, 2, 4, 1),
         (128, 128, 1, 2, 6),
         (32, 24, 2, 2, 3),
-        // A prompt the CPU runs in chunks (two full ones and a partial one); the GPU scans.
+        // Prompts both backends run in chunks (two full ones and a partial one; one and a
+        // partial block of value columns) and whose conv splits its rows among threads.
         (128, 128, 2, 4, 75),
+        (32, 40, 2, 4, 40),
     ] {
         let name = format!("conv1d + delta rule dk {dk} dv {dv} heads {nk}/{nv} x {tokens}");
         let args = (dk, dv, nk, nv, tokens);

@@ -64,6 +64,8 @@ pub struct Kernels {
     pub attention_combine: CudaFunction,
     pub attention_softmax: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
+    /// The conv over a prompt, rows split among threads; leaves the state to the caller.
+    pub causal_conv1d_silu_rows: CudaFunction,
     pub gated_delta_rule: CudaFunction,
     /// The delta rule over a prompt in chunks of tokens.
     pub gated_delta_chunks: CudaFunction,
@@ -159,6 +161,7 @@ impl Kernels {
             attention_combine: f("attention_combine")?,
             attention_softmax: f("attention_softmax")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,
+            causal_conv1d_silu_rows: f("causal_conv1d_silu_rows")?,
             gated_delta_rule: f("gated_delta_rule")?,
             gated_delta_chunks: big_smem("gated_delta_chunks")?,
             route_top_k: f("route_top_k")?,

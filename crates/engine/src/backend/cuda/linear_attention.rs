@@ -7,6 +7,12 @@ use super::{CudaBackend, CudaTensor, blocks, cuda, grid_for};
 use crate::error::{Error, Result};
 use crate::model::config::LinearAttentionConfig;
 
+/// Prompts at least this long run the conv with a thread per channel and CONV_ROWS rows
+/// (`causal_conv1d_silu_rows`) instead of a thread per channel walking every row; at least the
+/// conv's kernel size (up to 8), so that the new state comes from x alone.
+const CONV_BY_ROWS_MIN_TOKENS: usize = 16;
+const CONV_ROWS: u32 = 16;
+
 /// Prompts at least this long run the delta rule in chunks (`gated_delta_chunks`), as on the
 /// CPU; fewer tokens, decode among them, scan token by token (`gated_delta_rule`).
 const CHUNKED_MIN_TOKENS: usize = 16;
@@ -16,11 +22,12 @@ const DELTA_CHUNK: u32 = 32;
 const DELTA_CHUNK_COLUMNS: u32 = 32;
 
 /// Dynamic shared memory of `gated_delta_chunks` (the layout of `DeltaChunk`): the block's
-/// columns of the state, the chunk's keys and queries (rows padded by 4), two triangles of
-/// pairs (rows padded by 1), three `[chunk, columns]` arrays and three per token.
+/// columns of the state; two buffers of the chunk's keys and one of its queries (rows padded
+/// by 4); two of its values and two of its decay and strength inputs; two triangles of pairs
+/// (rows padded by 1); three `[chunk, columns]` arrays and five per token.
 fn delta_chunks_shared_bytes(dk: usize) -> u32 {
     let (dk, c, cols) = (dk as u32, DELTA_CHUNK, DELTA_CHUNK_COLUMNS);
-    4 * (dk * cols + 2 * c * (dk + 4) + 2 * c * (c + 1) + 3 * c * cols + 3 * c)
+    4 * (dk * cols + 3 * c * (dk + 4) + 2 * c * cols + 4 * c + 2 * c * (c + 1) + 3 * c * cols + 5 * c)
 }
 
 impl CudaBackend {
@@ -44,18 +51,40 @@ impl CudaBackend {
         }
         let out = self.tensor(x.rows, x.cols)?;
         let (rows, c, kernel) = (x.rows as i32, x.cols as i32, weight.cols as i32);
+        if x.rows < CONV_BY_ROWS_MIN_TOKENS {
+            launch!(
+                self,
+                &self.k.causal_conv1d_silu,
+                grid_for(x.cols),
+                &*x.buf,
+                &*weight.buf,
+                &mut *state.buf,
+                &rows,
+                &c,
+                &kernel,
+                &*out.buf
+            )?;
+            return Ok(out);
+        }
+        let mut cfg = grid_for(x.cols);
+        cfg.grid_dim.1 = (x.rows as u32).div_ceil(CONV_ROWS);
         launch!(
             self,
-            &self.k.causal_conv1d_silu,
-            grid_for(x.cols),
+            &self.k.causal_conv1d_silu_rows,
+            cfg,
             &*x.buf,
             &*weight.buf,
-            &mut *state.buf,
+            &*state.buf,
             &rows,
             &c,
             &kernel,
             &*out.buf
         )?;
+        // The new state: the last kernel - 1 rows of x, contiguous in both.
+        let (kept, len) = (state.len(), x.len());
+        self.stream
+            .memcpy_dtod(&x.buf.slice(len - kept..len), &mut state.buf.slice_mut(0..kept))
+            .map_err(cuda("moving the conv state on"))?;
         Ok(out)
     }
 
@@ -80,8 +109,8 @@ impl CudaBackend {
             ));
         }
         let out = self.tensor(qkv.rows, nv * dv)?;
-        // The chunked kernel reads keys and queries as float4s.
-        let (kernel, cfg) = if qkv.rows >= CHUNKED_MIN_TOKENS && dk % 4 == 0 {
+        // The chunked kernel copies keys, queries and values as float4s.
+        let (kernel, cfg) = if qkv.rows >= CHUNKED_MIN_TOKENS && dk % 4 == 0 && dv % 4 == 0 {
             // 256 threads per block of DCOLS value columns.
             let cfg = LaunchConfig {
                 grid_dim: (nv as u32, (dv as u32).div_ceil(DELTA_CHUNK_COLUMNS), 1),
