@@ -22,29 +22,44 @@ pub fn causal_conv1d_silu(x: &CpuTensor, weight: &CpuTensor, state: &mut CpuTens
     let keep = k - 1;
     // Row `i` of the input with its history in front: the state's rows, then the tokens.
     let history = |i: usize| if i < keep { state.row(i) } else { x.row(i - keep) };
+    // One piece of a row of channels (p) of token ti, through all its taps.
+    let conv_piece = |ti: usize, p: usize, piece: &mut [f32]| {
+        let channels = p * CONV_CHANNELS..p * CONV_CHANNELS + piece.len();
+        let weights = || weight.data[channels.start * k..channels.end * k].chunks_exact(k);
+        let input = |j: usize| &history(ti + j)[channels.clone()];
+        if k == 4 {
+            // The models' kernel size: all taps in one pass, the same sums in the same order.
+            let rows = (input(0).iter().zip(input(1))).zip(input(2).iter().zip(input(3)));
+            for ((o, w), ((&a, &b), (&c, &d))) in piece.iter_mut().zip(weights()).zip(rows) {
+                *o = w[0] * a + w[1] * b + w[2] * c + w[3] * d;
+            }
+        } else {
+            // The first tap assigns: the output's fresh pages are written before they are read.
+            for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(0)) {
+                *o = w[0] * h;
+            }
+            for j in 1..k {
+                for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(j)) {
+                    *o += w[j] * h;
+                }
+            }
+        }
+        piece.iter_mut().for_each(|o| *o = silu(*o));
+    };
     let mut out = vec![0.0f32; t * c];
     out.par_chunks_mut(c * CONV_ROWS).enumerate().for_each(|(block, rows)| {
         for (r, row) in rows.chunks_mut(c).enumerate() {
-            let ti = block * CONV_ROWS + r;
-            // Pieces of the row small enough that the passes over taps stay in L1.
+            // Pieces of the row small enough that the output stays in L1 over the taps.
             for (p, piece) in row.chunks_mut(CONV_CHANNELS).enumerate() {
-                let channels = p * CONV_CHANNELS..p * CONV_CHANNELS + piece.len();
-                let weights = || weight.data[channels.start * k..channels.end * k].chunks_exact(k);
-                let input = |j: usize| &history(ti + j)[channels.clone()];
-                // The first tap assigns: the output's fresh pages are written before they are read.
-                for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(0)) {
-                    *o = w[0] * h;
-                }
-                for j in 1..k {
-                    for ((o, w), &h) in piece.iter_mut().zip(weights()).zip(input(j)) {
-                        *o += w[j] * h;
-                    }
-                }
-                piece.iter_mut().for_each(|o| *o = silu(*o));
+                conv_piece(block * CONV_ROWS + r, p, piece);
             }
         }
     });
-    let tail: Vec<f32> = (t..t + keep).flat_map(|i| history(i).to_vec()).collect();
+    // Row by row: a flattening iterator here cost more than the conv of one token.
+    let mut tail = Vec::with_capacity(keep * c);
+    for i in t..t + keep {
+        tail.extend_from_slice(history(i));
+    }
     state.data.copy_from_slice(&tail);
     CpuTensor::new(t, c, out)
 }
