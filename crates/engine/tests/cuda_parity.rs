@@ -217,6 +217,8 @@ fn every_operation_matches_the_cpu() {
         ("q4/g64", 400, 1024, 1.0),
         ("q4/g64", 397, 1024, 1000.0),
         ("q4/g128", 400, 1024, 1.0),
+        // Two scale groups per stage, and a last tile of rows only part full.
+        ("q4/g32", 400, 960, 1.0),
         ("q2/g64", 400, 1024, 1.0),
         ("q8/g32", 400, 1024, 1.0),
     ];

@@ -841,11 +841,15 @@ struct ExpertTile {
 
 // Shared memory of one stage: codes (rows padded by 16 bytes, so that the 4-byte reads of a
 // warp's 8 rows by 4 words hit distinct banks), x (tokens padded by 64 bytes, so that the
-// 16-byte reads of 8 neighbouring lanes do), and per token and piece (factor, sum of x).
+// 16-byte reads of 8 neighbouring lanes do), per token and piece (factor, sum of x), and per
+// row the (scale, bias) of the stage's scale groups (at most MT_SCALE_SLOTS: a group holds
+// whole pieces).
 __host__ __device__ constexpr int mt_code_stride() { return MT_PIECES * 16 + 16; }
 __host__ __device__ constexpr int mt_x_stride(int bits) { return MT_PIECES * 512 / bits + 64; }
+#define MT_SCALE_SLOTS MT_PIECES
 __host__ __device__ constexpr int mt_stage_bytes(int bits) {
-    return MT_ROWS * mt_code_stride() + MT_TOKENS * mt_x_stride(bits) + MT_TOKENS * MT_PIECES * 8;
+    return MT_ROWS * mt_code_stride() + MT_TOKENS * mt_x_stride(bits) + MT_TOKENS * MT_PIECES * 8 +
+           MT_ROWS * MT_SCALE_SLOTS * 8;
 }
 
 // Each float of x (rows of `cols`) as the two f16 limbs described above, in the MMA's order:
@@ -998,6 +1002,32 @@ __device__ __forceinline__ void mt_load_stage(u8* smem, const u8* codes, long lo
     }
 }
 
+// A block's scales and biases for a stage: thread r (one per row of the tile) asks for its
+// row's raw values of the stage's groups, then (a stage later, so that the scattered loads
+// land while the MMAs run) stores them as floats where the stage's epilogues read them.
+struct StageScales {
+    u32 raw[MT_SCALE_SLOTS][2];
+};
+
+__device__ __forceinline__ StageScales mt_ask_scales(const u8* scales, const u8* biases, int dtype, long long row,
+                                                    long long groups, long long g0, int slots) {
+    StageScales sc = {};
+#pragma unroll
+    for (int i = 0; i < MT_SCALE_SLOTS; ++i)
+        if (i < slots) {
+            sc.raw[i][0] = load_raw(scales, dtype, row * groups + g0 + i);
+            sc.raw[i][1] = load_raw(biases, dtype, row * groups + g0 + i);
+        }
+    return sc;
+}
+
+__device__ __forceinline__ void mt_store_scales(u8* stage, int bits, const StageScales& sc, int dtype) {
+    float2* slot = (float2*)(stage + mt_stage_bytes(bits) - MT_ROWS * MT_SCALE_SLOTS * 8) + threadIdx.x * MT_SCALE_SLOTS;
+#pragma unroll
+    for (int i = 0; i < MT_SCALE_SLOTS; ++i)
+        slot[i] = make_float2(raw_to_float(sc.raw[i][0], dtype), raw_to_float(sc.raw[i][1], dtype));
+}
+
 template <int BITS>
 __device__ void grouped_matmul_mma(const unsigned long long* table, const ExpertTile* tiles, int group, int dtype,
                                    const u32* xl, const float2* meta, int rows, int cols, float* y) {
@@ -1019,11 +1049,12 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
     // Pieces that share a scale group within a stage share x's factor (split_rows_f16's
     // lanes): their products are summed on the tensor cores before the scale is applied.
     int per_factor = min(group / PF, MT_PIECES);
-    long long rr[WT][2];
-#pragma unroll
-    for (int m = 0; m < WT; ++m)
-        rr[m][0] = min(r0 + wr + 16 * m, rows - 1), rr[m][1] = min(r0 + wr + 16 * m + 8, rows - 1);
     float out[WT][4][4] = {};
+    // Scale groups per stage, and the first group of stage s.
+    int slots = max(1, (MT_PIECES * PF) >> group_shift);
+    auto first_group = [&](int s) { return ((long long)s * MT_PIECES * PF) >> group_shift; };
+    long long my_row = min(r0 + (int)threadIdx.x, rows - 1);
+    mt_store_scales(smem, BITS, mt_ask_scales(scales, biases, dtype, my_row, groups, first_group(0), slots), dtype);
     auto load = [&](int s) {
         if (s < stages)
             mt_load_stage<BITS>(smem + (s % MT_STAGES) * mt_stage_bytes(BITS), codes, row_bytes, r0, rows,
@@ -1035,9 +1066,13 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
         cp_async_wait<MT_STAGES - 2>();  // stage s has landed
         __syncthreads();                 // and every warp is done with the buffer loaded next
         load(s + MT_STAGES - 1);
+        StageScales next_scales = {};
+        if (s + 1 < stages)
+            next_scales = mt_ask_scales(scales, biases, dtype, my_row, groups, first_group(s + 1), slots);
         const u8* cs = smem + (s % MT_STAGES) * mt_stage_bytes(BITS);
         const u8* xs = cs + MT_ROWS * mt_code_stride();
         const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
+        const float2* scs = (const float2*)(cs + mt_stage_bytes(BITS) - MT_ROWS * MT_SCALE_SLOTS * 8);
         float acc[WT][4][4] = {};
 #pragma unroll
         for (int p = 0; p < MT_PIECES; ++p) {
@@ -1067,13 +1102,11 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                     }
             }
             if ((p + 1) % per_factor != 0) continue;  // the factor's block goes on
-            long long gi = ((long long)(s * MT_PIECES + p) * PF) >> group_shift;
+            int slot = (int)((((long long)(s * MT_PIECES + p) * PF) >> group_shift) - first_group(s));
 #pragma unroll
             for (int m = 0; m < WT; ++m) {
-                float sa = load_float(scales, dtype, rr[m][0] * groups + gi);
-                float ba = load_float(biases, dtype, rr[m][0] * groups + gi);
-                float sb = load_float(scales, dtype, rr[m][1] * groups + gi);
-                float bb = load_float(biases, dtype, rr[m][1] * groups + gi);
+                float2 sba = scs[(wr + 16 * m) * MT_SCALE_SLOTS + slot], sbb = scs[(wr + 16 * m + 8) * MT_SCALE_SLOTS + slot];
+                float sa = sba.x, ba = sba.y, sb = sbb.x, bb = sbb.y;
                 // acc[m][j]: rows wr, wr, wr + 8, wr + 8 (+ 16 m) by tokens 8 j + 2 t, 8 j + 2 t + 1 (twice).
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
@@ -1088,6 +1121,8 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
                 }
             }
         }
+        // Every warp read the other buffer before this stage's barrier.
+        if (s + 1 < stages) mt_store_scales(smem + ((s + 1) % MT_STAGES) * mt_stage_bytes(BITS), BITS, next_scales, dtype);
     }
 #pragma unroll
     for (int m = 0; m < WT; ++m)

@@ -20,11 +20,12 @@ const TILE_THREADS: u32 = 128;
 
 /// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels.cu (per
 /// row its pieces' codes and 16 bytes of padding; per token its pieces' two f16 limbs of x
-/// and 64 bytes of padding; per token and piece two floats).
+/// and 64 bytes of padding; per token and piece two floats; per row two floats for each of
+/// the stage's scale groups, at most one per piece).
 fn shared_bytes(bits: usize) -> usize {
     let codes = TILE_ROWS * (STAGE_PIECES * 16 + 16);
     let x = TILE_TOKENS * (STAGE_PIECES * 512 / bits + 64);
-    STAGES * (codes + x + TILE_TOKENS * STAGE_PIECES * 8)
+    STAGES * (codes + x + TILE_TOKENS * STAGE_PIECES * 8 + TILE_ROWS * STAGE_PIECES * 8)
 }
 
 /// x as the kernel reads it: the limbs (as many bytes as x) and, per row and 16-byte piece
