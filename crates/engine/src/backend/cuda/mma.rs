@@ -197,9 +197,10 @@ mod tests {
     /// Worked out by hand from the layout in kernels.cu.
     #[test]
     fn shared_memory_holds_two_stages() {
-        // 4 bits: codes 128 x (2 x 16 + 16), x 32 x (2 x 128 + 64), meta 32 x 16.
-        assert_eq!(shared_bytes(4), 2 * (6144 + 10240 + 512));
+        // 4 bits: codes 128 x (2 x 16 + 16), x 32 x (2 x 128 + 64), meta 32 x 16, scales and
+        // biases 128 x 2 x 8.
+        assert_eq!(shared_bytes(4), 2 * (6144 + 10240 + 512 + 2048));
         // 2 bits: x 32 x (2 x 256 + 64).
-        assert_eq!(shared_bytes(2), 2 * (6144 + 18432 + 512));
+        assert_eq!(shared_bytes(2), 2 * (6144 + 18432 + 512 + 2048));
     }
 }
