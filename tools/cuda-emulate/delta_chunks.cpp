@@ -27,11 +27,8 @@ float* smem_heap;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 // cp.async as copies done at once (landed by any later wait), zeros when not valid.
-inline void cp_async16(void* dst, const void* src, bool valid) {
-    if (valid) memcpy(dst, src, 16); else memset(dst, 0, 16);
-}
-inline void cp_async4(void* dst, const void* src, bool valid) {
-    if (valid) memcpy(dst, src, 4); else memset(dst, 0, 4);
+template <int BYTES> void cp_async(void* dst, const void* src, bool valid) {
+    if (valid) memcpy(dst, src, BYTES); else memset(dst, 0, BYTES);
 }
 inline void cp_async_commit() {}
 template <int N> void cp_async_wait() {}

@@ -905,19 +905,17 @@ extern "C" __global__ void split_rows_f16(const float* x, int bits, long long wo
     else split_word<4>(x, w, words, lanes, limbs, meta);
 }
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* global, bool valid) {
+// BYTES (4, 8 or 16) from global to shared memory, asynchronously; zeros when not valid.
+// 16-byte copies bypass L1 (.cg); smaller ones may only go through it (.ca).
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* global, bool valid) {
 #if __CUDA_ARCH__ >= 800
     u32 dst = (u32)__cvta_generic_to_shared(smem);
-    int bytes = valid ? 16 : 0;  // 0: the 16 bytes are zero-filled
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global), "r"(bytes));
-#endif
-}
-
-__device__ __forceinline__ void cp_async4(void* smem, const void* global, bool valid) {
-#if __CUDA_ARCH__ >= 800
-    u32 dst = (u32)__cvta_generic_to_shared(smem);
-    int bytes = valid ? 4 : 0;  // 0: the 4 bytes are zero-filled
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(global), "r"(bytes));
+    int bytes = valid ? BYTES : 0;  // 0: the BYTES bytes are zero-filled
+    if constexpr (BYTES == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global), "r"(bytes));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(dst), "l"(global), "r"(bytes), "n"(BYTES));
 #endif
 }
 
@@ -985,20 +983,20 @@ __device__ __forceinline__ void mt_load_stage(u8* smem, const u8* codes, long lo
         int r = i / MT_PIECES, p = i % MT_PIECES;
         bool valid = r0 + r < rows;
         const u8* src = codes + (valid ? (long long)(r0 + r) * row_bytes : 0) + (piece0 + p) * 16;
-        cp_async16(cs + r * mt_code_stride() + p * 16, src, valid);
+        cp_async<16>(cs + r * mt_code_stride() + p * 16, src, valid);
     }
     constexpr int CHUNKS = MT_PIECES * XP / 16;  // per token
     for (int i = threadIdx.x; i < MT_TOKENS * CHUNKS; i += blockDim.x) {
         int t = i / CHUNKS, c = i % CHUNKS;
         bool valid = t < count;
         const u8* src = xl + ((long long)(first + (valid ? t : 0)) * pieces + piece0) * XP + c * 16;
-        cp_async16(xs + t * mt_x_stride(BITS) + c * 16, src, valid);
+        cp_async<16>(xs + t * mt_x_stride(BITS) + c * 16, src, valid);
     }
     constexpr int META = MT_PIECES * 8 / 16;  // per token
     for (int i = threadIdx.x; i < MT_TOKENS * META; i += blockDim.x) {
         int t = i / META, c = i % META;
         bool valid = t < count;
-        cp_async16(ms + i * 16, meta + (long long)(first + (valid ? t : 0)) * pieces + piece0 + 2 * c, valid);
+        cp_async<16>(ms + i * 16, meta + (long long)(first + (valid ? t : 0)) * pieces + piece0 + 2 * c, valid);
     }
 }
 
@@ -1711,7 +1709,7 @@ __device__ void delta_chunk_fetch_rows(const DeltaChunk& c, int t0, float* dst, 
         int t = e / quads, i = e % quads * 4;
         bool live = t0 + t < c.rows;
         const float* row = c.qkv + (long long)(live ? t0 + t : 0) * c.conv_dim;
-        cp_async16(dst + t * stride + i, row + offset + i, live);
+        cp_async<16>(dst + t * stride + i, row + offset + i, live);
     }
 }
 
@@ -1722,13 +1720,13 @@ __device__ void delta_chunk_fetch_kv(const DeltaChunk& c, int t0, const ChunkInp
         int t = e / (DCOLS / 4), col = e % (DCOLS / 4) * 4;
         bool live = t0 + t < c.rows && c.col0 + col < c.dv;
         const float* row = c.qkv + (long long)(live ? t0 + t : 0) * c.conv_dim + 2 * c.key_dim;
-        cp_async16(in.vs + t * DCOLS + col, row + (live ? c.h * c.dv + c.col0 + col : 0), live);
+        cp_async<16>(in.vs + t * DCOLS + col, row + (live ? c.h * c.dv + c.col0 + col : 0), live);
     }
     if (tid < DC) {
         bool live = t0 + tid < c.rows;
         long long at = (long long)(live ? t0 + tid : 0) * c.nv + c.h;
-        cp_async4(in.as + tid, c.a + at, live);
-        cp_async4(in.bs + tid, c.b + at, live);
+        cp_async<4>(in.as + tid, c.a + at, live);
+        cp_async<4>(in.bs + tid, c.b + at, live);
     }
 }
 
