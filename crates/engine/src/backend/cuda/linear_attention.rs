@@ -51,7 +51,9 @@ impl CudaBackend {
         }
         let out = self.tensor(x.rows, x.cols)?;
         let (rows, c, kernel) = (x.rows as i32, x.cols as i32, weight.cols as i32);
-        if x.rows < CONV_BY_ROWS_MIN_TOKENS {
+        let row_blocks = (x.rows as u32).div_ceil(CONV_ROWS);
+        // (A grid's second dimension stops at 65535 blocks: a million rows in one call.)
+        if x.rows < CONV_BY_ROWS_MIN_TOKENS || row_blocks > 65535 {
             launch!(
                 self,
                 &self.k.causal_conv1d_silu,
@@ -67,7 +69,7 @@ impl CudaBackend {
             return Ok(out);
         }
         let mut cfg = grid_for(x.cols);
-        cfg.grid_dim.1 = (x.rows as u32).div_ceil(CONV_ROWS);
+        cfg.grid_dim.1 = row_blocks;
         launch!(
             self,
             &self.k.causal_conv1d_silu_rows,
