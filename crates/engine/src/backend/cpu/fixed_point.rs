@@ -231,14 +231,7 @@ impl FixedPointX {
             let ahead = codes.as_ptr().wrapping_add(g * group_bytes + PREFETCH_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
             // SAFETY: the caller's.
-            let (hi, lo) = unsafe {
-                // One piece (4 bits in groups of 64, the common case): without the loop.
-                if group_bytes == 32 {
-                    self.piece_avx512::<BITS>(codes, g * 32, (_mm512_setzero_si512(), _mm512_setzero_si512()))
-                } else {
-                    self.group_avx512::<BITS>(codes, g)
-                }
-            };
+            let (hi, lo) = unsafe { self.group_avx512::<BITS>(codes, g) };
             let q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(4096.0), _mm512_cvtepi32_ps(lo));
             acc = _mm512_fmadd_ps(q, _mm512_set1_ps(factor), acc);
             std::mem::swap(&mut acc, &mut other);
@@ -299,6 +292,12 @@ impl FixedPointX {
     unsafe fn group_avx512<const BITS: u32>(&self, codes: &[u8], g: usize) -> (__m512i, __m512i) {
         let group_bytes = self.group * BITS as usize / 8;
         let mut sums = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        if group_bytes == 32 {
+            // One piece (4 bits in groups of 64, the common case): without the loop, whose
+            // bounds and steps cost as much as the piece.
+            // SAFETY: the caller's: the row holds group g.
+            return unsafe { self.piece_avx512::<BITS>(codes, g * 32, sums) };
+        }
         for at in (g * group_bytes..(g + 1) * group_bytes).step_by(32) {
             // SAFETY: the caller's: the row holds group g.
             sums = unsafe { self.piece_avx512::<BITS>(codes, at, sums) };

@@ -1019,8 +1019,13 @@ __device__ __forceinline__ StageScales mt_ask_scales(const u8* scales, const u8*
     return sc;
 }
 
+// Where a stage's (scale, bias) pairs start: the end of its shared memory.
+__device__ __forceinline__ float2* mt_stage_scales(const u8* stage, int bits) {
+    return (float2*)(stage + mt_stage_bytes(bits) - MT_ROWS * MT_SCALE_SLOTS * 8);
+}
+
 __device__ __forceinline__ void mt_store_scales(u8* stage, int bits, const StageScales& sc, int dtype) {
-    float2* slot = (float2*)(stage + mt_stage_bytes(bits) - MT_ROWS * MT_SCALE_SLOTS * 8) + threadIdx.x * MT_SCALE_SLOTS;
+    float2* slot = mt_stage_scales(stage, bits) + threadIdx.x * MT_SCALE_SLOTS;
 #pragma unroll
     for (int i = 0; i < MT_SCALE_SLOTS; ++i)
         slot[i] = make_float2(raw_to_float(sc.raw[i][0], dtype), raw_to_float(sc.raw[i][1], dtype));
@@ -1070,7 +1075,7 @@ __device__ void grouped_matmul_mma(const unsigned long long* table, const Expert
         const u8* cs = smem + (s % MT_STAGES) * mt_stage_bytes(BITS);
         const u8* xs = cs + MT_ROWS * mt_code_stride();
         const float2* ms = (const float2*)(xs + MT_TOKENS * mt_x_stride(BITS));
-        const float2* scs = (const float2*)(cs + mt_stage_bytes(BITS) - MT_ROWS * MT_SCALE_SLOTS * 8);
+        const float2* scs = mt_stage_scales(cs, BITS);
         float acc[WT][4][4] = {};
 #pragma unroll
         for (int p = 0; p < MT_PIECES; ++p) {
