@@ -31,8 +31,9 @@ rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('
 launches = [(r["Kernel Name"].split("(")[0], r["Grid Size"], float(r["Metric Value"].replace(",", "")) / 1e3) for r in rows]
 # Each token ends with the lm_head product: by far the longest matvec (grids no longer tell
 # it apart: every large product runs on as many blocks as the GPU holds).
-head = max(us for n, _, us in launches if n.startswith("matvec_q"))
-ends = [i for i, (n, _, us) in enumerate(launches) if n.startswith("matvec_q") and us > head / 2]
+one_token = ("matvec_q", "matvec_pairs_q")
+head = max(us for n, _, us in launches if n.startswith(one_token))
+ends = [i for i, (n, _, us) in enumerate(launches) if n.startswith(one_token) and us > head / 2]
 token = launches[ends[-2] + 1:ends[-1] + 1]
 by_name = defaultdict(lambda: [0, 0.0])
 for name, _, us in token:

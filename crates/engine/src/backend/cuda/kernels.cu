@@ -177,8 +177,8 @@ extern "C" __global__ void dequant_rows(const u8* w, const u8* scales, const u8*
 // and adds, exactly, in one instruction. For that, x is staged in shared memory as fixed
 // point: per piece, X = rint(x * 2^(22 - E)) where every |x| of the piece is below 2^E (so
 // |X| <= 2^22, an absolute error of at most 2^(E - 23), about f32's own rounding of the
-// piece's largest element), split exactly into three signed bytes, X = 2^16 d2 + 2^8 d1 + d0
-// (the limbs). A piece's product is then exact,
+// piece's largest element), split exactly into three bytes, X = 2^16 d2 + 2^8 d1 + d0 (the
+// limbs: d0 and d1 X's low bytes, unsigned, d2 signed). A piece's product is then exact,
 //   codes . X = 2^16 D2 + 2^8 D1 + D0,   D_l = sum of dp4a(codes, limb l),
 // and   row . x = sum over pieces of scale * (codes . X) * 2^(E - 22) + bias * sum(x).
 // One mask (and a shift) unpacks four codes of a 32-bit word into bytes, so a 4-bit code
@@ -208,10 +208,12 @@ __host__ __device__ constexpr int staged_bytes(int bits, int cols) {
     return ((cols / (128 / bits)) * (staged_record(bits) + 8) + 15) & ~15;
 }
 
-// d + the four byte products of unsigned `codes` and signed `limbs`.
-__device__ __forceinline__ int dp4a(u32 codes, u32 limbs, int d) {
+// d + the four byte products of unsigned `codes` and `limbs` (signed bytes when `is_signed`;
+// the callers' unrolled loops make it a constant).
+__device__ __forceinline__ int dp4a(u32 codes, u32 limbs, int d, bool is_signed) {
     int r;
-    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(codes), "r"(limbs), "r"(d));
+    if (is_signed) asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(r) : "r"(codes), "r"(limbs), "r"(d));
+    else asm("dp4a.u32.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(codes), "r"(limbs), "r"(d));
     return r;
 }
 
@@ -235,17 +237,36 @@ __device__ __forceinline__ void piece_dot(uint4 va, uint4 vb, const u8* rec, flo
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int k = 0; k < M; ++k) {
-                sa[l] = dp4a((wa[j] >> (BITS * k)) & MASK, xw[j * M + k], sa[l]);
-                if (DUAL) sb[l] = dp4a((wb[j] >> (BITS * k)) & MASK, xw[j * M + k], sb[l]);
+                sa[l] = dp4a((wa[j] >> (BITS * k)) & MASK, xw[j * M + k], sa[l], l == 2);
+                if (DUAL) sb[l] = dp4a((wb[j] >> (BITS * k)) & MASK, xw[j * M + k], sb[l], l == 2);
             }
     }
-    da = (float)sa[2] * 65536.0f + (float)(sa[1] * 256 + sa[0]);
-    if (DUAL) db = (float)sb[2] * 65536.0f + (float)(sb[1] * 256 + sb[0]);
+    // (2^8 D2 + D1) is exact in f32 at 2 and 4 bits, so the piece's sum is rounded once.
+    da = (float)(sa[2] * 256 + sa[1]) * 256.0f + (float)sa[0];
+    if (DUAL) db = (float)(sb[2] * 256 + sb[1]) * 256.0f + (float)sb[0];
+}
+
+// rint(v) for |v| <= 2^22, as __float2int_rn but on the FMA and integer pipes (a float-to-int
+// conversion issues at an eighth of their rate): v + 1.5 2^23 lies in [2^23, 2^24], where a
+// float's ulp is 1, so the addition rounds v to the nearest integer (ties to even), which
+// the float's bits hold above the constant's.
+__device__ __forceinline__ int rint_fixed(float v) {
+    return __float_as_int(v + 12582912.0f) - 0x4B400000;
+}
+
+// The limbs of four fixed-point values (|X| <= 2^22) as byte lanes: X = 2^16 d2 + 2^8 d1 + d0
+// with d0, d1 X's two low bytes (unsigned) and d2 its third (signed: X >> 16 lies in
+// [-64, 64]); byte n of each limb word is value n's. Seven byte permutes for four values.
+__device__ __forceinline__ void split_limbs(int a, int b, int c, int d, u32& d0, u32& d1, u32& d2) {
+    u32 ab = __byte_perm(a, b, 0x5410), cd = __byte_perm(c, d, 0x5410);  // bytes 0, 1 of each
+    d0 = __byte_perm(ab, cd, 0x6420);
+    d1 = __byte_perm(ab, cd, 0x7531);
+    d2 = __byte_perm(__byte_perm(a, b, 0x0062), __byte_perm(c, d, 0x0062), 0x5410);
 }
 
 // Stages `count` vectors of `cols` floats (the inputs of a batch of experts, one after the
 // other) into shared memory as described above, vector e at smem + e * stride bytes; no
-// barrier. A thread converts the 4 M columns of one code word at a time, STAGE_WORDS words'
+// barrier. A thread converts the 4 M columns of one code word at a time, a pass of words'
 // loads in flight; the 4 threads of a piece (neighbouring lanes) meet by shuffles. x is
 // 16-byte aligned; blockDim is a multiple of 32.
 #define STAGE_WORDS 4
@@ -258,15 +279,18 @@ struct StageNorm {
     float* out;
 };
 
-template <int BITS, bool NORM = false>
+// PASS words per thread at a time; by default, with the norm, as many loads in flight as one
+// 4-word pass of 8-bit codes, so that the norm's weights fit in the registers too (a
+// 4096-wide x still takes one pass).
+template <int BITS, bool NORM = false, int PASS = (NORM ? STAGE_WORDS * BITS / 8 : STAGE_WORDS)>
 __device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, u8* smem,
                                               StageNorm norm = {}) {
     constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS);
     int pieces = cols / PF, words = count * cols / COLS;
-    for (int base = 0; base < words; base += STAGE_WORDS * blockDim.x) {
-        float4 v[STAGE_WORDS][M];
+    for (int base = 0; base < words; base += PASS * blockDim.x) {
+        float4 v[PASS][M];
 #pragma unroll
-        for (int s = 0; s < STAGE_WORDS; ++s) {
+        for (int s = 0; s < PASS; ++s) {
             int c = base + s * blockDim.x + threadIdx.x;
 #pragma unroll
             for (int i = 0; i < M; ++i)
@@ -274,7 +298,7 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
         }
         if (NORM) {
 #pragma unroll
-            for (int s = 0; s < STAGE_WORDS; ++s) {
+            for (int s = 0; s < PASS; ++s) {
                 long long c = base + s * blockDim.x + threadIdx.x;
                 if (c >= words) break;
 #pragma unroll
@@ -287,7 +311,7 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
             }
         }
 #pragma unroll
-        for (int s = 0; s < STAGE_WORDS; ++s) {
+        for (int s = 0; s < PASS; ++s) {
             if (base + s * blockDim.x >= words) break;  // the same for the whole block
             int c = base + s * blockDim.x + threadIdx.x;
             const float* f = (const float*)v[s];
@@ -304,18 +328,9 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
             float up = __uint_as_float((u32)(149 - e) << 23), down = __uint_as_float((u32)(105 + e) << 23);
             u32 limb[3][M];
 #pragma unroll
-            for (int k = 0; k < M; ++k) limb[0][k] = limb[1][k] = limb[2][k] = 0;
-#pragma unroll
-            for (int i = 0; i < COLS; ++i) {
-                int q = __float2int_rn(f[i] * up);
-                int d0 = (int)(signed char)(q & 0xff);
-                int r = (q - d0) >> 8;
-                int d1 = (int)(signed char)(r & 0xff);
-                int d2 = (r - d1) >> 8;
-                int k = i % M, shift = 8 * (i / M);  // code i of the word: byte i / M of unpacking i % M
-                limb[0][k] |= (u32)(d0 & 0xff) << shift;
-                limb[1][k] |= (u32)(d1 & 0xff) << shift;
-                limb[2][k] |= (u32)(d2 & 0xff) << shift;
+            for (int k = 0; k < M; ++k) {  // codes k, k + M, k + 2M, k + 3M of the word: unpacking k
+                auto fixed = [&](int i) { return rint_fixed(f[k + i * M] * up); };
+                split_limbs(fixed(0), fixed(1), fixed(2), fixed(3), limb[0][k], limb[1][k], limb[2][k]);
             }
             if (c < words) {
                 int piece = c / 4, word = c % 4, vec = piece / pieces, p = piece % pieces;
@@ -565,6 +580,9 @@ __device__ void swiglu_batch(const ExpertBatch& batch, int group, int dtype, con
 // lane's 11 pieces of a row (ten experts and the shared one, 1024 columns at 4 bits) take two
 // round trips instead of three.
 #define DOWN_UNROLL 8
+// Words per thread per staging pass in the batched down product: ten experts and the shared
+// one, 1024 columns at 4 bits, are staged in one memory round trip instead of two.
+#define DOWN_STAGE_WORDS 6
 // out[r] += sum over experts e of weight_e * (down_e[r] . act[e]). One warp per row; the
 // lanes walk the (expert, piece) pairs of the row in order, DOWN_UNROLL loads in flight each,
 // so a row of a narrow matrix (1024 columns: one piece per lane per expert) still keeps
@@ -577,7 +595,7 @@ __device__ void down_batch(const ExpertBatch& batch, int group, int dtype, const
     u8* smem = (u8*)smem_vec;
     int pieces = cols / PF;
     int stride = staged_bytes(BITS, cols);  // per expert
-    stage_x_async<BITS>(act, batch.count, cols, stride, smem);
+    stage_x_async<BITS, false, DOWN_STAGE_WORDS>(act, batch.count, cols, stride, smem);
     __syncthreads();
     int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     int group_shift = __ffs(group) - 1;  // groups are powers of two (checked by the host)
