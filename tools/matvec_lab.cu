@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include <cooperative_groups.h>
+
 #include "../crates/engine/src/backend/cuda/kernels.cu"
 
 // ---------------------------------------------------------------------------------------
@@ -1149,6 +1151,147 @@ static void bench_persistent() {
     cudaFree(steps), cudaFree(done);
 }
 
+// ---------------------------------------------------------------------------------------
+// Experimental, not used by the engine: x staged by a thread-block cluster. Each of the C
+// blocks of a cluster converts every C-th pass-slice of x's words and writes the records into
+// the shared memory of all C blocks (distributed shared memory), so that x is read from L2
+// and converted once per cluster instead of once per block. STAGE = false skips the staging
+// (wrong results: a bound on what staging costs).
+namespace cg = cooperative_groups;
+
+template <int BITS, int C>
+__device__ void stage_x_cluster(const float* x, int cols, u8* smem) {
+    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS), PASS = STAGE_WORDS;
+    cg::cluster_group cluster = cg::this_cluster();
+    int rank = (int)cluster.block_rank();
+    u8* dst[C];
+#pragma unroll
+    for (int r = 0; r < C; ++r) dst[r] = cluster.map_shared_rank(smem, r);
+    int pieces = cols / PF, words = cols / COLS;
+    for (int base = 0; base < words; base += PASS * C * blockDim.x) {
+        float4 v[PASS][M];
+#pragma unroll
+        for (int s = 0; s < PASS; ++s) {
+            int c = base + (s * C + rank) * blockDim.x + threadIdx.x;
+#pragma unroll
+            for (int i = 0; i < M; ++i)
+                v[s][i] = c < words ? ((const float4*)x)[(long long)c * M + i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (int s = 0; s < PASS; ++s) {
+            if (base + (s * C + rank) * blockDim.x >= words) break;
+            int c = base + (s * C + rank) * blockDim.x + threadIdx.x;
+            const float* f = (const float*)v[s];
+            float m = 0.0f, sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < COLS; ++i) m = fmaxf(m, fabsf(f[i])), sum += f[i];
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            int e = min(max((int)((__float_as_uint(m) >> 23) & 0xff) - 126, -100), 128);
+            float up = __uint_as_float((u32)(149 - e) << 23), down = __uint_as_float((u32)(105 + e) << 23);
+            u32 limb[3][M];
+#pragma unroll
+            for (int k = 0; k < M; ++k) {
+                auto fixed = [&](int i) { return rint_fixed(f[k + i * M] * up); };
+                split_limbs(fixed(0), fixed(1), fixed(2), fixed(3), limb[0][k], limb[1][k], limb[2][k]);
+            }
+            if (c < words) {
+                int p = c / 4, word = c % 4;
+#pragma unroll
+                for (int r = 0; r < C; ++r) {
+                    u8* rec = dst[r] + p * REC;
+#pragma unroll
+                    for (int l = 0; l < 3; ++l)
+#pragma unroll
+                        for (int k = 0; k < M; ++k) ((u32*)(rec + 16 * M * l))[word * M + k] = limb[l][k];
+                    if (word == 0) ((float2*)(dst[r] + pieces * REC))[p] = make_float2(sum, down);
+                }
+            }
+        }
+    }
+}
+
+template <int C, bool STAGE>
+__global__ void __cluster_dims__(C, 1, 1) matvec_pairs_cluster_q4(const u8* w, const u8* scales, const u8* biases,
+                                                                  int group, int dtype, const float* x, int rows,
+                                                                  int cols, float* y, float alpha) {
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    if (STAGE) stage_x_cluster<4, C>(x, cols, smem);
+    cg::this_cluster().sync();
+    Affine a = {w, scales, biases};
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (int r = 2 * (blockIdx.x * warps + (threadIdx.x >> 5)); r < rows; r += 2 * gridDim.x * warps) {
+        float acc_a = 0.0f, acc_b = 0.0f;
+        row_pair_dot<4>(a, r, rows, cols, group, dtype, smem, acc_a, acc_b);
+        if (lane == 0) {
+            y[r] = alpha * acc_a;
+            if (r + 1 < rows) y[r + 1] = alpha * acc_b;
+        }
+    }
+}
+
+// Shapes whose grids give two blocks per multiprocessor, chained as in bench_chain_shapes:
+// the engine's pair kernel against x staged once per cluster of 2 and 4 blocks, and without
+// staging at all.
+static void bench_cluster() {
+    const Shape shapes[] = {{"out_proj 4096x8192", 4096, 8192}, {"down-sized 4096x10240", 4096, 10240},
+                            {"in_proj 12288x4096", 12288, 4096}};
+    const int n = 16;
+    float alpha = 1.0f / 64;
+    for (const Shape& sh : shapes) {
+        ShapeChain c(sh);
+        size_t smem = smem_bytes(4, sh.cols);
+        const void* kernels[5] = {(const void*)matvec_pairs_q4, (const void*)matvec_pairs_cluster_q4<2, true>,
+                                           (const void*)matvec_pairs_cluster_q4<4, true>,
+                                           (const void*)matvec_pairs_cluster_q4<2, false>,
+                                           (const void*)matvec_pairs_cluster_q4<1, true>};
+        const char* names[5] = {"engine pairs", "cluster of 2", "cluster of 4", "cluster of 2, no staging (bound)",
+                                "cluster of 1"};
+        for (auto k : {kernels[1], kernels[2], kernels[3], kernels[4]})
+            CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        std::vector<float> want;
+        for (int v = 0; v < 5; ++v) {
+            int per_sm = 0;
+            CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[v], THREADS, smem));
+            int grid = std::min(sh.rows / 16, std::max(per_sm, 1) * g_sms);
+            grid -= grid % 4;
+            auto run = [&](cudaStream_t s) {
+                for (int i = 0; i < n; ++i) {
+                    const Matrix& m = c.ms[i];
+                    if (v == 0)
+                        matvec_pairs_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows,
+                                                                    m.cols, c.buf[i + 1], alpha, 0.0f);
+                    else if (v == 1)
+                        matvec_pairs_cluster_q4<2, true><<<grid, THREADS, smem, s>>>(
+                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
+                    else if (v == 2)
+                        matvec_pairs_cluster_q4<4, true><<<grid, THREADS, smem, s>>>(
+                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
+                    else if (v == 3)
+                        matvec_pairs_cluster_q4<2, false><<<grid, THREADS, smem, s>>>(
+                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
+                    else
+                        matvec_pairs_cluster_q4<1, true><<<grid, THREADS, smem, s>>>(
+                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
+                }
+            };
+            run(0);
+            CHECK(cudaDeviceSynchronize());
+            std::vector<float> got = fetch(c.buf[1], sh.rows);
+            if (v == 0) want = got;
+            cudaGraphExec_t exec = capture(run);
+            double us = median_us(9, 2, [&] { CHECK(cudaGraphLaunch(exec, 0)); }) / n;
+            char label[160];
+            snprintf(label, sizeof label, "%s, %s (%d blocks, err %.1e)", sh.name, names[v], grid, rel_l2(got, want));
+            row(label, us, (double)c.ms[0].bytes());
+            CHECK(cudaGraphExecDestroy(exec));
+        }
+    }
+}
+
 int main(int argc, char** argv) {
     cudaDeviceProp prop;
     CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -1175,6 +1318,10 @@ int main(int argc, char** argv) {
     }
     if (argc > 1 && std::string(argv[1]) == "unroll") {
         bench_pairs_unroll();
+        return 0;
+    }
+    if (argc > 1 && std::string(argv[1]) == "cluster") {
+        bench_cluster();
         return 0;
     }
     if (argc > 1 && std::string(argv[1]) == "persistent") {
