@@ -1234,8 +1234,8 @@ __global__ void __cluster_dims__(C, 1, 1) matvec_pairs_cluster_q4(const u8* w, c
 }
 
 // Shapes whose grids give two blocks per multiprocessor, chained as in bench_chain_shapes:
-// the engine's pair kernel against x staged once per cluster of 2 and 4 blocks, and without
-// staging at all.
+// the engine's pair kernel against x staged once per cluster of 2 and 4 blocks, without
+// staging at all, and the engine's single-row kernel on as many blocks as fit.
 static void bench_cluster() {
     const Shape shapes[] = {{"out_proj 4096x8192", 4096, 8192}, {"down-sized 4096x10240", 4096, 10240},
                             {"in_proj 12288x4096", 12288, 4096}};
@@ -1244,19 +1244,19 @@ static void bench_cluster() {
     for (const Shape& sh : shapes) {
         ShapeChain c(sh);
         size_t smem = smem_bytes(4, sh.cols);
-        const void* kernels[5] = {(const void*)matvec_pairs_q4, (const void*)matvec_pairs_cluster_q4<2, true>,
+        const void* kernels[6] = {(const void*)matvec_pairs_q4, (const void*)matvec_pairs_cluster_q4<2, true>,
                                            (const void*)matvec_pairs_cluster_q4<4, true>,
                                            (const void*)matvec_pairs_cluster_q4<2, false>,
-                                           (const void*)matvec_pairs_cluster_q4<1, true>};
-        const char* names[5] = {"engine pairs", "cluster of 2", "cluster of 4", "cluster of 2, no staging (bound)",
-                                "cluster of 1"};
+                                           (const void*)matvec_pairs_cluster_q4<1, true>, (const void*)matvec_q4};
+        const char* names[6] = {"engine pairs", "cluster of 2", "cluster of 4", "cluster of 2, no staging (bound)",
+                                "cluster of 1", "engine single rows"};
         for (auto k : {kernels[1], kernels[2], kernels[3], kernels[4]})
             CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         std::vector<float> want;
-        for (int v = 0; v < 5; ++v) {
+        for (int v = 0; v < 6; ++v) {
             int per_sm = 0;
             CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[v], THREADS, smem));
-            int grid = std::min(sh.rows / 16, std::max(per_sm, 1) * g_sms);
+            int grid = std::min(sh.rows / (v == 5 ? 8 : 16), std::max(per_sm, 1) * g_sms);
             grid -= grid % 4;
             auto run = [&](cudaStream_t s) {
                 for (int i = 0; i < n; ++i) {
@@ -1273,9 +1273,12 @@ static void bench_cluster() {
                     else if (v == 3)
                         matvec_pairs_cluster_q4<2, false><<<grid, THREADS, smem, s>>>(
                             m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
-                    else
+                    else if (v == 4)
                         matvec_pairs_cluster_q4<1, true><<<grid, THREADS, smem, s>>>(
                             m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
+                    else
+                        matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols,
+                                                              c.buf[i + 1], alpha, 0.0f);
                 }
             };
             run(0);
@@ -1290,6 +1293,137 @@ static void bench_cluster() {
             CHECK(cudaGraphExecDestroy(exec));
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Experimental, not used by the engine: the batched gate/up product with its loads software
+// pipelined. A warp's work is a sequence of (row, round) items, a round being U pieces of
+// each matrix per lane; the next item's codes, scales and biases are loaded before this
+// item's arithmetic, so that a warp always has a round of loads in flight (two register
+// sets). Assumes whole rounds per row (cols a multiple of
+// 32 U pieces).
+template <int BITS, int U>
+struct PipeRound {
+    uint4 va[U], vb[U];
+    u32 sa[U], ba[U], sb[U], bb[U];
+};
+
+template <int BITS, int U, int MIN_BLOCKS>
+__global__ void __launch_bounds__(256, MIN_BLOCKS) swiglu_batch_pipe(ExpertBatch batch, int group, int dtype, const float* x,
+                                                            int rows, int cols, float* act) {
+    constexpr int PF = 128 / BITS, REC = staged_record(BITS);
+    extern __shared__ uint4 smem_vec[];
+    u8* smem = (u8*)smem_vec;
+    stage_x<BITS>(x, cols, smem);
+    int pieces = cols / PF, rounds = pieces / (32 * U);
+    const float2* meta = (const float2*)(smem + pieces * REC);
+    int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    int first = blockIdx.x * warps + (threadIdx.x >> 5), stride = gridDim.x * warps, total = batch.count * rows;
+    if (first >= total) return;
+    int items = (total - first + stride - 1) / stride * rounds;
+    int group_shift = __ffs(group) - 1;
+    long long groups = (long long)cols >> group_shift;
+    auto load = [&](int item, PipeRound<BITS, U>& b) {
+        int rr = first + item / rounds * stride, q = item % rounds, e = rr / rows, r = rr % rows;
+        const u8* const* w = batch.w[e];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            int p = (q * U + u) * 32 + lane;
+            long long g = r * groups + ((p * PF) >> group_shift);
+            b.va[u] = ((const uint4*)w[0])[(long long)r * pieces + p];
+            b.sa[u] = load_raw(w[1], dtype, g);
+            b.ba[u] = load_raw(w[2], dtype, g);
+            b.vb[u] = ((const uint4*)w[3])[(long long)r * pieces + p];
+            b.sb[u] = load_raw(w[4], dtype, g);
+            b.bb[u] = load_raw(w[5], dtype, g);
+        }
+    };
+    float acc_g = 0.0f, acc_u = 0.0f;
+    auto compute = [&](int item, const PipeRound<BITS, U>& b) {
+        int q = item % rounds;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            int p = (q * U + u) * 32 + lane;
+            float2 mt = meta[p];
+            float dg, du;
+            piece_dot<BITS, true>(b.va[u], b.vb[u], smem + p * REC, dg, du);
+            acc_g += raw_to_float(b.sa[u], dtype) * (dg * mt.y) + raw_to_float(b.ba[u], dtype) * mt.x;
+            acc_u += raw_to_float(b.sb[u], dtype) * (du * mt.y) + raw_to_float(b.bb[u], dtype) * mt.x;
+        }
+        if (q == rounds - 1) {
+            float g = warp_sum(acc_g), v = warp_sum(acc_u);
+            if (lane == 0) act[first + item / rounds * stride] = siluf(g) * v;
+            acc_g = 0.0f, acc_u = 0.0f;
+        }
+    };
+    PipeRound<BITS, U> b0, b1;
+    load(0, b0);
+    for (int item = 0; item < items; item += 2) {
+        if (item + 1 < items) load(item + 1, b1);
+        compute(item, b0);
+        if (item + 2 < items) load(item + 2, b0);
+        if (item + 1 < items) compute(item + 1, b1);
+    }
+}
+
+// The batched gate/up product alone (K experts of 1024x4096, 4-bit), each launch on a new
+// batch of experts: the engine's kernel against the software-pipelined one, one wave each.
+static void bench_pipe() {
+    const int n = 200, inter = 1024, hidden = 4096;
+    std::vector<Matrix> gate, up;
+    for (int e = 0; e < n; ++e) {
+        gate.push_back(make_matrix(inter, hidden, 4, 70000 + 2 * e));
+        up.push_back(make_matrix(inter, hidden, 4, 70001 + 2 * e));
+    }
+    float *x, *act;
+    CHECK(cudaMalloc(&x, hidden * 4));
+    CHECK(cudaMalloc(&act, 16 * inter * 4));
+    fill_float<<<64, 256>>>(x, hidden, 9);
+    size_t smem = smem_bytes(4, hidden);
+    for (int k : {4, 10, 11}) {
+        std::vector<ExpertBatch> batches;
+        for (int f = 0; f + k <= n; f += k) {
+            ExpertBatch bt{};
+            bt.count = k;
+            bt.shared_slot = -1;
+            for (int j = 0; j < k; ++j) {
+                const Matrix* mats[2] = {&gate[f + j], &up[f + j]};
+                for (int m = 0; m < 2; ++m) {
+                    bt.w[j][3 * m] = mats[m]->w;
+                    bt.w[j][3 * m + 1] = mats[m]->s;
+                    bt.w[j][3 * m + 2] = mats[m]->b;
+                }
+            }
+            batches.push_back(bt);
+        }
+        std::vector<float> want;
+        for (int v = 0; v < 3; ++v) {
+            const void* kern = v == 0 ? (const void*)swiglu_batch_q4
+                                      : v == 1 ? (const void*)swiglu_batch_pipe<4, 2, 2> : (const void*)swiglu_batch_pipe<4, 1, 3>;
+            int per_sm = 0;
+            CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, THREADS, smem));
+            int grid = std::min((k * inter + 7) / 8, per_sm * g_sms);
+            auto launch = [&](const ExpertBatch& bt) {
+                if (v == 0) swiglu_batch_q4<<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
+                else if (v == 1) swiglu_batch_pipe<4, 2, 2><<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
+                else swiglu_batch_pipe<4, 1, 3><<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
+            };
+            CHECK(cudaMemset(act, 0xff, 16 * inter * 4));
+            launch(batches[0]);
+            std::vector<float> got = fetch(act, k * inter);
+            if (v == 0) want = got;
+            int i = 0;
+            double us = median_us(7, (int)batches.size(), [&] { launch(batches[i++ % batches.size()]); });
+            char label[160];
+            snprintf(label, sizeof label, "gate/up K=%d, %s (%d blocks, err %.1e)", k,
+                     v == 0 ? "engine" : v == 1 ? "pipelined, 2 pieces a round" : "pipelined, 1 piece a round", grid,
+                     rel_l2(got, want));
+            row(label, us, 2.0 * k * gate[0].bytes());
+        }
+    }
+    for (int e = 0; e < n; ++e)
+        for (Matrix* m : {&gate[e], &up[e]}) cudaFree(m->w), cudaFree(m->s), cudaFree(m->b);
+    cudaFree(x), cudaFree(act);
 }
 
 int main(int argc, char** argv) {
@@ -1318,6 +1452,10 @@ int main(int argc, char** argv) {
     }
     if (argc > 1 && std::string(argv[1]) == "unroll") {
         bench_pairs_unroll();
+        return 0;
+    }
+    if (argc > 1 && std::string(argv[1]) == "pipe") {
+        bench_pipe();
         return 0;
     }
     if (argc > 1 && std::string(argv[1]) == "cluster") {
