@@ -61,17 +61,21 @@ pub struct FixedPointX {
 }
 
 impl FixedPointX {
-    /// `None` where the encoding's groups do not fill whole pieces or x has a value that is
-    /// not finite (the float kernel then keeps the IEEE semantics). Groups too short for
-    /// AVX-512's pieces take the AVX2 kernel.
+    /// `None` where the encoding's groups neither fill whole pieces nor pair up into one
+    /// (AVX-512's 32-byte pieces take two 16-byte groups), or x has a value that is not
+    /// finite (the float kernel then keeps the IEEE semantics). Shorter groups take the
+    /// AVX2 kernel.
     pub fn new(x: &[f32], bits: u32, group: usize, kernel: IntegerKernel) -> Option<Self> {
         let group_bytes = group * bits as usize / 8;
+        let row_bytes = x.len() * bits as usize / 8;
         let kernel = match kernel {
-            IntegerKernel::Avx512Vnni if !group_bytes.is_multiple_of(32) => IntegerKernel::Avx2,
+            IntegerKernel::Avx512Vnni if !(group_bytes.is_multiple_of(32) || group_bytes == 16) => IntegerKernel::Avx2,
             k => k,
         };
         let piece = kernel.piece();
-        if !matches!(bits, 2 | 4 | 8) || !group_bytes.is_multiple_of(piece) || !x.len().is_multiple_of(group) {
+        let pairs = kernel == IntegerKernel::Avx512Vnni && group_bytes == 16;
+        let fits = group_bytes.is_multiple_of(piece) || pairs;
+        if !matches!(bits, 2 | 4 | 8) || !fits || !x.len().is_multiple_of(group) || !row_bytes.is_multiple_of(piece) {
             return None;
         }
         if !x.iter().all(|v| v.is_finite()) {
@@ -79,21 +83,22 @@ impl FixedPointX {
         }
         let per = 8 / bits as usize;
         let mut units = Vec::with_capacity(x.len() / group);
-        let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);
-        for (g, xs) in x.chunks_exact(group).enumerate() {
+        let mut fixed = Vec::with_capacity(x.len());
+        for xs in x.chunks_exact(group) {
             let e = exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs())));
             let to_fixed = 2f64.powi(22 - e);
             units.push(2f64.powi(e - 22) as f32);
-            // Within a piece, code `per * i + f` goes to field `f`, lane `i`.
-            for (p, piece_x) in xs.chunks_exact(piece * per).enumerate() {
-                let at = g * group + p * piece * per;
-                for (i, lane) in piece_x.chunks_exact(per).enumerate() {
-                    for (f, &v) in lane.iter().enumerate() {
-                        // |fixed| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
-                        let fixed = round_to_int(f64::from(v) * to_fixed);
-                        hi[at + f * piece + i] = (fixed >> 12) as i16;
-                        lo[at + f * piece + i] = (fixed & 4095) as i16;
-                    }
+            fixed.extend(xs.iter().map(|&v| round_to_int(f64::from(v) * to_fixed)));
+        }
+        let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);
+        // Within a piece, code `per * i + f` goes to field `f`, lane `i`.
+        for (p, piece_x) in fixed.chunks_exact(piece * per).enumerate() {
+            let at = p * piece * per;
+            for (i, lane) in piece_x.chunks_exact(per).enumerate() {
+                for (f, &v) in lane.iter().enumerate() {
+                    // |v| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
+                    hi[at + f * piece + i] = (v >> 12) as i16;
+                    lo[at + f * piece + i] = (v & 4095) as i16;
                 }
             }
         }
@@ -140,13 +145,23 @@ impl FixedPointX {
             let groups = first..first + n;
             // SAFETY: the caller's.
             total += unsafe {
-                match (self.kernel, self.bits) {
-                    (IntegerKernel::Avx2, 4) => self.codes_dot_avx2::<4>(row.codes, groups.clone(), &scales),
-                    (IntegerKernel::Avx2, 8) => self.codes_dot_avx2::<8>(row.codes, groups.clone(), &scales),
-                    (IntegerKernel::Avx2, _) => self.codes_dot_avx2::<2>(row.codes, groups.clone(), &scales),
-                    (IntegerKernel::Avx512Vnni, 4) => self.codes_dot_avx512::<4>(row.codes, groups.clone(), &scales),
-                    (IntegerKernel::Avx512Vnni, 8) => self.codes_dot_avx512::<8>(row.codes, groups.clone(), &scales),
-                    (IntegerKernel::Avx512Vnni, _) => self.codes_dot_avx512::<2>(row.codes, groups.clone(), &scales),
+                let pairs = self.group * self.bits as usize / 8 == 16;
+                match (self.kernel, self.bits, pairs) {
+                    (IntegerKernel::Avx2, 4, _) => self.codes_dot_avx2::<4>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx2, 8, _) => self.codes_dot_avx2::<8>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx2, _, _) => self.codes_dot_avx2::<2>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, 4, true) => {
+                        self.pairs_dot_avx512::<4>(row.codes, groups.clone(), &scales)
+                    }
+                    (IntegerKernel::Avx512Vnni, 8, true) => {
+                        self.pairs_dot_avx512::<8>(row.codes, groups.clone(), &scales)
+                    }
+                    (IntegerKernel::Avx512Vnni, _, true) => {
+                        self.pairs_dot_avx512::<2>(row.codes, groups.clone(), &scales)
+                    }
+                    (IntegerKernel::Avx512Vnni, 4, _) => self.codes_dot_avx512::<4>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, 8, _) => self.codes_dot_avx512::<8>(row.codes, groups.clone(), &scales),
+                    (IntegerKernel::Avx512Vnni, _, _) => self.codes_dot_avx512::<2>(row.codes, groups.clone(), &scales),
                 }
             };
             total += dot(&biases[..n], &sums[groups]);
@@ -234,6 +249,29 @@ impl FixedPointX {
             let (hi, lo) = unsafe { self.group_avx512::<BITS>(codes, g) };
             let q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(4096.0), _mm512_cvtepi32_ps(lo));
             acc = _mm512_fmadd_ps(q, _mm512_set1_ps(factor), acc);
+            std::mem::swap(&mut acc, &mut other);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
+    }
+
+    /// [`Self::codes_dot_avx512`] for groups of 16 bytes: each 32-byte piece holds two groups,
+    /// the first in the low eight lanes of the sums, the second in the high eight, so a piece
+    /// takes both groups' factors at once. `groups` starts even and has an even length (the
+    /// rows hold whole pieces, and the caller's chunks of groups are even).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn pairs_dot_avx512<const BITS: u32>(&self, codes: &[u8], groups: Range<usize>, factors: &[f32]) -> f32 {
+        debug_assert!(groups.start.is_multiple_of(2) && groups.len().is_multiple_of(2));
+        let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for (g, pair) in groups.step_by(2).zip(factors.chunks_exact(2)) {
+            let ahead = codes.as_ptr().wrapping_add(g * 16 + PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            let zero = _mm512_setzero_si512();
+            // SAFETY: the caller's: the row holds groups g and g + 1, one piece.
+            let (hi, lo) = unsafe { self.piece_avx512::<BITS>(codes, g * 16, (zero, zero)) };
+            let q = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_set1_ps(4096.0), _mm512_cvtepi32_ps(lo));
+            let factor = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(pair[0]), _mm512_set1_ps(pair[1]));
+            acc = _mm512_fmadd_ps(q, factor, acc);
             std::mem::swap(&mut acc, &mut other);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
@@ -375,8 +413,14 @@ mod tests {
         assert!(FixedPointX::new(&[1.0; 64], 4, 16, k).is_none(), "8-byte groups");
         assert!(FixedPointX::new(&[1.0; 64], 3, 64, k).is_none());
         assert_eq!(FixedPointX::new(&[1.0; 64], 4, 64, k).map(|x| x.kernel), Some(k));
-        let short = FixedPointX::new(&[1.0; 64], 4, 32, k).map(|x| x.kernel);
-        assert_eq!(short, Some(IntegerKernel::Avx2), "16-byte groups");
+        let pairs = FixedPointX::new(&[1.0; 64], 4, 32, k).map(|x| x.kernel);
+        assert_eq!(pairs, Some(k), "16-byte groups, two to a piece");
+        assert!(
+            FixedPointX::new(&[1.0; 32], 4, 32, k).is_none(),
+            "a row shorter than a piece"
+        );
+        let short = FixedPointX::new(&[1.0; 32], 4, 32, IntegerKernel::Avx2).map(|x| x.kernel);
+        assert_eq!(short, Some(IntegerKernel::Avx2));
     }
 
     /// Reconstructing x from the halves in their unpacked order gives x within half a unit.
@@ -387,13 +431,16 @@ mod tests {
             .into_iter()
             .flat_map(|b| [(b, IntegerKernel::Avx2), (b, IntegerKernel::Avx512Vnni)])
         {
-            let fx = FixedPointX::new(&x, bits, 64, kernel).expect("representable");
+            // Groups of 64 and, where they are 16 bytes, two to an AVX-512 piece.
+            let group = if bits == 8 { 64 } else { 128 / bits as usize };
+            let fx = FixedPointX::new(&x, bits, group, kernel).expect("representable");
             let (per, piece) = (8 / bits as usize, fx.kernel.piece());
+            assert_eq!(fx.kernel, kernel, "{bits}-bit, groups of {group}");
             for (i, &v) in x.iter().enumerate() {
                 let r = i % (piece * per);
                 let at = (i - r) + (r % per) * piece + r / per;
                 let fixed = 4096 * i32::from(fx.hi[at]) + i32::from(fx.lo[at]);
-                let unit = fx.units[i / 64];
+                let unit = fx.units[i / group];
                 assert!((fixed as f32 * unit - v).abs() <= unit / 2.0, "bits {bits}, x[{i}]");
             }
         }

@@ -313,7 +313,7 @@ pub(in crate::backend::cpu) mod tests {
             })
             .collect();
         let x = CpuTensor::new(1, cols, x);
-        let encodings = [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (8, 64), (8, 32)];
+        let encodings = [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (8, 64), (8, 32), (8, 16)];
         for (kernel, (bits, group)) in kernels.iter().flat_map(|&k| encodings.map(|e| (k, e))) {
             let w = affine(40, cols, bits, group);
             let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
