@@ -147,7 +147,7 @@ fn corrupted_expert_record_is_an_error_naming_file_and_layer() {
         bytes[start + 100] ^= 0x5a;
     }
     std::fs::write(&file, bytes).unwrap();
-    for io in ["page-cache", "direct"] {
+    for io in ["page-cache", "direct", "mmap", "auto"] {
         let err = logits_error(&packed, &["--io", io]);
         assert!(
             err.contains("layer-002.bin") && err.contains("layer 2") && err.contains("corrupted"),

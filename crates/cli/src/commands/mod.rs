@@ -28,6 +28,10 @@ use flash_moe_engine::storage::store::{ExpertIo, ExpertStore, StoreConfig};
 /// How routed experts are read (`--io`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum IoChoice {
+    /// On the CPU, memory-map the expert files when the model fits in available memory (no
+    /// copy per read); otherwise, and on a GPU (whose copies go from page-locked buffers),
+    /// buffered reads.
+    Auto,
     /// Buffered reads; the OS page cache keeps warm experts.
     PageCache,
     /// O_DIRECT reads that bypass the page cache (for machines where it thrashes).
@@ -89,7 +93,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub experts_per_token: Option<usize>,
     /// How routed experts are read from disk.
-    #[arg(long, value_enum, default_value = "page-cache")]
+    #[arg(long, value_enum, default_value = "auto")]
     pub io: IoChoice,
     /// In-process LRU cache of experts, in MiB (0: none; the OS page cache still works).
     #[arg(long, default_value_t = 0)]
@@ -125,10 +129,11 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn store_config(&self) -> StoreConfig {
+    fn store_config(&self, on_cpu: bool) -> StoreConfig {
         StoreConfig {
             io: match self.io {
-                IoChoice::PageCache => ExpertIo::Read(IoMode::PageCache),
+                IoChoice::Auto if on_cpu && weights_fit_in_memory(&self.model) => ExpertIo::Mmap,
+                IoChoice::Auto | IoChoice::PageCache => ExpertIo::Read(IoMode::PageCache),
                 IoChoice::Direct => ExpertIo::Read(IoMode::Direct),
                 IoChoice::Mmap => ExpertIo::Mmap,
             },
@@ -154,13 +159,13 @@ impl ModelArgs {
                 // Expert buffers in page-locked memory: copies to the GPU go straight from them.
                 let store = ExpertStore::new(StoreConfig {
                     host_memory: Some(backend.pinned_allocator()),
-                    ..self.store_config()
+                    ..self.store_config(false)
                 });
                 let context = job.max_context();
                 job.run(self.load_on(backend, Arc::clone(&store), context)?, store)
             }
             _ => {
-                let store = ExpertStore::new(self.store_config());
+                let store = ExpertStore::new(self.store_config(true));
                 let context = job.max_context();
                 job.run(self.load_on(CpuBackend::new(), Arc::clone(&store), context)?, store)
             }
@@ -200,6 +205,50 @@ impl ModelArgs {
     }
 }
 
+/// Memory left free beside a model whose files are mapped: the process's own buffers, the
+/// OS, and whatever else runs.
+const MAP_HEADROOM: u64 = 4 << 30;
+
+/// Whether the model's weight files fit in the memory the kernel reports available, with
+/// MAP_HEADROOM to spare: then mapping them keeps every expert resident after its first
+/// read. Unknown memory counts as not fitting.
+fn weights_fit_in_memory(dir: &std::path::Path) -> bool {
+    fits_with_headroom(model_bytes(dir), available_memory())
+}
+
+fn fits_with_headroom(bytes: u64, available: Option<u64>) -> bool {
+    available.is_some_and(|available| bytes + MAP_HEADROOM <= available)
+}
+
+/// Bytes of the files directly in `dir` and in `dir/experts` (a packed model's layout; a
+/// checkpoint's shards sit in `dir`).
+fn model_bytes(dir: &std::path::Path) -> u64 {
+    let files = |d: std::path::PathBuf| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum::<u64>()
+    };
+    files(dir.to_path_buf()) + files(dir.join("experts"))
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes: free memory plus what the page cache could
+/// give back (which includes the model's own cached pages).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_available(&info)
+}
+
+fn meminfo_available(info: &str) -> Option<u64> {
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 /// A progress bar over `total` bytes on stderr, hidden when stderr is not a terminal.
 pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
@@ -212,4 +261,30 @@ pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
     );
     bar.set_message(what.to_string());
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let info = "MemTotal:       24542756 kB\nMemFree:         1000 kB\nMemAvailable:   23000000 kB\n";
+        assert_eq!(meminfo_available(info), Some(23_000_000 << 10));
+        assert_eq!(meminfo_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(meminfo_available("MemAvailable: lots kB\n"), None);
+    }
+
+    #[test]
+    fn a_model_maps_when_it_fits_beside_the_headroom() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("experts")).expect("experts dir");
+        std::fs::write(dir.path().join("dense.safetensors"), vec![0u8; 3000]).expect("write");
+        std::fs::write(dir.path().join("experts/layer-000.bin"), vec![0u8; 5000]).expect("write");
+        assert_eq!(model_bytes(dir.path()), 8000);
+        assert!(fits_with_headroom(8000, Some(MAP_HEADROOM + 8000)));
+        assert!(!fits_with_headroom(8001, Some(MAP_HEADROOM + 8000)));
+        assert!(!fits_with_headroom(0, None), "unknown memory");
+        assert_eq!(model_bytes(std::path::Path::new("/nonexistent/model")), 0);
+    }
 }

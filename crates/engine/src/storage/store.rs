@@ -402,13 +402,16 @@ impl StoreExperts {
             .collect()
     }
 
+    /// Expert `expert` in the mapped files, checked against its checksum the first time.
     fn mapped(&self, expert: usize) -> Result<ExpertView> {
-        let blobs = self
-            .locator
-            .segments(expert)
+        let segments = self.locator.segments(expert);
+        let blobs = segments
             .iter()
             .map(|s| Ok(s.file.mapped()?.sub(s.offset as usize, s.len)))
             .collect::<Result<Vec<_>>>()?;
+        if let Some(expected) = self.locator.checksum(expert) {
+            verify_once(&self.store.verified, (self.layer, expert), &blobs, &segments, expected)?;
+        }
         self.locator.layout().views(&blobs, expert)
     }
 
@@ -599,29 +602,40 @@ impl ReadJob {
 
     /// Checks a record against its recorded xxh3 the first time it is read.
     fn verify(&self, record: &Blob, expected: u64) -> Result<()> {
-        if lock(&self.verified).contains(&self.key) {
-            return Ok(());
-        }
         let blobs = split_segments(record, &self.layout.segment_lens);
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        for b in &blobs {
-            hasher.update(b.bytes());
-        }
-        let found = hasher.digest();
-        if found != expected {
-            let file = self
-                .segments
-                .first()
-                .map(|s| s.file.path.display().to_string())
-                .unwrap_or_default();
-            return Err(Error::InvalidInput(format!(
-                "{file}: expert record is corrupted (xxh3 {found:016x}, manifest says {expected:016x}); \
-                 run `flash-moe verify` on the model"
-            )));
-        }
-        lock(&self.verified).insert(self.key);
-        Ok(())
+        verify_once(&self.verified, self.key, &blobs, &self.segments, expected)
     }
+}
+
+/// Checks an expert's segments (`blobs`, read or mapped from `segments`) against the xxh3
+/// its manifest records, unless `verified` already holds `key`; adds it when they match.
+fn verify_once(
+    verified: &Mutex<HashSet<(usize, usize)>>,
+    key: (usize, usize),
+    blobs: &[Blob],
+    segments: &[Segment],
+    expected: u64,
+) -> Result<()> {
+    if lock(verified).contains(&key) {
+        return Ok(());
+    }
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for b in blobs {
+        hasher.update(b.bytes());
+    }
+    let found = hasher.digest();
+    if found != expected {
+        let file = segments
+            .first()
+            .map(|s| s.file.path.display().to_string())
+            .unwrap_or_default();
+        return Err(Error::InvalidInput(format!(
+            "{file}: expert record is corrupted (xxh3 {found:016x}, manifest says {expected:016x}); \
+             run `flash-moe verify` on the model"
+        )));
+    }
+    lock(verified).insert(key);
+    Ok(())
 }
 
 #[cfg(test)]
