@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cooperative_groups.h>
@@ -1161,7 +1162,7 @@ namespace cg = cooperative_groups;
 
 template <int BITS, int C>
 __device__ void stage_x_cluster(const float* x, int cols, u8* smem) {
-    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS), PASS = STAGE_WORDS;
+    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, PASS = STAGE_WORDS;
     cg::cluster_group cluster = cg::this_cluster();
     int rank = (int)cluster.block_rank();
     u8* dst[C];
@@ -1181,34 +1182,10 @@ __device__ void stage_x_cluster(const float* x, int cols, u8* smem) {
         for (int s = 0; s < PASS; ++s) {
             if (base + (s * C + rank) * blockDim.x >= words) break;
             int c = base + (s * C + rank) * blockDim.x + threadIdx.x;
-            const float* f = (const float*)v[s];
-            float m = 0.0f, sum = 0.0f;
+            StagedWord<BITS> staged = stage_word<BITS>((const float*)v[s]);
+            if (c < words)
 #pragma unroll
-            for (int i = 0; i < COLS; ++i) m = fmaxf(m, fabsf(f[i])), sum += f[i];
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            int e = min(max((int)((__float_as_uint(m) >> 23) & 0xff) - 126, -100), 128);
-            float up = __uint_as_float((u32)(149 - e) << 23), down = __uint_as_float((u32)(105 + e) << 23);
-            u32 limb[3][M];
-#pragma unroll
-            for (int k = 0; k < M; ++k) {
-                auto fixed = [&](int i) { return rint_fixed(f[k + i * M] * up); };
-                split_limbs(fixed(0), fixed(1), fixed(2), fixed(3), limb[0][k], limb[1][k], limb[2][k]);
-            }
-            if (c < words) {
-                int p = c / 4, word = c % 4;
-#pragma unroll
-                for (int r = 0; r < C; ++r) {
-                    u8* rec = dst[r] + p * REC;
-#pragma unroll
-                    for (int l = 0; l < 3; ++l)
-#pragma unroll
-                        for (int k = 0; k < M; ++k) ((u32*)(rec + 16 * M * l))[word * M + k] = limb[l][k];
-                    if (word == 0) ((float2*)(dst[r] + pieces * REC))[p] = make_float2(sum, down);
-                }
-            }
+                for (int r = 0; r < C; ++r) store_word(dst[r], pieces, c / 4, c % 4, staged);
         }
     }
 }
@@ -1244,10 +1221,12 @@ static void bench_cluster() {
     for (const Shape& sh : shapes) {
         ShapeChain c(sh);
         size_t smem = smem_bytes(4, sh.cols);
-        const void* kernels[6] = {(const void*)matvec_pairs_q4, (const void*)matvec_pairs_cluster_q4<2, true>,
-                                           (const void*)matvec_pairs_cluster_q4<4, true>,
-                                           (const void*)matvec_pairs_cluster_q4<2, false>,
-                                           (const void*)matvec_pairs_cluster_q4<1, true>, (const void*)matvec_q4};
+        const void* kernels[6] = {(const void*)matvec_pairs_q4,
+                                  (const void*)matvec_pairs_cluster_q4<2, true>,
+                                  (const void*)matvec_pairs_cluster_q4<4, true>,
+                                  (const void*)matvec_pairs_cluster_q4<2, false>,
+                                  (const void*)matvec_pairs_cluster_q4<1, true>,
+                                  (const void*)matvec_q4};
         const char* names[6] = {"engine pairs", "cluster of 2", "cluster of 4", "cluster of 2, no staging (bound)",
                                 "cluster of 1", "engine single rows"};
         for (auto k : {kernels[1], kernels[2], kernels[3], kernels[4]})
@@ -1259,26 +1238,15 @@ static void bench_cluster() {
             int grid = std::min(sh.rows / (v == 5 ? 8 : 16), std::max(per_sm, 1) * g_sms);
             grid -= grid % 4;
             auto run = [&](cudaStream_t s) {
+                int group = 64, dtype = DT_BF16;
+                float beta = 0.0f;
                 for (int i = 0; i < n; ++i) {
                     const Matrix& m = c.ms[i];
-                    if (v == 0)
-                        matvec_pairs_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows,
-                                                                    m.cols, c.buf[i + 1], alpha, 0.0f);
-                    else if (v == 1)
-                        matvec_pairs_cluster_q4<2, true><<<grid, THREADS, smem, s>>>(
-                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
-                    else if (v == 2)
-                        matvec_pairs_cluster_q4<4, true><<<grid, THREADS, smem, s>>>(
-                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
-                    else if (v == 3)
-                        matvec_pairs_cluster_q4<2, false><<<grid, THREADS, smem, s>>>(
-                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
-                    else if (v == 4)
-                        matvec_pairs_cluster_q4<1, true><<<grid, THREADS, smem, s>>>(
-                            m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols, c.buf[i + 1], alpha);
-                    else
-                        matvec_q4<<<grid, THREADS, smem, s>>>(m.w, m.s, m.b, 64, DT_BF16, c.buf[i], m.rows, m.cols,
-                                                              c.buf[i + 1], alpha, 0.0f);
+                    // The engine's kernels also take beta; the cluster variants do not.
+                    void* args[] = {(void*)&m.w,    (void*)&m.s,    (void*)&m.b, &group,
+                                    &dtype,         (void*)&c.buf[i], (void*)&m.rows, (void*)&m.cols,
+                                    &c.buf[i + 1], &alpha,          &beta};
+                    CHECK(cudaLaunchKernel(kernels[v], grid, THREADS, args, smem, s));
                 }
             };
             run(0);
@@ -1404,9 +1372,9 @@ static void bench_pipe() {
             CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, THREADS, smem));
             int grid = std::min((k * inter + 7) / 8, per_sm * g_sms);
             auto launch = [&](const ExpertBatch& bt) {
-                if (v == 0) swiglu_batch_q4<<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
-                else if (v == 1) swiglu_batch_pipe<4, 2, 2><<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
-                else swiglu_batch_pipe<4, 1, 3><<<grid, THREADS, smem>>>(bt, 64, DT_BF16, x, inter, hidden, act);
+                int group = 64, dtype = DT_BF16, rows = inter, cols = hidden;
+                void* args[] = {(void*)&bt, &group, &dtype, &x, &rows, &cols, &act};
+                CHECK(cudaLaunchKernel(kern, grid, THREADS, args, smem, 0));
             };
             CHECK(cudaMemset(act, 0xff, 16 * inter * 4));
             launch(batches[0]);
@@ -1446,22 +1414,13 @@ int main(int argc, char** argv) {
     row("read-only stream 1 GiB", read_us, (double)n);
     CHECK(cudaFree(src));
     CHECK(cudaFree(dst));
-    if (argc > 1 && std::string(argv[1]) == "bulk") {
-        bench_bulk();
-        return 0;
-    }
-    if (argc > 1 && std::string(argv[1]) == "unroll") {
-        bench_pairs_unroll();
-        return 0;
-    }
-    if (argc > 1 && std::string(argv[1]) == "pipe") {
-        bench_pipe();
-        return 0;
-    }
-    if (argc > 1 && std::string(argv[1]) == "cluster") {
-        bench_cluster();
-        return 0;
-    }
+    const std::pair<const char*, void (*)()> single[] = {
+        {"bulk", bench_bulk}, {"unroll", bench_pairs_unroll}, {"pipe", bench_pipe}, {"cluster", bench_cluster}};
+    for (const auto& [name, bench] : single)
+        if (argc > 1 && std::string(argv[1]) == name) {
+            bench();
+            return 0;
+        }
     if (argc > 1 && std::string(argv[1]) == "persistent") {
         bench_persistent();
         bench_chain_shapes();

@@ -264,6 +264,53 @@ __device__ __forceinline__ void split_limbs(int a, int b, int c, int d, u32& d0,
     d2 = __byte_perm(__byte_perm(a, b, 0x0062), __byte_perm(c, d, 0x0062), 0x5410);
 }
 
+// One code word's 4 M values of x as fixed point: their limbs, and their piece's sum of x
+// and unit 2^(E - 22). The 4 lanes of a piece (neighbouring lanes, one word each) meet by
+// shuffles, so the whole warp calls it.
+template <int BITS>
+struct StagedWord {
+    u32 limb[3][8 / BITS];
+    float sum, unit;
+};
+
+template <int BITS>
+__device__ __forceinline__ StagedWord<BITS> stage_word(const float* f) {
+    constexpr int M = 8 / BITS, COLS = 4 * M;
+    float m = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < COLS; ++i) m = fmaxf(m, fabsf(f[i])), sum += f[i];
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    // |x| < 2^e: e from m's exponent field, kept where 2^(22 - e) and 2^(e - 22) are normal
+    // floats (a piece of zeros or tiny values needs no precision).
+    int e = min(max((int)((__float_as_uint(m) >> 23) & 0xff) - 126, -100), 128);
+    float up = __uint_as_float((u32)(149 - e) << 23);
+    StagedWord<BITS> w;
+    w.sum = sum;
+    w.unit = __uint_as_float((u32)(105 + e) << 23);
+#pragma unroll
+    for (int k = 0; k < M; ++k) {  // codes k, k + M, k + 2M, k + 3M of the word: unpacking k
+        auto fixed = [&](int i) { return rint_fixed(f[k + i * M] * up); };
+        split_limbs(fixed(0), fixed(1), fixed(2), fixed(3), w.limb[0][k], w.limb[1][k], w.limb[2][k]);
+    }
+    return w;
+}
+
+// Word `word` (of 4) of piece `p` into a staged vector of `pieces` pieces at `staged`; the
+// piece's first word also stores its sum and unit.
+template <int BITS>
+__device__ __forceinline__ void store_word(u8* staged, int pieces, int p, int word, const StagedWord<BITS>& w) {
+    constexpr int M = 8 / BITS, REC = staged_record(BITS);
+    u8* rec = staged + p * REC;
+#pragma unroll
+    for (int l = 0; l < 3; ++l)
+#pragma unroll
+        for (int k = 0; k < M; ++k) ((u32*)(rec + 16 * M * l))[word * M + k] = w.limb[l][k];
+    if (word == 0) ((float2*)(staged + pieces * REC))[p] = make_float2(w.sum, w.unit);
+}
+
 // Stages `count` vectors of `cols` floats (the inputs of a batch of experts, one after the
 // other) into shared memory as described above, vector e at smem + e * stride bytes; no
 // barrier. A thread converts the 4 M columns of one code word at a time, a pass of words'
@@ -285,7 +332,7 @@ struct StageNorm {
 template <int BITS, bool NORM = false, int PASS = (NORM ? STAGE_WORDS * BITS / 8 : STAGE_WORDS)>
 __device__ __forceinline__ void stage_x_async(const float* x, int count, int cols, int stride, u8* smem,
                                               StageNorm norm = {}) {
-    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS, REC = staged_record(BITS);
+    constexpr int M = 8 / BITS, COLS = 4 * M, PF = 128 / BITS;
     int pieces = cols / PF, words = count * cols / COLS;
     for (int base = 0; base < words; base += PASS * blockDim.x) {
         float4 v[PASS][M];
@@ -314,32 +361,10 @@ __device__ __forceinline__ void stage_x_async(const float* x, int count, int col
         for (int s = 0; s < PASS; ++s) {
             if (base + s * blockDim.x >= words) break;  // the same for the whole block
             int c = base + s * blockDim.x + threadIdx.x;
-            const float* f = (const float*)v[s];
-            float m = 0.0f, sum = 0.0f;
-#pragma unroll
-            for (int i = 0; i < COLS; ++i) m = fmaxf(m, fabsf(f[i])), sum += f[i];
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-            m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            // |x| < 2^e: e from m's exponent field, kept where 2^(22 - e) and 2^(e - 22)
-            // are normal floats (a piece of zeros or tiny values needs no precision).
-            int e = min(max((int)((__float_as_uint(m) >> 23) & 0xff) - 126, -100), 128);
-            float up = __uint_as_float((u32)(149 - e) << 23), down = __uint_as_float((u32)(105 + e) << 23);
-            u32 limb[3][M];
-#pragma unroll
-            for (int k = 0; k < M; ++k) {  // codes k, k + M, k + 2M, k + 3M of the word: unpacking k
-                auto fixed = [&](int i) { return rint_fixed(f[k + i * M] * up); };
-                split_limbs(fixed(0), fixed(1), fixed(2), fixed(3), limb[0][k], limb[1][k], limb[2][k]);
-            }
+            StagedWord<BITS> staged = stage_word<BITS>((const float*)v[s]);
             if (c < words) {
-                int piece = c / 4, word = c % 4, vec = piece / pieces, p = piece % pieces;
-                u8* rec = smem + vec * stride + p * REC;
-#pragma unroll
-                for (int l = 0; l < 3; ++l)
-#pragma unroll
-                    for (int k = 0; k < M; ++k) ((u32*)(rec + 16 * M * l))[word * M + k] = limb[l][k];
-                if (word == 0) ((float2*)(smem + vec * stride + pieces * REC))[p] = make_float2(sum, down);
+                int piece = c / 4, vec = piece / pieces;
+                store_word(smem + vec * stride, pieces, piece % pieces, c % 4, staged);
             }
         }
     }
