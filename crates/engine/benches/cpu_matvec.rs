@@ -66,6 +66,10 @@ fn main() {
         ("expert down 4096x1024", 4096, 1024, 4),
         ("expert gate 1024x4096", 1024, 4096, 2),
         ("router 512x4096", 512, 4096, 8),
+        // Qwen3.5-35B-A3B: short rows, where each row's own work weighs most.
+        ("35B lm_head 248320x2048", 248_320, 2048, 4),
+        ("35B expert gate 512x2048", 512, 2048, 4),
+        ("35B expert down 2048x512", 2048, 512, 4),
     ] {
         let w = affine(rows, cols, bits);
         let x = b.upload(&vec![0.5f32; cols], 1, cols).expect("upload");

@@ -82,23 +82,24 @@ impl FixedPointX {
             return None;
         }
         let per = 8 / bits as usize;
-        let mut units = Vec::with_capacity(x.len() / group);
-        let mut fixed = Vec::with_capacity(x.len());
-        for xs in x.chunks_exact(group) {
-            let e = exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs())));
-            let to_fixed = 2f64.powi(22 - e);
-            units.push(2f64.powi(e - 22) as f32);
-            fixed.extend(xs.iter().map(|&v| round_to_int(f64::from(v) * to_fixed)));
-        }
+        let exponents: Vec<i32> = x
+            .chunks_exact(group)
+            .map(|xs| exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs()))))
+            .collect();
+        let units = exponents.iter().map(|&e| 2f64.powi(e - 22) as f32).collect();
+        let to_fixed: Vec<f64> = exponents.iter().map(|&e| 2f64.powi(22 - e)).collect();
         let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);
-        // Within a piece, code `per * i + f` goes to field `f`, lane `i`.
-        for (p, piece_x) in fixed.chunks_exact(piece * per).enumerate() {
+        // Within a piece (one group or more, or two of 16 bytes), code `per * i + f` goes to
+        // field `f`, lane `i`.
+        for (p, piece_x) in x.chunks_exact(piece * per).enumerate() {
             let at = p * piece * per;
             for (i, lane) in piece_x.chunks_exact(per).enumerate() {
+                let scale = to_fixed[(at + i * per) / group];
                 for (f, &v) in lane.iter().enumerate() {
-                    // |v| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
-                    hi[at + f * piece + i] = (v >> 12) as i16;
-                    lo[at + f * piece + i] = (v & 4095) as i16;
+                    // |fixed| <= 2^22: hi fits 12 bits with its sign, lo is the low 12 bits.
+                    let fixed = round_to_int(f64::from(v) * scale);
+                    hi[at + f * piece + i] = (fixed >> 12) as i16;
+                    lo[at + f * piece + i] = (fixed & 4095) as i16;
                 }
             }
         }
