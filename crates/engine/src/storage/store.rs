@@ -402,17 +402,39 @@ impl StoreExperts {
             .collect()
     }
 
-    /// Expert `expert` in the mapped files, checked against its checksum the first time.
-    fn mapped(&self, expert: usize) -> Result<ExpertView> {
+    /// Expert `expert` in the mapped files. The first time, it is checked against its
+    /// checksum on an I/O thread (all of a fetch's experts side by side) before it is handed
+    /// over.
+    fn mapped(&self, expert: usize) -> Result<PendingExpert> {
         let segments = self.locator.segments(expert);
         let blobs = segments
             .iter()
             .map(|s| Ok(s.file.mapped()?.sub(s.offset as usize, s.len)))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(expected) = self.locator.checksum(expert) {
-            verify_once(&self.store.verified, (self.layer, expert), &blobs, &segments, expected)?;
+        let view = self.locator.layout().views(&blobs, expert)?;
+        let key = (self.layer, expert);
+        let Some(expected) = self.locator.checksum(expert) else {
+            return Ok(PendingExpert::ready(view));
+        };
+        if lock(&self.store.verified).contains(&key) {
+            return Ok(PendingExpert::ready(view));
         }
-        self.locator.layout().views(&blobs, expert)
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        let verified = Arc::clone(&self.store.verified);
+        self.store.io.spawn(move || {
+            let _ = sender.send(verify_once(&verified, key, &blobs, &segments, expected));
+        });
+        let layer = self.layer;
+        Ok(PendingExpert::deferred(move || {
+            let checked = receiver
+                .recv()
+                .unwrap_or_else(|_| Err(Error::InvalidInput("the I/O thread stopped".into())));
+            checked.map(|()| view).map_err(|error| Error::Expert {
+                layer,
+                expert,
+                error: Box::new(error),
+            })
+        }))
     }
 
     fn context(&self, expert: usize) -> impl Fn(Error) -> Error + '_ {
@@ -443,7 +465,7 @@ impl ExpertSource for StoreExperts {
             ExpertIo::Mmap => {
                 return experts
                     .iter()
-                    .map(|&e| self.mapped(e).map(PendingExpert::ready).map_err(self.context(e)))
+                    .map(|&e| self.mapped(e).map_err(self.context(e)))
                     .collect();
             }
             ExpertIo::Read(mode) => mode,
