@@ -29,8 +29,8 @@ use flash_moe_engine::storage::store::{ExpertIo, ExpertStore, StoreConfig};
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum IoChoice {
     /// On the CPU, memory-map the expert files when the model fits in available memory (no
-    /// copy per read); otherwise, and on a GPU (whose copies go from page-locked buffers),
-    /// buffered reads.
+    /// copy per read) and --expert-cache-mib asks for no cache of its own; otherwise, and on
+    /// a GPU (whose copies go from page-locked buffers), buffered reads.
     Auto,
     /// Buffered reads; the OS page cache keeps warm experts.
     PageCache,
@@ -132,7 +132,9 @@ impl ModelArgs {
     fn store_config(&self, on_cpu: bool) -> StoreConfig {
         StoreConfig {
             io: match self.io {
-                IoChoice::Auto if on_cpu && weights_fit_in_memory(&self.model) => ExpertIo::Mmap,
+                IoChoice::Auto if on_cpu && self.expert_cache_mib == 0 && weights_fit_in_memory(&self.model) => {
+                    ExpertIo::Mmap
+                }
                 IoChoice::Auto | IoChoice::PageCache => ExpertIo::Read(IoMode::PageCache),
                 IoChoice::Direct => ExpertIo::Read(IoMode::Direct),
                 IoChoice::Mmap => ExpertIo::Mmap,
