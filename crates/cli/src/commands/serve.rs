@@ -90,13 +90,14 @@ impl super::ModelJob for Args {
                     "# HELP flash_moe_expert_fetches_total Routed experts fetched, by where they came from.\n\
                      # TYPE flash_moe_expert_fetches_total counter\n\
                      flash_moe_expert_fetches_total{{source=\"memory_cache\"}} {}\n\
+                     flash_moe_expert_fetches_total{{source=\"mapped\"}} {}\n\
                      flash_moe_expert_fetches_total{{source=\"page_cache\"}} {}\n\
                      flash_moe_expert_fetches_total{{source=\"disk\"}} {}\n\
                      flash_moe_expert_fetches_total{{source=\"unknown\"}} {}\n\
                      # HELP flash_moe_expert_bytes_read_total Bytes of experts read from files.\n\
                      # TYPE flash_moe_expert_bytes_read_total counter\n\
                      flash_moe_expert_bytes_read_total {}\n",
-                    t.cache_hits, t.page_cache_hits, t.cold_reads, t.unknown_reads, t.bytes_read
+                    t.cache_hits, t.mapped, t.page_cache_hits, t.cold_reads, t.unknown_reads, t.bytes_read
                 )
             })),
         };

@@ -60,10 +60,11 @@ fn short(p: Phase) -> &'static str {
 fn io_line(io: &IoTotals, tokens: u64) -> String {
     let mb = |b: u64| b as f64 / 1e6;
     format!(
-        "experts: {:.1} fetched per token ({} from the in-process cache, {} warm in the page cache, {} cold, {} unknown); \
+        "experts: {:.1} fetched per token ({} from the in-process cache, {} in place from the mapped files, {} warm in the page cache, {} cold, {} unknown); \
          read {:.1} MB per token, {:.1} MB of it from the device; {:.2} GB/s while reads were in flight\n",
         io.fetches as f64 / tokens as f64,
         io.cache_hits,
+        io.mapped,
         io.page_cache_hits,
         io.cold_reads,
         io.unknown_reads,
@@ -102,7 +103,7 @@ pub fn report(config: &ModelConfig, stats: &GenerationStats) -> String {
 pub fn json(stats: &GenerationStats) -> serde_json::Value {
     let io = |t: &IoTotals| {
         serde_json::json!({
-            "fetches": t.fetches, "cache_hits": t.cache_hits, "page_cache_hits": t.page_cache_hits,
+            "fetches": t.fetches, "cache_hits": t.cache_hits, "mapped": t.mapped, "page_cache_hits": t.page_cache_hits,
             "cold_reads": t.cold_reads, "unknown_reads": t.unknown_reads, "bytes_read": t.bytes_read,
             "bytes_cold": t.bytes_cold, "io_busy_seconds": t.io_window_nanos as f64 * 1e-9,
         })

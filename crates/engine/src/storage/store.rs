@@ -165,6 +165,8 @@ pub struct IoStats {
     pub fetches: AtomicU64,
     /// Served by the in-process cache.
     pub cache_hits: AtomicU64,
+    /// Handed over in place from the memory-mapped files.
+    pub mapped: AtomicU64,
     /// Read from the OS page cache without touching the device.
     pub page_cache_hits: AtomicU64,
     /// Read at least partly from the device.
@@ -185,6 +187,7 @@ pub struct IoStats {
 pub struct IoTotals {
     pub fetches: u64,
     pub cache_hits: u64,
+    pub mapped: u64,
     pub page_cache_hits: u64,
     pub cold_reads: u64,
     pub unknown_reads: u64,
@@ -199,6 +202,7 @@ impl IoStats {
         IoTotals {
             fetches: get(&self.fetches),
             cache_hits: get(&self.cache_hits),
+            mapped: get(&self.mapped),
             page_cache_hits: get(&self.page_cache_hits),
             cold_reads: get(&self.cold_reads),
             unknown_reads: get(&self.unknown_reads),
@@ -215,6 +219,7 @@ impl IoTotals {
         IoTotals {
             fetches: self.fetches - earlier.fetches,
             cache_hits: self.cache_hits - earlier.cache_hits,
+            mapped: self.mapped - earlier.mapped,
             page_cache_hits: self.page_cache_hits - earlier.page_cache_hits,
             cold_reads: self.cold_reads - earlier.cold_reads,
             unknown_reads: self.unknown_reads - earlier.unknown_reads,
@@ -463,6 +468,7 @@ impl ExpertSource for StoreExperts {
         }
         let mode = match self.store.config.io {
             ExpertIo::Mmap => {
+                stats.mapped.fetch_add(experts.len() as u64, Ordering::Relaxed);
                 return experts
                     .iter()
                     .map(|&e| self.mapped(e).map_err(self.context(e)))
