@@ -434,20 +434,21 @@ impl StoreExperts {
             let checked = receiver
                 .recv()
                 .unwrap_or_else(|_| Err(Error::InvalidInput("the I/O thread stopped".into())));
-            checked.map(|()| view).map_err(|error| Error::Expert {
-                layer,
-                expert,
-                error: Box::new(error),
-            })
+            checked.map(|()| view).map_err(in_expert(layer, expert))
         }))
     }
 
-    fn context(&self, expert: usize) -> impl Fn(Error) -> Error + '_ {
-        move |e| Error::Expert {
-            layer: self.layer,
-            expert,
-            error: Box::new(e),
-        }
+    fn context(&self, expert: usize) -> impl Fn(Error) -> Error + Copy {
+        in_expert(self.layer, expert)
+    }
+}
+
+/// Wraps an error with the layer and expert it concerns.
+fn in_expert(layer: usize, expert: usize) -> impl Fn(Error) -> Error + Copy {
+    move |error| Error::Expert {
+        layer,
+        expert,
+        error: Box::new(error),
     }
 }
 
@@ -507,11 +508,7 @@ impl ExpertSource for StoreExperts {
             let layout = self.locator.layout().clone();
             let layer = self.layer;
             pending.push(PendingExpert::deferred(move || {
-                let wrap = |error| Error::Expert {
-                    layer,
-                    expert: e,
-                    error: Box::new(error),
-                };
+                let wrap = in_expert(layer, e);
                 queue.submit_through(&store, position + store.read_ahead());
                 let record = receiver
                     .recv()
