@@ -293,9 +293,13 @@ pub(in crate::backend::cpu) mod tests {
     #[test]
     fn fixed_point_products_match_the_float_ones() {
         let kernels = match IntegerKernel::detect() {
-            Some(IntegerKernel::Avx512Vnni) => vec![IntegerKernel::Avx2, IntegerKernel::Avx512Vnni],
+            Some(IntegerKernel::Avx512Bytes) => vec![
+                IntegerKernel::Avx2,
+                IntegerKernel::Avx512Words,
+                IntegerKernel::Avx512Bytes,
+            ],
             Some(k) => {
-                eprintln!("the AVX-512 VNNI kernel is not checked: this CPU does not run it");
+                eprintln!("the AVX-512 VNNI kernels are not checked: this CPU does not run them");
                 vec![k]
             }
             None => {
@@ -313,11 +317,27 @@ pub(in crate::backend::cpu) mod tests {
             })
             .collect();
         let x = CpuTensor::new(1, cols, x);
-        let encodings = [(4, 64), (4, 32), (4, 128), (2, 64), (2, 128), (8, 64), (8, 32), (8, 16)];
+        // Groups of 16, 32, 64 and 128 bytes of codes.
+        let encodings = [
+            (4, 64),
+            (4, 32),
+            (4, 128),
+            (4, 256),
+            (2, 64),
+            (2, 128),
+            (2, 256),
+            (8, 64),
+            (8, 32),
+            (8, 16),
+        ];
+        let mut used = Vec::new();
         for (kernel, (bits, group)) in kernels.iter().flat_map(|&k| encodings.map(|e| (k, e))) {
             let w = affine(40, cols, bits, group);
             let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
-            assert!(fixed.fixed.is_some(), "{bits}-bit, groups of {group}");
+            let Some(taken) = fixed.fixed.as_ref().map(FixedPointX::kernel) else {
+                panic!("{bits}-bit, groups of {group}: no integer kernel")
+            };
+            used.push(taken);
             let float = FusedAffine::new(&w, &x, None).expect("fused");
             for r in 0..w.rows {
                 let (a, b) = (fixed.row_dot(&w, r, &x.data), float.row_dot(&w, r, &x.data));
@@ -330,5 +350,9 @@ pub(in crate::backend::cpu) mod tests {
                 );
             }
         }
+        assert!(
+            kernels.iter().all(|k| used.contains(k)),
+            "kernels {kernels:?}, used {used:?}"
+        );
     }
 }

@@ -1,0 +1,154 @@
+//! x as three byte limbs, `X = 2^16 d2 + 2^8 d1 + d0` with `d0`, `d1` X's two low bytes
+//! (unsigned) and `d2` the rest (signed: `X >> 16` lies in [-64, 64]), for `vpdpbusd`, which
+//! multiplies 64 unsigned bytes by 64 signed ones and adds each four neighbours' products into
+//! a 32-bit lane: the codes are the unsigned operand against `d2` and the signed one (they are
+//! below 128) against `d0` and `d1`. A lane's sums join exactly as `((S2 << 8) + S1) << 8 + S0`
+//! (the shifts applied to the running sum between the limbs), and its total stays below 2^29:
+//! 8 four-bit codes of at most 15, or 16 two-bit ones of at most 3, times `|X| <= 2^22`. So a
+//! 64-byte block of 4-bit codes takes three unpacking steps, six multiply-adds, two shifts and
+//! one conversion to float, where the 16-bit halves took 22 instructions for the same bytes.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use std::ops::Range;
+
+use super::{PREFETCH_BYTES, fixed};
+
+/// Bytes of codes a step reads.
+const BLOCK: usize = 64;
+
+pub(super) struct Limbs {
+    bits: u32,
+    group: usize,
+    /// Per block of codes and per field `f` (code `f` of each byte, `per` codes sharing a
+    /// byte), the limbs `d0`, `d1`, `d2` of the block's codes in that field, 64 bytes each:
+    /// byte `j` of limb `l` of field `f` of block `b`, at `((b * per + f) * 3 + l) * 64 + j`,
+    /// belongs to code `(64 b + j) * per + f`.
+    limbs: Vec<u8>,
+}
+
+impl Limbs {
+    /// `to_fixed`: `2^(22 - E)` per group. Rows hold whole blocks and groups are 16 or 32 bytes,
+    /// or whole blocks, of 2- or 4-bit codes (the caller's [`super::IntegerKernel::for_encoding`]).
+    pub(super) fn new(x: &[f32], bits: u32, group: usize, to_fixed: &[f64]) -> Self {
+        let per = 8 / bits as usize;
+        let mut limbs = vec![0u8; 3 * x.len()];
+        let blocks = x.chunks_exact(BLOCK * per).zip(limbs.chunks_exact_mut(3 * BLOCK * per));
+        for (b, (block_x, block)) in blocks.enumerate() {
+            for (j, byte_x) in block_x.chunks_exact(per).enumerate() {
+                let to_fixed = to_fixed[(b * BLOCK + j) * per / group];
+                for (f, &v) in byte_x.iter().enumerate() {
+                    let fixed = fixed(v, to_fixed);
+                    let field = &mut block[f * 3 * BLOCK..(f + 1) * 3 * BLOCK];
+                    field[j] = fixed as u8;
+                    field[BLOCK + j] = (fixed >> 8) as u8;
+                    field[2 * BLOCK + j] = (fixed >> 16) as u8;
+                }
+            }
+        }
+        Limbs { bits, group, limbs }
+    }
+
+    /// X of value `i`, joined from its limbs.
+    #[cfg(test)]
+    pub(super) fn value(&self, i: usize) -> i32 {
+        let per = 8 / self.bits as usize;
+        let (b, r) = (i / (BLOCK * per), i % (BLOCK * per));
+        let at = (b * per + r % per) * 3 * BLOCK + r / per;
+        let limb = |l: usize| self.limbs[at + l * BLOCK];
+        i32::from(limb(0)) + (i32::from(limb(1)) << 8) + (i32::from(limb(2) as i8) << 16)
+    }
+
+    /// `sum_g(factor_g * (q_g . X_g))` over `groups` of a row's `codes`, with `factors` (scale
+    /// times unit) from the first, and room for three more past the last.
+    ///
+    /// # Safety
+    /// The CPU runs AVX-512 VNNI; `codes` holds the row's groups.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn codes_dot(&self, codes: &[u8], groups: Range<usize>, factors: &[f32]) -> f32 {
+        // SAFETY: the caller's.
+        unsafe {
+            match (self.bits, self.group * self.bits as usize / 8) {
+                (4, 16) => self.blocks_dot::<4, 4>(codes, groups, factors),
+                (4, 32) => self.blocks_dot::<4, 2>(codes, groups, factors),
+                (4, _) => self.blocks_dot::<4, 1>(codes, groups, factors),
+                (_, 16) => self.blocks_dot::<2, 4>(codes, groups, factors),
+                (_, 32) => self.blocks_dot::<2, 2>(codes, groups, factors),
+                (_, _) => self.blocks_dot::<2, 1>(codes, groups, factors),
+            }
+        }
+    }
+
+    /// [`Self::codes_dot`] with `GROUPS` groups to a block (1: groups of a block or more), each
+    /// in its own lanes of the block's sums, so that a block takes its groups' factors in one
+    /// multiply-add. Alternate blocks go to two accumulators (swapped each time), so that no
+    /// chain of dependent additions sets the pace.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn blocks_dot<const BITS: u32, const GROUPS: usize>(
+        &self,
+        codes: &[u8],
+        groups: Range<usize>,
+        factors: &[f32],
+    ) -> f32 {
+        let per = 8 / BITS as usize;
+        let group_bytes = self.group * BITS as usize / 8;
+        let group_shift = group_bytes.trailing_zeros(); // a power of two
+        let (start, end) = (groups.start * group_bytes, groups.end * group_bytes);
+        debug_assert!(start.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK) && codes.len() >= end);
+        debug_assert!(self.limbs.len() >= 3 * per * end && factors.len() >= groups.len() + 3);
+        // Lane k (bytes 4k to 4k + 3 of a block) belongs to the block's group k * GROUPS / 16.
+        let lane_groups: [i32; 16] = std::array::from_fn(|k| (k * GROUPS / 16) as i32);
+        // SAFETY: sixteen lanes.
+        let lane_groups = unsafe { _mm512_loadu_si512(lane_groups.as_ptr().cast()) };
+        let mask = _mm512_set1_epi8(((1u32 << BITS) - 1) as i8);
+        let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for at in (start..end).step_by(BLOCK) {
+            let ahead = codes.as_ptr().wrapping_add(at + PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            // SAFETY: the block lies within the row, and x has a block's limbs for it.
+            let (z, x) = unsafe {
+                (
+                    _mm512_loadu_si512(codes.as_ptr().add(at).cast()),
+                    self.limbs.as_ptr().add(3 * per * at),
+                )
+            };
+            let mut q = [_mm512_setzero_si512(); 4];
+            for (f, q) in q.iter_mut().enumerate().take(per) {
+                let shifted = match (BITS, f) {
+                    (_, 0) => z,
+                    (2, 1) => _mm512_srli_epi16::<2>(z),
+                    (2, 3) => _mm512_srli_epi16::<6>(z),
+                    _ => _mm512_srli_epi16::<4>(z),
+                };
+                *q = _mm512_and_si512(shifted, mask);
+            }
+            // SAFETY: as above: limb l of field f.
+            let limb = |f: usize, l: usize| unsafe { _mm512_loadu_si512(x.add((3 * f + l) * BLOCK).cast()) };
+            let mut sum = _mm512_setzero_si512();
+            for (f, &q) in q.iter().enumerate().take(per) {
+                sum = _mm512_dpbusd_epi32(sum, q, limb(f, 2));
+            }
+            sum = _mm512_slli_epi32::<8>(sum);
+            for (f, &q) in q.iter().enumerate().take(per) {
+                sum = _mm512_dpbusd_epi32(sum, limb(f, 1), q);
+            }
+            sum = _mm512_slli_epi32::<8>(sum);
+            for (f, &q) in q.iter().enumerate().take(per) {
+                sum = _mm512_dpbusd_epi32(sum, limb(f, 0), q);
+            }
+            let g = (at - start) >> group_shift;
+            let factor = if GROUPS == 1 {
+                _mm512_set1_ps(factors[g])
+            } else {
+                // SAFETY: the factors have room for four from the block's first group.
+                let four = unsafe { _mm_loadu_ps(factors.as_ptr().add(g)) };
+                _mm512_permutexvar_ps(lane_groups, _mm512_castps128_ps512(four))
+            };
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, acc);
+            std::mem::swap(&mut acc, &mut other);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
+    }
+}
