@@ -23,7 +23,7 @@ pub(super) struct Halves {
 impl Halves {
     /// `to_fixed`: `2^(22 - E)` per group. `kernel` is the AVX2 or the 16-bit AVX-512 one,
     /// whose pieces fit the groups and the row.
-    pub(super) fn new(x: &[f32], bits: u32, group: usize, to_fixed: &[f64], kernel: IntegerKernel) -> Self {
+    pub(super) fn new(x: &[f32], bits: u32, group: usize, to_fixed: &[f32], kernel: IntegerKernel) -> Self {
         let per = 8 / bits as usize;
         let piece = kernel.piece();
         let (mut hi, mut lo) = (vec![0i16; x.len()], vec![0i16; x.len()]);

@@ -31,22 +31,15 @@ pub(super) struct Limbs {
 impl Limbs {
     /// `to_fixed`: `2^(22 - E)` per group. Rows hold whole blocks and groups are 16 or 32 bytes,
     /// or whole blocks, of 2- or 4-bit codes (the caller's [`super::IntegerKernel::for_encoding`]).
-    pub(super) fn new(x: &[f32], bits: u32, group: usize, to_fixed: &[f64]) -> Self {
-        let per = 8 / bits as usize;
+    pub(super) fn new(x: &[f32], bits: u32, group: usize, to_fixed: &[f32]) -> Self {
         let mut limbs = vec![0u8; 3 * x.len()];
-        let blocks = x.chunks_exact(BLOCK * per).zip(limbs.chunks_exact_mut(3 * BLOCK * per));
-        for (b, (block_x, block)) in blocks.enumerate() {
-            for (j, byte_x) in block_x.chunks_exact(per).enumerate() {
-                let to_fixed = to_fixed[(b * BLOCK + j) * per / group];
-                for (f, &v) in byte_x.iter().enumerate() {
-                    let fixed = fixed(v, to_fixed);
-                    let field = &mut block[f * 3 * BLOCK..(f + 1) * 3 * BLOCK];
-                    field[j] = fixed as u8;
-                    field[BLOCK + j] = (fixed >> 8) as u8;
-                    field[2 * BLOCK + j] = (fixed >> 16) as u8;
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512.
+            unsafe { split_avx512(x, bits, group, to_fixed, &mut limbs) };
+            return Limbs { bits, group, limbs };
         }
+        split(x, bits, group, to_fixed, &mut limbs);
         Limbs { bits, group, limbs }
     }
 
@@ -150,5 +143,87 @@ impl Limbs {
             std::mem::swap(&mut acc, &mut other);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
+    }
+}
+
+/// x's limbs into `limbs`, laid out as [`Limbs::limbs`] describes, one value at a time.
+fn split(x: &[f32], bits: u32, group: usize, to_fixed: &[f32], limbs: &mut [u8]) {
+    let per = 8 / bits as usize;
+    let blocks = x.chunks_exact(BLOCK * per).zip(limbs.chunks_exact_mut(3 * BLOCK * per));
+    for (b, (block_x, block)) in blocks.enumerate() {
+        for (j, byte_x) in block_x.chunks_exact(per).enumerate() {
+            let to_fixed = to_fixed[(b * BLOCK + j) * per / group];
+            for (f, &v) in byte_x.iter().enumerate() {
+                let fixed = fixed(v, to_fixed);
+                let field = &mut block[f * 3 * BLOCK..(f + 1) * 3 * BLOCK];
+                field[j] = fixed as u8;
+                field[BLOCK + j] = (fixed >> 8) as u8;
+                field[2 * BLOCK + j] = (fixed >> 16) as u8;
+            }
+        }
+    }
+}
+
+/// [`split`] sixteen bytes of a field at a time: their values (every `per`-th of x) gathered,
+/// scaled by their group's factor (sixteen bytes of codes never straddle a group), rounded as
+/// [`fixed`] does, and each limb's bytes taken by truncation. A tenth of the scalar loop's time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_avx512(x: &[f32], bits: u32, group: usize, to_fixed: &[f32], limbs: &mut [u8]) {
+    const MAGIC: f32 = 12_582_912.0;
+    let per = 8 / bits as usize;
+    debug_assert!(x.len().is_multiple_of(BLOCK * per) && limbs.len() == 3 * x.len());
+    let strides: [i32; 16] = std::array::from_fn(|t| (t * per) as i32);
+    // SAFETY: sixteen lanes.
+    let strides = unsafe { _mm512_loadu_si512(strides.as_ptr().cast()) };
+    for (b, block) in limbs.chunks_exact_mut(3 * BLOCK * per).enumerate() {
+        for (f, field) in block.chunks_exact_mut(3 * BLOCK).enumerate() {
+            for j in (0..BLOCK).step_by(16) {
+                let first = (b * BLOCK + j) * per + f;
+                // SAFETY: the last value gathered, `first + 15 * per`, lies in this block of x.
+                let v = unsafe { _mm512_i32gather_ps::<4>(strides, x.as_ptr().add(first)) };
+                let scaled = _mm512_mul_ps(v, _mm512_set1_ps(to_fixed[first / group]));
+                let rounded = _mm512_castps_si512(_mm512_add_ps(scaled, _mm512_set1_ps(MAGIC)));
+                let fixed = _mm512_sub_epi32(rounded, _mm512_set1_epi32(MAGIC.to_bits() as i32));
+                let limbs = [fixed, _mm512_srai_epi32::<8>(fixed), _mm512_srai_epi32::<16>(fixed)];
+                for (l, limb) in limbs.into_iter().enumerate() {
+                    let out = &mut field[l * BLOCK + j..l * BLOCK + j + 16];
+                    // SAFETY: sixteen bytes.
+                    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), _mm512_cvtepi32_epi8(limb)) };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{exponent_above, power_of_two};
+    use super::*;
+
+    /// The vector split gives the scalar one's bytes, over groups of many magnitudes.
+    #[test]
+    fn the_vector_split_matches_the_scalar_one() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !std::arch::is_x86_feature_detected!("avx512f") {
+                eprintln!("skipped: this CPU has no AVX-512");
+                return;
+            }
+            let x: Vec<f32> = (0..2048)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.5) * 10f32.powi((i / 128) - 8))
+                .collect();
+            for (bits, group) in [(2, 64), (4, 32), (4, 64), (4, 256)] {
+                let to_fixed: Vec<f32> = x
+                    .chunks_exact(group)
+                    .map(|g| power_of_two(22 - exponent_above(g.iter().fold(0f32, |m, v| m.max(v.abs())))))
+                    .collect();
+                let (mut scalar, mut vector) = (vec![0u8; 3 * x.len()], vec![0u8; 3 * x.len()]);
+                split(&x, bits, group, &to_fixed, &mut scalar);
+                // SAFETY: checked above.
+                unsafe { split_avx512(&x, bits, group, &to_fixed, &mut vector) };
+                assert!(scalar == vector, "{bits}-bit, groups of {group}");
+            }
+        }
     }
 }

@@ -91,15 +91,22 @@ impl FixedPointX {
             return None;
         }
         let kernel = kernel.for_encoding(bits, group * bits as usize / 8, x.len() * bits as usize / 8)?;
-        if !x.iter().all(|v| v.is_finite()) {
+        // |v|'s bits order as |v| does, and every infinity and NaN lies above the finite
+        // values: one pass that vectorises finds both the groups' bounds and what cannot be
+        // represented.
+        let max_bits: Vec<i32> = x
+            .chunks_exact(group)
+            .map(|xs| xs.iter().fold(0, |m, v| m.max((v.to_bits() & 0x7fff_ffff) as i32)))
+            .collect();
+        if max_bits.iter().any(|&m| m >= 0x7f80_0000) {
             return None;
         }
-        let exponents: Vec<i32> = x
-            .chunks_exact(group)
-            .map(|xs| exponent_above(xs.iter().fold(0f32, |m, v| m.max(v.abs()))))
+        let exponents: Vec<i32> = max_bits
+            .iter()
+            .map(|&m| exponent_above(f32::from_bits(m as u32)))
             .collect();
-        let units = exponents.iter().map(|&e| 2f64.powi(e - 22) as f32).collect();
-        let to_fixed: Vec<f64> = exponents.iter().map(|&e| 2f64.powi(22 - e)).collect();
+        let units = exponents.iter().map(|&e| power_of_two(e - 22)).collect();
+        let to_fixed: Vec<f32> = exponents.iter().map(|&e| power_of_two(22 - e)).collect();
         let parts = match kernel {
             IntegerKernel::Avx512Bytes => Parts::Limbs(Limbs::new(x, bits, group, &to_fixed)),
             k => Parts::Halves(Halves::new(x, bits, group, &to_fixed, k)),
@@ -176,24 +183,25 @@ pub struct AffineRow<'a> {
     pub dtype: DType,
 }
 
-/// `v` in fixed point at `2^(22 - E)` per unit (`to_fixed`): `|X| <= 2^22`.
-fn fixed(v: f32, to_fixed: f64) -> i32 {
-    round_to_int(f64::from(v) * to_fixed)
+/// `v` in fixed point at `2^(22 - E)` per unit (`to_fixed`), rounded to the nearest integer
+/// (ties to even): `v * to_fixed` is exact (a power of two, below `2^22` in magnitude), and
+/// adding 1.5 * 2^23 leaves no fraction bits, so the float's low bits hold the integer.
+fn fixed(v: f32, to_fixed: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v * to_fixed + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32
 }
 
-/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^31`: adding and taking
-/// away 1.5 * 2^52 leaves no fraction bits (f64's default rounding does the rest), without
-/// the library call `round_ties_even` is on baseline x86-64.
-fn round_to_int(v: f64) -> i32 {
-    const MAGIC: f64 = 6_755_399_441_055_744.0;
-    ((v + MAGIC) - MAGIC) as i32
+/// `2^e` for `e` in -126..=127.
+fn power_of_two(e: i32) -> f32 {
+    f32::from_bits(((127 + e) as u32) << 23)
 }
 
-/// The least `e` with `m < 2^e` for finite `m >= 0` (`-126` for zero and subnormals, which
-/// are below it too).
+/// The least `e >= -100` with `m < 2^e` for finite `m >= 0`. The bound keeps `2^(22 - e)` and
+/// `2^(e - 22)` normal floats, as the CUDA kernels do: a group whose values are all below
+/// `2^-100` needs no precision.
 fn exponent_above(m: f32) -> i32 {
     let biased = ((m.to_bits() >> 23) & 0xff) as i32;
-    biased.max(1) - 126
+    (biased - 126).max(-100)
 }
 
 #[cfg(test)]
@@ -202,13 +210,10 @@ mod tests {
 
     #[test]
     fn the_exponent_bounds_the_group() {
-        for m in [0.0f32, 1e-40, 0.3, 0.5, 1.0, 1.5, 2.0, 3.9, 1e30, f32::MAX] {
+        for m in [0.0f32, 1e-40, 1e-31, 0.3, 0.5, 1.0, 1.5, 2.0, 3.9, 1e30, f32::MAX] {
             let e = exponent_above(m);
             assert!(f64::from(m) < 2f64.powi(e), "{m} vs 2^{e}");
-            assert!(
-                m == 0.0 || m < 1e-38 || f64::from(m) >= 2f64.powi(e - 1),
-                "{m} vs 2^{e}"
-            );
+            assert!(e == -100 || f64::from(m) >= 2f64.powi(e - 1), "{m} vs 2^{e}");
         }
     }
 
@@ -223,8 +228,10 @@ mod tests {
             (3.2, 3),
             (-3.7, -4),
             (4194304.0, 4194304),
+            (-4194303.5, -4194304),
         ] {
-            assert_eq!(round_to_int(v), r, "{v}");
+            assert_eq!(fixed(v, 1.0), r, "{v}");
+            assert_eq!(fixed(v / 1024.0, 1024.0), r, "{v} / 1024");
         }
     }
 
