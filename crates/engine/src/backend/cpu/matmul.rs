@@ -244,11 +244,23 @@ pub(in crate::backend::cpu) mod tests {
     }
 
     pub(in crate::backend::cpu) fn affine(rows: usize, cols: usize, bits: u32, group: usize) -> MatrixView {
+        affine_scaled(rows, cols, bits, group, DType::BF16)
+    }
+
+    /// [`affine`] with scales and biases stored as `dtype`.
+    fn affine_scaled(rows: usize, cols: usize, bits: u32, group: usize, dtype: DType) -> MatrixView {
         let groups = rows * cols / group;
         let floats = |seed, base: f32| -> Vec<u8> {
             noise(seed, groups)
                 .iter()
-                .flat_map(|&b| half::bf16::from_f32(base + f32::from(b) * 1e-4).to_bits().to_le_bytes())
+                .flat_map(|&b| {
+                    let v = base + f32::from(b) * 1e-4;
+                    match dtype {
+                        DType::F16 => half::f16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                        DType::F32 => v.to_le_bytes().to_vec(),
+                        _ => half::bf16::from_f32(v).to_bits().to_le_bytes().to_vec(),
+                    }
+                })
                 .collect()
         };
         MatrixView::affine(
@@ -257,7 +269,7 @@ pub(in crate::backend::cpu) mod tests {
             cols,
             bits,
             group,
-            DType::BF16,
+            dtype,
             Blob::from_vec(noise(7, rows * cols * bits as usize / 8)),
             Blob::from_vec(floats(11, 0.01)),
             Blob::from_vec(floats(13, -0.05)),
@@ -307,13 +319,14 @@ pub(in crate::backend::cpu) mod tests {
                 return;
             }
         };
-        let cols = 512;
+        // 80 groups of 32 in a row: more than the kernels decode at a time.
+        let cols = 2560;
         let x: Vec<f32> = noise(3, cols)
             .iter()
             .enumerate()
             .map(|(i, &b)| match i / 64 {
                 2 => 0.0,
-                g => (f32::from(b) - 127.5) * 10f32.powi(g as i32 - 4),
+                g => (f32::from(b) - 127.5) * 10f32.powi((g % 8) as i32 - 4),
             })
             .collect();
         let x = CpuTensor::new(1, cols, x);
@@ -330,9 +343,19 @@ pub(in crate::backend::cpu) mod tests {
             (8, 32),
             (8, 16),
         ];
+        // Scales and biases in each float type, for the encodings where the kernels decode them
+        // differently.
+        let dtypes = |bits, group| match (bits, group) {
+            (4, 64) | (2, 64) | (8, 64) => vec![DType::BF16, DType::F16, DType::F32],
+            _ => vec![DType::BF16],
+        };
+        let cases = encodings
+            .iter()
+            .flat_map(|&(b, g)| dtypes(b, g).into_iter().map(move |d| (b, g, d)));
+        let cases: Vec<_> = cases.collect();
         let mut used = Vec::new();
-        for (kernel, (bits, group)) in kernels.iter().flat_map(|&k| encodings.map(|e| (k, e))) {
-            let w = affine(40, cols, bits, group);
+        for (kernel, &(bits, group, dtype)) in kernels.iter().flat_map(|k| cases.iter().map(move |c| (*k, c))) {
+            let w = affine_scaled(40, cols, bits, group, dtype);
             let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
             let Some(taken) = fixed.fixed.as_ref().map(FixedPointX::kernel) else {
                 panic!("{bits}-bit, groups of {group}: no integer kernel")
@@ -346,7 +369,7 @@ pub(in crate::backend::cpu) mod tests {
                 let scale: f32 = x.data.iter().map(|v| v.abs()).sum::<f32>() * w_max;
                 assert!(
                     (a - b).abs() <= 1e-6 * scale,
-                    "{bits}-bit, groups of {group}, row {r}: {a} vs {b}"
+                    "{bits}-bit, groups of {group}, {dtype:?}, row {r}: {a} vs {b}"
                 );
             }
         }

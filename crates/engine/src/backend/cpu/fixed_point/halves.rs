@@ -8,7 +8,9 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{IntegerKernel, PREFETCH_BYTES, fixed};
+use super::super::matmul::dot;
+use super::{AffineRow, IntegerKernel, PREFETCH_BYTES, fixed};
+use crate::storage::quant::decode_floats;
 
 /// x's halves, laid out in the order the codes unpack: within each piece, field `f` of lane
 /// `i` holds code `per * i + f`, where `per` codes share a byte.
@@ -50,13 +52,49 @@ impl Halves {
         }
     }
 
+    /// `sum_g(scale_g * unit_g * (q_g . X_g) + bias_g * sums[g])` over `row`.
+    ///
+    /// # Safety
+    /// The CPU runs `self.kernel`; `row` holds `units.len()` groups.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) unsafe fn row_dot(&self, row: AffineRow, units: &[f32], sums: &[f32]) -> f32 {
+        // Scales and biases decoded a chunk of groups at a time, outside the kernels: read
+        // one by one, with the type's dispatch, they cost as much as the codes' arithmetic.
+        const CHUNK: usize = 64;
+        let (mut factors, mut biases) = ([0f32; CHUNK], [0f32; CHUNK]);
+        let size = row.dtype.size();
+        let mut total = 0f32;
+        for first in (0..units.len()).step_by(CHUNK) {
+            let n = CHUNK.min(units.len() - first);
+            decode_floats(
+                &row.scales[first * size..(first + n) * size],
+                row.dtype,
+                &mut factors[..n],
+            );
+            // Each group's scale times its unit of x: the factor its integer dot product takes.
+            for (s, u) in factors[..n].iter_mut().zip(&units[first..first + n]) {
+                *s *= u;
+            }
+            decode_floats(
+                &row.biases[first * size..(first + n) * size],
+                row.dtype,
+                &mut biases[..n],
+            );
+            let groups = first..first + n;
+            // SAFETY: the caller's.
+            total += unsafe { self.codes_dot(row.codes, groups.clone(), &factors) };
+            total += dot(&biases[..n], &sums[groups]);
+        }
+        total
+    }
+
     /// `sum_g(factor_g * (q_g . X_g))` over `groups` of a row's `codes`, with `factors` (scale
     /// times unit) from the first.
     ///
     /// # Safety
     /// The CPU runs `self.kernel`; `codes` holds the row's groups.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn codes_dot(&self, codes: &[u8], groups: Range<usize>, factors: &[f32]) -> f32 {
+    unsafe fn codes_dot(&self, codes: &[u8], groups: Range<usize>, factors: &[f32]) -> f32 {
         let pairs = self.group * self.bits as usize / 8 == 16;
         // SAFETY: the caller's.
         unsafe {

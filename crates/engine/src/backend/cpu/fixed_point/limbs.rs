@@ -13,7 +13,8 @@ use std::arch::x86_64::*;
 
 use std::ops::Range;
 
-use super::{PREFETCH_BYTES, fixed};
+use super::{AffineRow, PREFETCH_BYTES, fixed};
+use crate::storage::checkpoint::DType;
 
 /// Bytes of codes a step reads.
 const BLOCK: usize = 64;
@@ -53,50 +54,88 @@ impl Limbs {
         i32::from(limb(0)) + (i32::from(limb(1)) << 8) + (i32::from(limb(2) as i8) << 16)
     }
 
-    /// `sum_g(factor_g * (q_g . X_g))` over `groups` of a row's `codes`, with `factors` (scale
-    /// times unit) from the first, and room for three more past the last.
+    /// `sum_g(scale_g * unit_g * (q_g . X_g) + bias_g * sums[g])` over `row`.
     ///
     /// # Safety
-    /// The CPU runs AVX-512 VNNI; `codes` holds the row's groups.
+    /// The CPU runs AVX-512 VNNI; `row` holds `units.len()` groups.
     #[cfg(target_arch = "x86_64")]
-    pub(super) unsafe fn codes_dot(&self, codes: &[u8], groups: Range<usize>, factors: &[f32]) -> f32 {
+    pub(super) unsafe fn row_dot(&self, row: AffineRow, units: &[f32], sums: &[f32]) -> f32 {
         // SAFETY: the caller's.
         unsafe {
             match (self.bits, self.group * self.bits as usize / 8) {
-                (4, 16) => self.blocks_dot::<4, 4>(codes, groups, factors),
-                (4, 32) => self.blocks_dot::<4, 2>(codes, groups, factors),
-                (4, _) => self.blocks_dot::<4, 1>(codes, groups, factors),
-                (_, 16) => self.blocks_dot::<2, 4>(codes, groups, factors),
-                (_, 32) => self.blocks_dot::<2, 2>(codes, groups, factors),
-                (_, _) => self.blocks_dot::<2, 1>(codes, groups, factors),
+                (4, 16) => self.row_blocks::<4, 4>(row, units, sums),
+                (4, 32) => self.row_blocks::<4, 2>(row, units, sums),
+                (4, _) => self.row_blocks::<4, 1>(row, units, sums),
+                (_, 16) => self.row_blocks::<2, 4>(row, units, sums),
+                (_, 32) => self.row_blocks::<2, 2>(row, units, sums),
+                (_, _) => self.row_blocks::<2, 1>(row, units, sums),
             }
         }
     }
 
-    /// [`Self::codes_dot`] with `GROUPS` groups to a block (1: groups of a block or more), each
-    /// in its own lanes of the block's sums, so that a block takes its groups' factors in one
-    /// multiply-add. Alternate blocks go to two accumulators (swapped each time), so that no
-    /// chain of dependent additions sets the pace.
+    /// [`Self::row_dot`] with `GROUPS` groups to a block (1: groups of a block or more). A
+    /// chunk of groups at a time, its factors (scale times unit) are decoded sixteen at a time
+    /// and its biases' products with the sums of x added into sixteen lanes: done one by one,
+    /// outside the kernel, that was most of a short row's time (about 80 ns a row).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn blocks_dot<const BITS: u32, const GROUPS: usize>(
+    unsafe fn row_blocks<const BITS: u32, const GROUPS: usize>(
+        &self,
+        row: AffineRow,
+        units: &[f32],
+        sums: &[f32],
+    ) -> f32 {
+        const CHUNK: usize = 64;
+        let groups = units.len();
+        debug_assert!(sums.len() == groups && row.scales.len() == groups * row.dtype.size());
+        debug_assert!(row.biases.len() == row.scales.len());
+        let mut factors = [0f32; CHUNK];
+        let mut acc = [_mm512_setzero_ps(); 2];
+        let mut biased = _mm512_setzero_ps();
+        for first in (0..groups).step_by(CHUNK) {
+            let n = CHUNK.min(groups - first);
+            for s in (0..n).step_by(16) {
+                let (g, mask) = (first + s, (((1u32 << (n - s).min(16)) - 1) & 0xffff) as u16);
+                // SAFETY: the lanes read lie within the row's groups (masked loads do not
+                // touch the others), and those written within the chunk.
+                unsafe {
+                    let scale = masked_floats(row.scales, row.dtype, g, mask);
+                    let unit = _mm512_maskz_loadu_ps(mask, units.as_ptr().add(g));
+                    _mm512_mask_storeu_ps(factors.as_mut_ptr().add(s), mask, _mm512_mul_ps(scale, unit));
+                    let bias = masked_floats(row.biases, row.dtype, g, mask);
+                    biased = _mm512_fmadd_ps(bias, _mm512_maskz_loadu_ps(mask, sums.as_ptr().add(g)), biased);
+                }
+            }
+            // SAFETY: the caller's.
+            acc = unsafe { self.blocks::<BITS, GROUPS>(row.codes, first..first + n, &factors, acc) };
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), biased))
+    }
+
+    /// `acc` plus `factor_g * (q_g . X_g)` over `groups` of a row's `codes`, with `factors`
+    /// from the first, in sixteen lanes of two accumulators: alternate blocks go to the two
+    /// (swapped each time), so that no chain of dependent additions sets the pace.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[inline]
+    unsafe fn blocks<const BITS: u32, const GROUPS: usize>(
         &self,
         codes: &[u8],
         groups: Range<usize>,
         factors: &[f32],
-    ) -> f32 {
+        [mut acc, mut other]: [__m512; 2],
+    ) -> [__m512; 2] {
         let per = 8 / BITS as usize;
         let group_bytes = self.group * BITS as usize / 8;
         let group_shift = group_bytes.trailing_zeros(); // a power of two
         let (start, end) = (groups.start * group_bytes, groups.end * group_bytes);
         debug_assert!(start.is_multiple_of(BLOCK) && end.is_multiple_of(BLOCK) && codes.len() >= end);
-        debug_assert!(self.limbs.len() >= 3 * per * end && factors.len() >= groups.len() + 3);
+        debug_assert!(self.limbs.len() >= 3 * per * end && factors.len() >= groups.len());
         // Lane k (bytes 4k to 4k + 3 of a block) belongs to the block's group k * GROUPS / 16.
         let lane_groups: [i32; 16] = std::array::from_fn(|k| (k * GROUPS / 16) as i32);
         // SAFETY: sixteen lanes.
         let lane_groups = unsafe { _mm512_loadu_si512(lane_groups.as_ptr().cast()) };
         let mask = _mm512_set1_epi8(((1u32 << BITS) - 1) as i8);
-        let (mut acc, mut other) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for at in (start..end).step_by(BLOCK) {
             let ahead = codes.as_ptr().wrapping_add(at + PREFETCH_BYTES);
             _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
@@ -132,17 +171,50 @@ impl Limbs {
                 sum = _mm512_dpbusd_epi32(sum, limb(f, 0), q);
             }
             let g = (at - start) >> group_shift;
-            let factor = if GROUPS == 1 {
-                _mm512_set1_ps(factors[g])
-            } else {
-                // SAFETY: the factors have room for four from the block's first group.
-                let four = unsafe { _mm_loadu_ps(factors.as_ptr().add(g)) };
-                _mm512_permutexvar_ps(lane_groups, _mm512_castps128_ps512(four))
+            // SAFETY: the block's groups lie within the chunk's factors.
+            let factor = unsafe {
+                match GROUPS {
+                    1 => _mm512_set1_ps(*factors.get_unchecked(g)),
+                    2 => {
+                        let two = _mm_castpd_ps(_mm_load_sd(factors.as_ptr().add(g).cast()));
+                        _mm512_permutexvar_ps(lane_groups, _mm512_castps128_ps512(two))
+                    }
+                    _ => {
+                        let four = _mm_loadu_ps(factors.as_ptr().add(g));
+                        _mm512_permutexvar_ps(lane_groups, _mm512_castps128_ps512(four))
+                    }
+                }
             };
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), factor, acc);
             std::mem::swap(&mut acc, &mut other);
         }
-        _mm512_reduce_add_ps(_mm512_add_ps(acc, other))
+        [acc, other]
+    }
+}
+
+/// Values `g..g + 16` of a float array stored as `dtype`, the lanes outside `mask` zero and
+/// not read.
+///
+/// # Safety
+/// The lanes in `mask` lie within `bytes`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn masked_floats(bytes: &[u8], dtype: DType, g: usize, mask: u16) -> __m512 {
+    // SAFETY: the caller's; masked lanes are not read.
+    unsafe {
+        match dtype {
+            DType::F32 | DType::U32 => _mm512_maskz_loadu_ps(mask, bytes.as_ptr().cast::<f32>().add(g)),
+            DType::BF16 | DType::F16 => {
+                let halves = _mm512_maskz_loadu_epi16(u32::from(mask), bytes.as_ptr().cast::<i16>().add(g));
+                let halves = _mm512_castsi512_si256(halves);
+                if dtype == DType::BF16 {
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+                } else {
+                    _mm512_cvtph_ps(halves)
+                }
+            }
+        }
     }
 }
 

@@ -10,8 +10,6 @@ mod limbs;
 
 use crate::storage::checkpoint::DType;
 
-use super::matmul::dot;
-use crate::storage::quant::decode_floats;
 use halves::Halves;
 use limbs::Limbs;
 
@@ -131,40 +129,13 @@ impl FixedPointX {
     /// must hold a row of `units.len()` groups and `scales`, `biases` one value per group.
     #[cfg(target_arch = "x86_64")]
     pub unsafe fn row_dot(&self, row: AffineRow, sums: &[f32]) -> f32 {
-        // Scales and biases decoded a chunk of groups at a time, outside the kernels: read
-        // one by one, with the type's dispatch, they cost as much as the codes' arithmetic.
-        // The factors have room past the chunk: the byte limbs read a block's four at a time.
-        const CHUNK: usize = 64;
-        let (mut factors, mut biases) = ([0f32; CHUNK + 3], [0f32; CHUNK]);
-        let size = row.dtype.size();
-        let mut total = 0f32;
-        for first in (0..self.units.len()).step_by(CHUNK) {
-            let n = CHUNK.min(self.units.len() - first);
-            decode_floats(
-                &row.scales[first * size..(first + n) * size],
-                row.dtype,
-                &mut factors[..n],
-            );
-            // Each group's scale times its unit of x: the factor its integer dot product takes.
-            for (s, u) in factors[..n].iter_mut().zip(&self.units[first..first + n]) {
-                *s *= u;
+        // SAFETY: the caller's.
+        unsafe {
+            match &self.parts {
+                Parts::Halves(h) => h.row_dot(row, &self.units, sums),
+                Parts::Limbs(l) => l.row_dot(row, &self.units, sums),
             }
-            decode_floats(
-                &row.biases[first * size..(first + n) * size],
-                row.dtype,
-                &mut biases[..n],
-            );
-            let groups = first..first + n;
-            // SAFETY: the caller's.
-            total += unsafe {
-                match &self.parts {
-                    Parts::Halves(h) => h.codes_dot(row.codes, groups.clone(), &factors),
-                    Parts::Limbs(l) => l.codes_dot(row.codes, groups.clone(), &factors),
-                }
-            };
-            total += dot(&biases[..n], &sums[groups]);
         }
-        total
     }
 }
 
