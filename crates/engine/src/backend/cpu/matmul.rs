@@ -16,10 +16,14 @@ use crate::storage::quant::{Encoding, MatrixView, read_float};
 const ROWS_PER_TASK: usize = 16;
 
 /// Tokens from which a product runs as tiles of dequantized rows times all the tokens
-/// (sgemm): the row-at-a-time loop reads all of x once per row, which for a prompt chunk
-/// (8 MiB at 512 tokens of 4096) no longer stays in cache. Below 8 tokens both are bound by
-/// the dequantization (docs/perf.md).
-const GEMM_MIN_TOKENS: usize = 8;
+/// (sgemm). Below, each row is read once and dotted with every token by the one-token integer
+/// kernels, which beat the sgemm up to 12-16 tokens on the H200 machine's 16-vCPU host and up
+/// to 32 or more on the 2-vCPU dev VM (docs/perf.md).
+const GEMM_MIN_TOKENS: usize = 16;
+
+/// The same without an integer kernel for the weights: below 8 tokens the sgemm and each row
+/// dequantized once and dotted in floats are both bound by the dequantization.
+const FLOAT_GEMM_MIN_TOKENS: usize = 8;
 
 /// Rows per tile: 128 dequantized rows of 4096 columns are 2 MiB, reused by every token.
 const GEMM_TILE_ROWS: usize = 128;
@@ -52,6 +56,9 @@ fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>
     }
     let n = w.rows;
     let fused = FusedAffine::new(w, x, integer);
+    if fused.is_none() && t >= FLOAT_GEMM_MIN_TOKENS {
+        return matmul_tiled(x, w);
+    }
     // Computed as [n, t] so each task writes a contiguous block, then transposed.
     let mut out_nt = vec![0.0f32; n * t];
     out_nt
@@ -60,8 +67,8 @@ fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>
         .for_each(|(chunk, block)| {
             let first = chunk * ROWS_PER_TASK;
             if let Some(f) = &fused {
-                for (i, o) in block.iter_mut().enumerate() {
-                    *o = f.row_dot(w, first + i, &x.data);
+                for (i, outs) in block.chunks_mut(t).enumerate() {
+                    f.row_dots(w, first + i, &x.data, outs);
                 }
                 return;
             }
@@ -115,13 +122,18 @@ fn matmul_tiled(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
     CpuTensor::new(t, n, out)
 }
 
-/// One-token products with 2-, 4- or 8-bit affine weights in the fused form
+/// Products of a few tokens with 2-, 4- or 8-bit affine weights in the fused form
 /// `sum_g(scale_g * (q_g . x_g) + bias_g * sum(x_g))`, which never materialises the
-/// dequantized row.
+/// dequantized row: each row is read once, for every token while it is in L1.
 struct FusedAffine {
     bits: u32,
     group: usize,
     scale_dtype: DType,
+    tokens: Vec<FusedToken>,
+}
+
+/// One token's input to [`FusedAffine`].
+struct FusedToken {
     /// `sum(x_g)` per group.
     group_sums: Vec<f32>,
     /// x in fixed point, where the CPU and the encoding suit an integer kernel.
@@ -140,50 +152,66 @@ impl FusedAffine {
         else {
             return None;
         };
-        if x.rows != 1 || !matches!(bits, 2 | 4 | 8) {
+        if !matches!(bits, 2 | 4 | 8) {
+            return None;
+        }
+        let tokens: Vec<FusedToken> = x
+            .data
+            .chunks_exact(x.cols)
+            .map(|x| FusedToken {
+                group_sums: x.chunks_exact(group_size).map(|g| g.iter().sum()).collect(),
+                fixed: integer.and_then(|k| FixedPointX::new(x, bits, group_size, k)),
+            })
+            .collect();
+        // Without the integer kernel, several tokens are better served by dequantizing each
+        // row once than by the float form once per token.
+        if tokens.len() > 1 && tokens.iter().any(|t| t.fixed.is_none()) {
             return None;
         }
         Some(FusedAffine {
             bits,
             group: group_size,
             scale_dtype,
-            group_sums: x.data.chunks_exact(group_size).map(|g| g.iter().sum()).collect(),
-            fixed: integer.and_then(|k| FixedPointX::new(&x.data, bits, group_size, k)),
+            tokens,
         })
     }
 
+    /// Row `r` of `w` dotted with each token of `x` (`outs.len()` rows of `w.cols`).
     #[inline(always)]
-    fn row_dot(&self, w: &MatrixView, r: usize, x: &[f32]) -> f32 {
+    fn row_dots(&self, w: &MatrixView, r: usize, x: &[f32], outs: &mut [f32]) {
         let rb = w.row_bytes();
         let row = &w.data.bytes()[r * rb..(r + 1) * rb];
-        let groups = self.group_sums.len();
+        let groups = w.cols / self.group;
         let sb = groups * self.scale_dtype.size();
         let scales = &w.scales.as_ref().map_or(&[][..], |b| b.bytes())[r * sb..(r + 1) * sb];
         let biases = &w.biases.as_ref().map_or(&[][..], |b| b.bytes())[r * sb..(r + 1) * sb];
-        #[cfg(target_arch = "x86_64")]
-        if let Some(fixed) = &self.fixed {
-            let row = AffineRow {
-                codes: row,
-                scales,
-                biases,
-                dtype: self.scale_dtype,
-            };
-            // SAFETY: `fixed` exists only for a kernel the CPU runs; the row has every group's
-            // codes, scale and bias.
-            return unsafe { fixed.row_dot(row, &self.group_sums) };
+        for ((out, token), x) in outs.iter_mut().zip(&self.tokens).zip(x.chunks_exact(w.cols)) {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(fixed) = &token.fixed {
+                let row = AffineRow {
+                    codes: row,
+                    scales,
+                    biases,
+                    dtype: self.scale_dtype,
+                };
+                // SAFETY: `fixed` exists only for a kernel the CPU runs; the row has every
+                // group's codes, scale and bias.
+                *out = unsafe { fixed.row_dot(row, &token.group_sums) };
+                continue;
+            }
+            let gb = self.group * self.bits as usize / 8;
+            let mut acc = 0.0f32;
+            for (g, (codes, xg)) in row.chunks_exact(gb).zip(x.chunks_exact(self.group)).enumerate() {
+                let d = match self.bits {
+                    4 => dot_codes::<4>(codes, xg),
+                    8 => dot_codes::<8>(codes, xg),
+                    _ => dot_codes::<2>(codes, xg),
+                };
+                acc += read_float(scales, self.scale_dtype, g) * d
+                    + read_float(biases, self.scale_dtype, g) * token.group_sums[g];
+            }
+            *out = acc;
         }
-        let gb = self.group * self.bits as usize / 8;
-        let mut acc = 0.0f32;
-        for (g, (codes, xg)) in row.chunks_exact(gb).zip(x.chunks_exact(self.group)).enumerate() {
-            let d = match self.bits {
-                4 => dot_codes::<4>(codes, xg),
-                8 => dot_codes::<8>(codes, xg),
-                _ => dot_codes::<2>(codes, xg),
-            };
-            acc += read_float(scales, self.scale_dtype, g) * d
-                + read_float(biases, self.scale_dtype, g) * self.group_sums[g];
-        }
-        acc
     }
 }
 
@@ -300,6 +328,33 @@ pub(in crate::backend::cpu) mod tests {
         }
     }
 
+    /// A product of a few tokens (each row read once for all of them) against the same tokens
+    /// one at a time: the same kernel per token, so the same bits where the CPU runs an
+    /// integer kernel.
+    #[test]
+    fn few_token_products_are_one_token_products() {
+        let exact = IntegerKernel::detect().is_some();
+        let cols = 512;
+        for (bits, tokens) in [(4, 2), (4, GEMM_MIN_TOKENS - 1), (2, 3), (8, 5)] {
+            let w = affine(3 * ROWS_PER_TASK + 5, cols, bits, 64);
+            let x: Vec<f32> = noise(9, tokens * cols)
+                .iter()
+                .map(|&b| f32::from(b) / 32.0 - 4.0)
+                .collect();
+            let few = matmul(&CpuTensor::new(tokens, cols, x.clone()), &w);
+            for (t, xt) in x.chunks_exact(cols).enumerate() {
+                let one = matmul(&CpuTensor::new(1, cols, xt.to_vec()), &w);
+                for (r, (&a, &b)) in few.data[t * w.rows..(t + 1) * w.rows].iter().zip(&one.data).enumerate() {
+                    let tolerance = if exact { 0.0 } else { 1e-4 * (1.0 + b.abs()) };
+                    assert!(
+                        (a - b).abs() <= tolerance,
+                        "{bits}-bit, token {t} of {tokens}, row {r}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The fixed-point kernel against the float one, on inputs whose groups span many
     /// magnitudes (and one that is all zeros).
     #[test]
@@ -357,13 +412,18 @@ pub(in crate::backend::cpu) mod tests {
         for (kernel, &(bits, group, dtype)) in kernels.iter().flat_map(|k| cases.iter().map(move |c| (*k, c))) {
             let w = affine_scaled(40, cols, bits, group, dtype);
             let fixed = FusedAffine::new(&w, &x, Some(kernel)).expect("fused");
-            let Some(taken) = fixed.fixed.as_ref().map(FixedPointX::kernel) else {
+            let Some(taken) = fixed.tokens[0].fixed.as_ref().map(FixedPointX::kernel) else {
                 panic!("{bits}-bit, groups of {group}: no integer kernel")
             };
             used.push(taken);
             let float = FusedAffine::new(&w, &x, None).expect("fused");
             for r in 0..w.rows {
-                let (a, b) = (fixed.row_dot(&w, r, &x.data), float.row_dot(&w, r, &x.data));
+                let dot = |f: &FusedAffine| {
+                    let mut out = [0f32];
+                    f.row_dots(&w, r, &x.data, &mut out);
+                    out[0]
+                };
+                let (a, b) = (dot(&fixed), dot(&float));
                 // The largest |weight|: scales up to 0.0356 times the largest code, biases -0.05.
                 let w_max = 0.0356 * ((1u32 << bits) - 1) as f32 + 0.05;
                 let scale: f32 = x.data.iter().map(|v| v.abs()).sum::<f32>() * w_max;
