@@ -142,26 +142,11 @@ impl CpuSplit {
         if auto && (missed < AUTO_MIN_MISSED || self.link_rate.get_or_init(link_rate).is_none()) {
             return 0;
         }
-        let n = match self.link_rate.get().copied().flatten() {
-            Some(link) if auto => self.balanced(missed, link),
-            _ => ((missed as f32 * self.share()).round() as usize).min(missed),
-        };
+        let n = ((missed as f32 * self.share()).round() as usize).min(missed);
         if auto && n == 0 && self.skipped.fetch_add(1, Ordering::Relaxed) % REMEASURE_EVERY == REMEASURE_EVERY - 1 {
             return 1;
         }
         n
-    }
-
-    /// For `Auto`: of the two whole numbers of experts either side of the balanced share, the
-    /// one whose slower side finishes first. Rounding alone gave the CPU one expert of four
-    /// at a measured share of 0.15 (a layer then waited for the CPU's one expert longer than
-    /// for the link's four): K=4 decode on the H200 lost a third.
-    fn balanced(&self, missed: usize, link: f64) -> usize {
-        let cpu = self.cpu_rate(link);
-        let exact = missed as f64 * cpu / (cpu + link);
-        let time = |n: usize| (n as f64 / cpu).max((missed - n) as f64 / link);
-        let (below, above) = (exact.floor() as usize, (exact.ceil() as usize).min(missed));
-        if time(above) < time(below) { above } else { below }
     }
 
     /// Counts `bytes` of experts the CPU computed in `elapsed`. The first layer's time is
@@ -538,27 +523,6 @@ mod tests {
         assert!((f64::from(split.share()) - cpu / (cpu + 60e9)).abs() < 1e-6);
         assert_eq!(split.on_cpu(10, || panic!("asked twice")), 3);
         assert_eq!(split.on_cpu(3, LINK), 0, "too few missed experts to split");
-    }
-
-    #[test]
-    fn auto_gives_the_cpu_no_expert_it_would_finish_last() {
-        let split = CpuSplit::new(CpuShare::Auto);
-        assert_eq!(split.on_cpu(10, LINK), 3, "first guess");
-        for _ in 0..100 {
-            split.record(10_000_000, Duration::from_millis(1)); // 10 GB/s against the link's 60
-        }
-        // A share of 1/7: 4 missed would round to one expert on the CPU, which takes 1/10
-        // where the link's four take 4/60.
-        assert!((f64::from(split.share()) - 1.0 / 7.0).abs() < 1e-3);
-        assert_eq!(split.on_cpu(4, LINK), 0);
-        // 10 missed: 1.43; one on the CPU (1/10 against 9/60) beats none (10/60) and two (2/10).
-        assert_eq!(split.on_cpu(10, LINK), 1);
-        for _ in 0..100 {
-            split.record(40_000_000, Duration::from_millis(1));
-        }
-        // 40 GB/s: 7 missed, 2.8: three on the CPU (3/40 against 4/60) beat two (5/60 for
-        // the link's five).
-        assert_eq!(split.on_cpu(7, LINK), 3);
     }
 
     #[test]
