@@ -560,6 +560,6 @@ pub fn expert_output<B: Backend + ?Sized>(
 ) -> Result<B::Tensor> {
     let [gate_w, up_w, down_w] = b.expert_matrices(expert)?;
     let xs = b.gather_rows(x, rows)?;
-    let act = b.silu_mul(&b.matmul(&xs, gate_w)?, &b.matmul(&xs, up_w)?)?;
+    let act = b.swiglu(&xs, gate_w, up_w)?;
     b.matmul(&act, down_w)
 }

@@ -127,6 +127,16 @@ impl Backend for CpuBackend {
         Ok(matmul::matmul(x, w))
     }
 
+    fn matmul_many(&self, x: &CpuTensor, ws: &[&MatrixView]) -> Result<Vec<CpuTensor>> {
+        if let Some(w) = ws.iter().find(|w| w.cols != x.cols) {
+            return Err(Error::InvalidInput(format!(
+                "matmul with `{}`: input has {} columns, the matrix {}",
+                w.name, x.cols, w.cols
+            )));
+        }
+        Ok(matmul::matmul_many(x, ws))
+    }
+
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
         Ok(norm::rms_norm(x, &weight.data, eps))
     }
@@ -162,6 +172,14 @@ impl Backend for CpuBackend {
             .map(|(&g, &u)| norm::silu(g) * u)
             .collect();
         Ok(CpuTensor::new(gate.rows, gate.cols, data))
+    }
+
+    /// Gate and up as one product of two matrices ([`Self::matmul_many`]).
+    fn swiglu(&self, x: &CpuTensor, gate: &MatrixView, up: &MatrixView) -> Result<CpuTensor> {
+        match <[CpuTensor; 2]>::try_from(self.matmul_many(x, &[gate, up])?) {
+            Ok([g, u]) => self.silu_mul(&g, &u),
+            Err(_) => Err(Error::InvalidInput("swiglu: two products expected".into())),
+        }
     }
 
     fn split_query_gate(&self, qg: &CpuTensor, num_heads: usize, head_dim: usize) -> Result<(CpuTensor, CpuTensor)> {
