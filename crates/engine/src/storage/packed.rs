@@ -233,7 +233,7 @@ pub fn write_layer_file(
                     record.len()
                 )));
             }
-            checksums.push(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&record)));
+            checksums.push(format!("{:016x}", twox_hash::XxHash3_64::oneshot(&record)));
             out.write(&record)?;
         }
     }
@@ -415,8 +415,9 @@ fn hash_file(
 ) -> Result<(FileDigest, Vec<(usize, usize)>)> {
     use std::io::Read;
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut whole = xxhash_rust::xxh3::Xxh3::new();
-    let mut record = xxhash_rust::xxh3::Xxh3::new();
+    use std::hash::Hasher;
+    let mut whole = twox_hash::XxHash3_64::default();
+    let mut record = twox_hash::XxHash3_64::default();
     let record_bytes = records.map_or(usize::MAX, |r| r.record_bytes);
     let mut in_record = 0usize;
     let mut index = 0usize;
@@ -428,22 +429,22 @@ fn hash_file(
         if n == 0 {
             break;
         }
-        whole.update(&buf[..n]);
+        whole.write(&buf[..n]);
         total += n as u64;
         progress(n as u64);
         let Some(r) = records else { continue };
         let mut chunk = &buf[..n];
         while !chunk.is_empty() {
             let take = chunk.len().min(record_bytes - in_record);
-            record.update(&chunk[..take]);
+            record.write(&chunk[..take]);
             in_record += take;
             chunk = &chunk[take..];
             if in_record == record_bytes {
                 let expected = r.checksums.get(index).and_then(|h| u64::from_str_radix(h, 16).ok());
-                if expected != Some(record.digest()) {
+                if expected != Some(record.finish()) {
                     bad.push((r.layer, index));
                 }
-                record.reset();
+                record = twox_hash::XxHash3_64::default();
                 in_record = 0;
                 index += 1;
             }
@@ -451,7 +452,7 @@ fn hash_file(
     }
     let digest = FileDigest {
         bytes: total,
-        xxh3: format!("{:016x}", whole.digest()),
+        xxh3: format!("{:016x}", whole.finish()),
     };
     Ok((digest, bad))
 }

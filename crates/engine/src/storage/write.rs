@@ -2,6 +2,7 @@
 //! streamed in order, so nothing needs to sit in memory) and a hashing file writer.
 
 use std::fs::File;
+use std::hash::Hasher;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
@@ -41,7 +42,7 @@ pub fn write_model_dir<T>(dst: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> 
 pub struct HashingWriter {
     path: PathBuf,
     out: BufWriter<File>,
-    hasher: xxhash_rust::xxh3::Xxh3,
+    hasher: twox_hash::XxHash3_64,
     bytes: u64,
 }
 
@@ -51,14 +52,14 @@ impl HashingWriter {
         Ok(HashingWriter {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(8 << 20, file),
-            hasher: xxhash_rust::xxh3::Xxh3::new(),
+            hasher: twox_hash::XxHash3_64::default(),
             bytes: 0,
         })
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<()> {
         self.out.write_all(data).map_err(|e| Error::io(&self.path, e))?;
-        self.hasher.update(data);
+        self.hasher.write(data);
         self.bytes += data.len() as u64;
         Ok(())
     }
@@ -84,7 +85,7 @@ impl HashingWriter {
         self.out.get_ref().sync_all().map_err(|e| Error::io(&self.path, e))?;
         Ok(FileDigest {
             bytes: self.bytes,
-            xxh3: format!("{:016x}", self.hasher.digest()),
+            xxh3: format!("{:016x}", self.hasher.finish()),
         })
     }
 }

@@ -195,7 +195,7 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let key = xxhash_rust::xxh3::xxh3_64(format!("{SOURCE}\n{arch}").as_bytes());
+    let key = twox_hash::XxHash3_64::oneshot(format!("{SOURCE}\n{arch}").as_bytes());
     Some(
         base.join("flash-moe")
             .join("kernels")
