@@ -30,20 +30,7 @@ const GEMM_TILE_ROWS: usize = 128;
 
 /// `x · wᵀ` for `x` of shape `[T, w.cols]`.
 pub fn matmul(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { matmul_avx2(x, w) };
-    }
-    matmul_portable(x, w, None)
-}
-
-/// The same code compiled for AVX2 and FMA, chosen at run time (the release binary targets
-/// baseline x86-64 so that it runs everywhere), with one-token products in fixed point.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn matmul_avx2(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
-    matmul_portable(x, w, IntegerKernel::detect())
+    matmul_many(x, &[w]).remove(0)
 }
 
 /// `x · wᵀ` for each of `ws`: a layer's projections of one input. Where they share an affine
@@ -56,40 +43,50 @@ pub fn matmul_many(x: &CpuTensor, ws: &[&MatrixView]) -> Vec<CpuTensor> {
         // SAFETY: the CPU has the features the function is compiled for.
         return unsafe { matmul_many_avx2(x, ws) };
     }
-    ws.iter().map(|w| matmul_portable(x, w, None)).collect()
+    matmul_portable(x, ws, None)
 }
 
-/// [`matmul_many`] compiled for AVX2 and FMA, as [`matmul_avx2`].
+/// The same code compiled for AVX2 and FMA, chosen at run time (the release binary targets
+/// baseline x86-64 so that it runs everywhere), with products of few tokens in fixed point.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn matmul_many_avx2(x: &CpuTensor, ws: &[&MatrixView]) -> Vec<CpuTensor> {
-    let integer = IntegerKernel::detect();
-    let shared = match ws {
-        [first, rest @ ..] if !rest.is_empty() && x.rows < GEMM_MIN_TOKENS => {
-            let same = rest
-                .iter()
-                .all(|w| w.encoding == first.encoding && w.cols == first.cols);
-            same.then(|| FusedAffine::new(first, x, integer)).flatten()
-        }
-        _ => None,
-    };
-    match shared {
-        Some(fused) => fused_products(&fused, x, ws),
-        None => ws.iter().map(|w| matmul_portable(x, w, integer)).collect(),
-    }
+    matmul_portable(x, ws, IntegerKernel::detect())
 }
 
 /// `integer`: the fixed-point kernel this CPU runs, if any.
 #[inline(always)]
-fn matmul_portable(x: &CpuTensor, w: &MatrixView, integer: Option<IntegerKernel>) -> CpuTensor {
+fn matmul_portable(x: &CpuTensor, ws: &[&MatrixView], integer: Option<IntegerKernel>) -> Vec<CpuTensor> {
+    let shared = ws
+        .windows(2)
+        .all(|p| p[0].encoding == p[1].encoding && p[0].cols == p[1].cols);
+    if shared {
+        return same_encoding(x, ws, integer);
+    }
+    ws.iter()
+        .flat_map(|w| same_encoding(x, std::slice::from_ref(w), integer))
+        .collect()
+}
+
+/// [`matmul_portable`] for matrices of one encoding and width: below [`GEMM_MIN_TOKENS`],
+/// the fused kernels where the encoding suits them, all the matrices' rows in one loop.
+#[inline(always)]
+fn same_encoding(x: &CpuTensor, ws: &[&MatrixView], integer: Option<IntegerKernel>) -> Vec<CpuTensor> {
+    let fused = match ws.first() {
+        Some(w) if x.rows < GEMM_MIN_TOKENS => FusedAffine::new(w, x, integer),
+        _ => None,
+    };
+    match fused {
+        Some(fused) => fused_products(&fused, x, ws),
+        None => ws.iter().map(|w| unfused(x, w)).collect(),
+    }
+}
+
+/// `x · wᵀ` from dequantized rows: tiles through the sgemm from [`FLOAT_GEMM_MIN_TOKENS`],
+/// below it each row dequantized once and dotted with every token.
+fn unfused(x: &CpuTensor, w: &MatrixView) -> CpuTensor {
     let (t, k) = (x.rows, x.cols);
     debug_assert_eq!(k, w.cols);
-    if t >= GEMM_MIN_TOKENS {
-        return matmul_tiled(x, w);
-    }
-    if let Some(fused) = FusedAffine::new(w, x, integer) {
-        return fused_products(&fused, x, &[w]).remove(0);
-    }
     if t >= FLOAT_GEMM_MIN_TOKENS {
         return matmul_tiled(x, w);
     }
