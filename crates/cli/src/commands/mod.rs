@@ -112,9 +112,10 @@ pub struct ModelArgs {
     pub gpu_expert_cache_gib: Option<f64>,
     /// On a GPU: of one token's routed experts missing from the VRAM cache, the share (0 to
     /// 1, rounded) the CPU computes from host memory while the others are copied to the GPU.
-    /// auto: where both would take as long, from the link's bandwidth (measured once, when
-    /// first needed) and the CPU's (measured as it computes); the last bits of the sum then
-    /// vary with the split. 0: every missed expert goes to the GPU.
+    /// auto: for each number of missed experts, the split that gave the shortest layers so
+    /// far, measured as decoding goes (every split tried a few times first, the best one's
+    /// neighbours now and then after); the last bits of the sum then vary with the split.
+    /// 0: every missed expert goes to the GPU.
     #[arg(long, default_value = "auto")]
     pub cpu_expert_share: CpuShare,
     /// Launch every kernel of a GPU decode step one by one, instead of replaying layer steps

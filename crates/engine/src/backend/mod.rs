@@ -329,10 +329,10 @@ pub trait Backend: Send + Sync {
     fn expert_cache_stats(&self) -> Option<ExpertCacheStats> {
         None
     }
-    /// Bytes per second the backend copies from page-locked host memory into its own (a
-    /// GPU's link), measured once; `None` for a backend that computes in host memory.
-    fn host_link_rate(&self) -> Option<f64> {
-        None
+    /// Whether the backend copies experts from host memory into memory of its own (a GPU's
+    /// link); `false` for a backend that computes in host memory.
+    fn has_host_link(&self) -> bool {
+        false
     }
 
     // --- recorded steps ----------------------------------------------------------------------

@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod config;
+mod cpu_share;
 pub mod linear_attention;
 pub mod moe;
 mod prefill;
@@ -13,8 +14,9 @@ pub mod weights;
 
 use attention::{GatedAttention, KvCache};
 use config::{FfnKind, LayerKind, ModelConfig};
+pub use cpu_share::{CpuShare, CpuSplit};
 use linear_attention::{DeltaState, GatedDeltaNet};
-pub use moe::{CpuShare, CpuSplit, ExpertPlan};
+pub use moe::ExpertPlan;
 use moe::{DenseMlp, SparseMoe};
 use profile::{Phase, PhaseTimes, Profile, Stopwatch};
 use weights::{LayerWeight, Weight, WeightSource};

@@ -2,11 +2,10 @@
 //! experts, a shared expert scaled by `sigmoid(shared_expert_gate)`) and a dense SwiGLU MLP.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, mpsc};
 
 use super::config::ModelConfig;
+use super::cpu_share::CpuSplit;
 use super::profile::{Phase, PhaseTimes, Stopwatch};
 use super::weights::{ExpertSource, ExpertView, LayerWeight as W, PendingExpert, Weight, WeightSource};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
@@ -50,119 +49,6 @@ pub struct ExpertPlan {
     pub per_token: usize,
     /// Which of one token's missed experts the host CPU computes.
     pub cpu: CpuSplit,
-}
-
-/// The share of one token's routed experts that the backend does not hold (a GPU's VRAM
-/// cache missed them) which the host CPU computes from their bytes in host memory while the
-/// others are copied to the device: the two run at once, so that a token waits for the
-/// slower of them instead of for every copy.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum CpuShare {
-    /// This share (0 to 1) of the missed experts, rounded.
-    Fixed(f32),
-    /// The share at which both sides take as long: the CPU's measured rate over the sum of
-    /// it and the link's (none where the backend computes in host memory).
-    Auto,
-}
-
-impl std::str::FromStr for CpuShare {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if s == "auto" {
-            return Ok(CpuShare::Auto);
-        }
-        match s.parse::<f32>() {
-            Ok(v) if (0.0..=1.0).contains(&v) => Ok(CpuShare::Fixed(v)),
-            _ => Err(format!("`{s}` is not auto or a share between 0 and 1")),
-        }
-    }
-}
-
-/// [`CpuShare`] with what `Auto` measures.
-#[derive(Debug)]
-pub struct CpuSplit {
-    share: CpuShare,
-    /// The backend's host-to-device bytes per second, asked for the first time `Auto` has
-    /// missed experts to split (a backend that holds every expert never measures it).
-    link_rate: OnceLock<Option<f64>>,
-    /// The CPU's bytes of experts per second (f64 bits): a moving average over the layers it
-    /// computed; 0 until the first counted one, the guess standing in for it.
-    cpu_rate: AtomicU64,
-    /// Layers the CPU computed experts for.
-    samples: AtomicU64,
-    /// Layers with missed experts of which `Auto` gave the CPU none.
-    skipped: AtomicU64,
-}
-
-/// Before measuring, `Auto` takes the CPU for this fraction of the link.
-const FIRST_GUESS: f64 = 0.5;
-/// Every so many layers that `Auto` gave the CPU none of their missed experts, it gives it
-/// one, to measure the CPU again: an estimate that fell too low would otherwise stay there.
-const REMEASURE_EVERY: u64 = 32;
-/// `Auto` splits a layer's missed experts only from this many: below, the CPU's fixed costs
-/// (x brought to the host, its threads started) outweigh the copy of one or two experts.
-const AUTO_MIN_MISSED: usize = 4;
-
-impl CpuSplit {
-    pub fn new(share: CpuShare) -> Self {
-        CpuSplit {
-            share,
-            link_rate: OnceLock::new(),
-            cpu_rate: AtomicU64::new(0),
-            samples: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-        }
-    }
-
-    /// The share in force now (for `Auto`, 0 until it has had experts to split).
-    pub fn share(&self) -> f32 {
-        match (self.share, self.link_rate.get().copied().flatten()) {
-            (CpuShare::Fixed(v), _) => v,
-            (CpuShare::Auto, Some(link)) => {
-                let cpu = self.cpu_rate(link);
-                (cpu / (cpu + link)) as f32
-            }
-            (CpuShare::Auto, None) => 0.0,
-        }
-    }
-
-    /// The CPU's measured rate, or before any, the guess.
-    fn cpu_rate(&self, link: f64) -> f64 {
-        match f64::from_bits(self.cpu_rate.load(Ordering::Relaxed)) {
-            0.0 => FIRST_GUESS * link,
-            measured => measured,
-        }
-    }
-
-    /// How many of `missed` experts the CPU takes; `link_rate` is the backend's
-    /// ([`Backend::host_link_rate`]), asked once.
-    fn on_cpu(&self, missed: usize, link_rate: impl FnOnce() -> Option<f64>) -> usize {
-        let auto = self.share == CpuShare::Auto;
-        if auto && (missed < AUTO_MIN_MISSED || self.link_rate.get_or_init(link_rate).is_none()) {
-            return 0;
-        }
-        let n = ((missed as f32 * self.share()).round() as usize).min(missed);
-        if auto && n == 0 && self.skipped.fetch_add(1, Ordering::Relaxed) % REMEASURE_EVERY == REMEASURE_EVERY - 1 {
-            return 1;
-        }
-        n
-    }
-
-    /// Counts `bytes` of experts the CPU computed in `elapsed`. The first layer's time is
-    /// left out: it pays for starting the CPU's threads.
-    fn record(&self, bytes: usize, elapsed: Duration) {
-        let Some(link) = self.link_rate.get().copied().flatten() else {
-            return;
-        };
-        if self.samples.fetch_add(1, Ordering::Relaxed) == 0 {
-            return;
-        }
-        let rate = bytes as f64 / elapsed.as_secs_f64().max(1e-9);
-        let old = self.cpu_rate(link);
-        self.cpu_rate
-            .store((0.9 * old + 0.1 * rate).to_bits(), Ordering::Relaxed);
-    }
 }
 
 pub struct SparseMoe<B: Backend> {
@@ -323,7 +209,7 @@ impl<B: Backend> SparseMoe<B> {
         // device's copies of the others. It needs x in host memory, fetched before any copy
         // is queued (a download behind the copies would wait for them).
         let on_cpu = if tokens == 1 {
-            plan.cpu.on_cpu(missing.len(), || b.host_link_rate())
+            plan.cpu.on_cpu(self.layer, missing.len(), || b.has_host_link())
         } else {
             0
         };
@@ -389,52 +275,37 @@ impl<B: Backend> SparseMoe<B> {
         }
         clock.charge(times, Phase::ExpertCompute);
         if let Some(result) = cpu_result {
-            let done = result
+            let sum = result
                 .recv()
                 .map_err(|_| Error::InvalidInput("the CPU's experts were lost".into()))??;
-            plan.cpu.record(done.bytes, done.compute);
             clock.charge(times, Phase::CpuExperts);
-            b.add_assign(out, &b.upload(&done.sum, 1, done.sum.len())?)?;
+            b.add_assign(out, &b.upload(&sum, 1, sum.len())?)?;
             clock.charge(times, Phase::ExpertCompute);
         }
         Ok(())
     }
 }
 
-/// What the CPU's share of a token's experts came to.
-struct CpuExperts {
-    /// `sum_e(w_e * expert_e(x))`.
-    sum: Vec<f32>,
-    /// The experts' bytes, and the time their arithmetic took (not the wait for them).
-    bytes: usize,
-    compute: Duration,
-}
-
 /// Computes `sum_e(w_e * expert_e(x))` over `experts` on the CPU's thread pool, in their
-/// order, from when their bytes arrive, while the caller goes on; the result comes through
-/// the channel.
+/// order, from when their bytes arrive, while the caller goes on; the sum comes through the
+/// channel.
 fn start_experts_on_cpu(
     x: Vec<f32>,
     experts: Vec<PendingExpert>,
     weights: Vec<f32>,
-) -> mpsc::Receiver<Result<CpuExperts>> {
+) -> mpsc::Receiver<Result<Vec<f32>>> {
     let (done, result) = mpsc::channel();
     rayon::spawn(move || {
-        let run = || -> Result<CpuExperts> {
+        let run = || -> Result<Vec<f32>> {
             let views = experts
                 .into_iter()
                 .map(PendingExpert::wait)
                 .collect::<Result<Vec<_>>>()?;
-            let started = Instant::now();
             let x = CpuTensor::new(1, x.len(), x);
             let mut sum = CpuTensor::new(1, x.cols, vec![0.0; x.cols]);
             let refs: Vec<&ExpertView> = views.iter().collect();
             CpuBackend::new().experts_ffn_one_token(&x, &refs, &weights, None, &mut sum)?;
-            Ok(CpuExperts {
-                sum: sum.data,
-                bytes: views.iter().map(ExpertView::storage_bytes).sum(),
-                compute: started.elapsed(),
-            })
+            Ok(sum.data)
         };
         // The receiver is gone only when the layer failed on the device side.
         let _ = done.send(run());
@@ -480,63 +351,5 @@ impl<B: Backend> DenseMlp<B> {
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
         self.0.forward(b, x)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const LINK: fn() -> Option<f64> = || Some(60e9);
-
-    #[test]
-    fn shares_parse_and_round() {
-        assert_eq!("auto".parse(), Ok(CpuShare::Auto));
-        assert_eq!("0.3".parse(), Ok(CpuShare::Fixed(0.3)));
-        assert!("1.5".parse::<CpuShare>().is_err());
-        assert!("half".parse::<CpuShare>().is_err());
-        let fixed = CpuSplit::new(CpuShare::Fixed(0.3));
-        assert_eq!([1, 2, 4, 10].map(|m| fixed.on_cpu(m, LINK)), [0, 1, 1, 3]);
-        assert_eq!(CpuSplit::new(CpuShare::Fixed(1.0)).on_cpu(7, || None), 7);
-    }
-
-    #[test]
-    fn auto_balances_the_cpu_against_the_link() {
-        assert_eq!(
-            CpuSplit::new(CpuShare::Auto).on_cpu(10, || None),
-            0,
-            "no link: no split"
-        );
-        let split = CpuSplit::new(CpuShare::Auto);
-        assert_eq!(split.share(), 0.0, "nothing split yet");
-        assert_eq!(split.on_cpu(3, || panic!("asked for too few missed experts")), 0);
-        assert_eq!(split.on_cpu(10, LINK), 3);
-        assert!(
-            (split.share() - 1.0 / 3.0).abs() < 1e-6,
-            "first guess: half the link's rate"
-        );
-        split.record(1, Duration::from_secs(1));
-        assert!((split.share() - 1.0 / 3.0).abs() < 1e-6, "the first layer is left out");
-        // 10 GB/s measured: the average moves a tenth of the way.
-        split.record(10_000_000, Duration::from_millis(1));
-        let cpu = 0.9 * 30e9 + 0.1 * 10e9;
-        assert!((f64::from(split.share()) - cpu / (cpu + 60e9)).abs() < 1e-6);
-        assert_eq!(split.on_cpu(10, || panic!("asked twice")), 3);
-        assert_eq!(split.on_cpu(3, LINK), 0, "too few missed experts to split");
-    }
-
-    #[test]
-    fn auto_measures_again_after_giving_the_cpu_nothing() {
-        let split = CpuSplit::new(CpuShare::Auto);
-        assert_eq!(split.on_cpu(4, LINK), 1);
-        for _ in 0..40 {
-            split.record(1, Duration::from_secs(1));
-        }
-        assert!(split.share() < 0.05);
-        let given: Vec<usize> = (0..64).map(|_| split.on_cpu(4, LINK)).collect();
-        assert_eq!(given.iter().filter(|&&n| n == 1).count(), 2, "{given:?}");
-        assert!(given.iter().all(|&n| n <= 1));
-        let fixed = CpuSplit::new(CpuShare::Fixed(0.0));
-        assert!((0..64).all(|_| fixed.on_cpu(4, LINK) == 0), "a fixed share is kept");
     }
 }

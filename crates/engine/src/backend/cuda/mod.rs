@@ -17,11 +17,10 @@ mod admission;
 mod expert_cache;
 mod graphs;
 pub mod kernels;
-mod link;
 mod memory;
 mod pool;
 
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
@@ -168,8 +167,6 @@ pub struct CudaBackend {
     /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
     graphs: StepGraphs,
     record_steps: bool,
-    /// The host-to-device link's bytes per second, measured when first asked.
-    link_rate: OnceLock<Option<f64>>,
 }
 
 const THREADS: u32 = 256;
@@ -272,7 +269,6 @@ impl CudaBackend {
             in_flight: Mutex::default(),
             graphs: StepGraphs::default(),
             record_steps: true,
-            link_rate: OnceLock::new(),
         })
     }
 
@@ -956,8 +952,8 @@ impl Backend for CudaBackend {
         Some(self.cache.stats())
     }
 
-    fn host_link_rate(&self) -> Option<f64> {
-        *self.link_rate.get_or_init(|| self.measure_link().ok())
+    fn has_host_link(&self) -> bool {
+        true
     }
 
     fn step_key(&self, layer: usize, experts_per_token: usize, buffers: &[&CudaTensor]) -> Option<StepKey> {
