@@ -51,7 +51,7 @@ const MEASURED_AFTER: u32 = 4;
 /// best, so that the times follow the machine (its load, the cache's hit rate) as they change.
 const PROBE_ONE_IN: u64 = 8;
 /// Weight of a new layer time in a measured choice's moving average.
-const NEW_TIME_WEIGHT: f64 = 0.125;
+const NEW_TIME_WEIGHT: f64 = 0.25;
 /// A layer time above this many times its choice's average counts as that much (a
 /// preempted thread, a page fault), so that one stall does not condemn a choice.
 const OUTLIER_CAP: f64 = 3.0;
@@ -335,21 +335,21 @@ mod tests {
             cpu_fixed: 200e-6,
             cpu_per_expert: 150e-6,
             link_per_expert: 130e-6,
-            noise: 0.1,
+            noise: 0.3,
         };
         // K=4 with a large fixed cost: the CPU should get none.
         let four_slow_cpu = Machine {
             cpu_fixed: 600e-6,
             cpu_per_expert: 150e-6,
             link_per_expert: 130e-6,
-            noise: 0.1,
+            noise: 0.3,
         };
         // K=4 with a cheap start: two experts on the CPU.
         let four_fast_cpu = Machine {
             cpu_fixed: 50e-6,
             cpu_per_expert: 120e-6,
             link_per_expert: 130e-6,
-            noise: 0.1,
+            noise: 0.3,
         };
         for (machine, missed, expected) in [(ten, 10, 4), (four_slow_cpu, 4, 0), (four_fast_cpu, 4, 2)] {
             assert_eq!(machine.best(missed), expected, "the test machine's own optimum");
@@ -380,7 +380,8 @@ mod tests {
         machine.cpu_per_expert *= 3.0;
         let after = machine.best(10);
         assert!(after < before);
-        let (top, fraction) = most_common(&decode(&split, &machine, 10, 40, 10, &mut clock));
+        // Within ten tokens.
+        let (top, fraction) = most_common(&decode(&split, &machine, 10, 10, 5, &mut clock));
         assert_eq!(top, after);
         assert!(fraction > 0.8, "{fraction}");
     }
