@@ -121,6 +121,7 @@ def openai_tools(client, model):
     calls = m.tool_calls or []
     check(r.choices[0].finish_reason == "tool_calls", f"finish_reason tool_calls: {r.choices[0].finish_reason}")
     check(len(calls) == 1 and calls[0].function.name == "get_weather", f"one get_weather call: {calls}")
+    check(all(c.id.startswith("call_") for c in calls), f"tool call ids: {[c.id for c in calls]}")
     args = json.loads(calls[0].function.arguments) if calls else None
     check(args == {"city": "Lisbon"}, f"arguments are a JSON object: {args}")
     check("<tool_call>" not in (m.content or "") and "<function" not in (m.content or ""), f"no markup: {m.content!r}")
@@ -253,12 +254,24 @@ def anthropic_messages(base, key, model):
     s_text = "".join(b.text for b in final.content if b.type == "text")
     check(s_text == text, f"anthropic streamed text equals unstreamed: {s_text!r}")
     check([b.type for b in final.content] == [b.type for b in r.content], "same blocks streamed and not")
+    # A stop sequence taken from the greedy answer: the message ends before it and names it.
+    stop = text.strip()[2:5]
+    stops = ["never in the answer", stop]
+    r = client.messages.create(model=model, max_tokens=48, messages=msgs, stop_sequences=stops, **greedy)
+    s_text = "".join(b.text for b in r.content if b.type == "text")
+    check(r.stop_reason == "stop_sequence" and r.stop_sequence == stop and s_text == text[:text.find(stop)],
+          f"anthropic stop_sequence: {r.stop_reason} {r.stop_sequence!r} {s_text!r}")
+    with client.messages.stream(model=model, max_tokens=48, messages=msgs, stop_sequences=stops, **greedy) as s:
+        final = s.get_final_message()
+    check(final.stop_reason == "stop_sequence" and final.stop_sequence == stop,
+          f"anthropic streamed stop_sequence: {final.stop_reason} {final.stop_sequence!r}")
 
     ask = [{"role": "user", "content": ASK}]
     r = client.messages.create(model=model, max_tokens=96, messages=ask, tools=[WEATHER_TOOL_ANTHROPIC], **greedy)
     uses = [b for b in r.content if b.type == "tool_use"]
     check(r.stop_reason == "tool_use" and len(uses) == 1 and uses[0].input == {"city": "Lisbon"},
           f"anthropic tool_use: {r.stop_reason} {uses}")
+    check(all(u.id.startswith("toolu_") for u in uses), f"anthropic tool_use ids: {[u.id for u in uses]}")
     with client.messages.stream(model=model, max_tokens=96, messages=ask, tools=[WEATHER_TOOL_ANTHROPIC], **greedy) as s:
         final = s.get_final_message()
     s_uses = [b for b in final.content if b.type == "tool_use"]

@@ -122,9 +122,9 @@ fn stop_strings_and_cancellation() {
         .expect("five characters generated");
     let stop = full[cut..].chars().take(2).collect::<String>();
     let mut req = request(&ids, &[], 24);
-    req.stop = vec![stop.clone()];
+    req.stop = vec!["no such text".to_string(), stop.clone()];
     let (text, done) = run(&mut session, &model, &tok, &req);
-    assert_eq!(done.finish, FinishReason::StopString);
+    assert_eq!(done.finish, FinishReason::StopString(1));
     assert_eq!(text, full[..full.find(&stop).expect("stop occurs")]);
 
     let mut pieces = 0;

@@ -195,6 +195,11 @@ impl OutputParser {
         });
     }
 
+    /// Tool calls parsed from here on are numbered after `prefix` (an API's own form of ids).
+    pub fn set_id_prefix(&mut self, prefix: impl Into<String>) {
+        self.id_prefix = prefix.into();
+    }
+
     fn parse_call(&mut self, body: &str) -> Option<ToolCall> {
         let body = body.trim();
         let (name, arguments) = if body.starts_with('{') {

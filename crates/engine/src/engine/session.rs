@@ -30,8 +30,8 @@ pub struct GenerationRequest {
 pub enum FinishReason {
     /// The model emitted an end-of-sequence token.
     Eos,
-    /// A stop string was generated.
-    StopString,
+    /// A stop string was generated: the request's `stop[i]`.
+    StopString(usize),
     /// `max_tokens` or the context length was reached.
     Length,
     /// The receiver went away.
@@ -203,8 +203,8 @@ impl<B: Backend> Session<B> {
                 if !text.is_empty() && !sink.text(&text) {
                     return Ok((FinishReason::Cancelled, generated));
                 }
-                if stopped {
-                    return Ok((FinishReason::StopString, generated));
+                if let Some(stop) = stopped {
+                    return Ok((FinishReason::StopString(stop), generated));
                 }
                 if generated == budget || sink.cancelled() {
                     break;

@@ -226,6 +226,7 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
             json!({"type": "function", "function": function})
         })
         .collect();
+    let stops = req.stop_sequences;
     let sampling = SamplingInput {
         temperature: req.temperature,
         top_p: req.top_p,
@@ -243,7 +244,7 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
         }),
         max_tokens: Some(req.max_tokens),
         sampling: sampling.resolve(&state.defaults, FLAVOR)?,
-        stop: req.stop_sequences,
+        stop: stops.clone(),
     };
     let prepared = {
         let state = state.clone();
@@ -256,7 +257,7 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
     let id = format!("msg_{}", random_id(24));
     let model = state.model_names[0].clone();
     if req.stream {
-        return Ok(stream(answer, id, model, prompt_tokens));
+        return Ok(stream(answer, id, model, prompt_tokens, stops));
     }
     let answer = answer.collect(FLAVOR).await?;
     let done = answer
@@ -274,7 +275,8 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
     }
     Ok(Json(json!({
         "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
-        "stop_reason": stop_reason(&done, !answer.tool_calls.is_empty()), "stop_sequence": null,
+        "stop_reason": stop_reason(&done, !answer.tool_calls.is_empty()),
+        "stop_sequence": stop_sequence(&done, &stops),
         "usage": usage(&done),
     }))
     .into_response())
@@ -283,9 +285,17 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
 fn stop_reason(done: &Completion, called: bool) -> &'static str {
     match done.finish {
         FinishReason::Length => "max_tokens",
-        FinishReason::StopString => "stop_sequence",
+        FinishReason::StopString(_) => "stop_sequence",
         _ if called => "tool_use",
         _ => "end_turn",
+    }
+}
+
+/// The stop sequence that ended the message, if one did.
+fn stop_sequence(done: &Completion, stops: &[String]) -> Value {
+    match done.finish {
+        FinishReason::StopString(i) => stops.get(i).map_or(Value::Null, |s| json!(s)),
+        _ => Value::Null,
     }
 }
 
@@ -310,7 +320,7 @@ fn event(name: &str, body: Value) -> Event {
 }
 
 /// Streams the message as Anthropic's server-sent events.
-fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: usize) -> Response {
+fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: usize, stops: Vec<String>) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         let start = json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
@@ -336,7 +346,8 @@ fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: us
                 Some(Piece::Done(done)) => {
                     blocks.close();
                     let delta = json!({"type": "message_delta",
-                        "delta": {"stop_reason": stop_reason(&done, blocks.called), "stop_sequence": null},
+                        "delta": {"stop_reason": stop_reason(&done, blocks.called),
+                            "stop_sequence": stop_sequence(&done, &stops)},
                         "usage": {"output_tokens": done.completion_tokens}});
                     blocks.events.push(event("message_delta", delta));
                     blocks

@@ -188,10 +188,9 @@ pub fn prepare_chat(state: &AppState, input: ChatInput, flavor: Flavor) -> Resul
         sampling: input.sampling,
         stop: input.stop,
     };
-    Ok(PreparedChat {
-        request,
-        parser: built.parser,
-    })
+    let mut parser = built.parser;
+    parser.set_id_prefix(format!("{}{}_", flavor.tool_call_id_prefix(), random_id(16)));
+    Ok(PreparedChat { request, parser })
 }
 
 /// Sampling settings: the request's, else the model's defaults.

@@ -14,6 +14,14 @@ pub enum Flavor {
 }
 
 impl Flavor {
+    /// How this API's tool call ids begin.
+    pub fn tool_call_id_prefix(self) -> &'static str {
+        match self {
+            Flavor::OpenAi => "call_",
+            Flavor::Anthropic => "toolu_",
+        }
+    }
+
     /// The flavor a request path speaks.
     pub fn of_path(path: &str) -> Self {
         if path.starts_with("/v1/messages") {
