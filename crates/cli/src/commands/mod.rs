@@ -113,8 +113,9 @@ pub struct ModelArgs {
     /// On a GPU: of one token's routed experts missing from the VRAM cache, the share (0 to
     /// 1, rounded) the CPU computes from host memory while the others are copied to the GPU.
     /// auto: for each number of missed experts, the split that gave the shortest layers so
-    /// far, measured as decoding goes (every split tried a few times first, the best one's
-    /// neighbours now and then after); the last bits of the sum then vary with the split.
+    /// far, measured as decoding goes (a few splits around the best share found tried first,
+    /// the best one's neighbours now and then after); the last bits of the sum then vary with
+    /// the split.
     /// 0: every missed expert goes to the GPU.
     #[arg(long, default_value = "auto")]
     pub cpu_expert_share: CpuShare,

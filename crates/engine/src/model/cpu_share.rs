@@ -18,8 +18,8 @@ pub enum CpuShare {
     /// This share (0 to 1) of the missed experts, rounded.
     Fixed(f32),
     /// For each number of missed experts, the number of them on the CPU that gave the
-    /// shortest layers so far (every choice tried first, the best one's neighbours tried now
-    /// and then after).
+    /// shortest layers so far (a few choices around the best share found tried first, the best
+    /// one's neighbours tried now and then after, so that the best moves a step at a time).
     Auto,
 }
 
