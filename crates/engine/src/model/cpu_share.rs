@@ -301,7 +301,21 @@ mod tests {
         noise: f64,
     }
 
+    /// A machine whose costs are in microseconds, with ±30% jitter.
+    fn machine(cpu_fixed: u32, cpu_per_expert: u32, link_per_expert: u32) -> Machine {
+        Machine {
+            cpu_fixed: f64::from(cpu_fixed) * 1e-6,
+            cpu_per_expert: f64::from(cpu_per_expert) * 1e-6,
+            link_per_expert: f64::from(link_per_expert) * 1e-6,
+            noise: 0.3,
+        }
+    }
+
     impl Machine {
+        fn with_noise(self, noise: f64) -> Machine {
+            Machine { noise, ..self }
+        }
+
         fn layer_time(&self, layer: usize, missed: usize, n: usize, jitter: f64) -> Duration {
             let cpu = if n == 0 {
                 0.0
@@ -364,33 +378,13 @@ mod tests {
     #[test]
     fn auto_settles_on_the_fastest_split() {
         // K=10: a balanced split at 4 experts on the CPU.
-        let ten = Machine {
-            cpu_fixed: 200e-6,
-            cpu_per_expert: 150e-6,
-            link_per_expert: 130e-6,
-            noise: 0.3,
-        };
+        let ten = machine(200, 150, 130);
         // K=4 with a large fixed cost: the CPU should get none.
-        let four_slow_cpu = Machine {
-            cpu_fixed: 600e-6,
-            cpu_per_expert: 150e-6,
-            link_per_expert: 130e-6,
-            noise: 0.3,
-        };
+        let four_slow_cpu = machine(600, 150, 130);
         // K=4 with a cheap start: two experts on the CPU.
-        let four_fast_cpu = Machine {
-            cpu_fixed: 50e-6,
-            cpu_per_expert: 120e-6,
-            link_per_expert: 130e-6,
-            noise: 0.3,
-        };
+        let four_fast_cpu = machine(50, 120, 130);
         // K=10 over a slow link (PCIe 4 beside a fast CPU): far from the first choices.
-        let slow_link = Machine {
-            cpu_fixed: 50e-6,
-            cpu_per_expert: 60e-6,
-            link_per_expert: 280e-6,
-            noise: 0.3,
-        };
+        let slow_link = machine(50, 60, 280);
         let cases = [
             (ten, 10, 4),
             (four_slow_cpu, 4, 0),
@@ -423,12 +417,7 @@ mod tests {
     #[test]
     fn auto_learns_every_number_of_missed_experts_quickly() {
         // A VRAM cache that holds about a quarter of what is routed: 10 minus the hits missed.
-        let machine = Machine {
-            cpu_fixed: 200e-6,
-            cpu_per_expert: 150e-6,
-            link_per_expert: 130e-6,
-            noise: 0.3,
-        };
+        let machine = machine(200, 150, 130);
         let split = CpuSplit::new(CpuShare::Auto);
         let mut clock = Instant::now();
         let mut draw = 0x9876_5432_u64;
@@ -458,12 +447,7 @@ mod tests {
 
     #[test]
     fn auto_follows_a_cpu_that_slows_down() {
-        let mut machine = Machine {
-            cpu_fixed: 200e-6,
-            cpu_per_expert: 150e-6,
-            link_per_expert: 130e-6,
-            noise: 0.05,
-        };
+        let mut machine = machine(200, 150, 130).with_noise(0.05);
         let split = CpuSplit::new(CpuShare::Auto);
         let mut clock = Instant::now();
         let (before, _) = most_common(&decode(&split, &machine, 10, 20, 5, &mut clock));
