@@ -181,6 +181,42 @@ def openai_completions(client, model):
     check(stop.choices[0].finish_reason == "stop" and text[2:4] not in stop.choices[0].text, f"stop string: {stop.choices[0]}")
 
 
+def openai_logprobs(client, model):
+    msgs = [{"role": "user", "content": "Hello"}]
+    ask = {"model": model, "messages": msgs, "temperature": 0, "max_tokens": 12}
+    r = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content if r.choices[0].logprobs else []
+    check(len(entries) > 0 and all(len(e.top_logprobs) == 3 for e in entries),
+          f"chat logprobs with 3 alternatives: {len(entries)} entries")
+    check(all(e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob for e in entries),
+          "greedy: each token is its most likely")
+    check(all(a.logprob >= b.logprob for e in entries for a, b in zip(e.top_logprobs, e.top_logprobs[1:])),
+          "alternatives most likely first")
+    check(all(e.logprob <= 0 and bytes(e.bytes).decode("utf-8", "replace") == e.token for e in entries),
+          "log-probabilities at most 0, bytes and tokens agree")
+    streamed = [e for chunk in client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True)
+                for c in chunk.choices if c.logprobs and c.logprobs.content for e in c.logprobs.content]
+    check([(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries],
+          "streamed chat logprobs equal unstreamed")
+    check(client.chat.completions.create(**ask).choices[0].logprobs is None, "no logprobs unless asked for")
+    e = raises(openai.BadRequestError, lambda: client.chat.completions.create(**ask, top_logprobs=2))
+    check(e is not None, "top_logprobs without logprobs: BadRequestError")
+    e = raises(openai.BadRequestError, lambda: client.chat.completions.create(**ask, logprobs=True, top_logprobs=21))
+    check(e is not None, "top_logprobs over 20: BadRequestError")
+
+    plain = {"model": model, "prompt": "def main():", "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    c = client.completions.create(**plain)
+    lp = c.choices[0].logprobs
+    check(lp is not None and "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+          and all(0 < len(t) <= 2 for t in lp.top_logprobs), f"completion logprobs: {lp}")
+    if lp is not None:
+        offsets = [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+        check(lp.text_offset == offsets, f"completion text offsets: {lp.text_offset}")
+        s_tokens = [t for chunk in client.completions.create(**plain, stream=True)
+                    if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens]
+        check(s_tokens == lp.tokens, f"streamed completion logprobs: {s_tokens}")
+
+
 def openai_errors(base, key, model, max_context):
     bad_key = openai.OpenAI(base_url=base + "/v1", api_key="wrong")
     e = raises(openai.AuthenticationError, lambda: bad_key.models.list())
@@ -346,6 +382,7 @@ def main():
     openai_chat(client, a.model)
     openai_tools(client, a.model)
     openai_completions(client, a.model)
+    openai_logprobs(client, a.model)
     openai_errors(base, a.api_key, a.model, a.max_context)
     raw_http_errors(base, a.api_key, a.model, a.max_body_mib)
     curl_stream(base, a.api_key, a.model)

@@ -70,6 +70,37 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The bytes one token stands for, which need not be whole UTF-8 characters (a byte-level
+    /// BPE token may hold part of one): its text when that decodes whole, else its vocabulary
+    /// entry mapped back through the byte-level alphabet.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.decode(&[id]).unwrap_or_default();
+        if !text.contains('\u{FFFD}') {
+            return text.into_bytes();
+        }
+        let entry = self.inner.id_to_token(id).unwrap_or_default();
+        entry
+            .chars()
+            .map(byte_level_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| text.into_bytes())
+    }
+}
+
+/// The byte a character of the byte-level BPE alphabet (GPT-2's) stands for: printable
+/// Latin-1 characters for themselves, the other 68 bytes shifted to U+0100 and up in order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if printable(code) {
+        return u8::try_from(code).ok();
+    }
+    let shifted = code.checked_sub(256)?;
+    (0..=255u32)
+        .filter(|&b| !printable(b))
+        .nth(shifted as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }
 
 /// Turns a growing list of ids into text pieces, holding back bytes of an unfinished
@@ -112,5 +143,36 @@ fn ids_of(value: Option<&Value>) -> Vec<u32> {
         Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
         Some(v) => v.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
         None => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bytes_join_into_the_text() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/tiny-qwen35moe-4bit");
+        let tokenizer = Tokenizer::from_dir(&dir, &[]).expect("the bundled tokenizer loads");
+        // Characters the small vocabulary splits into bytes, and a special token.
+        let text = "naïve café: 3 € → 東京 🙂<|im_end|>";
+        let ids = tokenizer.encode(text).expect("encodes");
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| tokenizer.token_bytes(id)).collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), text);
+        assert!(
+            ids.iter()
+                .any(|&id| std::str::from_utf8(&tokenizer.token_bytes(id)).is_err()),
+            "the text should hold a token that is part of a character"
+        );
+    }
+
+    #[test]
+    fn the_byte_level_alphabet_maps_back() {
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_level_byte('Ġ'), Some(b' '));
+        assert_eq!(byte_level_byte('Ċ'), Some(b'\n'));
+        assert_eq!(byte_level_byte('\u{100}'), Some(0));
+        assert_eq!(byte_level_byte('\u{143}'), Some(0xAD));
+        assert_eq!(byte_level_byte('東'), None);
     }
 }

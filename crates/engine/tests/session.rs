@@ -30,6 +30,7 @@ fn request(prompt: &[u32], checkpoints: &[usize], max_tokens: usize) -> Generati
         max_tokens,
         sampling: SamplingParams::default(),
         stop: Vec::new(),
+        logprobs: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flash_moe_engine::backend::Backend;
+use flash_moe_engine::engine::logprobs::TokenLogprob;
 use flash_moe_engine::engine::session::{Completion, GenerationRequest, Session, TextSink};
 use flash_moe_engine::model::Model;
 use flash_moe_engine::tokenizer::Tokenizer;
@@ -21,6 +22,7 @@ const EVENT_BUFFER: usize = 256;
 #[derive(Debug)]
 pub enum EngineEvent {
     Text(String),
+    Logprob(TokenLogprob),
     Done(Completion),
     Failed(String),
 }
@@ -92,6 +94,10 @@ impl TextSink for ChannelSink<'_> {
 
     fn cancelled(&self) -> bool {
         self.events.is_closed()
+    }
+
+    fn logprob(&mut self, logprob: TokenLogprob) -> bool {
+        self.events.blocking_send(EngineEvent::Logprob(logprob)).is_ok()
     }
 }
 

@@ -248,6 +248,7 @@ impl<B: Backend> Chat<'_, B> {
                 max_tokens: self.max_tokens,
                 sampling: self.sampling.clone(),
                 stop: Vec::new(),
+                logprobs: None,
             };
             self.interrupted.store(false, Ordering::SeqCst);
             let mut printer = Printer::new(built.parser, self.hide_thinking, self.color, &self.interrupted);

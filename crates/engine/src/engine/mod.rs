@@ -3,6 +3,7 @@
 pub mod bench_io;
 pub mod eval;
 pub mod inventory;
+pub mod logprobs;
 pub mod sampler;
 pub mod session;
 pub mod stop;

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::logprobs::{TokenLogprob, token_logprob};
 use super::sampler::{Sampler, SamplingParams};
 use super::stop::StopMatcher;
 use crate::backend::Backend;
@@ -23,6 +24,9 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// For each generated token, its log-probability and this many of the most likely
+    /// alternatives' ([`TextSink::logprob`]); `None`: none.
+    pub logprobs: Option<usize>,
 }
 
 /// Why a generation ended.
@@ -57,6 +61,12 @@ pub trait TextSink {
     /// Checked between forward calls, so a long prefill stops when nobody waits for it.
     fn cancelled(&self) -> bool {
         false
+    }
+    /// Takes a generated token's log-probabilities, when the request asked for them, before
+    /// the token's text (which may come later: text that could start a stop string or an
+    /// unfinished character is held back); false stops the generation.
+    fn logprob(&mut self, _logprob: TokenLogprob) -> bool {
+        true
     }
 }
 
@@ -198,6 +208,15 @@ impl<B: Backend> Session<B> {
                 generated += 1;
                 if tokenizer.is_eos(id) {
                     return flush(&mut stops, sink, FinishReason::Eos, generated);
+                }
+                if let Some(top) = request.logprobs {
+                    let row = match &last {
+                        None => token_logprob(logits, id, top),
+                        Some(device) => token_logprob(&model.backend().download(device)?, id, top),
+                    };
+                    if !sink.logprob(row) {
+                        return Ok((FinishReason::Cancelled, generated));
+                    }
                 }
                 let (text, stopped) = stops.push(&decoder.push(tokenizer, id)?);
                 if !text.is_empty() && !sink.text(&text) {

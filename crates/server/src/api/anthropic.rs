@@ -245,6 +245,7 @@ async fn respond(state: SharedState, body: Result<Bytes, BytesRejection>) -> Res
         max_tokens: Some(req.max_tokens),
         sampling: sampling.resolve(&state.defaults, FLAVOR)?,
         stop: stops.clone(),
+        logprobs: None,
     };
     let prepared = {
         let state = state.clone();
@@ -343,6 +344,8 @@ fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: us
                 Some(Piece::Reasoning(t)) => blocks.delta(Open::Thinking, &t),
                 Some(Piece::Content(t)) => blocks.delta(Open::Text, &t),
                 Some(Piece::ToolCall(call)) => blocks.tool_use(&call),
+                // The Anthropic API has no log-probabilities (none are asked for).
+                Some(Piece::Logprob(_)) => {}
                 Some(Piece::Done(done)) => {
                     blocks.close();
                     let delta = json!({"type": "message_delta",

@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 pub use flash_moe_engine::chat::random_id;
 use flash_moe_engine::chat::{ChatEvent, ChatTemplate, Message, OutputParser, ToolCall, ToolChoice, build_prompt};
+use flash_moe_engine::engine::logprobs::TokenLogprob;
 use flash_moe_engine::engine::sampler::SamplingParams;
 use flash_moe_engine::engine::session::{Completion, GenerationRequest};
 use flash_moe_engine::tokenizer::Tokenizer;
@@ -158,6 +159,8 @@ pub struct ChatInput {
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    /// Log-probabilities of the generated tokens, with this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 /// A conversation made ready for the engine.
@@ -187,6 +190,7 @@ pub fn prepare_chat(state: &AppState, input: ChatInput, flavor: Flavor) -> Resul
         checkpoints: built.checkpoints,
         sampling: input.sampling,
         stop: input.stop,
+        logprobs: input.logprobs,
     };
     let mut parser = built.parser;
     parser.set_id_prefix(format!("{}{}_", flavor.tool_call_id_prefix(), random_id(16)));
@@ -253,6 +257,9 @@ impl SamplingInput {
 pub enum Piece {
     Reasoning(String),
     Content(String),
+    /// A generated token's log-probabilities: they come in token order, ahead of the token's
+    /// text (which the parser or a stop string may hold back).
+    Logprob(TokenLogprob),
     ToolCall(ToolCall),
     Done(Completion),
     Failed(String),
@@ -286,6 +293,7 @@ impl AnswerStream {
             }
             match self.events.recv().await {
                 Some(EngineEvent::Text(text)) => self.parsed(|p| p.push(&text), text.clone()),
+                Some(EngineEvent::Logprob(logprob)) => self.ready.push_back(Piece::Logprob(logprob)),
                 Some(EngineEvent::Done(done)) => {
                     self.parsed(|p| p.finish(), String::new());
                     self.ready.push_back(Piece::Done(done));
@@ -322,6 +330,7 @@ pub struct Answer {
     pub reasoning: String,
     pub content: String,
     pub tool_calls: Vec<ToolCall>,
+    pub logprobs: Vec<TokenLogprob>,
     pub done: Option<Completion>,
 }
 
@@ -333,6 +342,7 @@ impl AnswerStream {
                 Piece::Reasoning(t) => answer.reasoning.push_str(&t),
                 Piece::Content(t) => answer.content.push_str(&t),
                 Piece::ToolCall(c) => answer.tool_calls.push(c),
+                Piece::Logprob(l) => answer.logprobs.push(l),
                 Piece::Done(done) => answer.done = Some(done),
                 Piece::Failed(message) => return Err(ApiError::new(flavor, ErrorKind::Internal, message)),
             }

@@ -3,6 +3,7 @@
 pub mod anthropic;
 pub mod common;
 pub mod errors;
+pub mod logprobs;
 pub mod openai;
 
 use axum::Router;

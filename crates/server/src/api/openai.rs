@@ -1,6 +1,7 @@
 //! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -10,6 +11,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use flash_moe_engine::chat::{Message, ToolCall, ToolChoice, parse_arguments};
 use flash_moe_engine::engine::session::{Completion, FinishReason, GenerationRequest};
+use flash_moe_engine::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -19,6 +21,7 @@ use super::common::{
     AnswerStream, ChatInput, Piece, SamplingInput, SharedState, parse_body, prepare_chat, random_id, unix_time,
 };
 use super::errors::{ApiError, ErrorKind, Flavor};
+use super::logprobs as token_logprobs;
 
 const FLAVOR: Flavor = Flavor::OpenAi;
 
@@ -39,6 +42,7 @@ struct ChatRequest {
     stop: Option<Stop>,
     n: Option<usize>,
     logprobs: Option<bool>,
+    top_logprobs: Option<usize>,
     chat_template_kwargs: Option<TemplateKwargs>,
     reasoning_effort: Option<String>,
     response_format: Option<ResponseFormat>,
@@ -241,7 +245,15 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
     let req: ChatRequest = parse_body(body, FLAVOR)?;
     state.check_model(&req.model, FLAVOR)?;
     unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
-    unsupported(req.logprobs == Some(true), "logprobs", "logprobs are not supported")?;
+    let wanted_logprobs = match (req.logprobs, req.top_logprobs) {
+        (Some(true), top) => Some(token_logprobs::check_top(top.unwrap_or(0), "top_logprobs")?),
+        (_, Some(_)) => {
+            return Err(
+                ApiError::invalid(FLAVOR, "`top_logprobs` needs `logprobs` set to true").with_param("top_logprobs")
+            );
+        }
+        _ => None,
+    };
     unsupported(
         req.response_format.as_ref().is_some_and(|f| f.kind != "text"),
         "response_format",
@@ -278,6 +290,7 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
         max_tokens: req.max_completion_tokens.or(req.max_tokens),
         sampling: req.sampling.input().resolve(&state.defaults, FLAVOR)?,
         stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+        logprobs: wanted_logprobs,
     };
     let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
     let prepared = {
@@ -293,8 +306,9 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
         created: unix_time(),
         model: state.model_names[0].clone(),
     };
+    let logprobs_tokenizer = wanted_logprobs.map(|_| state.tokenizer.clone());
     if req.stream {
-        return Ok(stream_chat(answer, meta, include_usage));
+        return Ok(stream_chat(answer, meta, include_usage, logprobs_tokenizer));
     }
     let answer = answer.collect(FLAVOR).await?;
     let done = answer
@@ -317,7 +331,8 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
     let finish = finish_reason(&done, !answer.tool_calls.is_empty());
     Ok(Json(json!({
         "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::chat(&t, &answer.logprobs))}],
         "usage": usage(&done),
     }))
     .into_response())
@@ -365,15 +380,23 @@ fn usage(done: &Completion) -> Value {
 
 /// Streams chunks as server-sent events. A client that disconnects closes the channel, which
 /// drops the answer stream, which stops the engine.
-fn stream_chat(mut answer: AnswerStream, meta: ResponseMeta, include_usage: bool) -> Response {
+/// Streams a chat answer; with `logprobs` (the tokenizer, when they were asked for) each chunk
+/// carries the log-probabilities of the tokens generated since the last one.
+fn stream_chat(
+    mut answer: AnswerStream,
+    meta: ResponseMeta,
+    include_usage: bool,
+    logprobs: Option<Arc<Tokenizer>>,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        let chunk = |delta: Value, finish: Option<&str>| {
+        let mut logprobs = token_logprobs::Pending::new(logprobs);
+        let chunk = |delta: Value, logprobs: Value, finish: Option<&str>| {
             let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]});
             Event::default().data(body.to_string())
         };
-        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null, None)];
         let mut calls = 0;
         loop {
             for event in events.drain(..) {
@@ -387,14 +410,19 @@ fn stream_chat(mut answer: AnswerStream, meta: ResponseMeta, include_usage: bool
             };
             let Some(piece) = piece else { break };
             match piece {
-                Piece::Reasoning(t) => events.push(chunk(json!({"reasoning_content": t}), None)),
-                Piece::Content(t) => events.push(chunk(json!({"content": t}), None)),
+                Piece::Logprob(l) => logprobs.push(l),
+                Piece::Reasoning(t) => events.push(chunk(json!({"reasoning_content": t}), logprobs.chat(), None)),
+                Piece::Content(t) => events.push(chunk(json!({"content": t}), logprobs.chat(), None)),
                 Piece::ToolCall(c) => {
-                    events.push(chunk(json!({"tool_calls": [call_json(calls, &c, true)]}), None));
+                    let delta = json!({"tool_calls": [call_json(calls, &c, true)]});
+                    events.push(chunk(delta, logprobs.chat(), None));
                     calls += 1;
                 }
                 Piece::Done(done) => {
-                    events.push(chunk(json!({}), Some(finish_reason(&done, calls > 0))));
+                    if logprobs.any() {
+                        events.push(chunk(json!({}), logprobs.chat(), None));
+                    }
+                    events.push(chunk(json!({}), Value::Null, Some(finish_reason(&done, calls > 0))));
                     if include_usage {
                         let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                             "model": meta.model, "choices": [], "usage": usage(&done)});
@@ -459,7 +487,10 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
     let req: CompletionRequest = parse_body(body, FLAVOR)?;
     state.check_model(&req.model, FLAVOR)?;
     unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
-    unsupported(req.logprobs.is_some(), "logprobs", "logprobs are not supported")?;
+    let wanted_logprobs = req
+        .logprobs
+        .map(|n| token_logprobs::check_top(n as usize, "logprobs"))
+        .transpose()?;
     unsupported(req.echo, "echo", "echo is not supported")?;
     unsupported(req.suffix.is_some(), "suffix", "suffix is not supported")?;
     let prompt = match req.prompt {
@@ -491,8 +522,10 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         max_tokens: req.max_tokens.unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS),
         sampling: req.sampling.input().resolve(&state.defaults, FLAVOR)?,
         stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
+        logprobs: wanted_logprobs,
     };
     let answer = AnswerStream::new(state.submit(request, FLAVOR)?, None);
+    let logprobs_tokenizer = wanted_logprobs.map(|_| state.tokenizer.clone());
     let meta = ResponseMeta {
         id: format!("cmpl-{}", random_id(24)),
         created: unix_time(),
@@ -503,6 +536,7 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
             answer,
             meta,
             req.stream_options.is_some_and(|o| o.include_usage),
+            logprobs_tokenizer,
         ));
     }
     let answer = answer.collect(FLAVOR).await?;
@@ -511,18 +545,27 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
     Ok(Json(json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "text": answer.content, "logprobs": null, "finish_reason": finish_reason(&done, false)}],
+        "choices": [{"index": 0, "text": answer.content, "finish_reason": finish_reason(&done, false),
+            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::completion(&t, &answer.logprobs, &mut 0))}],
         "usage": usage(&done),
     }))
     .into_response())
 }
 
-fn stream_completion(mut answer: AnswerStream, meta: ResponseMeta, include_usage: bool) -> Response {
+/// Streams a completion; with `logprobs` (the tokenizer, when they were asked for) each chunk
+/// carries the log-probabilities of the tokens generated since the last one.
+fn stream_completion(
+    mut answer: AnswerStream,
+    meta: ResponseMeta,
+    include_usage: bool,
+    logprobs: Option<Arc<Tokenizer>>,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        let chunk = |text: &str, finish: Option<&str>| {
+        let mut logprobs = token_logprobs::Pending::new(logprobs);
+        let chunk = |text: &str, logprobs: Value, finish: Option<&str>| {
             let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}]});
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]});
             Event::default().data(body.to_string())
         };
         loop {
@@ -533,9 +576,13 @@ fn stream_completion(mut answer: AnswerStream, meta: ResponseMeta, include_usage
             let mut out = Vec::new();
             match &piece {
                 None => out.push(Event::default().data("[DONE]")),
-                Some(Piece::Content(t)) => out.push(chunk(t, None)),
+                Some(Piece::Logprob(l)) => logprobs.push(l.clone()),
+                Some(Piece::Content(t)) => out.push(chunk(t, logprobs.completion(), None)),
                 Some(Piece::Done(done)) => {
-                    out.push(chunk("", Some(finish_reason(done, false))));
+                    if logprobs.any() {
+                        out.push(chunk("", logprobs.completion(), None));
+                    }
+                    out.push(chunk("", Value::Null, Some(finish_reason(done, false))));
                     if include_usage {
                         let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created,
                             "model": meta.model, "choices": [], "usage": usage(done)});
