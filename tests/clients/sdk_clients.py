@@ -216,6 +216,23 @@ def openai_logprobs(client, model):
                     if chunk.choices and chunk.choices[0].logprobs for t in chunk.choices[0].logprobs.tokens]
         check(s_tokens == lp.tokens, f"streamed completion logprobs: {s_tokens}")
 
+    # What evaluation harnesses ask for: the prompt's own log-probabilities (echo), with or
+    # without a continuation.
+    prompt = "def main():\n    return 1"
+    e = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    el = e.choices[0].logprobs
+    check(e.choices[0].text == prompt and el is not None and "".join(el.tokens) == prompt
+          and len(el.tokens) == e.usage.prompt_tokens and el.token_logprobs[0] is None and el.top_logprobs[0] is None
+          and all(x <= 0 for x in el.token_logprobs[1:]), f"echo with max_tokens 0: {e.choices[0]}")
+    both = client.completions.create(**plain, echo=True)
+    bl = both.choices[0].logprobs
+    check(both.choices[0].text == "def main():" + c.choices[0].text and bl is not None
+          and bl.tokens[-len(lp.tokens):] == lp.tokens
+          and all(abs(a - b) < 1e-3 for a, b in zip(bl.token_logprobs[-len(lp.tokens):], lp.token_logprobs)),
+          f"echo with a continuation: {both.choices[0]}")
+    e = raises(openai.BadRequestError, lambda: list(client.completions.create(**plain, echo=True, stream=True)))
+    check(e is not None, "echo with stream: BadRequestError")
+
 
 def openai_errors(base, key, model, max_context):
     bad_key = openai.OpenAI(base_url=base + "/v1", api_key="wrong")

@@ -2,7 +2,7 @@
 //! the log-softmax of mlx-lm's logits for the prompt (tests/fixtures, tools/make_fixtures.py),
 //! the next ones against the log-softmax of the model's logits for the prompt and the tokens
 //! before them, run afresh (a prompt pass, where generation ran one-token steps: the last digits
-//! differ).
+//! differ). The prompt's own (`prompt_logprobs`) against mlx-lm's logits at every position.
 
 use std::path::{Path, PathBuf};
 
@@ -80,44 +80,94 @@ fn last_logits(model: &Model<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
     model.backend().download(&last).expect("downloads")
 }
 
-#[test]
-fn logprobs_match_the_reference_and_a_fresh_run() {
+/// The fixture model, its tokenizer, the reference's token ids and prompt length, and mlx-lm's
+/// logits (`[ids, vocab]`) with the vocabulary's size.
+struct Fixture {
+    model: Model<CpuBackend>,
+    tokenizer: Tokenizer,
+    ids: Vec<u32>,
+    prefill: usize,
+    reference: Vec<f32>,
+    vocab: usize,
+}
+
+fn load() -> Fixture {
     let dir = fixture();
     let model = load_model(&dir, CpuBackend::new(), ExpertStore::new(StoreConfig::default())).expect("model loads");
     let tokenizer = Tokenizer::from_dir(&dir, &model.config.eos_token_ids).expect("tokenizer loads");
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).expect("reference.json"))
             .expect("valid JSON");
-    let ids: Vec<u32> = meta["ids"]
+    let ids = meta["ids"]
         .as_array()
         .expect("ids")
         .iter()
         .map(|v| v.as_u64().expect("an id") as u32)
         .collect();
-    let prompt = &ids[..meta["prefill"].as_u64().expect("prefill") as usize];
+    let prefill = meta["prefill"].as_u64().expect("prefill") as usize;
     let (shape, reference) = npy::read_f32(&dir.join("reference-full.npy")).expect("reference logits");
-    let vocab = shape[1];
+    Fixture {
+        model,
+        tokenizer,
+        ids,
+        prefill,
+        reference,
+        vocab: shape[1],
+    }
+}
 
+fn generate(
+    f: &Fixture,
+    prompt: &[u32],
+    max_tokens: usize,
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+) -> (Recorder, usize) {
     let request = GenerationRequest {
         prompt: prompt.to_vec(),
         checkpoints: Vec::new(),
-        max_tokens: 3,
+        max_tokens,
         sampling: SamplingParams {
             temperature: 0.0,
             ..SamplingParams::default()
         },
         stop: Vec::new(),
-        logprobs: Some(TOP),
+        logprobs,
+        prompt_logprobs,
     };
     let mut sink = Recorder::default();
-    let mut session = Session::new(4096, 0);
-    let done = session
-        .generate(&model, &tokenizer, &request, &mut sink)
+    let done = Session::new(4096, 0)
+        .generate(&f.model, &f.tokenizer, &request, &mut sink)
         .expect("generates");
-    assert_eq!(sink.logprobs.len(), done.completion_tokens, "one entry per token");
+    (sink, done.completion_tokens)
+}
+
+#[test]
+fn prompt_logprobs_match_the_reference() {
+    let f = load();
+    let (sink, generated) = generate(&f, &f.ids, 0, None, Some(TOP));
+    assert_eq!(generated, 0);
+    assert_eq!(
+        sink.logprobs.len(),
+        f.ids.len() - 1,
+        "one entry per prompt token after the first"
+    );
+    for (p, got) in sink.logprobs.iter().enumerate() {
+        assert_eq!(got.token, f.ids[p + 1]);
+        let row = &f.reference[p * f.vocab..(p + 1) * f.vocab];
+        check(got, &log_softmax(row), 1e-3, &format!("prompt token {}", p + 1));
+    }
+}
+
+#[test]
+fn logprobs_match_the_reference_and_a_fresh_run() {
+    let f = load();
+    let (model, prompt, vocab) = (&f.model, &f.ids[..f.prefill], f.vocab);
+    let (sink, generated) = generate(&f, prompt, 3, Some(TOP), None);
+    assert_eq!(sink.logprobs.len(), generated, "one entry per token");
     assert!(sink.logprobs.len() >= 2, "the fixture model ended too soon");
 
-    let first = &reference[(prompt.len() - 1) * vocab..prompt.len() * vocab];
+    let first = &f.reference[(prompt.len() - 1) * vocab..prompt.len() * vocab];
     check(
         &sink.logprobs[0],
         &log_softmax(first),
@@ -127,7 +177,7 @@ fn logprobs_match_the_reference_and_a_fresh_run() {
     let mut tokens = prompt.to_vec();
     for (step, got) in sink.logprobs.iter().enumerate().skip(1) {
         tokens.push(sink.logprobs[step - 1].token);
-        let fresh = log_softmax(&last_logits(&model, &tokens));
+        let fresh = log_softmax(&last_logits(model, &tokens));
         check(got, &fresh, 1e-3, &format!("token {step} against a fresh run"));
         assert_eq!(got.token, got.top[0].0, "greedy: the most likely token");
     }

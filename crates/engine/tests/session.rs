@@ -31,6 +31,7 @@ fn request(prompt: &[u32], checkpoints: &[usize], max_tokens: usize) -> Generati
         sampling: SamplingParams::default(),
         stop: Vec::new(),
         logprobs: None,
+        prompt_logprobs: None,
     }
 }
 

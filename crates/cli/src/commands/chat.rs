@@ -249,6 +249,7 @@ impl<B: Backend> Chat<'_, B> {
                 sampling: self.sampling.clone(),
                 stop: Vec::new(),
                 logprobs: None,
+                prompt_logprobs: None,
             };
             self.interrupted.store(false, Ordering::SeqCst);
             let mut printer = Printer::new(built.parser, self.hide_thinking, self.color, &self.interrupted);

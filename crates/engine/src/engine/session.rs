@@ -27,7 +27,15 @@ pub struct GenerationRequest {
     /// For each generated token, its log-probability and this many of the most likely
     /// alternatives' ([`TextSink::logprob`]); `None`: none.
     pub logprobs: Option<usize>,
+    /// The same for each prompt token after the first, handed over before any generated
+    /// token's. The prompt then runs from the start, every row's logits computed, without a
+    /// snapshot's help.
+    pub prompt_logprobs: Option<usize>,
 }
+
+/// Prompt tokens per pass when their log-probabilities are asked for: each brings its logits
+/// row to the host (1 MB for Qwen3.5's vocabulary). The prompt of tests/logprobs.rs spans two.
+const SCORED_ROWS_PER_PASS: usize = 64;
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,7 +139,10 @@ impl<B: Backend> Session<B> {
             });
         }
         let start = Instant::now();
-        let (mut state, mut logits, cached) = self.restore(model, prompt)?;
+        let (mut state, mut logits, cached) = match request.prompt_logprobs {
+            Some(_) => (model.new_state()?, Vec::new(), 0),
+            None => self.restore(model, prompt)?,
+        };
         let mut completion = Completion {
             prompt_tokens: prompt.len(),
             cached_tokens: cached,
@@ -140,6 +151,40 @@ impl<B: Backend> Session<B> {
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         };
+        let prefilled = match request.prompt_logprobs {
+            Some(top) => score_prompt(model, prompt, top, &mut state, &mut logits, sink)?,
+            None => self.prefill(model, request, cached, &mut state, &mut logits, sink)?,
+        };
+        if !prefilled {
+            return Ok(completion);
+        }
+        if request.prompt_logprobs.is_some() {
+            self.save(model, prompt, &state, &logits);
+        }
+        completion.prefill_time = start.elapsed();
+        let start = Instant::now();
+        let mut tokens = prompt.clone();
+        let (finish, generated) = self.decode(model, tokenizer, request, &mut state, &mut logits, &mut tokens, sink)?;
+        self.save(model, &tokens, &state, &logits);
+        completion.finish = finish;
+        completion.completion_tokens = generated;
+        completion.decode_time = start.elapsed();
+        Ok(completion)
+    }
+
+    /// Runs the prompt after its first `cached` tokens, a prefill window at a time (a
+    /// cancelled request stops within one), snapshotting at the request's checkpoints and at
+    /// its end; leaves the last row's logits in `logits`. False when the sink was cancelled.
+    fn prefill(
+        &mut self,
+        model: &Model<B>,
+        request: &GenerationRequest,
+        cached: usize,
+        state: &mut ModelState<B>,
+        logits: &mut Vec<f32>,
+        sink: &dyn TextSink,
+    ) -> Result<bool> {
+        let prompt = &request.prompt;
         let mut marks: Vec<usize> = request
             .checkpoints
             .iter()
@@ -154,28 +199,19 @@ impl<B: Backend> Session<B> {
             let mut last = None;
             while pos < mark {
                 if sink.cancelled() {
-                    return Ok(completion);
+                    return Ok(false);
                 }
-                // The model's prefill window at a time: a cancelled request stops within one.
                 let end = (pos + model.prefill_window()).min(mark);
-                last = Some(model.prefill(&prompt[pos..end], &mut state)?);
+                last = Some(model.prefill(&prompt[pos..end], state)?);
                 pos = end;
             }
             // Only the mark's logits are kept: the chunks before it need no download.
             if let Some(last) = last {
-                logits = model.backend().download(&last)?;
+                *logits = model.backend().download(&last)?;
             }
-            self.save(model, &prompt[..mark], &state, &logits);
+            self.save(model, &prompt[..mark], state, logits);
         }
-        completion.prefill_time = start.elapsed();
-        let start = Instant::now();
-        let mut tokens = prompt.clone();
-        let (finish, generated) = self.decode(model, tokenizer, request, &mut state, &mut logits, &mut tokens, sink)?;
-        self.save(model, &tokens, &state, &logits);
-        completion.finish = finish;
-        completion.completion_tokens = generated;
-        completion.decode_time = start.elapsed();
-        Ok(completion)
+        Ok(true)
     }
 
     /// Samples until a stop, extending `tokens` (and `state`) with every token run.
@@ -289,6 +325,34 @@ impl<B: Backend> Session<B> {
             last_used: self.clock,
         });
     }
+}
+
+/// Runs `prompt` from an empty `state` with every row's logits, handing `sink` each token's
+/// log-probabilities (with `top` alternatives) after the first; leaves the last row's logits in
+/// `logits`. False when the sink stopped it.
+fn score_prompt<B: Backend>(
+    model: &Model<B>,
+    prompt: &[u32],
+    top: usize,
+    state: &mut ModelState<B>,
+    logits: &mut Vec<f32>,
+    sink: &mut dyn TextSink,
+) -> Result<bool> {
+    for (pass, ids) in prompt.chunks(SCORED_ROWS_PER_PASS).enumerate() {
+        if sink.cancelled() {
+            return Ok(false);
+        }
+        let rows = model.backend().download(&model.forward(ids, state, Logits::All)?)?;
+        let vocab = rows.len() / ids.len();
+        for (i, row) in rows.chunks_exact(vocab).enumerate() {
+            match prompt.get(pass * SCORED_ROWS_PER_PASS + i + 1) {
+                Some(&next) if !sink.logprob(token_logprob(row, next, top)) => return Ok(false),
+                Some(_) => {}
+                None => *logits = row.to_vec(),
+            }
+        }
+    }
+    Ok(true)
 }
 
 fn flush(

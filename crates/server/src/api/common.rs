@@ -191,6 +191,7 @@ pub fn prepare_chat(state: &AppState, input: ChatInput, flavor: Flavor) -> Resul
         sampling: input.sampling,
         stop: input.stop,
         logprobs: input.logprobs,
+        prompt_logprobs: None,
     };
     let mut parser = built.parser;
     parser.set_id_prefix(format!("{}{}_", flavor.tool_call_id_prefix(), random_id(16)));

@@ -55,9 +55,18 @@ pub fn chat(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
 }
 
 /// The legacy completions' `logprobs` object for `tokens`, whose text starts `offset`
-/// characters into the completion; `offset` moves past them.
-pub fn completion(tokenizer: &Tokenizer, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
+/// characters into the completion; `offset` moves past them. With `echo`, the prompt's first
+/// token opens the lists, with null where its log-probabilities would be.
+pub fn completion(tokenizer: &Tokenizer, echo: Option<u32>, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
     let (mut texts, mut logprobs, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    if let Some(first) = echo {
+        let (text, _) = token_text(tokenizer, first);
+        offsets.push(*offset);
+        *offset += text.chars().count();
+        texts.push(text);
+        logprobs.push(Value::Null);
+        tops.push(Value::Null);
+    }
     for t in tokens {
         let (text, _) = token_text(tokenizer, t.token);
         offsets.push(*offset);
@@ -118,7 +127,7 @@ impl Pending {
     pub fn completion(&mut self) -> Value {
         let tokens = std::mem::take(&mut self.tokens);
         match &self.tokenizer {
-            Some(t) => completion(t, &tokens, &mut self.offset),
+            Some(t) => completion(t, None, &tokens, &mut self.offset),
             None => Value::Null,
         }
     }

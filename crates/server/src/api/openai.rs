@@ -491,22 +491,20 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         .logprobs
         .map(|n| token_logprobs::check_top(n as usize, "logprobs"))
         .transpose()?;
-    unsupported(req.echo, "echo", "echo is not supported")?;
+    unsupported(req.echo && req.stream, "echo", "echo is not supported with stream")?;
     unsupported(req.suffix.is_some(), "suffix", "suffix is not supported")?;
-    let prompt = match req.prompt {
-        Prompt::Tokens(ids) => ids,
-        Prompt::Text(text) => state
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::invalid(FLAVOR, e.to_string()))?,
-        Prompt::Texts(mut texts) if texts.len() == 1 => state
-            .tokenizer
-            .encode(&texts.remove(0))
-            .map_err(|e| ApiError::invalid(FLAVOR, e.to_string()))?,
+    let (prompt, text) = match req.prompt {
+        Prompt::Tokens(ids) => (Ok(ids), None),
+        Prompt::Text(text) => (state.tokenizer.encode(&text), Some(text)),
+        Prompt::Texts(mut texts) if texts.len() == 1 => {
+            let text = texts.remove(0);
+            (state.tokenizer.encode(&text), Some(text))
+        }
         Prompt::Texts(_) => {
             return Err(ApiError::invalid(FLAVOR, "only one prompt per request is supported").with_param("prompt"));
         }
     };
+    let prompt = prompt.map_err(|e| ApiError::invalid(FLAVOR, e.to_string()))?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(FLAVOR, "the prompt is empty").with_param("prompt"));
     }
@@ -523,7 +521,20 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         sampling: req.sampling.input().resolve(&state.defaults, FLAVOR)?,
         stop: req.stop.map(Stop::into_vec).unwrap_or_default(),
         logprobs: wanted_logprobs,
+        prompt_logprobs: wanted_logprobs.filter(|_| req.echo),
     };
+    // With echo, the prompt's first token (which has no log-probability) opens the list.
+    let echoed = match req.echo {
+        true => Some(match text {
+            Some(text) => text,
+            None => state
+                .tokenizer
+                .decode(&request.prompt)
+                .map_err(|e| ApiError::invalid(FLAVOR, e.to_string()).with_param("prompt"))?,
+        }),
+        false => None,
+    };
+    let first_prompt_token = echoed.as_ref().map(|_| request.prompt[0]);
     let answer = AnswerStream::new(state.submit(request, FLAVOR)?, None);
     let logprobs_tokenizer = wanted_logprobs.map(|_| state.tokenizer.clone());
     let meta = ResponseMeta {
@@ -545,8 +556,9 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
     Ok(Json(json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "text": answer.content, "finish_reason": finish_reason(&done, false),
-            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::completion(&t, &answer.logprobs, &mut 0))}],
+        "choices": [{"index": 0, "text": echoed.unwrap_or_default() + &answer.content,
+            "finish_reason": finish_reason(&done, false),
+            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::completion(&t, first_prompt_token, &answer.logprobs, &mut 0))}],
         "usage": usage(&done),
     }))
     .into_response())
