@@ -14,6 +14,9 @@ use flash_moe_engine::backend::{
     AttentionShape, Backend, ExpertCacheStats, ExpertRows, HeadPrep, SharedExpert, attention_inputs_unfused,
 };
 use flash_moe_engine::engine::load_model;
+use flash_moe_engine::engine::logprobs::TokenLogprob;
+use flash_moe_engine::engine::sampler::SamplingParams;
+use flash_moe_engine::engine::session::{GenerationRequest, Session, TextSink};
 use flash_moe_engine::model::config::{LayerKind, LinearAttentionConfig, ModelConfig};
 use flash_moe_engine::model::weights::ExpertView;
 use flash_moe_engine::model::{CpuShare, Logits};
@@ -22,6 +25,7 @@ use flash_moe_engine::storage::checkpoint::DType;
 use flash_moe_engine::storage::quant::MatrixView;
 use flash_moe_engine::storage::quantize::quantize_affine;
 use flash_moe_engine::storage::store::{ExpertIo, ExpertStore, StoreConfig};
+use flash_moe_engine::tokenizer::Tokenizer;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -796,6 +800,19 @@ fn fixture_logits_sharing<B: Backend>(
     Ok((out, b.expert_cache_stats()))
 }
 
+/// A fixture's token ids and the prompt length of its prefill-then-decode reference.
+fn reference_ids(dir: &std::path::Path) -> (Vec<u32>, usize) {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let ids = meta["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    (ids, meta["prefill"].as_u64().unwrap() as usize)
+}
+
 fn argmax(row: &[f32]) -> usize {
     (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
 }
@@ -813,15 +830,7 @@ fn every_fixture_model_matches_the_cpu() {
         .collect();
     dirs.sort();
     for dir in dirs.into_iter().filter(|d| d.join("reference.json").exists()) {
-        let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let ids: Vec<u32> = meta["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
-        let prefill = meta["prefill"].as_u64().unwrap() as usize;
+        let (ids, prefill) = reference_ids(&dir);
         for prefill in [ids.len(), prefill] {
             let name = dir.display();
             let (cpu, _) = fixture_logits(CpuBackend::new(), &dir, &ids, prefill, false)
@@ -948,4 +957,69 @@ fn every_fixture_model_matches_the_cpu() {
         "only {checked} fixture runs found in {}",
         fixtures().display()
     );
+}
+
+/// Generated tokens' and prompt tokens' log-probabilities of a greedy generation on `backend`.
+fn session_logprobs<B: Backend>(backend: B, dir: &std::path::Path, prompt: &[u32], scored: bool) -> Vec<TokenLogprob> {
+    struct Recorder(Vec<TokenLogprob>);
+    impl TextSink for Recorder {
+        fn text(&mut self, _piece: &str) -> bool {
+            true
+        }
+        fn logprob(&mut self, logprob: TokenLogprob) -> bool {
+            self.0.push(logprob);
+            true
+        }
+    }
+    let store = ExpertStore::new(StoreConfig::default());
+    let model = load_model(dir, backend, store).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let tokenizer = Tokenizer::from_dir(dir, &model.config.eos_token_ids).expect("tokenizer loads");
+    let request = GenerationRequest {
+        prompt: prompt.to_vec(),
+        checkpoints: Vec::new(),
+        max_tokens: 6,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop: Vec::new(),
+        logprobs: Some(5),
+        prompt_logprobs: scored.then_some(5),
+    };
+    let mut sink = Recorder(Vec::new());
+    Session::new(4096, 0)
+        .generate(&model, &tokenizer, &request, &mut sink)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    sink.0
+}
+
+#[test]
+fn logprobs_match_the_cpu() {
+    let Some(gpu) = gpu(None) else {
+        return;
+    };
+    let dir = fixtures().join("mlx-qwen35-4bit");
+    let (ids, prefill) = reference_ids(&dir);
+    let prompt = &ids[..prefill];
+    let cpu = session_logprobs(CpuBackend::new(), &dir, prompt, true);
+    let cuda = session_logprobs(gpu, &dir, prompt, true);
+    assert_eq!(cpu.len(), cuda.len(), "as many entries");
+    assert!(cpu.len() > prompt.len(), "the prompt's and some generated tokens'");
+    for (i, (c, g)) in cpu.iter().zip(&cuda).enumerate() {
+        assert_eq!(c.token, g.token, "entry {i}: the same token");
+        assert!(
+            (c.logprob - g.logprob).abs() < 1e-3,
+            "entry {i}: {} against {}",
+            g.logprob,
+            c.logprob
+        );
+        assert_eq!(c.top.len(), g.top.len(), "entry {i}");
+        for ((ci, cl), (gi, gl)) in c.top.iter().zip(&g.top) {
+            assert!(
+                (cl - gl).abs() < 1e-3,
+                "entry {i}: alternative {gi} at {gl} against {ci} at {cl}"
+            );
+        }
+    }
+    eprintln!("cuda_parity: logprobs of {} tokens within 1e-3 of the CPU's", cpu.len());
 }

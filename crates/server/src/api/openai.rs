@@ -379,9 +379,9 @@ fn usage(done: &Completion) -> Value {
 }
 
 /// Streams chunks as server-sent events. A client that disconnects closes the channel, which
-/// drops the answer stream, which stops the engine.
-/// Streams a chat answer; with `logprobs` (the tokenizer, when they were asked for) each chunk
-/// carries the log-probabilities of the tokens generated since the last one.
+/// drops the answer stream, which stops the engine. With `logprobs` (the tokenizer, when they
+/// were asked for) each chunk carries the log-probabilities of the tokens generated since the
+/// last one.
 fn stream_chat(
     mut answer: AnswerStream,
     meta: ResponseMeta,
