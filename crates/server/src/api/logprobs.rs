@@ -58,27 +58,24 @@ pub fn chat(tokenizer: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
 /// characters into the completion; `offset` moves past them. With `echo`, the prompt's first
 /// token opens the lists, with null where its log-probabilities would be.
 pub fn completion(tokenizer: &Tokenizer, echo: Option<u32>, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
-    let (mut texts, mut logprobs, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    if let Some(first) = echo {
-        let (text, _) = token_text(tokenizer, first);
-        offsets.push(*offset);
-        *offset += text.chars().count();
-        texts.push(text);
-        logprobs.push(Value::Null);
-        tops.push(Value::Null);
-    }
-    for t in tokens {
-        let (text, _) = token_text(tokenizer, t.token);
-        offsets.push(*offset);
-        *offset += text.chars().count();
-        texts.push(text);
-        logprobs.push(finite(t.logprob));
-        let top: Map<String, Value> = t
+    let top = |t: &TokenLogprob| -> Value {
+        let entries: Map<String, Value> = t
             .top
             .iter()
             .map(|&(id, lp)| (token_text(tokenizer, id).0, finite(lp)))
             .collect();
-        tops.push(Value::Object(top));
+        Value::Object(entries)
+    };
+    let first = echo.map(|id| (id, Value::Null, Value::Null));
+    let rest = tokens.iter().map(|t| (t.token, finite(t.logprob), top(t)));
+    let (mut texts, mut logprobs, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (id, logprob, alternatives) in first.into_iter().chain(rest) {
+        let (text, _) = token_text(tokenizer, id);
+        offsets.push(*offset);
+        *offset += text.chars().count();
+        texts.push(text);
+        logprobs.push(logprob);
+        tops.push(alternatives);
     }
     json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
 }
