@@ -163,7 +163,49 @@ fn main() {
             println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
         }
     }
+    decode_attention(&b, &stream, d2d);
     host_cost_per_op(&b, &stream);
+}
+
+/// One token's attention over a long KV cache with Qwen3.5-397B's heads (32 query heads over
+/// 2 KV heads of 256), as decode runs it: the rate at which it reads the cache (keys and
+/// values once). Short caches take several layers' caches in turn, so that they do not sit
+/// in L2.
+fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
+    use flash_moe_engine::backend::AttentionShape;
+    let shape = AttentionShape {
+        num_heads: 32,
+        num_kv_heads: 2,
+        head_dim: 256,
+    };
+    let (width, kv_width) = (32 * 256, 2 * 256);
+    println!(
+        "{:<44} {:>9} {:>9} {:>8}",
+        "attention (one token), context", "us/layer", "GB/s", "% of d2d"
+    );
+    for context in [1024usize, 4096, 32_768, 131_072] {
+        let layers = (256 << 20) / (context * kv_width * 8) + 1;
+        let fill = |seed: usize| -> Vec<f32> {
+            (0..context * kv_width).map(|i| ((i * 7 + seed) % 13) as f32 * 0.05 - 0.3).collect()
+        };
+        let caches: Vec<_> = (0..layers)
+            .map(|l| {
+                let k = b.upload(&fill(2 * l), context, kv_width).expect("keys");
+                let v = b.upload(&fill(2 * l + 1), context, kv_width).expect("values");
+                (k, v)
+            })
+            .collect();
+        let q = b.upload(&vec![0.1f32; width], 1, width).expect("query");
+        let ms = time_ms(stream, 5, || {
+            for (k, v) in &caches {
+                std::hint::black_box(b.attention(&q, k, v, shape, context - 1).expect("attention"));
+            }
+        });
+        let us = ms * 1e3 / layers as f64;
+        let rate = (context * kv_width * 8) as f64 / (us * 1e-6);
+        let name = format!("32:2 heads of 256, {context} keys");
+        println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+    }
 }
 
 /// What the host spends issuing one operation: consecutive tiny operations (4096 floats, well

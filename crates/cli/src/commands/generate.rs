@@ -1,5 +1,7 @@
 use std::io::Write;
 
+use anyhow::Context;
+
 use std::sync::Arc;
 
 use flash_moe_engine::backend::Backend;
@@ -16,8 +18,12 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt, used as is (no chat template).
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file (UTF-8, used as is), for prompts too long for a
+    /// command line.
+    #[arg(long, value_name = "PATH")]
+    prompt_file: Option<std::path::PathBuf>,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 128)]
     max_tokens: usize,
@@ -75,7 +81,14 @@ impl super::ModelJob for Args {
 
 fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(&args.model.model, &model.config.eos_token_ids)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(text), _) => text.clone(),
+        (None, Some(path)) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading the prompt from {}", path.display()))?
+        }
+        (None, None) => anyhow::bail!("give --prompt or --prompt-file"),
+    };
+    let prompt = tokenizer.encode(&text)?;
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization");
     }
