@@ -186,7 +186,9 @@ fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
     for context in [1024usize, 4096, 32_768, 131_072] {
         let layers = (256 << 20) / (context * kv_width * 8) + 1;
         let fill = |seed: usize| -> Vec<f32> {
-            (0..context * kv_width).map(|i| ((i * 7 + seed) % 13) as f32 * 0.05 - 0.3).collect()
+            (0..context * kv_width)
+                .map(|i| ((i * 7 + seed) % 13) as f32 * 0.05 - 0.3)
+                .collect()
         };
         let caches: Vec<_> = (0..layers)
             .map(|l| {

@@ -451,6 +451,29 @@ fn every_operation_matches_the_cpu() {
             b.download(&b.attention(&q, &keys, &values, shape, 40)?)
         }
     );
+    // Decode attention split over the keys: Qwen3.5-397B's and Qwen3-Next's groups over many
+    // chunks, a group padded to the kernel's (3 heads per KV head), a head dim that does not
+    // load as float4s, and one with fewer value items than threads.
+    for (heads, kv_heads, d, cached, queries) in [
+        (32, 2, 256, 5000, 1),
+        (16, 2, 256, 700, 3),
+        (6, 2, 30, 100, 2),
+        (4, 1, 16, 2100, 1),
+    ] {
+        let name = format!("attention {heads}:{kv_heads} heads of {d}, {queries} queries after {cached}");
+        let args = (
+            AttentionShape {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: d,
+            },
+            cached,
+            queries,
+        );
+        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
+            decode_attention(b, p.0, p.1, p.2)
+        });
+    }
     same_on_both!(
         "attention GQA 8:2, 3000 queries (two launches of scores)",
         &cpu,
@@ -723,6 +746,18 @@ fn the_device_draws_the_hosts_tokens() {
 /// steps are then routed on the device).
 /// Query heads, KV heads, head dim, rotary dims, rows.
 type HeadArgs = (usize, usize, usize, usize, usize);
+
+/// Attention of `queries` new rows after `cached` rows of random keys and values (scaled so
+/// that the softmax is neither flat nor one-hot).
+fn decode_attention<B: Backend>(b: &B, shape: AttentionShape, cached: usize, queries: usize) -> Result<Vec<f32>> {
+    let mut rng = SmallRng::seed_from_u64((shape.num_heads * 1000 + cached) as u64);
+    let (width, kv_width) = (shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim);
+    let rows = cached + queries;
+    let keys = b.upload(&random(&mut rng, rows * kv_width, 1.0), rows, kv_width)?;
+    let values = b.upload(&random(&mut rng, rows * kv_width, 1.0), rows, kv_width)?;
+    let q = b.upload(&random(&mut rng, queries * width, 3.0), queries, width)?;
+    b.download(&b.attention(&q, &keys, &values, shape, cached)?)
+}
 
 /// `Backend::attention_inputs` (or its unfused composition) on random projections with five
 /// rows already cached: the queries, gates, keys and values, one after another.

@@ -13,6 +13,7 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
+use super::kernels::MAX_DYNAMIC_SHARED;
 use super::{CudaBackend, CudaTensor, THREADS, blocks, cuda};
 use crate::backend::{AttentionShape, HeadPrep};
 use crate::error::{Error, Result};
@@ -23,6 +24,20 @@ const ATTENTION_SCORES_FLOATS: usize = 64 << 20;
 
 /// Queries from which attention runs as matrix products.
 const GEMM_MIN_QUERIES: usize = 16;
+
+/// Query heads per KV head of each `attention_split` kernel (the group is padded up to one).
+const SPLIT_GROUPS: [usize; 4] = [4, 8, 16, 32];
+/// Threads of an `attention_split` block (`SPLIT_THREADS` in kernels.cu).
+const SPLIT_THREADS: usize = 256;
+/// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels.cu).
+const COMBINE_COLUMNS: usize = 64;
+
+/// Shared memory of an `attention_split` block: the queries of `group` (padded) heads of `d`
+/// (rounded up to 4), or the values' partial sums (16 per thread), whichever is larger, then
+/// `chunk` rows of `group + 4` scores.
+fn split_shared_bytes(group: usize, d: usize, chunk: usize) -> usize {
+    4 * ((group * d.next_multiple_of(4)).max(16 * SPLIT_THREADS) + chunk * (group + 4))
+}
 
 /// Keys per block of the split attention: enough blocks for two per multiprocessor over the
 /// `lanes` (query, KV head) pairs, a multiple of 8 between 8 and 256. A short context thus
@@ -197,19 +212,24 @@ impl CudaBackend {
         let keys_seen = pos0 + q.rows;
         let chunk = split_chunk(keys_seen, q.rows * kv_heads, self.sms);
         let chunks = keys_seen.div_ceil(chunk);
-        let shared = 4 * group * (d + chunk);
-        if d > 512 || group > 32 || shared > 48 << 10 {
+        let Some(kernel) = SPLIT_GROUPS.iter().position(|&g| group <= g) else {
             return Err(Error::InvalidInput(format!(
-                "attention: {group} query heads of {d} per KV head (the CUDA kernel takes up to 32 of 512)"
+                "attention: {group} query heads per KV head (the CUDA kernel takes up to 32)"
+            )));
+        };
+        let shared = split_shared_bytes(SPLIT_GROUPS[kernel], d, chunk);
+        if shared > MAX_DYNAMIC_SHARED as usize {
+            return Err(Error::InvalidInput(format!(
+                "attention: {group} query heads of {d} per KV head need {shared} bytes of shared memory"
             )));
         }
         let split = LaunchConfig {
             grid_dim: ((q.rows * kv_heads * chunks) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (SPLIT_THREADS as u32, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let combine = LaunchConfig {
-            grid_dim: ((q.rows * heads) as u32, 1, 1),
+            grid_dim: ((q.rows * heads) as u32, d.div_ceil(COMBINE_COLUMNS) as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 4 * chunks as u32,
         };
@@ -225,7 +245,7 @@ impl CudaBackend {
         self.with_scratch(q.rows * heads * chunks * (d + 2), |partial| {
             launch!(
                 self,
-                &self.k.attention_split,
+                &self.k.attention_split[kernel],
                 split,
                 &*q.buf,
                 &*keys.buf,

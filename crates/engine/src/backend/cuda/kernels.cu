@@ -1387,88 +1387,157 @@ extern "C" __global__ void attention_inputs(const float* qg, const float* k, con
     }
 }
 
-// Scores of causal attention: one block per (query row t, head h), one warp per key.
-// scores[(t * heads + h) * keys_cap + j] = q . k_j * scale for j <= pos0 + t.
+// Four floats of a row from column i: one 16-byte load when rows are 16-byte aligned (d a
+// multiple of 4), else one at a time, zero past the row's d.
+__device__ __forceinline__ float4 load_quad(const float* row, int i, int d, bool aligned) {
+    if (aligned) return *reinterpret_cast<const float4*>(row + i);
+    return make_float4(i < d ? row[i] : 0.0f, i + 1 < d ? row[i + 1] : 0.0f, i + 2 < d ? row[i + 2] : 0.0f,
+                       i + 3 < d ? row[i + 3] : 0.0f);
+}
+
 // Attention for a few queries (decode), split over the keys as flash-decoding does: block
-// (t, kv, c) takes keys [c * chunk, (c + 1) * chunk) of query row t for every query head of
-// KV head kv, so that each key and value row is read once for all of them (a block per
-// query head read each 16 times over for Qwen3.5). Per head it leaves the chunk's values
-// weighted by exp(score - m), then m (the chunk's max score) and the sum of those weights:
-// attention_combine merges the chunks. Shared memory: the group's queries (group * d
-// floats), then their scores (group * chunk). d <= 512, group <= 32.
-#define SPLIT_DIMS 16  // d / 32 at most
-#define SPLIT_HEADS 16 // heads accumulated at once
-extern "C" __global__ void attention_split(const float* q, const float* k, const float* v, int heads, int kv_heads,
-                                           int d, int pos0, int chunk, int chunks, float scale, float* partial) {
-    extern __shared__ float split_smem[];
-    __shared__ float stats[2 * 32];
-    int group = heads / kv_heads;
+// (t, kv, c) takes keys [c * chunk, (c + 1) * chunk) of query row t for the g query heads of
+// KV head kv, so that each key and value row is read once for all of them. Scores: a thread
+// per key holds its g dot products in registers, the queries broadcast from shared memory,
+// so no sum crosses lanes. Values: a thread per 4 heads x 4 columns walks the keys (several
+// threads split them when there are fewer such items than threads). Per head it leaves the
+// chunk's values weighted by exp(score - m), then m (the chunk's largest score) and the sum
+// of those weights: attention_combine merges the chunks. G: g rounded up to 4, 8, 16 or 32.
+// Shared memory: max(G * d4, 16 * threads) floats (the queries, then the values' partial
+// sums), then chunk rows of G + 4 scores (16-byte aligned, staggered across banks).
+#define SPLIT_THREADS 256
+template <int G>
+__device__ void attention_split(const float* q, const float* k, const float* v, int heads, int kv_heads, int d,
+                                int pos0, int chunk, int chunks, float scale, float* partial) {
+    extern __shared__ float4 split_smem4[];
+    float* qs = reinterpret_cast<float*>(split_smem4);
+    __shared__ float stats[2 * G];
+    const int g = heads / kv_heads, d4 = (d + 3) & ~3, stride = G + 4;
+    float* s = qs + max(G * d4, 16 * SPLIT_THREADS);
     int c = blockIdx.x % chunks, kv = (blockIdx.x / chunks) % kv_heads, t = blockIdx.x / (chunks * kv_heads);
-    int h0 = kv * group, kvd = kv_heads * d;
-    float *qs = split_smem, *s = split_smem + group * d;
+    int h0 = kv * g;
+    long long kvd = (long long)kv_heads * d;
     int j0 = c * chunk, n = max(min(j0 + chunk, pos0 + t + 1) - j0, 0);
-    for (int i = threadIdx.x; i < group * d; i += blockDim.x) qs[i] = q[((long long)t * heads + h0) * d + i] * scale;
-    __syncthreads();
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int j = warp; j < n; j += warps) {
-        const float* kj = k + (long long)(j0 + j) * kvd + kv * d;
-        float kr[SPLIT_DIMS];
-#pragma unroll
-        for (int u = 0; u < SPLIT_DIMS; ++u) kr[u] = lane + 32 * u < d ? kj[lane + 32 * u] : 0.0f;
-        for (int h = 0; h < group; ++h) {
-            float acc = 0.0f;
-#pragma unroll
-            for (int u = 0; u < SPLIT_DIMS; ++u)
-                if (lane + 32 * u < d) acc += qs[h * d + lane + 32 * u] * kr[u];
-            acc = warp_sum(acc);
-            if (lane == 0) s[h * chunk + j] = acc;
-        }
+    bool aligned = (d & 3) == 0;
+    for (int i = threadIdx.x; i < G * d4; i += blockDim.x) {
+        int h = i / d4, e = i % d4;
+        qs[i] = h < g && e < d ? q[((long long)t * heads + h0 + h) * d + e] * scale : 0.0f;
     }
     __syncthreads();
-    for (int h = warp; h < group; h += warps) {
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float* kj = k + (long long)(j0 + j) * kvd + (long long)kv * d;
+        float acc[G];
+#pragma unroll
+        for (int h = 0; h < G; ++h) acc[h] = 0.0f;
+        // Columns in flight per key: as many as the registers left by G accumulators hold.
+        constexpr int UNROLL = G >= 32 ? 2 : 4;
+#pragma unroll UNROLL
+        for (int i = 0; i < d4; i += 4) {
+            float4 kk = load_quad(kj, i, d, aligned);
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                float4 qq = *reinterpret_cast<const float4*>(qs + h * d4 + i);
+                acc[h] = fmaf(qq.x, kk.x, acc[h]);
+                acc[h] = fmaf(qq.y, kk.y, acc[h]);
+                acc[h] = fmaf(qq.z, kk.z, acc[h]);
+                acc[h] = fmaf(qq.w, kk.w, acc[h]);
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < G; h += 4)
+            *reinterpret_cast<float4*>(s + j * stride + h) = make_float4(acc[h], acc[h + 1], acc[h + 2], acc[h + 3]);
+    }
+    __syncthreads();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int h = warp; h < g; h += warps) {
         float m = NEG_INF;
-        for (int j = lane; j < n; j += 32) m = fmaxf(m, s[h * chunk + j]);
+        for (int j = lane; j < n; j += 32) m = fmaxf(m, s[j * stride + h]);
         m = warp_max(m);
         float l = 0.0f;
         for (int j = lane; j < n; j += 32) {
-            float e = expf(s[h * chunk + j] - m);
-            s[h * chunk + j] = e;
+            float e = expf(s[j * stride + h] - m);
+            s[j * stride + h] = e;
             l += e;
         }
         l = warp_sum(l);
         if (lane == 0) stats[2 * h] = m, stats[2 * h + 1] = l;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        for (int hb = 0; hb < group; hb += SPLIT_HEADS) {
-            float acc[SPLIT_HEADS];
+    // Item (hq, i4): heads 4 hq.. and columns i4..; `splits` threads per item when few.
+    const int dq = d4 / 4, items = (g + 3) / 4 * dq, splits = max((int)blockDim.x / items, 1);
+    float* sums = qs; // the queries are no longer read
+    auto write = [&](int item, const float* acc) {
+        int hq = item / dq, i4 = (item % dq) * 4;
+        for (int u = 0; u < 4 && 4 * hq + u < g; ++u) {
+            float* rec = partial + (((long long)t * heads + h0 + 4 * hq + u) * chunks + c) * (d + 2);
+            for (int e = 0; e < 4 && i4 + e < d; ++e) rec[i4 + e] = acc[4 * u + e];
+        }
+    };
+    for (int w = threadIdx.x; w < items * splits; w += blockDim.x) {
+        int item = w % items, part = w / items, hq = item / dq, i4 = (item % dq) * 4;
+        const float* vi = v + (long long)kv * d;
+        float acc[16];
 #pragma unroll
-            for (int u = 0; u < SPLIT_HEADS; ++u) acc[u] = 0.0f;
-            for (int j = 0; j < n; ++j) {
-                float vj = v[(long long)(j0 + j) * kvd + kv * d + i];
+        for (int u = 0; u < 16; ++u) acc[u] = 0.0f;
+#pragma unroll 4
+        for (int j = part; j < n; j += splits) {
+            float4 vv = load_quad(vi + (long long)(j0 + j) * kvd, i4, d, aligned);
+            float4 p = *reinterpret_cast<const float4*>(s + j * stride + 4 * hq);
+            float pu[4] = {p.x, p.y, p.z, p.w};
 #pragma unroll
-                for (int u = 0; u < SPLIT_HEADS; ++u)
-                    if (hb + u < group) acc[u] += s[(hb + u) * chunk + j] * vj;
+            for (int u = 0; u < 4; ++u) {
+                acc[4 * u] = fmaf(pu[u], vv.x, acc[4 * u]);
+                acc[4 * u + 1] = fmaf(pu[u], vv.y, acc[4 * u + 1]);
+                acc[4 * u + 2] = fmaf(pu[u], vv.z, acc[4 * u + 2]);
+                acc[4 * u + 3] = fmaf(pu[u], vv.w, acc[4 * u + 3]);
             }
+        }
+        if (splits == 1) {
+            write(item, acc);
+        } else {
 #pragma unroll
-            for (int u = 0; u < SPLIT_HEADS; ++u)
-                if (hb + u < group)
-                    partial[(((long long)t * heads + h0 + hb + u) * chunks + c) * (d + 2) + i] = acc[u];
+            for (int u = 0; u < 16; ++u) sums[w * 16 + u] = acc[u];
         }
     }
-    for (int h = threadIdx.x; h < group; h += blockDim.x) {
+    if (splits > 1) {
+        __syncthreads();
+        for (int item = threadIdx.x; item < items; item += blockDim.x) {
+            float acc[16];
+#pragma unroll
+            for (int u = 0; u < 16; ++u) acc[u] = sums[item * 16 + u];
+            for (int part = 1; part < splits; ++part)
+#pragma unroll
+                for (int u = 0; u < 16; ++u) acc[u] += sums[(part * items + item) * 16 + u];
+            write(item, acc);
+        }
+    }
+    for (int h = threadIdx.x; h < g; h += blockDim.x) {
         float* rec = partial + (((long long)t * heads + h0 + h) * chunks + c) * (d + 2);
         rec[d] = stats[2 * h];
         rec[d + 1] = stats[2 * h + 1];
     }
 }
 
+#define ATTENTION_SPLIT(G)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(SPLIT_THREADS, 2)                                                \
+        attention_split_g##G(const float* q, const float* k, const float* v, int heads, int kv_heads, int d,      \
+                             int pos0, int chunk, int chunks, float scale, float* partial) {                      \
+        attention_split<G>(q, k, v, heads, kv_heads, d, pos0, chunk, chunks, scale, partial);                     \
+    }
+ATTENTION_SPLIT(4)
+ATTENTION_SPLIT(8)
+ATTENTION_SPLIT(16)
+ATTENTION_SPLIT(32)
+
 // out row (t, h) from its chunks' partial results: weights exp(m_c - M) with M the largest
-// chunk max (a chunk past the query's position has m = -inf and weight 0). Shared memory:
-// one float per chunk.
+// chunk max (a chunk past the query's position has m = -inf and weight 0). Block (row, y)
+// takes columns [64 y, 64 y + 64), a quarter of the chunks per 64 threads, summed in order.
+// Shared memory: one float per chunk.
+#define COMBINE_COLUMNS 64
 extern "C" __global__ void attention_combine(const float* partial, int d, int chunks, float* out) {
     extern __shared__ float weights[];
     __shared__ float scratch[32];
+    __shared__ float sums[256];
     const float* p = partial + (long long)blockIdx.x * chunks * (d + 2);
     float m = NEG_INF;
     for (int c = threadIdx.x; c < chunks; c += blockDim.x) m = fmaxf(m, p[(long long)c * (d + 2) + d]);
@@ -1481,9 +1550,16 @@ extern "C" __global__ void attention_combine(const float* partial, int d, int ch
         l += w * rec[d + 1];
     }
     float inv = 1.0f / block_sum(l, scratch);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int c = 0; c < chunks; ++c) acc += weights[c] * p[(long long)c * (d + 2) + i];
+    int i = blockIdx.y * COMBINE_COLUMNS + threadIdx.x % COMBINE_COLUMNS;
+    int part = threadIdx.x / COMBINE_COLUMNS, parts = blockDim.x / COMBINE_COLUMNS;
+    float acc = 0.0f;
+    if (i < d)
+#pragma unroll 4
+        for (int c = part; c < chunks; c += parts) acc += weights[c] * p[(long long)c * (d + 2) + i];
+    sums[threadIdx.x] = acc;
+    __syncthreads();
+    if (part == 0 && i < d) {
+        for (int u = 1; u < parts; ++u) acc += sums[u * COMBINE_COLUMNS + threadIdx.x];
         out[(long long)blockIdx.x * d + i] = acc * inv;
     }
 }

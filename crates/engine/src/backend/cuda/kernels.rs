@@ -60,7 +60,9 @@ pub struct Kernels {
     pub split_rows_f16: CudaFunction,
     pub rope: CudaFunction,
     pub attention_inputs: CudaFunction,
-    pub attention_split: CudaFunction,
+    /// Decode attention split over the keys, for query groups of up to 4, 8, 16 and 32
+    /// heads per KV head.
+    pub attention_split: [CudaFunction; 4],
     pub attention_combine: CudaFunction,
     pub attention_softmax: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
@@ -89,7 +91,8 @@ impl Kernels {
         };
         // The batched down projection keeps every expert's activation in shared memory, the
         // grouped products their stages of codes and x, the chunked delta rule a block's
-        // columns of the state and a chunk's keys and queries.
+        // columns of the state and a chunk's keys and queries, the split attention a group's
+        // queries and a chunk's scores.
         let big_smem = |name: &str| {
             let func = f(name)?;
             func.set_attribute(
@@ -157,7 +160,12 @@ impl Kernels {
             split_rows_f16: f("split_rows_f16")?,
             rope: f("rope")?,
             attention_inputs: f("attention_inputs")?,
-            attention_split: f("attention_split")?,
+            attention_split: [
+                big_smem("attention_split_g4")?,
+                big_smem("attention_split_g8")?,
+                big_smem("attention_split_g16")?,
+                big_smem("attention_split_g32")?,
+            ],
             attention_combine: f("attention_combine")?,
             attention_softmax: f("attention_softmax")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,
