@@ -30,7 +30,7 @@ const SPLIT_GROUPS: [usize; 4] = [4, 8, 16, 32];
 /// Threads of an `attention_split` block (`SPLIT_THREADS` in kernels.cu).
 const SPLIT_THREADS: usize = 256;
 /// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels.cu).
-const COMBINE_COLUMNS: usize = 64;
+const COMBINE_COLUMNS: usize = 32;
 
 /// Shared memory of an `attention_split` block: the queries of `group` (padded) heads of `d`
 /// (rounded up to 4), or the values' partial sums (16 per thread), whichever is larger, then

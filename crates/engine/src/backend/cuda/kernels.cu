@@ -1429,18 +1429,25 @@ __device__ void attention_split(const float* q, const float* k, const float* v, 
         float acc[G];
 #pragma unroll
         for (int h = 0; h < G; ++h) acc[h] = 0.0f;
-        // Columns in flight per key: as many as the registers left by G accumulators hold.
-        constexpr int UNROLL = G >= 32 ? 2 : 4;
-#pragma unroll UNROLL
-        for (int i = 0; i < d4; i += 4) {
-            float4 kk = load_quad(kj, i, d, aligned);
+        // A batch of the row's columns in flight at once: a thread's loads are a chain of
+        // round trips, so the fewer batches the shorter the chain.
+        constexpr int BATCH = G >= 32 ? 4 : 8;
+        for (int i0 = 0; i0 < d4; i0 += 4 * BATCH) {
+            float4 kk[BATCH];
 #pragma unroll
-            for (int h = 0; h < G; ++h) {
-                float4 qq = *reinterpret_cast<const float4*>(qs + h * d4 + i);
-                acc[h] = fmaf(qq.x, kk.x, acc[h]);
-                acc[h] = fmaf(qq.y, kk.y, acc[h]);
-                acc[h] = fmaf(qq.z, kk.z, acc[h]);
-                acc[h] = fmaf(qq.w, kk.w, acc[h]);
+            for (int u = 0; u < BATCH; ++u)
+                kk[u] = i0 + 4 * u < d4 ? load_quad(kj, i0 + 4 * u, d, aligned) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (i0 + 4 * u >= d4) break;
+#pragma unroll
+                for (int h = 0; h < G; ++h) {
+                    float4 qq = *reinterpret_cast<const float4*>(qs + h * d4 + i0 + 4 * u);
+                    acc[h] = fmaf(qq.x, kk[u].x, acc[h]);
+                    acc[h] = fmaf(qq.y, kk[u].y, acc[h]);
+                    acc[h] = fmaf(qq.z, kk[u].z, acc[h]);
+                    acc[h] = fmaf(qq.w, kk[u].w, acc[h]);
+                }
             }
         }
 #pragma unroll
@@ -1479,17 +1486,28 @@ __device__ void attention_split(const float* q, const float* k, const float* v, 
         float acc[16];
 #pragma unroll
         for (int u = 0; u < 16; ++u) acc[u] = 0.0f;
-#pragma unroll 4
-        for (int j = part; j < n; j += splits) {
-            float4 vv = load_quad(vi + (long long)(j0 + j) * kvd, i4, d, aligned);
-            float4 p = *reinterpret_cast<const float4*>(s + j * stride + 4 * hq);
-            float pu[4] = {p.x, p.y, p.z, p.w};
+        constexpr int VBATCH = 16; // value rows in flight per thread
+        for (int j0v = part; j0v < n; j0v += splits * VBATCH) {
+            float4 vv[VBATCH];
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                acc[4 * u] = fmaf(pu[u], vv.x, acc[4 * u]);
-                acc[4 * u + 1] = fmaf(pu[u], vv.y, acc[4 * u + 1]);
-                acc[4 * u + 2] = fmaf(pu[u], vv.z, acc[4 * u + 2]);
-                acc[4 * u + 3] = fmaf(pu[u], vv.w, acc[4 * u + 3]);
+            for (int u = 0; u < VBATCH; ++u) {
+                int j = j0v + u * splits;
+                vv[u] = j < n ? load_quad(vi + (long long)(j0 + j) * kvd, i4, d, aligned)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < VBATCH; ++u) {
+                int j = j0v + u * splits;
+                if (j >= n) break;
+                float4 p = *reinterpret_cast<const float4*>(s + j * stride + 4 * hq);
+                float pu[4] = {p.x, p.y, p.z, p.w};
+#pragma unroll
+                for (int w4 = 0; w4 < 4; ++w4) {
+                    acc[4 * w4] = fmaf(pu[w4], vv[u].x, acc[4 * w4]);
+                    acc[4 * w4 + 1] = fmaf(pu[w4], vv[u].y, acc[4 * w4 + 1]);
+                    acc[4 * w4 + 2] = fmaf(pu[w4], vv[u].z, acc[4 * w4 + 2]);
+                    acc[4 * w4 + 3] = fmaf(pu[w4], vv[u].w, acc[4 * w4 + 3]);
+                }
             }
         }
         if (splits == 1) {
@@ -1531,9 +1549,10 @@ ATTENTION_SPLIT(32)
 
 // out row (t, h) from its chunks' partial results: weights exp(m_c - M) with M the largest
 // chunk max (a chunk past the query's position has m = -inf and weight 0). Block (row, y)
-// takes columns [64 y, 64 y + 64), a quarter of the chunks per 64 threads, summed in order.
+// takes columns [32 y, 32 y + 32), an eighth of the chunks per 32 threads, summed in order:
+// many blocks and short chains of loads, since a long context has hundreds of chunks.
 // Shared memory: one float per chunk.
-#define COMBINE_COLUMNS 64
+#define COMBINE_COLUMNS 32
 extern "C" __global__ void attention_combine(const float* partial, int d, int chunks, float* out) {
     extern __shared__ float weights[];
     __shared__ float scratch[32];
@@ -1554,7 +1573,7 @@ extern "C" __global__ void attention_combine(const float* partial, int d, int ch
     int part = threadIdx.x / COMBINE_COLUMNS, parts = blockDim.x / COMBINE_COLUMNS;
     float acc = 0.0f;
     if (i < d)
-#pragma unroll 4
+#pragma unroll 8
         for (int c = part; c < chunks; c += parts) acc += weights[c] * p[(long long)c * (d + 2) + i];
     sums[threadIdx.x] = acc;
     __syncthreads();
