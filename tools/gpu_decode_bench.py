@@ -12,7 +12,9 @@ random router weights: close to uniform over the experts, the worst case for any
 With two depths (`--layers 4,8`) it also prints a closer 60-layer estimate: the time of a
 layer from the difference between the depths, the rest as the per-token cost (lm_head,
 logits download, sampling), which one depth alone cannot tell apart from the last layer's work.
-`--device cpu` runs the script where there is no GPU (to try it, not to measure).
+`--context N` decodes after a prompt of N tokens (the synthetic tokenizer is byte-level), and
+the floor then counts the KV cache's bytes each token reads. `--device cpu` runs the script
+where there is no GPU (to try it, not to measure).
 
 Standard library only (runs under the GPU machine's python3).
 """
@@ -56,12 +58,30 @@ def dense_bytes(binary, model):
     return sum(v for k, v in sizes.items() if k not in ("embedding", "routed experts")), sizes.get("lm_head", 0.0)
 
 
+def kv_bytes_per_position(model):
+    """Bytes of keys and values (f32) one position holds over the model's full-attention layers."""
+    c = json.loads((model / "config.json").read_text())
+    c = c.get("text_config", c)
+    layers = c["num_hidden_layers"]
+    kinds = c.get("layer_types") or ["full_attention" if (i + 1) % c["full_attention_interval"] == 0
+                                     else "linear_attention" for i in range(layers)]
+    return sum(k == "full_attention" for k in kinds) * 2 * c["num_key_value_heads"] * c["head_dim"] * 4
+
+
 def measure(a, layers, hbm, h2d):
     """Every (K, cap, CPU share) run at one depth: the table's rows, each run's stats, and the model's sizes."""
     work = Path(a.workdir)
     model = work / f"syn397-{layers}l-{a.experts or 512}e"
     synth(a.bin, model, layers, a.experts)
     dense, lm_head = dense_bytes(a.bin, model)
+    prompt = ["--prompt", "The"]
+    kv_read = 0.0
+    if a.context:
+        path = work / f"prompt-{a.context}.txt"
+        path.write_text("x" * a.context)
+        prompt = ["--prompt-file", path]
+        # The cache the measured tokens read: the prompt, the warm-up and half the run, on average.
+        kv_read = kv_bytes_per_position(model) * (a.context + a.warmup + a.tokens / 2)
     disk = run([a.bin, "bench-io", "--model", model, "--tokens", 4]).stdout
     disk_gbps = float(re.search(r"throughput ([\d.]+) GB/s", disk).group(1))
     print(disk.strip())
@@ -77,7 +97,7 @@ def measure(a, layers, hbm, h2d):
     for k, cap, share in runs_to_do:
         label = cap if share == "0" else f"{cap}, CPU {share}"
         stats = work / f"decode-k{k}-cap{cap}-cpu{share}.json"
-        cmd = [a.bin, "generate", "--model", model, "--device", a.device, "--prompt", "The",
+        cmd = [a.bin, "generate", "--model", model, "--device", a.device, *prompt,
                "--experts-per-token", k, "--max-tokens", a.tokens, "--warmup-tokens", a.warmup,
                "--stats-json", stats, "--cpu-expert-share", share]
         if cap != "auto":
@@ -107,7 +127,7 @@ def measure(a, layers, hbm, h2d):
         after = sec - sum(phases.values()) / calls
         outside = phases["lm_head"] / calls
         per_layer = (sec - outside) / layers
-        floor = dense / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
+        floor = (dense + kv_read) / hbm + hits * EXPERT_RECORD / hbm + misses * EXPERT_RECORD / h2d + cold / (disk_gbps * 1e9)
         floor_outside = lm_head / hbm
         est60 = 60 * per_layer + outside
         floor60 = 60 * (floor - floor_outside) / layers + floor_outside
@@ -121,13 +141,14 @@ def measure(a, layers, hbm, h2d):
         print(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "", flush=True)
         print(f"  K={k} cap {label}: CPU share at the end {s.get('cpu_expert_share', 0):.2f}; ms per token by phase: " +
               ", ".join(f"{name} {1e3 * t / calls:.2f}" for name, t in phases.items()), flush=True)
-    return {"layers": layers, "dense_bytes": dense, "disk_gbps": disk_gbps, "rows": rows, "runs": runs}
+    return {"layers": layers, "dense_bytes": dense, "kv_bytes": kv_read, "disk_gbps": disk_gbps, "rows": rows,
+            "runs": runs}
 
 
 def print_table(m, hbm, h2d):
     print()
     print(f"decode benchmark: synthetic Qwen3.5-397B shapes, {m['layers']} of 60 layers, random routing; "
-          f"dense {m['dense_bytes'] / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, "
+          f"dense {m['dense_bytes'] / 1e9:.2f} GB and KV cache {m['kv_bytes'] / 1e9:.2f} GB read per token; HBM {hbm / 1e9:.0f} GB/s, "
           f"H2D {h2d / 1e9:.1f} GB/s, disk {m['disk_gbps']:.2f} GB/s (same session)")
     head = ("K", "cap GiB (60-layer)", "tok/s", "ms/layer", "60-layer tok/s", "VRAM hit%", "MB/tok VRAM", "MB/tok host",
             "MB/tok disk", "floor tok/s", "of floor", "60-layer of floor (est.)", "ms/token after the layers",
@@ -171,6 +192,7 @@ def main():
                                     "default: what the disk holds, leaving 8 GB")
     p.add_argument("--experts", type=int, help="experts per layer (default: the real 512)")
     p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--context", type=int, default=0, help="prompt tokens before decoding (default: a 1-token prompt)")
     p.add_argument("--warmup", type=int, default=48)
     p.add_argument("--ks", default="4,10")
     p.add_argument("--cpu-shares", default="0",

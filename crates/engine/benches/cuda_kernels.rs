@@ -168,22 +168,25 @@ fn main() {
 }
 
 /// One token's attention over a long KV cache with Qwen3.5-397B's heads (32 query heads over
-/// 2 KV heads of 256), as decode runs it: the rate at which it reads the cache (keys and
-/// values once). Short caches take several layers' caches in turn, so that they do not sit
-/// in L2.
+/// 2 KV heads of 256) and Qwen3-Next's (16 over 2), as decode runs it: the rate at which it
+/// reads the cache (keys and values once). Short caches take several layers' caches in turn,
+/// so that they do not sit in L2.
 fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
     use flash_moe_engine::backend::AttentionShape;
-    let shape = AttentionShape {
-        num_heads: 32,
-        num_kv_heads: 2,
-        head_dim: 256,
-    };
-    let (width, kv_width) = (32 * 256, 2 * 256);
     println!(
         "{:<44} {:>9} {:>9} {:>8}",
         "attention (one token), context", "us/layer", "GB/s", "% of d2d"
     );
-    for context in [1024usize, 4096, 32_768, 131_072] {
+    for (heads, context) in [32usize, 16]
+        .into_iter()
+        .flat_map(|h| [1024usize, 4096, 32_768, 131_072].map(|c| (h, c)))
+    {
+        let shape = AttentionShape {
+            num_heads: heads,
+            num_kv_heads: 2,
+            head_dim: 256,
+        };
+        let (width, kv_width) = (heads * 256, 2 * 256);
         let layers = (256 << 20) / (context * kv_width * 8) + 1;
         let fill = |seed: usize| -> Vec<f32> {
             (0..context * kv_width)
@@ -205,7 +208,7 @@ fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
         });
         let us = ms * 1e3 / layers as f64;
         let rate = (context * kv_width * 8) as f64 / (us * 1e-6);
-        let name = format!("32:2 heads of 256, {context} keys");
+        let name = format!("{heads}:2 heads of 256, {context} keys");
         println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
     }
 }
