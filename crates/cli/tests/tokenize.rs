@@ -54,6 +54,35 @@ fn generate_streams_text_and_reports_speed() {
     assert_eq!(run.stdout, again.stdout);
 }
 
+/// A prompt read from a file is the same prompt; one that runs past the model's context (a
+/// copy of the fixture whose config allows 12 positions) draws a warning, and still runs.
+#[test]
+fn generate_reads_a_prompt_file_and_warns_past_the_context() {
+    let model = common::copy_fixture("mlx-qwen35-4bit");
+    let dir = model.path().to_str().unwrap();
+    let prompt = model.path().join("prompt.txt");
+    std::fs::write(&prompt, "def main():").unwrap();
+    let run = |source: &[&str]| flash_moe(&[&["generate", "--model", dir, "--max-tokens", "8"], source].concat());
+    let inline = run(&["--prompt", "def main():"]);
+    let from_file = run(&["--prompt-file", prompt.to_str().unwrap()]);
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    assert_eq!(inline.stdout, from_file.stdout);
+    assert!(!stderr(&inline).contains("warning"), "{}", stderr(&inline));
+
+    let config = model.path().join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let short = text.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 12");
+    assert_ne!(text, short, "the fixture's config names its context");
+    std::fs::write(&config, short).unwrap();
+    let past = run(&["--prompt", "def main():"]);
+    assert!(past.status.success(), "{}", stderr(&past));
+    assert!(
+        stderr(&past).contains("go past the model's context of 12 tokens"),
+        "{}",
+        stderr(&past)
+    );
+}
+
 /// The README's first command: the bundled trained model writes text that looks like the
 /// Python it was trained on (a random-weight model writes byte soup).
 #[test]

@@ -92,6 +92,15 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
     if prompt.is_empty() {
         anyhow::bail!("the prompt is empty after tokenization");
     }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() + args.max_tokens > context {
+        eprintln!(
+            "warning: the prompt ({} tokens) and up to {} more go past the model's context of {context} tokens; \
+             positions past it are not what the model was trained on",
+            prompt.len(),
+            args.max_tokens
+        );
+    }
     let params = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
