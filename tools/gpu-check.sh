@@ -4,8 +4,9 @@
 # binaries tools/build-dist.sh puts in $DIST (default dist/): flash-moe, cuda_parity,
 # cuda_memory and cuda_kernels. Logs go to $OUT (default /tmp/gpu-check); a short table comes last.
 #
-# DECODE_ARGS passes options to tools/gpu_decode_bench.py (e.g. "--layers 2 --experts 64", or
-# "--layers 4,8" for the 60-layer estimate from two depths).
+# DECODE_ARGS passes options to tools/gpu_decode_bench.py (e.g. "--layers 2 --experts 64",
+# "--layers 4,8" for the 60-layer estimate from two depths, or "--context 32768" to decode
+# after a long prompt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dist=${DIST:-dist}
