@@ -1429,8 +1429,9 @@ __device__ void attention_split(const float* q, const float* k, const float* v, 
         float acc[G];
 #pragma unroll
         for (int h = 0; h < G; ++h) acc[h] = 0.0f;
-        // A batch of the row's columns in flight at once: a thread's loads are a chain of
-        // round trips, so the fewer batches the shorter the chain.
+        // A batch of the row's columns in flight at once: fewer round trips in a thread's
+        // chain of loads, which is what a short context waits on (a long one is bound by
+        // issuing the FMAs: docs/perf.md).
         constexpr int BATCH = G >= 32 ? 4 : 8;
         for (int i0 = 0; i0 < d4; i0 += 4 * BATCH) {
             float4 kk[BATCH];
