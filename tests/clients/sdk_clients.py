@@ -170,6 +170,43 @@ def openai_tools(client, model):
         check(isinstance(json.loads(fc[0].function.arguments), dict), "forced call arguments are an object")
 
 
+def openai_choices(client, model):
+    msgs = [{"role": "user", "content": "Hello"}]
+    ask = {"model": model, "messages": msgs, "max_tokens": 24, "temperature": 2.0, "seed": 5}
+    # The chat model thinks first: a choice's text is its reasoning and its answer.
+    said = lambda m: ((m.model_extra or {}).get("reasoning_content") or "") + (m.content or "")
+    r = client.chat.completions.create(**ask, n=3)
+    texts = [said(c.message) for c in sorted(r.choices, key=lambda c: c.index)]
+    check([c.index for c in r.choices] == [0, 1, 2], f"n=3: three choices in order: {[c.index for c in r.choices]}")
+    singles = [client.chat.completions.create(**{**ask, "seed": 5 + i}) for i in range(3)]
+    check(texts == [said(s.choices[0].message) for s in singles], "choice i samples as a request with seed + i")
+    check(len(set(texts)) > 1, f"sampled choices differ: {texts}")
+    check(r.usage.prompt_tokens == singles[0].usage.prompt_tokens
+          and r.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles),
+          f"usage: the prompt once, the choices' tokens summed: {r.usage}")
+    streamed = {}
+    finishes = {}
+    for chunk in client.chat.completions.create(**ask, n=3, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + said(c.delta)
+            finishes[c.index] = c.finish_reason or finishes.get(c.index)
+    check([streamed.get(i) for i in range(3)] == texts, f"streamed choices equal unstreamed: {streamed}")
+    check(all(finishes.get(i) for i in range(3)), f"each streamed choice finishes: {finishes}")
+    greedy = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, n=2)
+    check(said(greedy.choices[0].message) == said(greedy.choices[1].message) != "", "greedy choices agree")
+    c = client.completions.create(model=model, prompt="def main():", max_tokens=8, temperature=1.0, seed=3, n=2)
+    s_text = {}
+    for chunk in client.completions.create(model=model, prompt="def main():", max_tokens=8, temperature=1.0, seed=3,
+                                           n=2, stream=True):
+        for ch in chunk.choices:
+            s_text[ch.index] = s_text.get(ch.index, "") + ch.text
+    check([s_text.get(i) for i in range(2)] == [x.text for x in c.choices] and c.usage.completion_tokens == 16,
+          f"completions n=2, streamed and not: {s_text} {c.choices} {c.usage}")
+    for bad in (0, 17):
+        e = raises(openai.BadRequestError, lambda: client.chat.completions.create(**ask, n=bad))
+        check(e is not None and e.param == "n", f"n={bad}: 400 naming n ({e})")
+
+
 def openai_completions(client, model):
     r = client.completions.create(model=model, prompt="def main():", max_tokens=8, temperature=0)
     text = r.choices[0].text
@@ -399,6 +436,7 @@ def main():
     openai_chat(client, a.model)
     openai_tools(client, a.model)
     openai_completions(client, a.model)
+    openai_choices(client, a.model)
     openai_logprobs(client, a.model)
     openai_errors(base, a.api_key, a.model, a.max_context)
     raw_http_errors(base, a.api_key, a.model, a.max_body_mib)

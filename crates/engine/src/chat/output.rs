@@ -32,6 +32,7 @@ enum Section {
 }
 
 /// The incremental parser of one response.
+#[derive(Clone)]
 pub struct OutputParser {
     section: Section,
     /// Text received but not yet classified.

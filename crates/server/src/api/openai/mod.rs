@@ -1,27 +1,24 @@
 //! The OpenAI API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
-use std::convert::Infallible;
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use flash_moe_engine::chat::{Message, ToolCall, ToolChoice, parse_arguments};
+use flash_moe_engine::chat::{Message, OutputParser, ToolCall, ToolChoice, parse_arguments};
 use flash_moe_engine::engine::session::{Completion, FinishReason, GenerationRequest};
 use flash_moe_engine::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::common::{
-    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, parse_body, prepare_chat, random_id, unix_time,
+    Answer, AnswerStream, ChatInput, SamplingInput, SharedState, parse_body, prepare_chat, random_id, unix_time,
 };
 use super::errors::{ApiError, ErrorKind, Flavor};
 use super::logprobs as token_logprobs;
+use stream::{stream_chat, stream_completion};
+
+mod stream;
 
 const FLAVOR: Flavor = Flavor::OpenAi;
 
@@ -244,7 +241,7 @@ pub async fn chat_completions(State(state): State<SharedState>, body: Result<Byt
 async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(body, FLAVOR)?;
     state.check_model(&req.model, FLAVOR)?;
-    unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
+    let n = choice_count(req.n)?;
     let wanted_logprobs = match (req.logprobs, req.top_logprobs) {
         (Some(true), top) => Some(token_logprobs::check_top(top.unwrap_or(0), "top_logprobs")?),
         (_, Some(_)) => {
@@ -299,8 +296,7 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
             .await
             .map_err(|e| ApiError::new(FLAVOR, ErrorKind::Internal, e.to_string()))??
     };
-    let events = state.submit(prepared.request, FLAVOR)?;
-    let answer = AnswerStream::new(events, Some(prepared.parser));
+    let answers = submit_choices(&state, &prepared.request, n, Some(&prepared.parser))?;
     let meta = ResponseMeta {
         id: format!("chatcmpl-{}", random_id(24)),
         created: unix_time(),
@@ -308,13 +304,28 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
     };
     let logprobs_tokenizer = wanted_logprobs.map(|_| state.tokenizer.clone());
     if req.stream {
-        return Ok(stream_chat(answer, meta, include_usage, logprobs_tokenizer));
+        return Ok(stream_chat(answers, meta, include_usage, logprobs_tokenizer));
     }
-    let answer = answer.collect(FLAVOR).await?;
-    let done = answer
-        .done
-        .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
-    let mut message = json!({"role": "assistant", "content": (!answer.content.is_empty() || answer.tool_calls.is_empty()).then_some(answer.content)});
+    let (mut choices, mut dones) = (Vec::new(), Vec::new());
+    for (index, answer) in answers.into_iter().enumerate() {
+        let answer = answer.collect(FLAVOR).await?;
+        let done = answer
+            .done
+            .clone()
+            .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
+        choices.push(chat_choice(index, &answer, &done, logprobs_tokenizer.as_deref()));
+        dones.push(done);
+    }
+    Ok(Json(json!({
+        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
+        "choices": choices, "usage": usage(&dones),
+    }))
+    .into_response())
+}
+
+/// One choice of a chat completion.
+fn chat_choice(index: usize, answer: &Answer, done: &Completion, logprobs: Option<&Tokenizer>) -> Value {
+    let mut message = json!({"role": "assistant", "content": (!answer.content.is_empty() || answer.tool_calls.is_empty()).then_some(&answer.content)});
     if !answer.reasoning.is_empty() {
         message["reasoning_content"] = json!(answer.reasoning);
     }
@@ -328,14 +339,46 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
                 .collect(),
         );
     }
-    let finish = finish_reason(&done, !answer.tool_calls.is_empty());
-    Ok(Json(json!({
-        "id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish,
-            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::chat(&t, &answer.logprobs))}],
-        "usage": usage(&done),
-    }))
-    .into_response())
+    let finish = finish_reason(done, !answer.tool_calls.is_empty());
+    json!({"index": index, "message": message, "finish_reason": finish,
+        "logprobs": logprobs.map(|t| token_logprobs::chat(t, &answer.logprobs))})
+}
+
+/// Most choices (`n`) one request may ask for.
+const MAX_CHOICES: usize = 16;
+
+fn choice_count(n: Option<usize>) -> Result<usize, ApiError> {
+    match n.unwrap_or(1) {
+        n @ 1..=MAX_CHOICES => Ok(n),
+        n => {
+            Err(ApiError::invalid(FLAVOR, format!("`n` must be between 1 and {MAX_CHOICES}, not {n}")).with_param("n"))
+        }
+    }
+}
+
+/// Queues the generations of `n` choices: `request` once per choice, one after another on the
+/// engine (the later ones find the prompt in the prefix cache), choice i sampling with the
+/// request's seed plus i so that sampled choices differ (greedy ones agree), each with its own
+/// tool-call ids. A full queue
+/// refuses the request: the choices queued already are dropped with it and never run.
+fn submit_choices(
+    state: &SharedState,
+    request: &GenerationRequest,
+    n: usize,
+    parser: Option<&OutputParser>,
+) -> Result<Vec<AnswerStream>, ApiError> {
+    (0..n)
+        .map(|i| {
+            let mut choice = request.clone();
+            choice.sampling.seed = choice.sampling.seed.wrapping_add(i as u64);
+            // Tool calls numbered apart in each choice.
+            let parser = parser.cloned().map(|mut p| {
+                p.set_id_prefix(format!("{}{}_", FLAVOR.tool_call_id_prefix(), random_id(16)));
+                p
+            });
+            Ok(AnswerStream::new(state.submit(choice, FLAVOR)?, parser))
+        })
+        .collect()
 }
 
 fn unsupported(bad: bool, param: &str, message: &str) -> Result<(), ApiError> {
@@ -369,82 +412,17 @@ fn finish_reason(done: &Completion, called: bool) -> &'static str {
     }
 }
 
-fn usage(done: &Completion) -> Value {
+/// The usage of a response's choices: the prompt counted once (as the first choice read it),
+/// the completions' tokens summed.
+fn usage(choices: &[Completion]) -> Value {
+    let (prompt, cached) = choices.first().map_or((0, 0), |c| (c.prompt_tokens, c.cached_tokens));
+    let completion: usize = choices.iter().map(|c| c.completion_tokens).sum();
     json!({
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
-}
-
-/// Streams chunks as server-sent events. A client that disconnects closes the channel, which
-/// drops the answer stream, which stops the engine. With `logprobs` (the tokenizer, when they
-/// were asked for) each chunk carries the log-probabilities of the tokens generated since the
-/// last one.
-fn stream_chat(
-    mut answer: AnswerStream,
-    meta: ResponseMeta,
-    include_usage: bool,
-    logprobs: Option<Arc<Tokenizer>>,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let mut logprobs = token_logprobs::Pending::new(logprobs);
-        let chunk = |delta: Value, logprobs: Value, finish: Option<&str>| {
-            let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]});
-            Event::default().data(body.to_string())
-        };
-        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null, None)];
-        let mut calls = 0;
-        loop {
-            for event in events.drain(..) {
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            let piece = tokio::select! {
-                piece = answer.next() => piece,
-                () = tx.closed() => return,
-            };
-            let Some(piece) = piece else { break };
-            match piece {
-                Piece::Logprob(l) => logprobs.push(l),
-                Piece::Reasoning(t) => events.push(chunk(json!({"reasoning_content": t}), logprobs.chat(), None)),
-                Piece::Content(t) => events.push(chunk(json!({"content": t}), logprobs.chat(), None)),
-                Piece::ToolCall(c) => {
-                    let delta = json!({"tool_calls": [call_json(calls, &c, true)]});
-                    events.push(chunk(delta, logprobs.chat(), None));
-                    calls += 1;
-                }
-                Piece::Done(done) => {
-                    if logprobs.any() {
-                        events.push(chunk(json!({}), logprobs.chat(), None));
-                    }
-                    events.push(chunk(json!({}), Value::Null, Some(finish_reason(&done, calls > 0))));
-                    if include_usage {
-                        let body = json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                            "model": meta.model, "choices": [], "usage": usage(&done)});
-                        events.push(Event::default().data(body.to_string()));
-                    }
-                }
-                Piece::Failed(message) => {
-                    let error = ApiError::new(FLAVOR, ErrorKind::Internal, message);
-                    events.push(Event::default().data(error.body().to_string()));
-                }
-            }
-        }
-        events.push(Event::default().data("[DONE]"));
-        for event in events {
-            if tx.send(Ok(event)).await.is_err() {
-                return;
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -486,7 +464,7 @@ pub async fn completions(State(state): State<SharedState>, body: Result<Bytes, B
 async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(body, FLAVOR)?;
     state.check_model(&req.model, FLAVOR)?;
-    unsupported(req.n.is_some_and(|n| n != 1), "n", "only n = 1 is supported")?;
+    let n = choice_count(req.n)?;
     let wanted_logprobs = req
         .logprobs
         .map(|n| token_logprobs::check_top(n as usize, "logprobs"))
@@ -535,7 +513,7 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
         false => None,
     };
     let first_prompt_token = echoed.as_ref().map(|_| request.prompt[0]);
-    let answer = AnswerStream::new(state.submit(request, FLAVOR)?, None);
+    let answers = submit_choices(&state, &request, n, None)?;
     let logprobs_tokenizer = wanted_logprobs.map(|_| state.tokenizer.clone());
     let meta = ResponseMeta {
         id: format!("cmpl-{}", random_id(24)),
@@ -544,82 +522,32 @@ async fn complete(state: SharedState, body: Result<Bytes, BytesRejection>) -> Re
     };
     if req.stream {
         return Ok(stream_completion(
-            answer,
+            answers,
             meta,
             req.stream_options.is_some_and(|o| o.include_usage),
             logprobs_tokenizer,
         ));
     }
-    let answer = answer.collect(FLAVOR).await?;
-    let done = answer
-        .done
-        .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
+    let (mut choices, mut dones) = (Vec::new(), Vec::new());
+    for (index, answer) in answers.into_iter().enumerate() {
+        let answer = answer.collect(FLAVOR).await?;
+        let done = answer
+            .done
+            .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
+        let logprobs = logprobs_tokenizer
+            .as_deref()
+            .map(|t| token_logprobs::completion(t, first_prompt_token, &answer.logprobs, &mut 0));
+        choices.push(
+            json!({"index": index, "text": echoed.clone().unwrap_or_default() + &answer.content,
+            "finish_reason": finish_reason(&done, false), "logprobs": logprobs}),
+        );
+        dones.push(done);
+    }
     Ok(Json(json!({
         "id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-        "choices": [{"index": 0, "text": echoed.unwrap_or_default() + &answer.content,
-            "finish_reason": finish_reason(&done, false),
-            "logprobs": logprobs_tokenizer.map(|t| token_logprobs::completion(&t, first_prompt_token, &answer.logprobs, &mut 0))}],
-        "usage": usage(&done),
+        "choices": choices, "usage": usage(&dones),
     }))
     .into_response())
-}
-
-/// Streams a completion; with `logprobs` (the tokenizer, when they were asked for) each chunk
-/// carries the log-probabilities of the tokens generated since the last one.
-fn stream_completion(
-    mut answer: AnswerStream,
-    meta: ResponseMeta,
-    include_usage: bool,
-    logprobs: Option<Arc<Tokenizer>>,
-) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let mut logprobs = token_logprobs::Pending::new(logprobs);
-        let chunk = |text: &str, logprobs: Value, finish: Option<&str>| {
-            let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created, "model": meta.model,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]});
-            Event::default().data(body.to_string())
-        };
-        loop {
-            let piece = tokio::select! {
-                piece = answer.next() => piece,
-                () = tx.closed() => return,
-            };
-            let mut out = Vec::new();
-            match &piece {
-                None => out.push(Event::default().data("[DONE]")),
-                Some(Piece::Logprob(l)) => logprobs.push(l.clone()),
-                Some(Piece::Content(t)) => out.push(chunk(t, logprobs.completion(), None)),
-                Some(Piece::Done(done)) => {
-                    if logprobs.any() {
-                        out.push(chunk("", logprobs.completion(), None));
-                    }
-                    out.push(chunk("", Value::Null, Some(finish_reason(done, false))));
-                    if include_usage {
-                        let body = json!({"id": meta.id, "object": "text_completion", "created": meta.created,
-                            "model": meta.model, "choices": [], "usage": usage(done)});
-                        out.push(Event::default().data(body.to_string()));
-                    }
-                }
-                Some(Piece::Failed(message)) => {
-                    let error = ApiError::new(FLAVOR, ErrorKind::Internal, message.clone());
-                    out.push(Event::default().data(error.body().to_string()));
-                }
-                Some(_) => {}
-            }
-            for event in out {
-                if tx.send(Ok(event)).await.is_err() {
-                    return;
-                }
-            }
-            if piece.is_none() {
-                return;
-            }
-        }
-    });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
 }
 
 pub async fn list_models(State(state): State<SharedState>) -> Json<Value> {
