@@ -54,7 +54,7 @@ fn generate_streams_text_and_reports_speed() {
     assert_eq!(run.stdout, again.stdout);
 }
 
-/// A prompt read from a file is the same prompt; one that runs past the model's context (a
+/// A prompt read from a file or standard input is the same prompt; one that runs past the model's context (a
 /// copy of the fixture whose config allows 12 positions) draws a warning, and still runs.
 #[test]
 fn generate_reads_a_prompt_file_and_warns_past_the_context() {
@@ -67,6 +67,18 @@ fn generate_reads_a_prompt_file_and_warns_past_the_context() {
     let from_file = run(&["--prompt-file", prompt.to_str().unwrap()]);
     assert!(from_file.status.success(), "{}", stderr(&from_file));
     assert_eq!(inline.stdout, from_file.stdout);
+    let mut piped = std::process::Command::new(env!("CARGO_BIN_EXE_flash-moe"))
+        .args(["generate", "--model", dir, "--max-tokens", "8", "--prompt-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut piped.stdin.take().unwrap(), b"def main():").unwrap();
+    assert_eq!(
+        piped.wait_with_output().unwrap().stdout,
+        inline.stdout,
+        "the prompt from standard input"
+    );
     assert!(!stderr(&inline).contains("warning"), "{}", stderr(&inline));
 
     let config = model.path().join("config.json");

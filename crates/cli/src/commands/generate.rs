@@ -20,8 +20,8 @@ pub struct Args {
     /// The prompt, used as is (no chat template).
     #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
     prompt: Option<String>,
-    /// Read the prompt from this file (UTF-8, used as is), for prompts too long for a
-    /// command line.
+    /// Read the prompt from this file (UTF-8, used as is; `-` reads standard input), for
+    /// prompts too long for a command line.
     #[arg(long, value_name = "PATH")]
     prompt_file: Option<std::path::PathBuf>,
     /// Most tokens to generate.
@@ -83,6 +83,9 @@ fn generate_text<B: Backend>(args: &Args, model: &Model<B>, store: &ExpertStore)
     let tokenizer = Tokenizer::from_dir(&args.model.model, &model.config.eos_token_ids)?;
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(text), _) => text.clone(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            std::io::read_to_string(std::io::stdin()).context("reading the prompt from standard input")?
+        }
         (None, Some(path)) => {
             std::fs::read_to_string(path).with_context(|| format!("reading the prompt from {}", path.display()))?
         }
