@@ -1,22 +1,21 @@
 //! The Anthropic Messages API: `/v1/messages`, streaming and not, with `tool_use` and
 //! `tool_result` blocks and thinking blocks.
 
-use std::convert::Infallible;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use flash_moe_engine::chat::{Message, ToolCall, ToolChoice};
 use flash_moe_engine::engine::session::{Completion, FinishReason};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
-use super::common::{AnswerStream, ChatInput, Piece, SamplingInput, SharedState, parse_body, prepare_chat, random_id};
+use super::common::{
+    AnswerStream, ChatInput, Piece, SamplingInput, SharedState, event_stream, parse_body, prepare_chat, random_id,
+    send_all,
+};
 use super::errors::{ApiError, ErrorKind, Flavor};
 
 const FLAVOR: Flavor = Flavor::Anthropic;
@@ -322,18 +321,15 @@ fn event(name: &str, body: Value) -> Event {
 
 /// Streams the message as Anthropic's server-sent events.
 fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: usize, stops: Vec<String>) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
+    event_stream(|tx| async move {
         let start = json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant",
             "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": prompt_tokens, "output_tokens": 0}}});
         let mut blocks = BlockWriter::default();
         blocks.events.push(event("message_start", start));
         loop {
-            for e in blocks.events.drain(..) {
-                if tx.send(Ok(e)).await.is_err() {
-                    return;
-                }
+            if !send_all(&tx, blocks.events.drain(..)).await {
+                return;
             }
             let piece = tokio::select! {
                 piece = answer.next() => piece,
@@ -363,10 +359,7 @@ fn stream(mut answer: AnswerStream, id: String, model: String, prompt_tokens: us
                 }
             }
         }
-    });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    })
 }
 
 /// Content blocks as stream events: start, deltas, stop, with running indices.

@@ -2,6 +2,8 @@
 //! a prompt, and turning the engine's text back into reasoning, answer and tool calls.
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -9,6 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 pub use flash_moe_engine::chat::random_id;
 use flash_moe_engine::chat::{ChatEvent, ChatTemplate, Message, OutputParser, ToolCall, ToolChoice, build_prompt};
@@ -19,6 +22,7 @@ use flash_moe_engine::tokenizer::Tokenizer;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::errors::{ApiError, ErrorKind, Flavor};
 use crate::engine::{EngineEvent, EngineHandle, SubmitError};
@@ -350,6 +354,33 @@ impl AnswerStream {
         }
         Ok(answer)
     }
+}
+
+/// Where a streamed response's events go; sends fail once the client has gone.
+pub type EventSender = mpsc::Sender<Result<Event, Infallible>>;
+
+/// A server-sent event response whose events `produce` sends from a task of its own. A client
+/// that disconnects closes the channel, which `produce` sees as a failed send (or `closed()`)
+/// and stops, dropping the answer it streams, which stops the engine.
+pub fn event_stream<F>(produce: impl FnOnce(EventSender) -> F) -> Response
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(produce(tx));
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Sends `events` in order; false when the client has gone.
+pub async fn send_all(tx: &EventSender, events: impl IntoIterator<Item = Event>) -> bool {
+    for event in events {
+        if tx.send(Ok(event)).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 pub fn unix_time() -> u64 {

@@ -308,10 +308,10 @@ async fn chat(state: SharedState, body: Result<Bytes, BytesRejection>) -> Result
     }
     let (mut choices, mut dones) = (Vec::new(), Vec::new());
     for (index, answer) in answers.into_iter().enumerate() {
-        let answer = answer.collect(FLAVOR).await?;
+        let mut answer = answer.collect(FLAVOR).await?;
         let done = answer
             .done
-            .clone()
+            .take()
             .ok_or_else(|| ApiError::new(FLAVOR, ErrorKind::Internal, "generation did not finish"))?;
         choices.push(chat_choice(index, &answer, &done, logprobs_tokenizer.as_deref()));
         dones.push(done);

@@ -1,18 +1,15 @@
 //! The OpenAI API's server-sent event streams: chat completion chunks and legacy completion
 //! chunks, a response's choices one after another.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
+use axum::response::sse::Event;
 use flash_moe_engine::tokenizer::Tokenizer;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::{FLAVOR, ResponseMeta, call_json, finish_reason, usage};
-use crate::api::common::{AnswerStream, Piece};
+use crate::api::common::{AnswerStream, EventSender, Piece, event_stream, send_all};
 use crate::api::errors::{ApiError, ErrorKind};
 use crate::api::logprobs as token_logprobs;
 
@@ -26,8 +23,7 @@ pub(super) fn stream_chat(
     include_usage: bool,
     logprobs: Option<Arc<Tokenizer>>,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
+    event_stream(|tx| async move {
         let mut dones = Vec::new();
         for (index, mut answer) in answers.into_iter().enumerate() {
             let mut logprobs = token_logprobs::Pending::new(logprobs.clone());
@@ -75,20 +71,12 @@ pub(super) fn stream_chat(
             include_usage.then(|| usage(&dones)),
         )
         .await;
-    });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    })
 }
 
 /// The end of a stream: with `usage`, a chunk of `object` that carries it and no choices; then
 /// `[DONE]`.
-async fn end_stream(
-    tx: &mpsc::Sender<Result<Event, Infallible>>,
-    meta: &ResponseMeta,
-    object: &str,
-    usage: Option<Value>,
-) {
+async fn end_stream(tx: &EventSender, meta: &ResponseMeta, object: &str, usage: Option<Value>) {
     let usage = usage.map(|usage| {
         json!({"id": meta.id, "object": object, "created": meta.created, "model": meta.model, "choices": [],
             "usage": usage})
@@ -99,20 +87,10 @@ async fn end_stream(
 }
 
 /// A failed generation ends its stream: the error, then `[DONE]`.
-async fn fail_stream(tx: &mpsc::Sender<Result<Event, Infallible>>, message: String) {
+async fn fail_stream(tx: &EventSender, message: String) {
     let error = ApiError::new(FLAVOR, ErrorKind::Internal, message);
     let events = [error.body().to_string(), "[DONE]".to_string()];
     send_all(tx, events.into_iter().map(|e| Event::default().data(e))).await;
-}
-
-/// Sends `events` in order; false when the client has gone.
-async fn send_all(tx: &mpsc::Sender<Result<Event, Infallible>>, events: impl Iterator<Item = Event>) -> bool {
-    for event in events {
-        if tx.send(Ok(event)).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// Streams a completion's choices one after another; with `logprobs` (the tokenizer, when
@@ -124,8 +102,7 @@ pub(super) fn stream_completion(
     include_usage: bool,
     logprobs: Option<Arc<Tokenizer>>,
 ) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
+    event_stream(|tx| async move {
         let mut dones = Vec::new();
         for (index, mut answer) in answers.into_iter().enumerate() {
             let mut logprobs = token_logprobs::Pending::new(logprobs.clone());
@@ -155,14 +132,11 @@ pub(super) fn stream_completion(
                     Some(Piece::Failed(message)) => return fail_stream(&tx, message).await,
                     Some(_) => {}
                 }
-                if !send_all(&tx, out.into_iter()).await {
+                if !send_all(&tx, out).await {
                     return;
                 }
             }
         }
         end_stream(&tx, &meta, "text_completion", include_usage.then(|| usage(&dones))).await;
-    });
-    Sse::new(ReceiverStream::new(rx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    })
 }
