@@ -164,6 +164,7 @@ fn main() {
         }
     }
     decode_attention(&b, &stream, d2d);
+    prompt_attention(&b, &stream);
     host_cost_per_op(&b, &stream);
 }
 
@@ -210,6 +211,49 @@ fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
         let rate = (context * kv_width * 8) as f64 / (us * 1e-6);
         let name = format!("{heads}:2 heads of 256, {context} keys");
         println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+    }
+}
+
+/// A 2048-token chunk of a long prompt's attention with Qwen3.5-397B's and Qwen3-Next's heads,
+/// after 0 to 30K positions: on the tensor cores and as SGEMMs (a second backend with them
+/// off), with the rate of the products the causal mask keeps (4 d FLOPs per head, query and
+/// key seen).
+fn prompt_attention(b: &CudaBackend, stream: &Arc<CudaStream>) {
+    use flash_moe_engine::backend::AttentionShape;
+    let sgemm = CudaBackend::new(0, Some(0))
+        .expect("second backend")
+        .flash_attention(false);
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>7}",
+        "prompt attention, 2048 queries", "ms tc", "TFLOP/s", "ms sgemm", "ratio"
+    );
+    let queries = 2048;
+    for (heads, cached) in [32usize, 16]
+        .into_iter()
+        .flat_map(|h| [0usize, 8192, 30_720].map(|c| (h, c)))
+    {
+        let shape = AttentionShape {
+            num_heads: heads,
+            num_kv_heads: 2,
+            head_dim: 256,
+        };
+        let (width, kv_width, rows) = (heads * 256, 2 * 256, cached + queries);
+        let fill =
+            |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 7 + seed) % 13) as f32 * 0.05 - 0.3).collect() };
+        let time = |be: &CudaBackend, s: &Arc<CudaStream>| {
+            let k = be.upload(&fill(rows * kv_width, 1), rows, kv_width).expect("keys");
+            let v = be.upload(&fill(rows * kv_width, 2), rows, kv_width).expect("values");
+            let q = be.upload(&fill(queries * width, 3), queries, width).expect("queries");
+            time_ms(s, 3, || {
+                std::hint::black_box(be.attention(&q, &k, &v, shape, cached).expect("attention"));
+            })
+        };
+        let tc = time(b, stream);
+        let blas = time(&sgemm, sgemm.stream());
+        let seen = queries * cached + queries * (queries + 1) / 2;
+        let tflops = (4 * 256 * heads * seen) as f64 / (tc * 1e-3) / 1e12;
+        let name = format!("{heads}:2 heads of 256, after {cached}");
+        println!("{name:<44} {tc:>9.2} {tflops:>9.1} {blas:>9.2} {:>6.1}x", blas / tc);
     }
 }
 

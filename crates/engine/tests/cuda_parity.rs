@@ -471,7 +471,31 @@ fn every_operation_matches_the_cpu() {
             queries,
         );
         same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
-            decode_attention(b, p.0, p.1, p.2)
+            attention_after(b, p.0, p.1, p.2)
+        });
+    }
+    // Prompt attention on the tensor cores: Qwen3.5-397B's and Qwen3-Next's groups after a
+    // cache (a chunk of a long prompt), a group of 3 with rows that end mid-block, the
+    // smallest head dim, and a head dim the kernels do not take (the SGEMM path).
+    for (heads, kv_heads, d, cached, queries) in [
+        (32, 2, 256, 1200, 70),
+        (16, 2, 256, 0, 300),
+        (6, 2, 32, 500, 37),
+        (8, 2, 128, 33, 100),
+        (4, 2, 48, 10, 40),
+    ] {
+        let name = format!("prompt attention {heads}:{kv_heads} heads of {d}, {queries} queries after {cached}");
+        let args = (
+            AttentionShape {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: d,
+            },
+            cached,
+            queries,
+        );
+        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
+            attention_after(b, p.0, p.1, p.2)
         });
     }
     same_on_both!(
@@ -749,7 +773,7 @@ type HeadArgs = (usize, usize, usize, usize, usize);
 
 /// Attention of `queries` new rows after `cached` rows of random keys and values (scaled so
 /// that the softmax is neither flat nor one-hot).
-fn decode_attention<B: Backend>(b: &B, shape: AttentionShape, cached: usize, queries: usize) -> Result<Vec<f32>> {
+fn attention_after<B: Backend>(b: &B, shape: AttentionShape, cached: usize, queries: usize) -> Result<Vec<f32>> {
     let mut rng = SmallRng::seed_from_u64((shape.num_heads * 1000 + cached) as u64);
     let (width, kv_width) = (shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim);
     let rows = cached + queries;

@@ -2,12 +2,14 @@
 //!
 //! A few queries (decode) run split over the keys: a block per (query, KV head, chunk of
 //! keys) for all the query heads of that KV head, then a launch that merges the chunks. A
+//! prompt runs on the tensor cores (`attention_flash`, compute capability 8.0 and head dims
+//! of 32, 64, 128 or 256): the queries, keys and values split into 16-bit limbs, then per KV
+//! head blocks of its (query, head) rows walk the keys with an online softmax, so that no
+//! scores reach memory and no causal tile past a block's last query is read. Elsewhere a
 //! prompt runs as matrix products: per KV head, the scores of its query heads in one
 //! strided-batched SGEMM, a masked softmax, and the weighted values in another SGEMM; the
 //! scores of a launch stay within ATTENTION_SCORES_FLOATS (long prompts run their queries in
-//! blocks). The kernels they replace took a block per (query, head), which read every key
-//! and value again for each query head (16 times for Qwen3.5) from only `heads` blocks per
-//! token, and 17 TB of cache reads for a 23k-token prompt.
+//! blocks).
 
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
@@ -32,6 +34,22 @@ const SPLIT_THREADS: usize = 256;
 /// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels.cu).
 const COMBINE_COLUMNS: usize = 32;
 
+/// Head dims of the `attention_flash` kernels.
+const FLASH_DIMS: [usize; 4] = [32, 64, 128, 256];
+/// (Query, head) rows per `attention_flash` block, keys per tile, warps per block (`FA_ROWS`,
+/// `FA_KEYS`, `FA_WARPS`).
+const FLASH_ROWS: usize = 64;
+const FLASH_KEYS: usize = 32;
+const FLASH_WARPS: u32 = 8;
+
+/// Shared memory of an `attention_flash` block: its rows of query limbs, then two tiles of
+/// key and value limbs and the keys' scales. A limb row holds hi and lo (2 bytes each per
+/// value) and 16 bytes of padding.
+fn flash_shared_bytes(d: usize) -> usize {
+    let row = 4 * d + 16;
+    FLASH_ROWS * row + 2 * (2 * FLASH_KEYS * row + 4 * FLASH_KEYS)
+}
+
 /// Shared memory of an `attention_split` block: the queries of `group` (padded) heads of `d`
 /// (rounded up to 4), or the values' partial sums (16 per thread), whichever is larger, then
 /// `chunk` rows of `group + 4` scores.
@@ -51,6 +69,16 @@ fn split_chunk(keys: usize, lanes: usize, sms: usize) -> usize {
 /// within `budget` floats, and at least one.
 fn attention_query_rows(heads: usize, keys: usize, budget: usize) -> usize {
     (budget / (heads * keys).max(1)).max(1)
+}
+
+/// Rows of `heads` heads of `d` as `attention_limbs` lays them out: per KV head (`heads /
+/// group` of them), `rows * group` limb rows.
+#[derive(Clone, Copy)]
+struct LimbRows {
+    rows: usize,
+    heads: usize,
+    group: usize,
+    d: usize,
 }
 
 /// One block of query rows: the queries `q` (rows of `heads * d`), their first position and
@@ -180,6 +208,10 @@ impl CudaBackend {
             self.attend_split(q, keys, values, shape, pos0, &mut out)?;
             return Ok(out);
         }
+        if let Some(kernel) = self.flash_kernel(shape.head_dim) {
+            self.attend_flash(q, keys, values, shape, pos0, kernel, &mut out)?;
+            return Ok(out);
+        }
         let width = shape.num_heads * shape.head_dim;
         let rows_per_block = attention_query_rows(shape.num_heads, pos0 + q.rows, ATTENTION_SCORES_FLOATS);
         for first in (0..q.rows).step_by(rows_per_block) {
@@ -196,6 +228,115 @@ impl CudaBackend {
             })?;
         }
         Ok(out)
+    }
+
+    /// The `attention_flash` kernel for head dim `d`, where this GPU can run one.
+    fn flash_kernel(&self, d: usize) -> Option<usize> {
+        let fits = flash_shared_bytes(d) <= MAX_DYNAMIC_SHARED as usize;
+        FLASH_DIMS
+            .iter()
+            .position(|&x| x == d)
+            .filter(|_| self.flash_attention && self.tensor_cores && fits)
+    }
+
+    /// Prompt attention on the tensor cores: the limbs of the queries (scaled by
+    /// log2(e) / sqrt(d), as the kernel's softmax is in powers of two), keys and values, then
+    /// a block per 64 (query, head) rows of each KV head.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_flash(
+        &self,
+        q: &CudaTensor,
+        keys: &CudaTensor,
+        values: &CudaTensor,
+        shape: AttentionShape,
+        pos0: usize,
+        kernel: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let (heads, kv_heads, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
+        let (group, queries, cap) = (heads / kv_heads, q.rows, pos0 + q.rows);
+        // Two 16-bit limbs take a float's room; every part starts 16 bytes aligned.
+        let q_limbs = (queries * heads * d).next_multiple_of(4);
+        let q_scales = (queries * heads).next_multiple_of(4);
+        let kv_limbs = (cap * kv_heads * d).next_multiple_of(4);
+        let k_scales = (cap * kv_heads).next_multiple_of(4);
+        let extra = std::f32::consts::LOG2_E / (d as f32).sqrt();
+        self.with_scratch(q_limbs + q_scales + 2 * kv_limbs + k_scales, |scratch| {
+            let (mut ql, mut rest) = scratch.split_at_mut(q_limbs);
+            let (mut qs, mut rest) = rest.split_at_mut(q_scales);
+            let (mut kl, mut rest) = rest.split_at_mut(kv_limbs);
+            let (mut vl, mut ks) = rest.split_at_mut(kv_limbs);
+            let q_rows = LimbRows {
+                rows: queries,
+                heads,
+                group,
+                d,
+            };
+            let cache_rows = LimbRows {
+                rows: cap,
+                heads: kv_heads,
+                group: 1,
+                d,
+            };
+            self.split_limbs(&q.buf, q_rows, Some(extra), &mut ql, &mut qs)?;
+            self.split_limbs(&keys.buf, cache_rows, Some(1.0), &mut kl, &mut ks)?;
+            self.split_limbs(&values.buf, cache_rows, None, &mut vl, &mut ks)?;
+            let cfg = LaunchConfig {
+                grid_dim: ((queries * group).div_ceil(FLASH_ROWS) as u32, kv_heads as u32, 1),
+                block_dim: (32 * FLASH_WARPS, 1, 1),
+                shared_mem_bytes: flash_shared_bytes(d) as u32,
+            };
+            let (n, g, p0, h) = (queries as i32, group as i32, pos0 as i32, heads as i32);
+            let (ql, qs, kl, ks, vl) = (ql.as_view(), qs.as_view(), kl.as_view(), ks.as_view(), vl.as_view());
+            launch!(
+                self,
+                &self.k.attention_flash[kernel],
+                cfg,
+                &ql,
+                &qs,
+                &kl,
+                &ks,
+                &vl,
+                &n,
+                &g,
+                &p0,
+                &h,
+                &mut *out.buf
+            )
+        })
+    }
+
+    /// `attention_limbs`: the rows of `src` as f16 limbs scaled per row, with `extra` over the
+    /// scale in `scales`, or (`extra` None) as bf16 limbs, unscaled (`scales` untouched).
+    fn split_limbs(
+        &self,
+        src: &CudaSlice<f32>,
+        at: LimbRows,
+        extra: Option<f32>,
+        limbs: &mut CudaViewMut<'_, f32>,
+        scales: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: ((at.rows * at.heads) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows, heads, group, d) = (at.rows as i32, at.heads as i32, at.group as i32, at.d as i32);
+        let (as_f16, extra) = (extra.is_some() as i32, extra.unwrap_or(1.0));
+        launch!(
+            self,
+            &self.k.attention_limbs,
+            cfg,
+            src,
+            &rows,
+            &heads,
+            &group,
+            &d,
+            &as_f16,
+            &extra,
+            limbs,
+            scales
+        )
     }
 
     fn attend_split(
@@ -363,7 +504,23 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{attention_query_rows, split_chunk};
+    use super::{FLASH_DIMS, FLASH_KEYS, FLASH_ROWS, attention_query_rows, flash_shared_bytes, split_chunk};
+    use crate::backend::cuda::kernels::MAX_DYNAMIC_SHARED;
+
+    #[test]
+    fn flash_attention_blocks_fit_in_shared_memory() {
+        // Qwen3.5's heads of 256: 64 query rows and two tiles of 32 key and 32 value rows, each
+        // row 1040 bytes (hi and lo of 256 values, 16 of padding), and 32 key scales per tile.
+        assert_eq!(flash_shared_bytes(256), 64 * 1040 + 2 * (64 * 1040 + 128));
+        for d in FLASH_DIMS {
+            assert!(flash_shared_bytes(d) <= MAX_DYNAMIC_SHARED as usize, "head dim {d}");
+            // The merge at the end reuses the tiles' room: per lane of the first half's 4
+            // warps, the output's d / 2 values, two maxima and two sums.
+            let tiles = flash_shared_bytes(d) - FLASH_ROWS * (4 * d + 16);
+            assert!((d / 2 + 4) * 128 * 4 <= tiles, "head dim {d}");
+        }
+        assert_eq!(FLASH_KEYS % 16, 0, "each warp takes 16 keys of a tile");
+    }
 
     #[test]
     fn split_attention_fills_the_gpu_with_chunks_of_8_to_256_keys() {

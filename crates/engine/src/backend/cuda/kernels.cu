@@ -1627,6 +1627,341 @@ extern "C" __global__ void attention_values(float* scores, const float* v, int h
 }
 
 // ---------------------------------------------------------------------------------------
+// Prompt attention on the tensor cores (flash attention): per KV head, blocks of FA_ROWS
+// rows (query, head of the group) walk the keys in tiles of FA_KEYS with an online softmax,
+// so that no scores reach memory and the causal tiles past a block's last query are never
+// read. The operands are f32 split into two 16-bit limbs (x = hi + lo) by attention_limbs,
+// and each product takes three MMAs (hi.hi + hi.lo + lo.hi), which keeps the result near
+// f32: queries and keys as f16 limbs scaled by a power of two per row (the scores feed an
+// exponential, so they get f16's longer mantissa, 2^-22 for the pair), the weights and
+// values as bf16 limbs (2^-17; any value's range, no scaling needed).
+
+// A block's 8 warps take its rows 16 at a time, in two halves of each tile's keys: each warp
+// keeps its own running softmax and output, and the halves merge at the end. (Four warps
+// taking whole tiles left one warp per scheduler, stalled on its own instructions' latency.)
+#define FA_WARPS 8
+#define FA_ROWS 64
+#define FA_KEYS 32
+#define FA_WARP_KEYS 16
+
+__device__ __forceinline__ u16 f32_to_f16(float v) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+
+__device__ __forceinline__ u16 f32_to_bf16(float v) {
+    u16 r = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+#endif
+    return r;
+}
+
+// Row r of head h of x (rows of `heads * d` floats) as two limbs, hi[d] then lo[d], at
+// limb row (h / group, r, h % group) of `rows * group` rows per KV head. f16 limbs are of
+// the row scaled into [2^14, 2^15), and `scales` gets `extra` over that factor.
+extern "C" __global__ void attention_limbs(const float* x, int rows, int heads, int group, int d, int as_f16,
+                                           float extra, u16* limbs, float* scales) {
+    __shared__ float scratch[32];
+    int r = blockIdx.x / heads, h = blockIdx.x % heads;
+    const float* src = x + ((long long)r * heads + h) * d;
+    long long out_row = ((long long)(h / group) * rows + r) * group + h % group;
+    u16* dst = limbs + out_row * 2 * d;
+    float f = 1.0f;
+    if (as_f16) {
+        float m = 0.0f;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) m = fmaxf(m, fabsf(src[i]));
+        m = block_max(m, scratch);
+        int e = m > 0.0f ? max(ilogbf(m), -100) : 0;
+        f = ldexpf(1.0f, 14 - e);
+        if (threadIdx.x == 0) scales[out_row] = ldexpf(extra, e - 14);
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = src[i] * f;
+        u16 hi, lo;
+        if (as_f16) {
+            hi = f32_to_f16(v);
+            lo = f32_to_f16(v - f16_to_f32(hi));
+        } else {
+            hi = f32_to_bf16(v);
+            lo = f32_to_bf16(v - bf16_to_f32(hi));
+        }
+        dst[i] = hi;
+        dst[d + i] = lo;
+    }
+}
+
+// d += a . b on the tensor cores (m16n8k16, bf16 in, f32 accumulate).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Four 8x8 matrices of 16-bit values from shared memory: lane l gives the address of row
+// l % 8 of matrix l / 8 and gets, of each matrix, row l / 4 (columns 2 (l % 4), +1), or with
+// TRANS column l / 4 (rows 2 (l % 4), +1).
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    if constexpr (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+#endif
+}
+
+// Weights a (column 2i) and b (2i + 1) as the bf16 limbs of an MMA operand word.
+__device__ __forceinline__ void bf16_limb_pair(float a, float b, u32& hi, u32& lo) {
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(b), "f"(a));
+    float ha = bf16_to_f32((u16)(hi & 0xffffu)), hb = bf16_to_f32((u16)(hi >> 16));
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(b - hb), "f"(a - ha));
+#endif
+}
+
+// Halves per limb row (hi, lo, then 16 bytes that keep ldmatrix's eight rows on distinct banks).
+template <int D>
+__device__ constexpr int fa_stride() {
+    return 2 * D + 8;
+}
+
+// Copies the limb rows of keys and values k0.. of a tile, and the keys' scales, into `stage`.
+template <int D>
+__device__ __forceinline__ void fa_load_tile(u16* stage, const u16* kl, const float* ks, const u16* vl, int k0,
+                                             int keys) {
+    constexpr int S = fa_stride<D>(), CHUNKS = 2 * D / 8;
+    for (int i = threadIdx.x; i < 2 * FA_KEYS * CHUNKS; i += blockDim.x) {
+        int which = i / (FA_KEYS * CHUNKS), r = i / CHUNKS % FA_KEYS, c = i % CHUNKS;
+        bool valid = k0 + r < keys;
+        const u16* src = (which ? vl : kl) + (long long)(valid ? k0 + r : 0) * 2 * D + c * 8;
+        cp_async<16>(stage + (which * FA_KEYS + r) * S + c * 8, src, valid);
+    }
+    float* sc = (float*)(stage + 2 * FA_KEYS * S);
+    for (int i = threadIdx.x; i < FA_KEYS; i += blockDim.x) cp_async<4>(sc + i, ks + (k0 + i < keys ? k0 + i : 0), k0 + i < keys);
+}
+
+// One warp's 16 rows against its 16 keys of a tile: the raw scores into s.
+template <int D>
+__device__ __forceinline__ void fa_scores(const u16* qw, const u16* kt, int lane, float (&s)[2][4]) {
+    constexpr int S = fa_stride<D>();
+    float sx[2][4] = {};
+    const u16* qa = qw + ((lane & 7) + ((lane >> 3) & 1) * 8) * S + (lane >> 4) * 8;
+    const u16* kb = kt + ((lane >> 4) * 8 + (lane & 7)) * S + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        u32 qh[4], ql[4], kh[4], klo[4];
+        ldmatrix_x4<false>(qh, qa + kk * 16);
+        ldmatrix_x4<false>(ql, qa + kk * 16 + D);
+        ldmatrix_x4<false>(kh, kb + kk * 16);
+        ldmatrix_x4<false>(klo, kb + kk * 16 + D);
+        mma_f16(s[0], qh, kh[0], kh[1]);
+        mma_f16(s[1], qh, kh[2], kh[3]);
+        mma_f16(sx[0], qh, klo[0], klo[1]);
+        mma_f16(sx[1], qh, klo[2], klo[3]);
+        mma_f16(sx[0], ql, kh[0], kh[1]);
+        mma_f16(sx[1], ql, kh[2], kh[3]);
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] += sx[j][e];
+}
+
+// o += p . v for one warp: p (16 rows by its 16 keys, in the layout of the scores) as bf16
+// limbs, v's limb rows from the tile.
+template <int D>
+__device__ __forceinline__ void fa_values(const float (&p)[2][4], const u16* vt, int lane, float (&o)[D / 8][4]) {
+    constexpr int S = fa_stride<D>();
+    const u16* vb = vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * S + (lane >> 4) * 8;
+    u32 ph[4], pl[4];
+    bf16_limb_pair(p[0][0], p[0][1], ph[0], pl[0]);
+    bf16_limb_pair(p[0][2], p[0][3], ph[1], pl[1]);
+    bf16_limb_pair(p[1][0], p[1][1], ph[2], pl[2]);
+    bf16_limb_pair(p[1][2], p[1][3], ph[3], pl[3]);
+#pragma unroll
+    for (int np = 0; np < D / 16; ++np) {
+        u32 vh[4], vlo[4];
+        ldmatrix_x4<true>(vh, vb + np * 16);
+        ldmatrix_x4<true>(vlo, vb + np * 16 + D);
+        mma_bf16(o[2 * np], ph, vh[0], vh[1]);
+        mma_bf16(o[2 * np + 1], ph, vh[2], vh[3]);
+        mma_bf16(o[2 * np], ph, vlo[0], vlo[1]);
+        mma_bf16(o[2 * np + 1], ph, vlo[2], vlo[3]);
+        mma_bf16(o[2 * np], pl, vh[0], vh[1]);
+        mma_bf16(o[2 * np + 1], pl, vh[2], vh[3]);
+    }
+}
+
+// A warp's running softmax over its keys: the maximum (log2 units) and the sum of this
+// lane's weights, for rows g and g + 8 of its 16.
+struct RunningSoftmax {
+    float max[2] = {NEG_INF, NEG_INF}, sum[2] = {0.0f, 0.0f};
+};
+
+// Folds a warp's scores s (already scaled and masked) into its running softmax and output,
+// leaving the weights in s.
+template <int D>
+__device__ __forceinline__ void fa_softmax(float (&s)[2][4], RunningSoftmax& run, float (&o)[D / 8][4]) {
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float m = fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1]));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2)), run.max[h]);
+        // A row with no key seen yet (the warp's half of the first tile lies past it) keeps
+        // its empty state: weights of zero against a maximum of 0.
+        alpha[h] = m == NEG_INF ? 1.0f : exp2f(run.max[h] - m);
+        run.max[h] = m;
+        run.sum[h] *= alpha[h];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) o[n][0] *= alpha[0], o[n][1] *= alpha[0], o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float m = run.max[e >> 1];
+            s[j][e] = m == NEG_INF ? 0.0f : exp2f(s[j][e] - m);
+            run.sum[e >> 1] += s[j][e];
+        }
+}
+
+// Block (x, kv): rows of KV head kv's `queries * group` limb rows (query q, head g at row
+// q group + g), the longest blocks first; keys and values of the first pos0 + queries
+// positions. Query q sits at position pos0 + q and sees the keys up to it. The output is
+// rows of `heads * D` floats, one per query.
+template <int D>
+__device__ void attention_flash(const u16* ql, const float* qs, const u16* kl, const float* ks, const u16* vl,
+                                int queries, int group, int pos0, int heads, float* out) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int S = fa_stride<D>(), CHUNKS = 2 * D / 8, STAGE = 2 * FA_KEYS * S + 2 * FA_KEYS;
+    extern __shared__ uint4 smem_vec[];
+    u16* qsm = (u16*)smem_vec;
+    u16* stages = qsm + FA_ROWS * S;
+    int kv = blockIdx.y, keys = pos0 + queries, m_rows = queries * group;
+    int r0 = (gridDim.x - 1 - blockIdx.x) * FA_ROWS;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // This warp's 16 rows (from r0 + 16 tile) and its half of each tile's keys.
+    int tile_rows = warp & 3, half = warp >> 2;
+    ql += (long long)kv * m_rows * 2 * D;
+    qs += (long long)kv * m_rows;
+    kl += (long long)kv * keys * 2 * D;
+    ks += (long long)kv * keys;
+    vl += (long long)kv * keys * 2 * D;
+    int tiles = (pos0 + (min(r0 + FA_ROWS, m_rows) - 1) / group + 1 + FA_KEYS - 1) / FA_KEYS;
+    for (int i = threadIdx.x; i < FA_ROWS * CHUNKS; i += blockDim.x) {
+        int r = i / CHUNKS, c = i % CHUNKS;
+        bool valid = r0 + r < m_rows;
+        cp_async<16>(qsm + r * S + c * 8, ql + (long long)(valid ? r0 + r : 0) * 2 * D + c * 8, valid);
+    }
+    fa_load_tile<D>(stages, kl, ks, vl, 0, keys);
+    cp_async_commit();
+    // This lane's rows (a: g, b: g + 8 of the warp's 16), the last key each sees, its scale.
+    int row_a = r0 + tile_rows * 16 + g, row_b = row_a + 8;
+    int last_a = pos0 + row_a / group, last_b = pos0 + row_b / group;
+    float scale_a = row_a < m_rows ? qs[row_a] : 0.0f, scale_b = row_b < m_rows ? qs[row_b] : 0.0f;
+    int warp_first = min(r0 + tile_rows * 16, m_rows - 1), warp_last = min(r0 + tile_rows * 16 + 15, m_rows - 1);
+    int warp_keys = pos0 + warp_last / group + 1, warp_min_last = pos0 + warp_first / group;
+    bool busy = r0 + tile_rows * 16 < m_rows;
+    float o[D / 8][4] = {};
+    RunningSoftmax run;
+    for (int tile = 0; tile < tiles; ++tile) {
+        if (tile + 1 < tiles) fa_load_tile<D>(stages + ((tile + 1) & 1) * STAGE, kl, ks, vl, (tile + 1) * FA_KEYS, keys);
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const u16* kt = stages + (tile & 1) * STAGE + half * FA_WARP_KEYS * S;
+        const float* kscale = (const float*)(stages + (tile & 1) * STAGE + 2 * FA_KEYS * S) + half * FA_WARP_KEYS;
+        int k0 = tile * FA_KEYS + half * FA_WARP_KEYS;
+        if (busy && k0 < warp_keys) {
+            float s[2][4] = {};
+            fa_scores<D>(qsm + tile_rows * 16 * S, kt, lane, s);
+            bool edge = k0 + FA_WARP_KEYS - 1 > warp_min_last;
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    int c = 8 * j + 2 * t + (e & 1);
+                    s[j][e] *= (e < 2 ? scale_a : scale_b) * kscale[c];
+                    if (edge && k0 + c > (e < 2 ? last_a : last_b)) s[j][e] = NEG_INF;
+                }
+            fa_softmax<D>(s, run, o);
+            fa_values<D>(s, kt + FA_KEYS * S, lane, o);
+        }
+        __syncthreads();  // every warp is done with the buffer the next tile's load refills
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    // The second half's warps hand their state to the first's (in the stages' room: per
+    // value, the block's 128 lanes side by side), which merge and store.
+    float* merge = (float*)stages;
+    int slot = tile_rows * 32 + lane;
+    constexpr int SLOTS = 4 * 32;
+    if (half == 1) {
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) merge[(n * 4 + e) * SLOTS + slot] = o[n][e];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            merge[(D / 2 + h) * SLOTS + slot] = run.max[h];
+            merge[(D / 2 + 2 + h) * SLOTS + slot] = run.sum[h];
+        }
+    }
+    __syncthreads();
+    if (half == 1 || !busy) return;
+    float keep[2], take[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float other_max = merge[(D / 2 + h) * SLOTS + slot], other_sum = merge[(D / 2 + 2 + h) * SLOTS + slot];
+        float m = fmaxf(run.max[h], other_max);  // finite: the first half of tile 0 holds key 0
+        keep[h] = exp2f(run.max[h] - m);
+        take[h] = other_max == NEG_INF ? 0.0f : exp2f(other_max - m);
+        run.sum[h] = run.sum[h] * keep[h] + other_sum * take[h];
+        run.sum[h] += __shfl_xor_sync(0xffffffffu, run.sum[h], 1);
+        run.sum[h] += __shfl_xor_sync(0xffffffffu, run.sum[h], 2);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        int row = h ? row_b : row_a;
+        if (row >= m_rows) continue;
+        float inv = 1.0f / run.sum[h];
+        float* dst = out + ((long long)(row / group) * heads + kv * group + row % group) * D + 2 * t;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            float x = o[n][2 * h] * keep[h] + merge[(n * 4 + 2 * h) * SLOTS + slot] * take[h];
+            float y = o[n][2 * h + 1] * keep[h] + merge[(n * 4 + 2 * h + 1) * SLOTS + slot] * take[h];
+            *(float2*)(dst + 8 * n) = make_float2(x * inv, y * inv);
+        }
+    }
+#endif
+}
+
+#define ATTENTION_FLASH(D)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * FA_WARPS, 1)                                               \
+        attention_flash_d##D(const u16* ql, const float* qs, const u16* kl, const float* ks, const u16* vl,       \
+                             int queries, int group, int pos0, int heads, float* out) {                           \
+        attention_flash<D>(ql, qs, kl, ks, vl, queries, group, pos0, heads, out);                                 \
+    }
+ATTENTION_FLASH(32)
+ATTENTION_FLASH(64)
+ATTENTION_FLASH(128)
+ATTENTION_FLASH(256)
+
+// ---------------------------------------------------------------------------------------
 // Gated DeltaNet.
 
 // Causal depthwise convolution with SiLU over [state rows | x rows] (the state holds the

@@ -64,6 +64,10 @@ pub struct Kernels {
     /// heads per KV head.
     pub attention_split: [CudaFunction; 4],
     pub attention_combine: CudaFunction,
+    /// f32 rows into the 16-bit limbs that `attention_flash` reads.
+    pub attention_limbs: CudaFunction,
+    /// Prompt attention on the tensor cores, for head dims of 32, 64, 128 and 256.
+    pub attention_flash: [CudaFunction; 4],
     pub attention_softmax: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
     /// The conv over a prompt, rows split among threads; leaves the state to the caller.
@@ -92,7 +96,7 @@ impl Kernels {
         // The batched down projection keeps every expert's activation in shared memory, the
         // grouped products their stages of codes and x, the chunked delta rule a block's
         // columns of the state and a chunk's keys and queries, the split attention a group's
-        // queries and a chunk's scores.
+        // queries and a chunk's scores, the prompt attention its queries and two tiles of keys.
         let big_smem = |name: &str| {
             let func = f(name)?;
             func.set_attribute(
@@ -167,6 +171,13 @@ impl Kernels {
                 big_smem("attention_split_g32")?,
             ],
             attention_combine: f("attention_combine")?,
+            attention_limbs: f("attention_limbs")?,
+            attention_flash: [
+                big_smem("attention_flash_d32")?,
+                big_smem("attention_flash_d64")?,
+                big_smem("attention_flash_d128")?,
+                big_smem("attention_flash_d256")?,
+            ],
             attention_softmax: f("attention_softmax")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,
             causal_conv1d_silu_rows: f("causal_conv1d_silu_rows")?,

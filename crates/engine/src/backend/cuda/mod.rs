@@ -167,6 +167,8 @@ pub struct CudaBackend {
     /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
     graphs: StepGraphs,
     record_steps: bool,
+    /// Whether prompts' attention may run on the tensor cores (`attention_flash`).
+    flash_attention: bool,
 }
 
 const THREADS: u32 = 256;
@@ -269,7 +271,15 @@ impl CudaBackend {
             in_flight: Mutex::default(),
             graphs: StepGraphs::default(),
             record_steps: true,
+            flash_attention: true,
         })
+    }
+
+    /// Whether prompts' attention runs on the tensor cores where the GPU and the head dim
+    /// allow (on by default); off, it runs as SGEMMs, which the benchmarks compare against.
+    pub fn flash_attention(mut self, on: bool) -> Self {
+        self.flash_attention = on;
+        self
     }
 
     /// Whether one-token steps of linear-attention layers routed on the device are recorded
