@@ -123,6 +123,10 @@ pub struct ModelArgs {
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Run a prompt's attention on a GPU as FP32 matrix products (cuBLAS) instead of the
+    /// tensor-core kernel (for comparison and debugging).
+    #[arg(long)]
+    pub no_flash_attention: bool,
     /// Prompt tokens per attention pass. A prompt is prefilled layer by layer in windows of 8
     /// chunks: each layer's experts run on the whole window, so each expert is read once per
     /// window. Larger chunks take more memory for activations.
@@ -159,7 +163,8 @@ impl ModelArgs {
                 let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
                 let backend = CudaBackend::new(n, cache)
                     .with_context(|| format!("opening cuda:{n}"))?
-                    .record_steps(!self.no_cuda_graphs);
+                    .record_steps(!self.no_cuda_graphs)
+                    .flash_attention(!self.no_flash_attention);
                 // Expert buffers in page-locked memory: copies to the GPU go straight from them.
                 let store = ExpertStore::new(StoreConfig {
                     host_memory: Some(backend.pinned_allocator()),
