@@ -1737,18 +1737,29 @@ __device__ constexpr int fa_stride() {
 }
 
 // Copies the limb rows of keys and values k0.. of a tile, and the keys' scales, into `stage`.
+// Each thread takes one 16-byte column of every (32 FA_WARPS / (D / 4))-th row, so that its
+// copies differ by constant offsets (the index arithmetic per copy once cost more
+// instructions than the tile's MMAs).
 template <int D>
 __device__ __forceinline__ void fa_load_tile(u16* stage, const u16* kl, const float* ks, const u16* vl, int k0,
                                              int keys) {
-    constexpr int S = fa_stride<D>(), CHUNKS = 2 * D / 8;
-    for (int i = threadIdx.x; i < 2 * FA_KEYS * CHUNKS; i += blockDim.x) {
-        int which = i / (FA_KEYS * CHUNKS), r = i / CHUNKS % FA_KEYS, c = i % CHUNKS;
-        bool valid = k0 + r < keys;
-        const u16* src = (which ? vl : kl) + (long long)(valid ? k0 + r : 0) * 2 * D + c * 8;
-        cp_async<16>(stage + (which * FA_KEYS + r) * S + c * 8, src, valid);
+    constexpr int S = fa_stride<D>(), CHUNKS = 2 * D / 8, PASS = 32 * FA_WARPS / CHUNKS;
+    static_assert(PASS >= 1 && FA_KEYS % PASS == 0, "a pass covers whole rows of the tile");
+    int r = threadIdx.x / CHUNKS, c = (threadIdx.x % CHUNKS) * 8;
+    const u16* k_src = kl + (long long)(k0 + r) * 2 * D + c;
+    const u16* v_src = vl + (long long)(k0 + r) * 2 * D + c;
+    u16* dst = stage + r * S + c;
+#pragma unroll
+    for (int p = 0; p < FA_KEYS / PASS; ++p) {
+        bool valid = k0 + r + p * PASS < keys;
+        cp_async<16>(dst + p * PASS * S, valid ? k_src + p * PASS * 2 * D : kl, valid);
+        cp_async<16>(dst + (FA_KEYS + p * PASS) * S, valid ? v_src + p * PASS * 2 * D : vl, valid);
     }
     float* sc = (float*)(stage + 2 * FA_KEYS * S);
-    for (int i = threadIdx.x; i < FA_KEYS; i += blockDim.x) cp_async<4>(sc + i, ks + (k0 + i < keys ? k0 + i : 0), k0 + i < keys);
+    if (threadIdx.x < FA_KEYS) {
+        bool valid = k0 + threadIdx.x < keys;
+        cp_async<4>(sc + threadIdx.x, valid ? ks + k0 + threadIdx.x : ks, valid);
+    }
 }
 
 // One warp's 16 rows against its 16 keys of a tile: the raw scores into s.
