@@ -451,40 +451,24 @@ fn every_operation_matches_the_cpu() {
             b.download(&b.attention(&q, &keys, &values, shape, 40)?)
         }
     );
-    // Decode attention split over the keys: Qwen3.5-397B's and Qwen3-Next's groups over many
-    // chunks, a group padded to the kernel's (3 heads per KV head), a head dim that does not
-    // load as float4s, and one with fewer value items than threads.
+    // Decode attention split over the keys (under 16 queries): Qwen3.5-397B's and Qwen3-Next's
+    // groups over many chunks, a group padded to the kernel's (3 heads per KV head), a head dim
+    // that does not load as float4s, and one with fewer value items than threads. Prompt
+    // attention on the tensor cores: the same two groups after a cache (a chunk of a long
+    // prompt), a group of 3 with rows that end mid-block, and a head dim the kernels do not
+    // take (the SGEMM path).
     for (heads, kv_heads, d, cached, queries) in [
         (32, 2, 256, 5000, 1),
         (16, 2, 256, 700, 3),
         (6, 2, 30, 100, 2),
         (4, 1, 16, 2100, 1),
-    ] {
-        let name = format!("attention {heads}:{kv_heads} heads of {d}, {queries} queries after {cached}");
-        let args = (
-            AttentionShape {
-                num_heads: heads,
-                num_kv_heads: kv_heads,
-                head_dim: d,
-            },
-            cached,
-            queries,
-        );
-        same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
-            attention_after(b, p.0, p.1, p.2)
-        });
-    }
-    // Prompt attention on the tensor cores: Qwen3.5-397B's and Qwen3-Next's groups after a
-    // cache (a chunk of a long prompt), a group of 3 with rows that end mid-block, the
-    // smallest head dim, and a head dim the kernels do not take (the SGEMM path).
-    for (heads, kv_heads, d, cached, queries) in [
         (32, 2, 256, 1200, 70),
         (16, 2, 256, 0, 300),
         (6, 2, 32, 500, 37),
         (8, 2, 128, 33, 100),
         (4, 2, 48, 10, 40),
     ] {
-        let name = format!("prompt attention {heads}:{kv_heads} heads of {d}, {queries} queries after {cached}");
+        let name = format!("attention {heads}:{kv_heads} heads of {d}, {queries} queries after {cached}");
         let args = (
             AttentionShape {
                 num_heads: heads,
