@@ -895,6 +895,23 @@ __host__ __device__ constexpr int mt_stage_bytes(int bits) {
            MT_ROWS * MT_SCALE_SLOTS * 8;
 }
 
+// a (low half) and b (high half) as two limbs of an MMA operand word, bf16 or f16: hi, the
+// pair rounded, and lo, what rounding left.
+template <bool BF16>
+__device__ __forceinline__ void limb_pair(float a, float b, u32& hi, u32& lo) {
+#if __CUDA_ARCH__ >= 800
+    if constexpr (BF16) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(b), "f"(a));
+        float ha = bf16_to_f32((u16)(hi & 0xffffu)), hb = bf16_to_f32((u16)(hi >> 16));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(b - hb), "f"(a - ha));
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(b), "f"(a));
+        float ha = f16_to_f32((u16)(hi & 0xffffu)), hb = f16_to_f32((u16)(hi >> 16));
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(b - hb), "f"(a - ha));
+    }
+#endif
+}
+
 // Each float of x (rows of `cols`) as the two f16 limbs described above, in the MMA's order:
 // per row and piece (128 / bits columns), hi then lo, each 256 / bits bytes; and per row and
 // piece (2^e, sum of x), where e and the sum are taken over `lanes` / 4 pieces (1 or 2: the
@@ -928,13 +945,7 @@ __device__ __forceinline__ void split_word(const float* x, long long w, long lon
     u32* lo = hi + 2 * M;
 #pragma unroll
     for (int j = 0; j < M / 2; ++j) {
-        float a = v[j] * down, b = v[j + M / 2] * down;
-        u32 h, l;
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(b), "f"(a));
-        float ha = f16_to_f32((u16)(h & 0xffffu)), hb = f16_to_f32((u16)(h >> 16));
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(l) : "f"(b - hb), "f"(a - ha));
-        hi[j] = h;
-        lo[j] = l;
+        limb_pair<false>(v[j] * down, v[j + M / 2] * down, hi[j], lo[j]);
     }
     if (t == 0) meta[piece] = make_float2(ldexpf(1.0f, e), sum);
 #endif
@@ -1721,15 +1732,6 @@ __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u16* p) {
 #endif
 }
 
-// Weights a (column 2i) and b (2i + 1) as the bf16 limbs of an MMA operand word.
-__device__ __forceinline__ void bf16_limb_pair(float a, float b, u32& hi, u32& lo) {
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(b), "f"(a));
-    float ha = bf16_to_f32((u16)(hi & 0xffffu)), hb = bf16_to_f32((u16)(hi >> 16));
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(b - hb), "f"(a - ha));
-#endif
-}
-
 // Halves per limb row (hi, lo, then 16 bytes that keep ldmatrix's eight rows on distinct banks).
 template <int D>
 __device__ constexpr int fa_stride() {
@@ -1796,10 +1798,10 @@ __device__ __forceinline__ void fa_values(const float (&p)[2][4], const u16* vt,
     constexpr int S = fa_stride<D>();
     const u16* vb = vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * S + (lane >> 4) * 8;
     u32 ph[4], pl[4];
-    bf16_limb_pair(p[0][0], p[0][1], ph[0], pl[0]);
-    bf16_limb_pair(p[0][2], p[0][3], ph[1], pl[1]);
-    bf16_limb_pair(p[1][0], p[1][1], ph[2], pl[2]);
-    bf16_limb_pair(p[1][2], p[1][3], ph[3], pl[3]);
+    limb_pair<true>(p[0][0], p[0][1], ph[0], pl[0]);
+    limb_pair<true>(p[0][2], p[0][3], ph[1], pl[1]);
+    limb_pair<true>(p[1][0], p[1][1], ph[2], pl[2]);
+    limb_pair<true>(p[1][2], p[1][3], ph[3], pl[3]);
 #pragma unroll
     for (int np = 0; np < D / 16; ++np) {
         u32 vh[4], vlo[4];

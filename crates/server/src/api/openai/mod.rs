@@ -359,8 +359,8 @@ fn choice_count(n: Option<usize>) -> Result<usize, ApiError> {
 /// Queues the generations of `n` choices: `request` once per choice, one after another on the
 /// engine (the later ones find the prompt in the prefix cache), choice i sampling with the
 /// request's seed plus i so that sampled choices differ (greedy ones agree), each with its own
-/// tool-call ids. A full queue
-/// refuses the request: the choices queued already are dropped with it and never run.
+/// tool-call ids. A full queue refuses the request: the choices queued already are dropped
+/// with it and never run.
 fn submit_choices(
     state: &SharedState,
     request: &GenerationRequest,
