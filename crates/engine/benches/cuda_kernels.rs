@@ -163,20 +163,25 @@ fn main() {
             println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
         }
     }
-    decode_attention(&b, &stream, d2d);
-    prompt_attention(&b, &stream);
+    // The same kernels' FP32 counterparts (tensor cores off), for same-run ratios.
+    let fp32 = CudaBackend::new(0, Some(0))
+        .expect("second backend")
+        .flash_attention(false);
+    decode_attention(&b, &fp32, &stream, d2d);
+    prompt_attention(&b, &fp32, &stream);
     host_cost_per_op(&b, &stream);
 }
 
 /// One token's attention over a long KV cache with Qwen3.5-397B's heads (32 query heads over
-/// 2 KV heads of 256) and Qwen3-Next's (16 over 2), as decode runs it: the rate at which it
-/// reads the cache (keys and values once). Short caches take several layers' caches in turn,
-/// so that they do not sit in L2.
-fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
+/// 2 KV heads of 256) and Qwen3-Next's (16 over 2), as decode runs it: on the tensor cores
+/// and in FP32 (`fp32`, a backend with them off), with the rate at which the first reads the
+/// cache (keys and values once). Short caches take several layers' caches in turn, so that
+/// they do not sit in L2.
+fn decode_attention(b: &CudaBackend, fp32: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
     use flash_moe_engine::backend::AttentionShape;
     println!(
-        "{:<44} {:>9} {:>9} {:>8}",
-        "attention (one token), context", "us/layer", "GB/s", "% of d2d"
+        "{:<44} {:>9} {:>9} {:>8} {:>9} {:>7}",
+        "attention (one token), context", "us/layer", "GB/s", "% of d2d", "us fp32", "ratio"
     );
     for (heads, context) in [32usize, 16]
         .into_iter()
@@ -194,35 +199,41 @@ fn decode_attention(b: &CudaBackend, stream: &Arc<CudaStream>, d2d: f64) {
                 .map(|i| ((i * 7 + seed) % 13) as f32 * 0.05 - 0.3)
                 .collect()
         };
-        let caches: Vec<_> = (0..layers)
-            .map(|l| {
-                let k = b.upload(&fill(2 * l), context, kv_width).expect("keys");
-                let v = b.upload(&fill(2 * l + 1), context, kv_width).expect("values");
-                (k, v)
-            })
-            .collect();
-        let q = b.upload(&vec![0.1f32; width], 1, width).expect("query");
-        let ms = time_ms(stream, 5, || {
-            for (k, v) in &caches {
-                std::hint::black_box(b.attention(&q, k, v, shape, context - 1).expect("attention"));
-            }
-        });
-        let us = ms * 1e3 / layers as f64;
+        let time = |be: &CudaBackend, s: &Arc<CudaStream>| {
+            let caches: Vec<_> = (0..layers)
+                .map(|l| {
+                    let k = be.upload(&fill(2 * l), context, kv_width).expect("keys");
+                    let v = be.upload(&fill(2 * l + 1), context, kv_width).expect("values");
+                    (k, v)
+                })
+                .collect();
+            let q = be.upload(&vec![0.1f32; width], 1, width).expect("query");
+            let ms = time_ms(s, 5, || {
+                for (k, v) in &caches {
+                    std::hint::black_box(be.attention(&q, k, v, shape, context - 1).expect("attention"));
+                }
+            });
+            ms * 1e3 / layers as f64
+        };
+        let us = time(b, stream);
+        let us_fp32 = time(fp32, fp32.stream());
         let rate = (context * kv_width * 8) as f64 / (us * 1e-6);
         let name = format!("{heads}:2 heads of 256, {context} keys");
-        println!("{name:<44} {us:>9.2} {:>9.1} {:>7.0}%", rate / 1e9, 100.0 * rate / d2d);
+        println!(
+            "{name:<44} {us:>9.2} {:>9.1} {:>7.0}% {us_fp32:>9.2} {:>6.2}x",
+            rate / 1e9,
+            100.0 * rate / d2d,
+            us_fp32 / us
+        );
     }
 }
 
 /// A 2048-token chunk of a long prompt's attention with Qwen3.5-397B's and Qwen3-Next's heads,
-/// after 0 to 30K positions: on the tensor cores and as SGEMMs (a second backend with them
+/// after 0 to 30K positions: on the tensor cores and as SGEMMs (`sgemm`, a backend with them
 /// off), with the rate of the products the causal mask keeps (4 d FLOPs per head, query and
 /// key seen).
-fn prompt_attention(b: &CudaBackend, stream: &Arc<CudaStream>) {
+fn prompt_attention(b: &CudaBackend, sgemm: &CudaBackend, stream: &Arc<CudaStream>) {
     use flash_moe_engine::backend::AttentionShape;
-    let sgemm = CudaBackend::new(0, Some(0))
-        .expect("second backend")
-        .flash_attention(false);
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>7}",
         "prompt attention, 2048 queries", "ms tc", "TFLOP/s", "ms sgemm", "ratio"
@@ -249,7 +260,7 @@ fn prompt_attention(b: &CudaBackend, stream: &Arc<CudaStream>) {
             })
         };
         let tc = time(b, stream);
-        let blas = time(&sgemm, sgemm.stream());
+        let blas = time(sgemm, sgemm.stream());
         let seen = queries * cached + queries * (queries + 1) / 2;
         let tflops = (4 * 256 * heads * seen) as f64 / (tc * 1e-3) / 1e12;
         let name = format!("{heads}:2 heads of 256, after {cached}");

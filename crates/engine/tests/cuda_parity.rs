@@ -451,15 +451,20 @@ fn every_operation_matches_the_cpu() {
             b.download(&b.attention(&q, &keys, &values, shape, 40)?)
         }
     );
-    // Decode attention split over the keys (under 16 queries): Qwen3.5-397B's and Qwen3-Next's
-    // groups over many chunks, a group padded to the kernel's (3 heads per KV head), a head dim
-    // that does not load as float4s, and one with fewer value items than threads. Prompt
-    // attention on the tensor cores: the same two groups after a cache (a chunk of a long
-    // prompt), a group of 3 with rows that end mid-block, and a head dim the kernels do not
-    // take (the SGEMM path).
+    // Decode attention split over the keys (under 16 queries), on the tensor cores and, with
+    // them off, in FP32: Qwen3.5-397B's and Qwen3-Next's groups over many chunks, smaller
+    // heads with chunks that end mid-tile, and (FP32 only) a group of 32, a group padded to
+    // the kernel's (3 heads per KV head), a head dim that does not load as float4s, and one
+    // with fewer value items than threads. Prompt attention on the tensor cores: the same two
+    // groups after a cache (a chunk of a long prompt), a group of 3 with rows that end
+    // mid-block, and a head dim the kernels do not take (the SGEMM path).
+    let fp32 = CudaBackend::new(0, Some(0)).unwrap().flash_attention(false);
     for (heads, kv_heads, d, cached, queries) in [
         (32, 2, 256, 5000, 1),
         (16, 2, 256, 700, 3),
+        (8, 2, 64, 130, 1),
+        (16, 1, 128, 77, 5),
+        (32, 1, 64, 300, 1),
         (6, 2, 30, 100, 2),
         (4, 1, 16, 2100, 1),
         (32, 2, 256, 1200, 70),
@@ -481,7 +486,14 @@ fn every_operation_matches_the_cpu() {
         same_on_both!(name, &cpu, &gpu, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
             attention_after(b, p.0, p.1, p.2)
         });
+        if queries < 16 {
+            let name = format!("{name}, FP32");
+            same_on_both!(name, &cpu, &fp32, 1e-5, args, |b, p: (AttentionShape, usize, usize)| {
+                attention_after(b, p.0, p.1, p.2)
+            });
+        }
     }
+    drop(fp32);
     same_on_both!(
         "attention GQA 8:2, 3000 queries (two launches of scores)",
         &cpu,

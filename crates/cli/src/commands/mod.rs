@@ -123,8 +123,8 @@ pub struct ModelArgs {
     /// recorded as CUDA graphs (for comparison and debugging).
     #[arg(long)]
     pub no_cuda_graphs: bool,
-    /// Run a prompt's attention on a GPU as FP32 matrix products (cuBLAS) instead of the
-    /// tensor-core kernel (for comparison and debugging).
+    /// Run attention on a GPU in FP32 (a prompt's as cuBLAS matrix products, a token's on
+    /// the split kernels) instead of the tensor-core kernels (for comparison and debugging).
     #[arg(long)]
     pub no_flash_attention: bool,
     /// Prompt tokens per attention pass. A prompt is prefilled layer by layer in windows of 8

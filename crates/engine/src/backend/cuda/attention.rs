@@ -1,7 +1,9 @@
 //! Softmax attention over the KV cache, GQA, causal.
 //!
 //! A few queries (decode) run split over the keys: a block per (query, KV head, chunk of
-//! keys) for all the query heads of that KV head, then a launch that merges the chunks. A
+//! keys) for all the query heads of that KV head, then a launch that merges the chunks; on
+//! the tensor cores (`attention_decode`, compute capability 8.0, up to 16 query heads per KV
+//! head of 64, 128 or 256) with f32 operands as pairs of tf32, elsewhere in FP32. A
 //! prompt runs on the tensor cores (`attention_flash`, compute capability 8.0 and head dims
 //! of 32, 64, 128 or 256): the queries, keys and values split into 16-bit limbs, then per KV
 //! head blocks of its (query, head) rows walk the keys with an online softmax, so that no
@@ -15,7 +17,6 @@ use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::kernels::MAX_DYNAMIC_SHARED;
 use super::{CudaBackend, CudaTensor, THREADS, blocks, cuda};
 use crate::backend::{AttentionShape, HeadPrep};
 use crate::error::{Error, Result};
@@ -33,6 +34,21 @@ const SPLIT_GROUPS: [usize; 4] = [4, 8, 16, 32];
 const SPLIT_THREADS: usize = 256;
 /// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels.cu).
 const COMBINE_COLUMNS: usize = 32;
+
+/// Head dims of the `attention_decode` kernels, the query heads per KV head they take at
+/// most, their keys per tile, stages and threads per block (`DT_KEYS`, `DT_STAGES`,
+/// `DT_WARPS` in kernels.cu).
+const DECODE_DIMS: [usize; 3] = [64, 128, 256];
+const DECODE_MAX_GROUP: usize = 16;
+const DECODE_KEYS: usize = 32;
+const DECODE_STAGES: usize = 3;
+const DECODE_THREADS: u32 = 128;
+
+/// Shared memory of an `attention_decode` block: its stages of key rows (padded by 16 floats)
+/// and value rows (by 4), then a tile's scores (16 heads, rows of 8 more floats than keys).
+fn decode_shared_bytes(d: usize) -> usize {
+    4 * (DECODE_STAGES * DECODE_KEYS * (2 * d + 20) + 16 * (DECODE_KEYS + 8))
+}
 
 /// Head dims of the `attention_flash` kernels.
 const FLASH_DIMS: [usize; 4] = [32, 64, 128, 256];
@@ -63,6 +79,19 @@ fn split_shared_bytes(group: usize, d: usize, chunk: usize) -> usize {
 fn split_chunk(keys: usize, lanes: usize, sms: usize) -> usize {
     let per_lane = (2 * sms).div_ceil(lanes.max(1));
     keys.div_ceil(per_lane).next_multiple_of(8).clamp(8, 256)
+}
+
+/// Keys per block of `attention_decode` for head dim `d`: enough blocks to fill the
+/// multiprocessors once (`DT_MIN_BLOCKS` of them each) over the `lanes` (query, KV head)
+/// pairs, in whole tiles.
+fn decode_chunk(keys: usize, lanes: usize, sms: usize, d: usize) -> usize {
+    let resident = match d {
+        256.. => 1,
+        128.. => 2,
+        _ => 3,
+    };
+    let per_lane = (resident * sms).div_ceil(lanes.max(1));
+    keys.div_ceil(per_lane).next_multiple_of(DECODE_KEYS)
 }
 
 /// Query rows per attention launch: as many as keep `heads` rows of scores over `keys` keys
@@ -232,11 +261,21 @@ impl CudaBackend {
 
     /// The `attention_flash` kernel for head dim `d`, where this GPU can run one.
     fn flash_kernel(&self, d: usize) -> Option<usize> {
-        let fits = flash_shared_bytes(d) <= MAX_DYNAMIC_SHARED as usize;
+        let fits = flash_shared_bytes(d) <= self.k.max_shared;
         FLASH_DIMS
             .iter()
             .position(|&x| x == d)
             .filter(|_| self.flash_attention && self.tensor_cores && fits)
+    }
+
+    /// The `attention_decode` kernel for `group` query heads per KV head of `d`, where this
+    /// GPU can run one.
+    fn decode_kernel(&self, group: usize, d: usize) -> Option<usize> {
+        let fits = decode_shared_bytes(d) <= self.k.max_shared;
+        DECODE_DIMS
+            .iter()
+            .position(|&x| x == d)
+            .filter(|_| self.flash_attention && self.tensor_cores && group <= DECODE_MAX_GROUP && fits)
     }
 
     /// Prompt attention on the tensor cores: the limbs of the queries (scaled by
@@ -351,22 +390,37 @@ impl CudaBackend {
         let (heads, kv_heads, d) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let group = heads / kv_heads;
         let keys_seen = pos0 + q.rows;
-        let chunk = split_chunk(keys_seen, q.rows * kv_heads, self.sms);
-        let chunks = keys_seen.div_ceil(chunk);
-        let Some(kernel) = SPLIT_GROUPS.iter().position(|&g| group <= g) else {
-            return Err(Error::InvalidInput(format!(
-                "attention: {group} query heads per KV head (the CUDA kernel takes up to 32)"
-            )));
+        let lanes = q.rows * kv_heads;
+        let (kernel, chunk, threads, shared) = match self.decode_kernel(group, d) {
+            Some(kernel) => {
+                let chunk = decode_chunk(keys_seen, lanes, self.sms, d);
+                (
+                    &self.k.attention_decode[kernel],
+                    chunk,
+                    DECODE_THREADS,
+                    decode_shared_bytes(d),
+                )
+            }
+            None => {
+                let Some(kernel) = SPLIT_GROUPS.iter().position(|&g| group <= g) else {
+                    return Err(Error::InvalidInput(format!(
+                        "attention: {group} query heads per KV head (the CUDA kernel takes up to 32)"
+                    )));
+                };
+                let chunk = split_chunk(keys_seen, lanes, self.sms);
+                let shared = split_shared_bytes(SPLIT_GROUPS[kernel], d, chunk);
+                (&self.k.attention_split[kernel], chunk, SPLIT_THREADS as u32, shared)
+            }
         };
-        let shared = split_shared_bytes(SPLIT_GROUPS[kernel], d, chunk);
-        if shared > MAX_DYNAMIC_SHARED as usize {
+        if shared > self.k.max_shared {
             return Err(Error::InvalidInput(format!(
                 "attention: {group} query heads of {d} per KV head need {shared} bytes of shared memory"
             )));
         }
+        let chunks = keys_seen.div_ceil(chunk);
         let split = LaunchConfig {
-            grid_dim: ((q.rows * kv_heads * chunks) as u32, 1, 1),
-            block_dim: (SPLIT_THREADS as u32, 1, 1),
+            grid_dim: ((lanes * chunks) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: shared as u32,
         };
         let combine = LaunchConfig {
@@ -386,7 +440,7 @@ impl CudaBackend {
         self.with_scratch(q.rows * heads * chunks * (d + 2), |partial| {
             launch!(
                 self,
-                &self.k.attention_split[kernel],
+                kernel,
                 split,
                 &*q.buf,
                 &*keys.buf,
@@ -504,8 +558,13 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{FLASH_DIMS, FLASH_KEYS, FLASH_ROWS, attention_query_rows, flash_shared_bytes, split_chunk};
-    use crate::backend::cuda::kernels::MAX_DYNAMIC_SHARED;
+    use super::{
+        DECODE_DIMS, DECODE_KEYS, FLASH_DIMS, FLASH_KEYS, FLASH_ROWS, attention_query_rows, decode_chunk,
+        decode_shared_bytes, flash_shared_bytes, split_chunk,
+    };
+
+    /// Dynamic shared memory a block may take on Hopper (bytes).
+    const HOPPER_SHARED: usize = 227 * 1024;
 
     #[test]
     fn flash_attention_blocks_fit_in_shared_memory() {
@@ -513,13 +572,30 @@ mod tests {
         // row 1040 bytes (hi and lo of 256 values, 16 of padding), and 32 key scales per tile.
         assert_eq!(flash_shared_bytes(256), 64 * 1040 + 2 * (64 * 1040 + 128));
         for d in FLASH_DIMS {
-            assert!(flash_shared_bytes(d) <= MAX_DYNAMIC_SHARED as usize, "head dim {d}");
+            assert!(flash_shared_bytes(d) <= HOPPER_SHARED, "head dim {d}");
             // The merge at the end reuses the tiles' room: per lane of the first half's 4
             // warps, the output's d / 2 values, two maxima and two sums.
             let tiles = flash_shared_bytes(d) - FLASH_ROWS * (4 * d + 16);
             assert!((d / 2 + 4) * 128 * 4 <= tiles, "head dim {d}");
         }
         assert_eq!(FLASH_KEYS % 16, 0, "each warp takes 16 keys of a tile");
+    }
+
+    #[test]
+    fn decode_attention_blocks_fit_as_many_as_the_kernels_expect() {
+        // Heads of 256: three stages of 32 key rows of 1088 bytes and 32 value rows of 1040,
+        // then 16 rows of 40 scores. One block per multiprocessor on Hopper.
+        assert_eq!(decode_shared_bytes(256), 3 * 32 * (1088 + 1040) + 16 * 40 * 4);
+        for (d, resident) in DECODE_DIMS.into_iter().zip([3, 2, 1]) {
+            assert!(resident * decode_shared_bytes(d) <= HOPPER_SHARED, "head dim {d}");
+            assert_eq!(d % 64, 0, "each of 4 warps takes whole 16-column tiles");
+        }
+        // One token, 2 KV heads of 256, 132 multiprocessors: 66 blocks per KV head wanted,
+        // in whole tiles.
+        assert_eq!(decode_chunk(32_768, 2, 132, 256), 512);
+        assert_eq!(decode_chunk(131_072, 2, 132, 256), 2016);
+        assert_eq!(decode_chunk(100, 2, 132, 256), DECODE_KEYS);
+        assert_eq!(decode_chunk(32_768, 2, 132, 64), 192);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::{Arc, PoisonError};
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, DeviceBytes, cuda, kernels};
+use super::{CudaBackend, CudaExpert, CudaMatrix, CudaTensor, DeviceBytes, cuda};
 use crate::backend::{DeviceRouting, SharedExpert};
 use crate::error::{Error, Result};
 use crate::model::weights::ExpertView;
@@ -211,7 +211,7 @@ impl CudaBackend {
                 && (d.rows, d.cols) == (down0.rows, down0.cols)
                 && [g.data.0, u.data.0, d.data.0].iter().all(|o| o % 16 == 0)
         };
-        let max_count = MAX_BATCH.min(kernels::MAX_DYNAMIC_SHARED as usize / down_cfg.shared_mem_bytes.max(1) as usize);
+        let max_count = MAX_BATCH.min(self.k.max_shared / down_cfg.shared_mem_bytes.max(1) as usize);
         if gate0.encoding != down0.encoding || max_count == 0 || !same([gate0, up0, down0]) || !experts.all(same) {
             return None;
         }

@@ -1974,6 +1974,294 @@ ATTENTION_FLASH(64)
 ATTENTION_FLASH(128)
 ATTENTION_FLASH(256)
 
+// Decode attention on the tensor cores (compute capability 8.0 and later; up to 16 query
+// heads per KV head, head dims of 64, 128 or 256), with the same blocks and partial results
+// as attention_split. f32 operands go in as pairs of tf32 (hi: a float's top 19 bits, lo: the
+// rest, truncated again), three MMAs per product (hi.hi + hi.lo + lo.hi): about 2^-20 per
+// element, near f32, without a limb copy of the cache. A block's keys come in tiles of 32
+// through a ring of three stages of cp.async (two tiles in flight while one is computed: the
+// kernel is bound by the cache's bytes). Per tile each of the 4 warps takes the scores of 8
+// keys for the group's heads padded to 16 (S = Q Kᵀ), all warps fold the tile's scores into
+// the same running softmax, and each warp takes a quarter of the output's columns
+// (Oᵀ += Vᵀ Pᵀ). The MMAs' k index runs over head dims and keys in an order chosen so that a
+// lane's operands are adjacent floats (16- and 8-byte loads from shared memory).
+#define DT_WARPS 4
+#define DT_KEYS 32
+#define DT_STAGES 3
+#define DT_SCORE_STRIDE (DT_KEYS + 8)  // floats per head row of a tile's scores: no bank conflicts
+
+// Floats per key row of a stage: keys padded by 16 floats, values by 4, which keeps the
+// loads of the scores' and of the values' fragments free of bank conflicts.
+template <int D>
+__device__ constexpr int dt_key_stride() {
+    return D + 16;
+}
+template <int D>
+__device__ constexpr int dt_value_stride() {
+    return D + 4;
+}
+template <int D>
+__device__ constexpr int dt_stage_floats() {
+    return DT_KEYS * (dt_key_stride<D>() + dt_value_stride<D>());
+}
+
+// x as hi + lo, both tf32 (the tensor cores read a register's top 19 bits).
+__device__ __forceinline__ void tf32_pair(float x, u32& hi, u32& lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi)) & 0xffffe000u;
+}
+
+// d += a . b on the tensor cores (m16n8k8, tf32 in, f32 accumulate).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// a . b for f32 fragments (as tf32 pairs, three MMAs): the large term into d, the small ones
+// into e.
+__device__ __forceinline__ void mma_f32x3(float (&d)[4], float (&e)[4], const float (&a)[4], float b0, float b1) {
+    u32 ah[4], al[4], bh0, bl0, bh1, bl1;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tf32_pair(a[i], ah[i], al[i]);
+    tf32_pair(b0, bh0, bl0);
+    tf32_pair(b1, bh1, bl1);
+    mma_tf32(d, ah, bh0, bh1);
+    mma_tf32(e, ah, bl0, bl1);
+    mma_tf32(e, al, bh0, bh1);
+}
+
+// Keys and values k0.. of a tile (`keys` of the chunk's valid) into a stage: each thread takes
+// one 16-byte column of every (128 / (D / 4))-th row, so that its copies differ by constant
+// offsets.
+template <int D>
+__device__ __forceinline__ void dt_load_tile(float* stage, const float* kc, const float* vc, long long stride, int k0,
+                                             int keys) {
+    constexpr int CHUNKS = D / 4, PASS = 32 * DT_WARPS / CHUNKS;
+    static_assert(PASS >= 1 && DT_KEYS % PASS == 0, "a pass covers whole rows of the tile");
+    int r = threadIdx.x / CHUNKS, c = (threadIdx.x % CHUNKS) * 4;
+    float* kd = stage + r * dt_key_stride<D>() + c;
+    float* vd = stage + DT_KEYS * dt_key_stride<D>() + r * dt_value_stride<D>() + c;
+    const float* ks = kc + (k0 + r) * stride + c;
+    const float* vs = vc + (k0 + r) * stride + c;
+#pragma unroll
+    for (int p = 0; p < DT_KEYS / PASS; ++p) {
+        bool valid = k0 + r + p * PASS < keys;
+        cp_async<16>(kd + p * PASS * dt_key_stride<D>(), valid ? ks + p * PASS * stride : kc, valid);
+        cp_async<16>(vd + p * PASS * dt_value_stride<D>(), valid ? vs + p * PASS * stride : vc, valid);
+    }
+}
+
+// One warp's scores: its 8 keys of a tile (rows of kt) against the 16 heads, as S fragments
+// (heads gi, gi + 8; keys 2t, 2t + 1). q: this lane's dims 16p + 4t .. +3 of heads gi and
+// gi + 8, already scaled.
+template <int D>
+__device__ __forceinline__ void dt_scores(const float* kt, const float (&q)[D / 16][2][4], float (&s)[4]) {
+    int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+    const float* row = kt + gi * dt_key_stride<D>() + 4 * t;
+    float sx[4] = {};
+#pragma unroll
+    for (int p = 0; p < D / 16; ++p) {
+        float4 k = *reinterpret_cast<const float4*>(row + 16 * p);
+        float x[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                x[h][e] = q[p][h][e];
+                // Opaque to the compiler, so that the queries' tf32 pairs are made here for
+                // each tile rather than kept for all tiles (twice the registers).
+                asm volatile("" : "+f"(x[h][e]));
+            }
+        mma_f32x3(s, sx, {x[0][0], x[1][0], x[0][1], x[1][1]}, k.x, k.y);
+        mma_f32x3(s, sx, {x[0][2], x[1][2], x[0][3], x[1][3]}, k.z, k.w);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[e] += sx[e];
+}
+
+// Folds a tile's scores (16 head rows of DT_SCORE_STRIDE) into the running softmax of heads gi
+// and gi + 8 (every warp keeps the same one), leaving this lane's weights in w: keys 8j + 2t
+// and 8j + 2t + 1 of head 8h + gi at w[h][j][0..1]. Returns the factors for the output's
+// heads 2t, 2t + 1, 8 + 2t, 9 + 2t.
+__device__ __forceinline__ float4 dt_softmax(const float* st, RunningSoftmax& run, float (&w)[2][DT_KEYS / 8][2]) {
+    int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float* row = st + (8 * h + gi) * DT_SCORE_STRIDE + 2 * t;
+        float m = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < DT_KEYS / 8; ++j) {
+            float2 x = *reinterpret_cast<const float2*>(row + 8 * j);
+            w[h][j][0] = x.x, w[h][j][1] = x.y;
+            m = fmaxf(m, fmaxf(x.x, x.y));
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2)), run.max[h]);
+        // m is finite: a tile's first key is always one the query sees.
+        alpha[h] = exp2f(run.max[h] - m);
+        run.max[h] = m;
+        run.sum[h] *= alpha[h];
+#pragma unroll
+        for (int j = 0; j < DT_KEYS / 8; ++j)
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                w[h][j][u] = exp2f(w[h][j][u] - m);
+                run.sum[h] += w[h][j][u];
+            }
+    }
+    // Head 2t's factor lives in lane 8t (gi = 2t), head 2t + 1's in lane 8t + 4.
+    return make_float4(__shfl_sync(0xffffffffu, alpha[0], 8 * t), __shfl_sync(0xffffffffu, alpha[0], 8 * t + 4),
+                       __shfl_sync(0xffffffffu, alpha[1], 8 * t), __shfl_sync(0xffffffffu, alpha[1], 8 * t + 4));
+}
+
+// Up to four adjacent floats from shared memory.
+template <int N>
+__device__ __forceinline__ void dt_floats(const float* p, float (&x)[N]) {
+    if constexpr (N == 4) {
+        float4 v = *reinterpret_cast<const float4*>(p);
+        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+    } else if constexpr (N == 2) {
+        float2 v = *reinterpret_cast<const float2*>(p);
+        x[0] = v.x, x[1] = v.y;
+    } else {
+        x[0] = *p;
+    }
+}
+
+// o += (this warp's columns of the tile's values)ᵀ . weightsᵀ: column tile c of the warp's MT
+// holds columns MT r + c of its quarter (r: the MMA row), so that a lane's values of the MT
+// tiles are adjacent. vt: the tile's first value row at the warp's first column.
+template <int D>
+__device__ __forceinline__ void dt_values(const float* vt, const float (&w)[2][DT_KEYS / 8][2],
+                                          float (&o)[D / 64][2][4]) {
+    constexpr int MT = D / 64, S = dt_value_stride<D>();
+    int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < DT_KEYS / 8; ++j) {
+        const float* r0 = vt + (8 * j + 2 * t) * S;  // keys 8j + 2t and the next
+        float a[MT], b[MT], c[MT], d[MT];
+        dt_floats<MT>(r0 + MT * gi, a);
+        dt_floats<MT>(r0 + MT * (gi + 8), b);
+        dt_floats<MT>(r0 + S + MT * gi, c);
+        dt_floats<MT>(r0 + S + MT * (gi + 8), d);
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) mma_f32x3(o[m][h], o[m][h], {a[m], b[m], c[m], d[m]}, w[h][j][0], w[h][j][1]);
+    }
+}
+
+// Blocks per multiprocessor of attention_decode<D>, by its shared memory and registers.
+#define DT_MIN_BLOCKS(D) ((D) >= 256 ? 1 : (D) >= 128 ? 2 : 3)
+
+// Block (t, kv, c) as in attention_split (g <= 16 query heads per KV head, head dim D; the
+// kernels take attention_split's parameters, d = D). Shared memory: DT_STAGES stages of key
+// and value rows, then a tile's scores.
+template <int D>
+__device__ void attention_decode(const float* q, const float* k, const float* v, int heads, int kv_heads, int pos0,
+                                 int chunk, int chunks, float scale, float* partial) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int MT = D / 64;
+    extern __shared__ float4 decode_smem[];
+    float* stages = reinterpret_cast<float*>(decode_smem);
+    float* scores = stages + DT_STAGES * dt_stage_floats<D>();
+    const int g = heads / kv_heads;
+    int c = blockIdx.x % chunks, kv = (blockIdx.x / chunks) % kv_heads, tq = blockIdx.x / (chunks * kv_heads);
+    int h0 = kv * g, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+    long long stride = (long long)kv_heads * D;
+    int j0 = c * chunk, n = max(min(j0 + chunk, pos0 + tq + 1) - j0, 0), tiles = (n + DT_KEYS - 1) / DT_KEYS;
+    const float* kc = k + (long long)j0 * stride + (long long)kv * D;
+    const float* vc = v + (long long)j0 * stride + (long long)kv * D;
+#pragma unroll
+    for (int s = 0; s < DT_STAGES - 1; ++s) {
+        if (s < tiles) dt_load_tile<D>(stages + s * dt_stage_floats<D>(), kc, vc, stride, s * DT_KEYS, n);
+        cp_async_commit();
+    }
+    // This lane's query values (heads gi and gi + 8, dims 16p + 4t .. +3), scaled by
+    // log2(e) / sqrt(D): the softmax is in powers of two.
+    float qr[D / 16][2][4];
+    const float* qb = q + ((long long)tq * heads + h0) * D + 4 * t;
+    scale *= 1.4426950408889634f;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        bool real = 8 * h + gi < g;
+#pragma unroll
+        for (int p = 0; p < D / 16; ++p) {
+            float4 x = real ? *reinterpret_cast<const float4*>(qb + (8 * h + gi) * D + 16 * p)
+                            : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            qr[p][h][0] = x.x * scale, qr[p][h][1] = x.y * scale, qr[p][h][2] = x.z * scale, qr[p][h][3] = x.w * scale;
+        }
+    }
+    float o[MT][2][4] = {};
+    RunningSoftmax run;
+    for (int tile = 0; tile < tiles; ++tile) {
+        cp_async_wait<DT_STAGES - 2>();
+        __syncthreads();  // the tile is in; every warp is done with the last one and its scores
+        if (tile + DT_STAGES - 1 < tiles)
+            dt_load_tile<D>(stages + (tile + DT_STAGES - 1) % DT_STAGES * dt_stage_floats<D>(), kc, vc, stride,
+                            (tile + DT_STAGES - 1) * DT_KEYS, n);
+        cp_async_commit();
+        const float* stage = stages + tile % DT_STAGES * dt_stage_floats<D>();
+        int k0 = tile * DT_KEYS;
+        float s[4] = {};
+        dt_scores<D>(stage + 8 * warp * dt_key_stride<D>(), qr, s);
+        int key = 8 * warp + 2 * t;
+        bool v0 = k0 + key < n, v1 = k0 + key + 1 < n;
+        *reinterpret_cast<float2*>(scores + gi * DT_SCORE_STRIDE + key) =
+            make_float2(v0 ? s[0] : NEG_INF, v1 ? s[1] : NEG_INF);
+        *reinterpret_cast<float2*>(scores + (gi + 8) * DT_SCORE_STRIDE + key) =
+            make_float2(v0 ? s[2] : NEG_INF, v1 ? s[3] : NEG_INF);
+        __syncthreads();
+        float w[2][DT_KEYS / 8][2];
+        float4 alpha = dt_softmax(scores, run, w);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            o[m][0][0] *= alpha.x, o[m][0][1] *= alpha.y, o[m][0][2] *= alpha.x, o[m][0][3] *= alpha.y;
+            o[m][1][0] *= alpha.z, o[m][1][1] *= alpha.w, o[m][1][2] *= alpha.z, o[m][1][3] *= alpha.w;
+        }
+        dt_values<D>(stage + DT_KEYS * dt_key_stride<D>() + warp * (D / DT_WARPS), w, o);
+    }
+    cp_async_wait<0>();
+    auto record = [&](int head) { return partial + (((long long)tq * heads + h0 + head) * chunks + c) * (D + 2); };
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                int head = 8 * h + 2 * t + (e & 1), col = warp * (D / DT_WARPS) + MT * (gi + 8 * (e >> 1)) + m;
+                if (head < g) record(head)[col] = o[m][h][e];
+            }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        float sum = run.sum[h] + __shfl_xor_sync(0xffffffffu, run.sum[h], 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        int head = 8 * h + gi;
+        if (warp == 0 && t == 0 && head < g) {
+            // attention_combine takes the maximum in natural-log units.
+            record(head)[D] = run.max[h] * 0.6931471805599453f;
+            record(head)[D + 1] = sum;
+        }
+    }
+#endif
+}
+
+#define ATTENTION_DECODE(D)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * DT_WARPS, DT_MIN_BLOCKS(D))                                \
+        attention_decode_d##D(const float* q, const float* k, const float* v, int heads, int kv_heads, int d,     \
+                              int pos0, int chunk, int chunks, float scale, float* partial) {                     \
+        attention_decode<D>(q, k, v, heads, kv_heads, pos0, chunk, chunks, scale, partial);                       \
+    }
+ATTENTION_DECODE(64)
+ATTENTION_DECODE(128)
+ATTENTION_DECODE(256)
+
 // ---------------------------------------------------------------------------------------
 // Gated DeltaNet.
 

@@ -9,15 +9,17 @@ use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 use crate::error::{Error, Result};
 
-/// Dynamic shared memory allowed to the kernels that need more than the default 48 KiB
-/// (Hopper allows 227 KiB per block).
-pub const MAX_DYNAMIC_SHARED: i32 = 200 * 1024;
+/// Shared memory kept for the static arrays of the kernels that take more than the default
+/// 48 KiB (bytes; the batched down products' 1.2 KiB is the most they have now).
+const STATIC_SHARED_ROOM: i32 = 4096;
 
 /// The kernel source, embedded in the binary.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// Every kernel the backend launches.
 pub struct Kernels {
+    /// Dynamic shared memory a block may take on this GPU (bytes).
+    pub max_shared: usize,
     pub dequant_rows: CudaFunction,
     /// One-token affine matvec for 2, 4, 8 bits, and the fused SwiGLU (gate and up) variant.
     pub matvec_q: [CudaFunction; 3],
@@ -68,6 +70,8 @@ pub struct Kernels {
     pub attention_limbs: CudaFunction,
     /// Prompt attention on the tensor cores, for head dims of 32, 64, 128 and 256.
     pub attention_flash: [CudaFunction; 4],
+    /// Decode attention on the tensor cores, for head dims of 64, 128 and 256.
+    pub attention_decode: [CudaFunction; 3],
     pub attention_softmax: CudaFunction,
     pub causal_conv1d_silu: CudaFunction,
     /// The conv over a prompt, rows split among threads; leaves the state to the caller.
@@ -96,12 +100,28 @@ impl Kernels {
         // The batched down projection keeps every expert's activation in shared memory, the
         // grouped products their stages of codes and x, the chunked delta rule a block's
         // columns of the state and a chunk's keys and queries, the split attention a group's
-        // queries and a chunk's scores, the prompt attention its queries and two tiles of keys.
+        // queries and a chunk's scores, the prompt attention its queries and two tiles of keys,
+        // the decode attention three stages of keys and values.
+        // They may take what a block can have on this GPU (over 48 KiB only when asked for:
+        // 227 KiB on Hopper, 163 KiB on the A100, 99 KiB on Ada and most of Ampere) less their
+        // static arrays; the host checks each launch's need against `max_shared`.
+        let block_shared = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| Error::Cuda(format!("reading the shared memory per block: {e}")))?;
+        let max_shared = block_shared - STATIC_SHARED_ROOM;
         let big_smem = |name: &str| {
             let func = f(name)?;
+            let fixed = func
+                .get_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                .map_err(|e| Error::Cuda(format!("reading the static shared memory of `{name}`: {e}")))?;
+            if fixed > STATIC_SHARED_ROOM {
+                return Err(Error::Cuda(format!(
+                    "`{name}` has {fixed} bytes of static shared memory, over the {STATIC_SHARED_ROOM} kept for it"
+                )));
+            }
             func.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                MAX_DYNAMIC_SHARED,
+                block_shared - fixed,
             )
             .map_err(|e| Error::Cuda(format!("raising the shared memory of `{name}`: {e}")))?;
             Ok::<_, Error>(func)
@@ -124,6 +144,7 @@ impl Kernels {
         let swiglu_batch_resident =
             std::array::from_fn(|i| resident(&swiglu_batch_q[i]).min(resident(&route_swiglu_batch_q[i])));
         Ok(Kernels {
+            max_shared: max_shared as usize,
             dequant_rows: f("dequant_rows")?,
             matvec_q,
             matvec_resident,
@@ -177,6 +198,11 @@ impl Kernels {
                 big_smem("attention_flash_d64")?,
                 big_smem("attention_flash_d128")?,
                 big_smem("attention_flash_d256")?,
+            ],
+            attention_decode: [
+                big_smem("attention_decode_d64")?,
+                big_smem("attention_decode_d128")?,
+                big_smem("attention_decode_d256")?,
             ],
             attention_softmax: f("attention_softmax")?,
             causal_conv1d_silu: f("causal_conv1d_silu")?,

@@ -111,8 +111,10 @@ impl CudaBackend {
             ));
         }
         let out = self.tensor(qkv.rows, nv * dv)?;
-        // The chunked kernel copies keys, queries and values as float4s.
-        let (kernel, cfg) = if qkv.rows >= CHUNKED_MIN_TOKENS && dk % 4 == 0 && dv % 4 == 0 {
+        // The chunked kernel copies keys, queries and values as float4s, and its block holds a
+        // chunk's keys and queries (97 KB at a key head dim of 128).
+        let chunked = dk % 4 == 0 && dv % 4 == 0 && delta_chunks_shared_bytes(dk) as usize <= self.k.max_shared;
+        let (kernel, cfg) = if qkv.rows >= CHUNKED_MIN_TOKENS && chunked {
             // 256 threads per block of DCOLS value columns.
             let cfg = LaunchConfig {
                 grid_dim: (nv as u32, (dv as u32).div_ceil(DELTA_CHUNK_COLUMNS), 1),

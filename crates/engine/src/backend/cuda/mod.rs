@@ -167,7 +167,8 @@ pub struct CudaBackend {
     /// Recorded layer steps (CUDA graphs), used when `record_steps` is set.
     graphs: StepGraphs,
     record_steps: bool,
-    /// Whether prompts' attention may run on the tensor cores (`attention_flash`).
+    /// Whether attention may run on the tensor cores (`attention_flash` for prompts,
+    /// `attention_decode` for a few queries).
     flash_attention: bool,
 }
 
@@ -275,8 +276,9 @@ impl CudaBackend {
         })
     }
 
-    /// Whether prompts' attention runs on the tensor cores where the GPU and the head dim
-    /// allow (on by default); off, it runs as SGEMMs, which the benchmarks compare against.
+    /// Whether attention runs on the tensor cores where the GPU, the group and the head dim
+    /// allow (on by default); off, prompts run as SGEMMs and a few queries on the FP32 split
+    /// kernels, which the benchmarks compare against.
     pub fn flash_attention(mut self, on: bool) -> Self {
         self.flash_attention = on;
         self
