@@ -42,12 +42,13 @@ const DECODE_DIMS: [usize; 3] = [64, 128, 256];
 const DECODE_MAX_GROUP: usize = 16;
 const DECODE_KEYS: usize = 32;
 const DECODE_STAGES: usize = 3;
-const DECODE_THREADS: u32 = 128;
+const DECODE_THREADS: u32 = 256;
 
 /// Shared memory of an `attention_decode` block: its stages of key rows (padded by 16 floats)
-/// and value rows (by 4), then a tile's scores (16 heads, rows of 8 more floats than keys).
+/// and value rows (by 4), then the two halves of a tile's scores (16 heads each, rows of 8
+/// more floats than keys).
 fn decode_shared_bytes(d: usize) -> usize {
-    4 * (DECODE_STAGES * DECODE_KEYS * (2 * d + 20) + 16 * (DECODE_KEYS + 8))
+    4 * (DECODE_STAGES * DECODE_KEYS * (2 * d + 20) + 2 * 16 * (DECODE_KEYS + 8))
 }
 
 /// Head dims of the `attention_flash` kernels.
@@ -584,8 +585,8 @@ mod tests {
     #[test]
     fn decode_attention_blocks_fit_as_many_as_the_kernels_expect() {
         // Heads of 256: three stages of 32 key rows of 1088 bytes and 32 value rows of 1040,
-        // then 16 rows of 40 scores. One block per multiprocessor on Hopper.
-        assert_eq!(decode_shared_bytes(256), 3 * 32 * (1088 + 1040) + 16 * 40 * 4);
+        // then twice 16 rows of 40 scores. One block per multiprocessor on Hopper.
+        assert_eq!(decode_shared_bytes(256), 3 * 32 * (1088 + 1040) + 2 * 16 * 40 * 4);
         for (d, resident) in DECODE_DIMS.into_iter().zip([3, 2, 1]) {
             assert!(resident * decode_shared_bytes(d) <= HOPPER_SHARED, "head dim {d}");
             assert_eq!(d % 64, 0, "each of 4 warps takes whole 16-column tiles");

@@ -1980,12 +1980,14 @@ ATTENTION_FLASH(256)
 // rest, truncated again), three MMAs per product (hi.hi + hi.lo + lo.hi): about 2^-20 per
 // element, near f32, without a limb copy of the cache. A block's keys come in tiles of 32
 // through a ring of three stages of cp.async (two tiles in flight while one is computed: the
-// kernel is bound by the cache's bytes). Per tile each of the 4 warps takes the scores of 8
-// keys for the group's heads padded to 16 (S = Q Kᵀ), all warps fold the tile's scores into
-// the same running softmax, and each warp takes a quarter of the output's columns
-// (Oᵀ += Vᵀ Pᵀ). The MMAs' k index runs over head dims and keys in an order chosen so that a
-// lane's operands are adjacent floats (16- and 8-byte loads from shared memory).
-#define DT_WARPS 4
+// kernel is bound by the cache's bytes). Per tile each of the 8 warps takes the scores of 8
+// keys over half the dims for the group's heads padded to 16 (S = Q Kᵀ), all warps fold the
+// tile's scores into the same running softmax, and each warp takes half the keys' values for
+// a quarter of the output's columns (Oᵀ += Vᵀ Pᵀ). The MMAs' k index runs over head dims and
+// keys in an order chosen so that a lane's operands are adjacent floats (16- and 8-byte
+// loads from shared memory). 8 warps rather than 4 (one block per multiprocessor at heads of
+// 256): 7-9% faster on an H200 (docs/perf.md).
+#define DT_WARPS 8
 #define DT_KEYS 32
 #define DT_STAGES 3
 #define DT_SCORE_STRIDE (DT_KEYS + 8)  // floats per head row of a tile's scores: no bank conflicts
@@ -2056,16 +2058,16 @@ __device__ __forceinline__ void dt_load_tile(float* stage, const float* kc, cons
     }
 }
 
-// One warp's scores: its 8 keys of a tile (rows of kt) against the 16 heads, as S fragments
-// (heads gi, gi + 8; keys 2t, 2t + 1). q: this lane's dims 16p + 4t .. +3 of heads gi and
-// gi + 8, already scaled.
+// One warp's part of the scores: its 8 keys of a tile (rows of kt, from its half of the
+// dims) against the 16 heads, as S fragments (heads gi, gi + 8; keys 2t, 2t + 1). q: this
+// lane's dims 16p + 4t .. +3 of the half, heads gi and gi + 8, already scaled.
 template <int D>
-__device__ __forceinline__ void dt_scores(const float* kt, const float (&q)[D / 16][2][4], float (&s)[4]) {
+__device__ __forceinline__ void dt_scores(const float* kt, const float (&q)[D / 32][2][4], float (&s)[4]) {
     int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
     const float* row = kt + gi * dt_key_stride<D>() + 4 * t;
     float sx[4] = {};
 #pragma unroll
-    for (int p = 0; p < D / 16; ++p) {
+    for (int p = 0; p < D / 32; ++p) {
         float4 k = *reinterpret_cast<const float4*>(row + 16 * p);
         float x[2][4];
 #pragma unroll
@@ -2084,22 +2086,24 @@ __device__ __forceinline__ void dt_scores(const float* kt, const float (&q)[D / 
     for (int e = 0; e < 4; ++e) s[e] += sx[e];
 }
 
-// Folds a tile's scores (16 head rows of DT_SCORE_STRIDE) into the running softmax of heads gi
-// and gi + 8 (every warp keeps the same one), leaving this lane's weights in w: keys 8j + 2t
-// and 8j + 2t + 1 of head 8h + gi at w[h][j][0..1]. Returns the factors for the output's
-// heads 2t, 2t + 1, 8 + 2t, 9 + 2t.
-__device__ __forceinline__ float4 dt_softmax(const float* st, RunningSoftmax& run, float (&w)[2][DT_KEYS / 8][2]) {
+// Folds a tile's scores (the two halves' sums: 16 head rows of DT_SCORE_STRIDE each) into
+// the running softmax of heads gi and gi + 8 (every warp keeps the same maximum, and the sum
+// of its own keys' weights), leaving this lane's weights of the keys in its half kh in w:
+// keys 8j + 2t and 8j + 2t + 1 (j = 2 kh + jj) of head 8h + gi at w[h][jj][0..1]. Returns the
+// factors for the output's heads 2t, 2t + 1, 8 + 2t, 9 + 2t.
+__device__ __forceinline__ float4 dt_softmax(const float* st, int kh, RunningSoftmax& run, float (&w)[2][2][2]) {
     int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
     float alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const float* row = st + (8 * h + gi) * DT_SCORE_STRIDE + 2 * t;
-        float m = NEG_INF;
+        float x[DT_KEYS / 8][2], m = NEG_INF;
 #pragma unroll
         for (int j = 0; j < DT_KEYS / 8; ++j) {
-            float2 x = *reinterpret_cast<const float2*>(row + 8 * j);
-            w[h][j][0] = x.x, w[h][j][1] = x.y;
-            m = fmaxf(m, fmaxf(x.x, x.y));
+            float2 a = *reinterpret_cast<const float2*>(row + 8 * j);
+            float2 b = *reinterpret_cast<const float2*>(row + 16 * DT_SCORE_STRIDE + 8 * j);
+            x[j][0] = a.x + b.x, x[j][1] = a.y + b.y;
+            m = fmaxf(m, fmaxf(x[j][0], x[j][1]));
         }
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
         m = fmaxf(fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2)), run.max[h]);
@@ -2108,11 +2112,11 @@ __device__ __forceinline__ float4 dt_softmax(const float* st, RunningSoftmax& ru
         run.max[h] = m;
         run.sum[h] *= alpha[h];
 #pragma unroll
-        for (int j = 0; j < DT_KEYS / 8; ++j)
+        for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-                w[h][j][u] = exp2f(w[h][j][u] - m);
-                run.sum[h] += w[h][j][u];
+                w[h][jj][u] = exp2f((kh ? x[2 + jj][u] : x[jj][u]) - m);
+                run.sum[h] += w[h][jj][u];
             }
     }
     // Head 2t's factor lives in lane 8t (gi = 2t), head 2t + 1's in lane 8t + 4.
@@ -2134,16 +2138,16 @@ __device__ __forceinline__ void dt_floats(const float* p, float (&x)[N]) {
     }
 }
 
-// o += (this warp's columns of the tile's values)ᵀ . weightsᵀ: column tile c of the warp's MT
-// holds columns MT r + c of its quarter (r: the MMA row), so that a lane's values of the MT
-// tiles are adjacent. vt: the tile's first value row at the warp's first column.
+// o += (this warp's columns of its half of the tile's values)ᵀ . weightsᵀ: column tile c of
+// the warp's MT holds columns MT r + c of its quarter (r: the MMA row), so that a lane's
+// values of the MT tiles are adjacent. vt: the half's first value row at the warp's first
+// column.
 template <int D>
-__device__ __forceinline__ void dt_values(const float* vt, const float (&w)[2][DT_KEYS / 8][2],
-                                          float (&o)[D / 64][2][4]) {
+__device__ __forceinline__ void dt_values(const float* vt, const float (&w)[2][2][2], float (&o)[D / 64][2][4]) {
     constexpr int MT = D / 64, S = dt_value_stride<D>();
     int lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int j = 0; j < DT_KEYS / 8; ++j) {
+    for (int j = 0; j < 2; ++j) {
         const float* r0 = vt + (8 * j + 2 * t) * S;  // keys 8j + 2t and the next
         float a[MT], b[MT], c[MT], d[MT];
         dt_floats<MT>(r0 + MT * gi, a);
@@ -2161,8 +2165,11 @@ __device__ __forceinline__ void dt_values(const float* vt, const float (&w)[2][D
 #define DT_MIN_BLOCKS(D) ((D) >= 256 ? 1 : (D) >= 128 ? 2 : 3)
 
 // Block (t, kv, c) as in attention_split (g <= 16 query heads per KV head, head dim D; the
-// kernels take attention_split's parameters, d = D). Shared memory: DT_STAGES stages of key
-// and value rows, then a tile's scores.
+// kernels take attention_split's parameters, d = D). Warp w takes the scores of keys
+// 8 (w % 4).. of each tile over half kh = w / 4 of the dims, and the values of half kh of the
+// tile's keys for quarter w % 4 of the columns: the two halves' outputs add up at the end (all
+// warps keep the same maximum). Shared memory: DT_STAGES stages of key and value rows, then
+// the two halves' scores of a tile.
 template <int D>
 __device__ void attention_decode(const float* q, const float* k, const float* v, int heads, int kv_heads, int pos0,
                                  int chunk, int chunks, float scale, float* partial) {
@@ -2174,6 +2181,7 @@ __device__ void attention_decode(const float* q, const float* k, const float* v,
     const int g = heads / kv_heads;
     int c = blockIdx.x % chunks, kv = (blockIdx.x / chunks) % kv_heads, tq = blockIdx.x / (chunks * kv_heads);
     int h0 = kv * g, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gi = lane >> 2, t = lane & 3;
+    int quarter = warp & 3, kh = warp >> 2;
     long long stride = (long long)kv_heads * D;
     int j0 = c * chunk, n = max(min(j0 + chunk, pos0 + tq + 1) - j0, 0), tiles = (n + DT_KEYS - 1) / DT_KEYS;
     const float* kc = k + (long long)j0 * stride + (long long)kv * D;
@@ -2183,16 +2191,16 @@ __device__ void attention_decode(const float* q, const float* k, const float* v,
         if (s < tiles) dt_load_tile<D>(stages + s * dt_stage_floats<D>(), kc, vc, stride, s * DT_KEYS, n);
         cp_async_commit();
     }
-    // This lane's query values (heads gi and gi + 8, dims 16p + 4t .. +3), scaled by
-    // log2(e) / sqrt(D): the softmax is in powers of two.
-    float qr[D / 16][2][4];
-    const float* qb = q + ((long long)tq * heads + h0) * D + 4 * t;
+    // This lane's query values (heads gi and gi + 8, dims 16p + 4t .. +3 of half kh), scaled
+    // by log2(e) / sqrt(D): the softmax is in powers of two.
+    float qr[D / 32][2][4];
+    const float* qb = q + ((long long)tq * heads + h0) * D + kh * (D / 2) + 4 * t;
     scale *= 1.4426950408889634f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         bool real = 8 * h + gi < g;
 #pragma unroll
-        for (int p = 0; p < D / 16; ++p) {
+        for (int p = 0; p < D / 32; ++p) {
             float4 x = real ? *reinterpret_cast<const float4*>(qb + (8 * h + gi) * D + 16 * p)
                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             qr[p][h][0] = x.x * scale, qr[p][h][1] = x.y * scale, qr[p][h][2] = x.z * scale, qr[p][h][3] = x.w * scale;
@@ -2210,24 +2218,41 @@ __device__ void attention_decode(const float* q, const float* k, const float* v,
         const float* stage = stages + tile % DT_STAGES * dt_stage_floats<D>();
         int k0 = tile * DT_KEYS;
         float s[4] = {};
-        dt_scores<D>(stage + 8 * warp * dt_key_stride<D>(), qr, s);
-        int key = 8 * warp + 2 * t;
+        dt_scores<D>(stage + 8 * quarter * dt_key_stride<D>() + kh * (D / 2), qr, s);
+        int key = 8 * quarter + 2 * t;
         bool v0 = k0 + key < n, v1 = k0 + key + 1 < n;
-        *reinterpret_cast<float2*>(scores + gi * DT_SCORE_STRIDE + key) =
-            make_float2(v0 ? s[0] : NEG_INF, v1 ? s[1] : NEG_INF);
-        *reinterpret_cast<float2*>(scores + (gi + 8) * DT_SCORE_STRIDE + key) =
+        float* st = scores + kh * 16 * DT_SCORE_STRIDE;
+        *reinterpret_cast<float2*>(st + gi * DT_SCORE_STRIDE + key) = make_float2(v0 ? s[0] : NEG_INF, v1 ? s[1] : NEG_INF);
+        *reinterpret_cast<float2*>(st + (gi + 8) * DT_SCORE_STRIDE + key) =
             make_float2(v0 ? s[2] : NEG_INF, v1 ? s[3] : NEG_INF);
         __syncthreads();
-        float w[2][DT_KEYS / 8][2];
-        float4 alpha = dt_softmax(scores, run, w);
+        float w[2][2][2];
+        float4 alpha = dt_softmax(scores, kh, run, w);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             o[m][0][0] *= alpha.x, o[m][0][1] *= alpha.y, o[m][0][2] *= alpha.x, o[m][0][3] *= alpha.y;
             o[m][1][0] *= alpha.z, o[m][1][1] *= alpha.w, o[m][1][2] *= alpha.z, o[m][1][3] *= alpha.w;
         }
-        dt_values<D>(stage + DT_KEYS * dt_key_stride<D>() + warp * (D / DT_WARPS), w, o);
+        dt_values<D>(stage + DT_KEYS * dt_key_stride<D>() + kh * 16 * dt_value_stride<D>() + quarter * (D / 4), w, o);
     }
     cp_async_wait<0>();
+    __syncthreads();
+    // The second half's warps hand their outputs and sums to the first's (in the stages'
+    // room: per value, the 128 lanes side by side).
+    float* merge = stages;
+    int slot = quarter * 32 + lane;
+    if (kh == 1) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) merge[((m * 2 + h) * 4 + e) * 128 + slot] = o[m][h][e];
+        merge[(MT * 8) * 128 + slot] = run.sum[0];
+        merge[(MT * 8 + 1) * 128 + slot] = run.sum[1];
+    }
+    __syncthreads();
+    if (kh == 1) return;
     auto record = [&](int head) { return partial + (((long long)tq * heads + h0 + head) * chunks + c) * (D + 2); };
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -2235,12 +2260,13 @@ __device__ void attention_decode(const float* q, const float* k, const float* v,
         for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                int head = 8 * h + 2 * t + (e & 1), col = warp * (D / DT_WARPS) + MT * (gi + 8 * (e >> 1)) + m;
-                if (head < g) record(head)[col] = o[m][h][e];
+                int head = 8 * h + 2 * t + (e & 1), col = quarter * (D / 4) + MT * (gi + 8 * (e >> 1)) + m;
+                if (head < g) record(head)[col] = o[m][h][e] + merge[((m * 2 + h) * 4 + e) * 128 + slot];
             }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        float sum = run.sum[h] + __shfl_xor_sync(0xffffffffu, run.sum[h], 1);
+        float sum = run.sum[h] + merge[(MT * 8 + h) * 128 + slot];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         int head = 8 * h + gi;
         if (warp == 0 && t == 0 && head < g) {
