@@ -30,14 +30,14 @@ const GEMM_MIN_QUERIES: usize = 16;
 
 /// Query heads per KV head of each `attention_split` kernel (the group is padded up to one).
 const SPLIT_GROUPS: [usize; 4] = [4, 8, 16, 32];
-/// Threads of an `attention_split` block (`SPLIT_THREADS` in kernels.cu).
+/// Threads of an `attention_split` block (`SPLIT_THREADS` in kernels/attention.cu).
 const SPLIT_THREADS: usize = 256;
-/// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels.cu).
+/// Columns of the output per `attention_combine` block (`COMBINE_COLUMNS` in kernels/attention.cu).
 const COMBINE_COLUMNS: usize = 32;
 
 /// Head dims of the `attention_decode` kernels, the query heads per KV head they take at
 /// most, their keys per tile, stages and threads per block (`DT_KEYS`, `DT_STAGES`,
-/// `DT_WARPS` in kernels.cu).
+/// `DT_WARPS` in kernels/attention.cu).
 const DECODE_DIMS: [usize; 3] = [64, 128, 256];
 const DECODE_MAX_GROUP: usize = 16;
 const DECODE_KEYS: usize = 32;

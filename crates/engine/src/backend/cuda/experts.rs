@@ -12,10 +12,10 @@ use crate::error::{Error, Result};
 use crate::model::weights::ExpertView;
 use crate::storage::blob::Blob;
 
-/// Experts per batched launch (`MAX_BATCH` in kernels.cu).
+/// Experts per batched launch (`MAX_BATCH` in kernels/matvec.cu).
 const MAX_BATCH: usize = 16;
 
-/// The `ExpertBatch` kernel parameter of kernels.cu: per expert the device addresses of
+/// The `ExpertBatch` kernel parameter of kernels/matvec.cu: per expert the device addresses of
 /// gate, up and down (codes, scales, biases), the routing weights and the count; the slot of
 /// the shared expert (-1 for none), weighted by the sigmoid of the logit at `shared_logit`.
 #[repr(C)]

@@ -1,5 +1,6 @@
-//! Compiling `kernels.cu` with NVRTC for the GPU found, with an on-disk cache keyed by the
-//! source, the architecture and the compiler version, so only the first start pays.
+//! Compiling the CUDA C of `kernels/` with NVRTC for the GPU found: six programs (each
+//! `common.cuh` followed by one topic's kernels) compiled side by side, with an on-disk cache
+//! keyed by each program's source and the architecture, so only the first start pays.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +14,25 @@ use crate::error::{Error, Result};
 /// 48 KiB (bytes; the batched down products' 1.2 KiB is the most they have now).
 const STATIC_SHARED_ROOM: i32 = 4096;
 
-/// The kernel source, embedded in the binary.
-pub const SOURCE: &str = include_str!("kernels.cu");
+/// A program's source: the shared definitions, then one topic's kernels.
+macro_rules! program {
+    ($file:literal) => {
+        concat!(
+            include_str!("kernels/common.cuh"),
+            include_str!(concat!("kernels/", $file))
+        )
+    };
+}
+
+/// The kernel programs, embedded in the binary: a name and the source.
+pub const PROGRAMS: [(&str, &str); 6] = [
+    ("matvec", program!("matvec.cu")),
+    ("prefill", program!("prefill.cu")),
+    ("elementwise", program!("elementwise.cu")),
+    ("attention", program!("attention.cu")),
+    ("delta", program!("delta.cu")),
+    ("sampling", program!("sampling.cu")),
+];
 
 /// Every kernel the backend launches.
 pub struct Kernels {
@@ -91,11 +109,12 @@ pub struct Kernels {
 
 impl Kernels {
     pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let module = compile(ctx, arch)?;
+        let modules = compile(ctx, arch)?;
         let f = |name: &str| {
-            module
-                .load_function(name)
-                .map_err(|e| Error::Cuda(format!("kernel `{name}` not found in the compiled module: {e}")))
+            modules
+                .iter()
+                .find_map(|m| m.load_function(name).ok())
+                .ok_or_else(|| Error::Cuda(format!("kernel `{name}` not found in the compiled modules")))
         };
         // The batched down projection keeps every expert's activation in shared memory, the
         // grouped products their stages of codes and x, the chunked delta rule a block's
@@ -230,17 +249,33 @@ fn options(arch: &str) -> CompileOptions {
     }
 }
 
-/// Compiles the kernels to PTX (no device needed). Used by the start-up path and by tests
-/// that only check the source compiles.
-pub fn compile_ptx(arch: &str) -> Result<Ptx> {
-    compile_ptx_with_opts(SOURCE, options(arch)).map_err(|e| Error::Cuda(format!("compiling kernels.cu: {e}")))
+/// Compiles program `PROGRAMS[i]` to PTX (no device needed). Used by the start-up path and
+/// by tests that only check the source compiles.
+pub fn compile_ptx(i: usize, arch: &str) -> Result<Ptx> {
+    let (name, source) = PROGRAMS[i];
+    compile_ptx_with_opts(source, options(arch))
+        .map_err(|e| Error::Cuda(format!("compiling kernels/{name}.cu for {arch}: {e}")))
 }
 
-fn cache_path(arch: &str) -> Option<PathBuf> {
+/// Compiles the programs `which` side by side (NVRTC compiles one program on one thread).
+fn compile_all(which: &[usize], arch: &str) -> Vec<Result<Ptx>> {
+    std::thread::scope(|s| {
+        let threads: Vec<_> = which.iter().map(|&i| s.spawn(move || compile_ptx(i, arch))).collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err(Error::Cuda("the NVRTC compile thread panicked".into())))
+            })
+            .collect()
+    })
+}
+
+fn cache_path(source: &str, arch: &str) -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let key = twox_hash::XxHash3_64::oneshot(format!("{SOURCE}\n{arch}").as_bytes());
+    let key = twox_hash::XxHash3_64::oneshot(format!("{source}\n{arch}").as_bytes());
     Some(
         base.join("flash-moe")
             .join("kernels")
@@ -248,22 +283,31 @@ fn cache_path(arch: &str) -> Option<PathBuf> {
     )
 }
 
-/// Loads the cached PTX when there is one that the driver accepts, else compiles and caches.
-fn compile(ctx: &Arc<CudaContext>, arch: &str) -> Result<Arc<CudaModule>> {
-    let cached = cache_path(arch);
-    if let Some(src) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok())
-        && let Ok(module) = ctx.load_module(Ptx::from_src(src))
-    {
-        return Ok(module);
+/// Each program's module, in `PROGRAMS` order: the cached PTX where the driver accepts it,
+/// else compiled (those missing side by side) and cached.
+fn compile(ctx: &Arc<CudaContext>, arch: &str) -> Result<Vec<Arc<CudaModule>>> {
+    let paths: Vec<_> = PROGRAMS.iter().map(|(_, source)| cache_path(source, arch)).collect();
+    let mut modules: Vec<_> = paths
+        .iter()
+        .map(|path| {
+            let src = std::fs::read_to_string(path.as_ref()?).ok()?;
+            ctx.load_module(Ptx::from_src(src)).ok()
+        })
+        .collect();
+    let missing: Vec<usize> = (0..PROGRAMS.len()).filter(|&i| modules[i].is_none()).collect();
+    for (i, ptx) in missing.iter().zip(compile_all(&missing, arch)) {
+        let ptx = ptx?;
+        if let Some(path) = &paths[*i] {
+            // A cache that cannot be written only costs the next start a compile.
+            let _ = path.parent().map(std::fs::create_dir_all);
+            let _ = std::fs::write(path, ptx.to_src());
+        }
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| Error::Cuda(format!("loading the kernel module kernels/{}.cu: {e}", PROGRAMS[*i].0)))?;
+        modules[*i] = Some(module);
     }
-    let ptx = compile_ptx(arch)?;
-    if let Some(path) = &cached {
-        // A cache that cannot be written only costs the next start a compile.
-        let _ = path.parent().map(std::fs::create_dir_all);
-        let _ = std::fs::write(path, ptx.to_src());
-    }
-    ctx.load_module(ptx)
-        .map_err(|e| Error::Cuda(format!("loading the kernel module: {e}")))
+    Ok(modules.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
@@ -282,14 +326,13 @@ mod tests {
             );
             return;
         }
-        std::thread::scope(|s| {
-            for arch in ["sm_75", "sm_86", "sm_90", "sm_120"] {
-                s.spawn(move || {
-                    if let Err(e) = super::compile_ptx(arch) {
-                        panic!("{arch}: {e}");
-                    }
-                });
+        let all: Vec<usize> = (0..super::PROGRAMS.len()).collect();
+        for arch in ["sm_75", "sm_86", "sm_90", "sm_120"] {
+            for result in super::compile_all(&all, arch) {
+                if let Err(e) = result {
+                    panic!("{e}");
+                }
             }
-        });
+        }
     }
 }

@@ -10,7 +10,7 @@ use super::{CudaBackend, CudaMatrix, CudaTensor, THREADS, blocks, cuda, grid_for
 use crate::error::Result;
 use crate::storage::quant::Encoding;
 
-/// Matrices of one same-input launch, as `struct MatvecMulti` in kernels.cu.
+/// Matrices of one same-input launch, as `struct MatvecMulti` in kernels/matvec.cu.
 const MAX_MULTI: usize = 4;
 
 #[repr(C)]
@@ -26,7 +26,7 @@ struct MatvecMultiParams {
 unsafe impl cudarc::driver::DeviceRepr for MatvecMultiParams {}
 
 /// Shared memory of one vector staged for the one-token kernels (`staged_bytes` in
-/// kernels.cu): per 16-byte piece of codes, its columns of x as three limb bytes each, padded
+/// kernels/matvec.cu): per 16-byte piece of codes, its columns of x as three limb bytes each, padded
 /// to an odd number of 16-byte units, and 8 bytes (the piece's sum of x and scale); rounded up
 /// to 16 bytes (the batched down projection stacks one per expert).
 pub(super) fn staged_bytes(bits: usize, cols: usize) -> usize {
@@ -349,7 +349,7 @@ impl CudaBackend {
 mod tests {
     use super::staged_bytes;
 
-    /// The layout kernels.cu stages x in, worked out by hand: per piece three limbs of one
+    /// The layout kernels/matvec.cu stages x in, worked out by hand: per piece three limbs of one
     /// byte per column (128 / bits columns), padded to an odd number of 16-byte units, plus
     /// 8 bytes of sum and scale.
     #[test]

@@ -1,5 +1,5 @@
 //! Products of affine 2/4/8-bit matrices with many rows of x on the tensor cores
-//! (`grouped_matmul_q` in kernels.cu): the matrices of a layer's experts on their gathered
+//! (`grouped_matmul_q` in kernels/prefill.cu): the matrices of a layer's experts on their gathered
 //! rows of a prompt, and a dense layer's matrix on a whole chunk. x is first split into the
 //! two f16 limbs the kernel reads (`split_rows_f16`); the weights stay codes.
 
@@ -9,7 +9,7 @@ use super::matvec::pow2_kernel;
 use super::{CudaBackend, CudaMatrix, CudaTensor, cuda, grid_for};
 use crate::error::{Error, Result};
 
-/// Tile sizes of `grouped_matmul_mma` in kernels.cu (MT_ROWS, MT_TOKENS, MT_PIECES,
+/// Tile sizes of `grouped_matmul_mma` in kernels/prefill.cu (MT_ROWS, MT_TOKENS, MT_PIECES,
 /// MT_STAGES).
 pub(super) const TILE_ROWS: usize = 128;
 pub(super) const TILE_TOKENS: usize = 32;
@@ -18,7 +18,7 @@ const STAGES: usize = 2;
 /// Threads per block: a warp per 32 rows (MT_WARP_TILES MMA tiles of 16).
 const TILE_THREADS: u32 = 128;
 
-/// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels.cu (per
+/// Shared memory of `grouped_matmul_mma`: `STAGES` stages of `mt_stage_bytes` in kernels/prefill.cu (per
 /// row its pieces' codes and 16 bytes of padding; per token its pieces' two f16 limbs of x
 /// and 64 bytes of padding; per token and piece two floats; per row two floats for each of
 /// the stage's scale groups, at most one per piece).
@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(tiles_of(&[0, 2]), [1, 0, 2, 0]);
     }
 
-    /// Worked out by hand from the layout in kernels.cu.
+    /// Worked out by hand from the layout in kernels/prefill.cu.
     #[test]
     fn shared_memory_holds_two_stages() {
         // 4 bits: codes 128 x (2 x 16 + 16), x 32 x (2 x 128 + 64), meta 32 x 16, scales and

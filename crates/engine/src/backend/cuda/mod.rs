@@ -10,8 +10,8 @@
 //! `matvec.rs`: the matrix products; `experts.rs`: expert uploads and the batched expert
 //! launches; `expert_cache.rs`: the VRAM tier of the expert cache; `graphs.rs`: layer steps
 //! recorded as CUDA graphs and replayed; `pool.rs`: reused activation buffers;
-//! `memory.rs`: room made for the sequence state when the device runs out; `kernels.rs`
-//! and `kernels.cu`: the CUDA C and its compilation.
+//! `memory.rs`: room made for the sequence state when the device runs out; `kernels/`: the
+//! CUDA C, and `kernels.rs`: its compilation.
 
 mod admission;
 mod expert_cache;
@@ -173,7 +173,7 @@ pub struct CudaBackend {
 }
 
 const THREADS: u32 = 256;
-/// Experts one token's routing takes at most (`ROUTE_MAX_K` in kernels.cu).
+/// Experts one token's routing takes at most (`ROUTE_MAX_K` in kernels/matvec.cu).
 const ROUTE_MAX_K: usize = 32;
 
 /// Launches kernel `$f` on the backend's stream with the arguments in declared order.
@@ -182,7 +182,7 @@ macro_rules! launch {
         let cfg = $cfg;
         let mut builder = $self.stream.launch_builder($f);
         $( builder.arg($arg); )*
-        // SAFETY: the arguments match the kernel's parameter list in kernels.cu, in order and
+        // SAFETY: the arguments match the kernel's parameter list in kernels/, in order and
         // type, and every buffer is sized for the launch configuration.
         unsafe { builder.launch(cfg) }.map(|_| ()).map_err(cuda("launching a kernel"))
     }};
@@ -756,7 +756,7 @@ impl Backend for CudaBackend {
         let mut routes = self.tensor(2 * t, k)?;
         let cfg = LaunchConfig {
             grid_dim: (t as u32, 1, 1),
-            // One block per token (ROUTE_THREADS in kernels.cu).
+            // One block per token (ROUTE_THREADS in kernels/matvec.cu).
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };

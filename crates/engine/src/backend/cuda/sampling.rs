@@ -143,7 +143,7 @@ impl CudaBackend {
         ))
     }
 
-    /// The argmax key of `row` (`argmax_f32` in kernels.cu) in a zeroed buffer of two floats.
+    /// The argmax key of `row` (`argmax_f32` in kernels/sampling.cu) in a zeroed buffer of two floats.
     fn argmax_key(&self, row: &CudaView<'_, f32>) -> Result<PooledBuf> {
         let mut key = self.alloc(2)?;
         {
