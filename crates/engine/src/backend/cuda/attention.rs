@@ -82,16 +82,20 @@ fn split_chunk(keys: usize, lanes: usize, sms: usize) -> usize {
     keys.div_ceil(per_lane).next_multiple_of(8).clamp(8, 256)
 }
 
-/// Keys per block of `attention_decode` for head dim `d`: enough blocks to fill the
-/// multiprocessors once (`DT_MIN_BLOCKS` of them each) over the `lanes` (query, KV head)
-/// pairs, in whole tiles.
-fn decode_chunk(keys: usize, lanes: usize, sms: usize, d: usize) -> usize {
-    let resident = match d {
+/// Blocks of `attention_decode` for head dim `d` one multiprocessor holds at once, by their
+/// shared memory and registers (`DT_MIN_BLOCKS` in kernels/attention.cu).
+fn decode_resident(d: usize) -> usize {
+    match d {
         256.. => 1,
         128.. => 2,
         _ => 3,
-    };
-    let per_lane = (resident * sms).div_ceil(lanes.max(1));
+    }
+}
+
+/// Keys per block of `attention_decode` for head dim `d`: enough blocks to fill the
+/// multiprocessors once over the `lanes` (query, KV head) pairs, in whole tiles.
+fn decode_chunk(keys: usize, lanes: usize, sms: usize, d: usize) -> usize {
+    let per_lane = (decode_resident(d) * sms).div_ceil(lanes.max(1));
     keys.div_ceil(per_lane).next_multiple_of(DECODE_KEYS)
 }
 
@@ -260,23 +264,23 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// Of tensor-core kernels for head dims `dims`, the one for `d`, where it is on and this
+    /// GPU can run it with `shared` bytes of shared memory.
+    fn tensor_core_kernel(&self, dims: &[usize], d: usize, shared: usize) -> Option<usize> {
+        let runs = self.flash_attention && self.tensor_cores && shared <= self.k.max_shared;
+        dims.iter().position(|&x| x == d).filter(|_| runs)
+    }
+
     /// The `attention_flash` kernel for head dim `d`, where this GPU can run one.
     fn flash_kernel(&self, d: usize) -> Option<usize> {
-        let fits = flash_shared_bytes(d) <= self.k.max_shared;
-        FLASH_DIMS
-            .iter()
-            .position(|&x| x == d)
-            .filter(|_| self.flash_attention && self.tensor_cores && fits)
+        self.tensor_core_kernel(&FLASH_DIMS, d, flash_shared_bytes(d))
     }
 
     /// The `attention_decode` kernel for `group` query heads per KV head of `d`, where this
     /// GPU can run one.
     fn decode_kernel(&self, group: usize, d: usize) -> Option<usize> {
-        let fits = decode_shared_bytes(d) <= self.k.max_shared;
-        DECODE_DIMS
-            .iter()
-            .position(|&x| x == d)
-            .filter(|_| self.flash_attention && self.tensor_cores && group <= DECODE_MAX_GROUP && fits)
+        let kernel = self.tensor_core_kernel(&DECODE_DIMS, d, decode_shared_bytes(d));
+        kernel.filter(|_| group <= DECODE_MAX_GROUP)
     }
 
     /// Prompt attention on the tensor cores: the limbs of the queries (scaled by
@@ -561,7 +565,7 @@ impl CudaBackend {
 mod tests {
     use super::{
         DECODE_DIMS, DECODE_KEYS, FLASH_DIMS, FLASH_KEYS, FLASH_ROWS, attention_query_rows, decode_chunk,
-        decode_shared_bytes, flash_shared_bytes, split_chunk,
+        decode_resident, decode_shared_bytes, flash_shared_bytes, split_chunk,
     };
 
     /// Dynamic shared memory a block may take on Hopper (bytes).
@@ -587,8 +591,12 @@ mod tests {
         // Heads of 256: three stages of 32 key rows of 1088 bytes and 32 value rows of 1040,
         // then twice 16 rows of 40 scores. One block per multiprocessor on Hopper.
         assert_eq!(decode_shared_bytes(256), 3 * 32 * (1088 + 1040) + 2 * 16 * 40 * 4);
-        for (d, resident) in DECODE_DIMS.into_iter().zip([3, 2, 1]) {
-            assert!(resident * decode_shared_bytes(d) <= HOPPER_SHARED, "head dim {d}");
+        assert_eq!(DECODE_DIMS.map(decode_resident), [3, 2, 1]);
+        for d in DECODE_DIMS {
+            assert!(
+                decode_resident(d) * decode_shared_bytes(d) <= HOPPER_SHARED,
+                "head dim {d}"
+            );
             assert_eq!(d % 64, 0, "each of 4 warps takes whole 16-column tiles");
         }
         // One token, 2 KV heads of 256, 132 multiprocessors: 66 blocks per KV head wanted,
