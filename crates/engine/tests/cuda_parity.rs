@@ -453,7 +453,8 @@ fn every_operation_matches_the_cpu() {
     );
     // Decode attention split over the keys (under 16 queries), on the tensor cores and, with
     // them off, in FP32: Qwen3.5-397B's and Qwen3-Next's groups over many chunks, smaller
-    // heads with chunks that end mid-tile, and (FP32 only) a group of 32, a group padded to
+    // heads with chunks that end mid-tile, one query head per KV head (a group padded from 1
+    // to 16 on the tensor cores), and (FP32 only) a group of 32, a group padded to
     // the kernel's (3 heads per KV head), a head dim that does not load as float4s, and one
     // with fewer value items than threads. Prompt attention on the tensor cores: the same two
     // groups after a cache (a chunk of a long prompt), a group of 3 with rows that end
@@ -465,6 +466,8 @@ fn every_operation_matches_the_cpu() {
         (8, 2, 64, 130, 1),
         (16, 1, 128, 77, 5),
         (32, 1, 64, 300, 1),
+        (4, 4, 64, 300, 1),
+        (2, 2, 128, 40, 15),
         (6, 2, 30, 100, 2),
         (4, 1, 16, 2100, 1),
         (32, 2, 256, 1200, 70),
@@ -526,41 +529,9 @@ fn every_operation_matches_the_cpu() {
     ] {
         let name = format!("conv1d + delta rule dk {dk} dv {dv} heads {nk}/{nv} x {tokens}");
         let args = (dk, dv, nk, nv, tokens);
-        same_on_both!(name, &cpu, &gpu, 1e-4, args, |b,
-                                                     p: (
-            usize,
-            usize,
-            usize,
-            usize,
-            usize
-        )| {
-            let (dk, dv, nk, nv, tokens) = p;
-            let dims = LinearAttentionConfig {
-                num_key_heads: nk,
-                num_value_heads: nv,
-                key_head_dim: dk,
-                value_head_dim: dv,
-                conv_kernel: 4,
-            };
-            let c = dims.conv_dim();
-            let mut rng = SmallRng::seed_from_u64(8);
-            let w = b.upload(&random(&mut rng, c * 4, 0.5), c, 4)?;
-            let mut conv = b.upload(&random(&mut rng, 3 * c, 1.0), 3, c)?;
-            let mut state = b.upload(&random(&mut rng, nv * dk * dv, 0.1), nv, dk * dv)?;
-            let a_log = b.upload(&random(&mut rng, nv, 1.0), 1, nv)?;
-            let dt = b.upload(&random(&mut rng, nv, 1.0), 1, nv)?;
-            let mut outs = Vec::new();
-            for step in [tokens, 1] {
-                let x = b.upload(&random(&mut rng, step * c, 1.0), step, c)?;
-                let a = b.upload(&random(&mut rng, step * nv, 2.0), step, nv)?;
-                let beta = b.upload(&random(&mut rng, step * nv, 2.0), step, nv)?;
-                let qkv = b.causal_conv1d_silu(&x, &w, &mut conv)?;
-                outs.push(b.download(&b.gated_delta_rule(&qkv, &a, &beta, &a_log, &dt, &mut state, &dims)?)?);
-            }
-            outs.push(b.download(&conv)?);
-            outs.push(b.download(&state)?);
-            Ok(outs.concat())
-        });
+        same_on_both!(name, &cpu, &gpu, 1e-4, args, |b, p: DeltaArgs| conv_and_delta_rule(
+            b, p
+        ));
     }
     // Tokens, experts, k: slices of 64 experts in every warp, one part-filled slice, the
     // most a token takes; logits rounded to quarters, so that many probabilities tie (the
@@ -607,6 +578,88 @@ fn every_operation_matches_the_cpu() {
         b.scatter_add_rows(&mut out, &g, &[0, 1, 5], &[1.0, 1.0, 1.0])?;
         b.download(&out)
     });
+}
+
+/// GPUs with less shared memory per block than this one, or without tensor cores, as the
+/// backend emulates them: name, shared memory per block, tensor cores.
+const SMALLER_GPUS: [(&str, usize, bool); 3] = [
+    ("Ada, most of Ampere (99 KiB)", 99 << 10, true),
+    ("A100 (163 KiB)", 163 << 10, true),
+    ("Turing (64 KiB, no tensor cores)", 64 << 10, false),
+];
+
+/// The paths a smaller GPU takes where kernels do not fit or cannot run there (the FP32
+/// decode attention, the SGEMM prompt attention, the sequential delta rule, the prompt
+/// products without tensor cores), taken on this GPU: the operations they replace, then
+/// every fixture, prefilled and decoded, with and without every expert in VRAM.
+#[test]
+fn smaller_gpus_paths_match_the_cpu() {
+    if gpu(Some(0)).is_none() {
+        return;
+    }
+    let cpu = CpuBackend::new();
+    for (gpu_name, shared, tensor_cores) in SMALLER_GPUS {
+        let small = || gpu(None).unwrap().emulate_smaller_gpu(shared, tensor_cores);
+        let b = small();
+        for (heads, kv_heads, d, cached, queries) in [
+            (32, 2, 256, 5000, 1),
+            (16, 2, 128, 700, 3),
+            (8, 2, 64, 130, 1),
+            (32, 2, 256, 1200, 70),
+            (8, 2, 128, 33, 100),
+        ] {
+            let name = format!("{gpu_name}: attention {heads}:{kv_heads} heads of {d}, {queries} after {cached}");
+            let shape = AttentionShape {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: d,
+            };
+            same_on_both!(name, &cpu, &b, 1e-5, (shape, cached, queries), |b,
+                                                                           p: (
+                AttentionShape,
+                usize,
+                usize
+            )| {
+                attention_after(b, p.0, p.1, p.2)
+            });
+        }
+        let name = format!("{gpu_name}: conv1d + delta rule dk 128 x 75");
+        same_on_both!(name, &cpu, &b, 1e-4, (128, 128, 2, 4, 75), |b, p: DeltaArgs| {
+            conv_and_delta_rule(b, p)
+        });
+        for encoding in ["q4/g64", "q2/g64"] {
+            let name = format!("{gpu_name}: matmul {encoding} [4000x512] x 260 tokens");
+            same_on_both!(name, &cpu, &b, 1e-4, encoding, |b, enc: &str| {
+                let mut rng = SmallRng::seed_from_u64(3);
+                let w = b.load_matrix(&matrix(&mut rng, 4000, 512, enc))?;
+                let x = b.upload(&random(&mut rng, 260 * 512, 4.0), 260, 512)?;
+                b.download(&b.matmul(&x, &w)?)
+            });
+        }
+        drop(b);
+        for dir in fixture_dirs() {
+            let (ids, prefill) = reference_ids(&dir);
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            let (want, _) = fixture_logits(CpuBackend::new(), &dir, &ids, prefill, false)
+                .unwrap_or_else(|e| panic!("{name} on the CPU: {e}"));
+            for prefetch in [false, true] {
+                let (got, _) = fixture_logits(small(), &dir, &ids, prefill, prefetch)
+                    .unwrap_or_else(|e| panic!("{name} on CUDA as {gpu_name}: {e}"));
+                let err = relative_l2(&got, &want);
+                let vocab = want.len() / ids.len();
+                let same_argmax = got
+                    .chunks(vocab)
+                    .zip(want.chunks(vocab))
+                    .all(|(a, b)| argmax(a) == argmax(b));
+                eprintln!(
+                    "{gpu_name}: {name:<28} prefill {prefill:>2}, every expert in VRAM {prefetch}: relative L2 \
+                     {err:.2e}, argmax {}",
+                    if same_argmax { "identical" } else { "DIFFERS" }
+                );
+                assert!(err < 1e-3 && same_argmax, "{gpu_name}: {name}: CUDA vs CPU {err:.3e}");
+            }
+        }
+    }
 }
 
 /// Greedy decoding's choice made on the device: the same index as the host's argmax over the
@@ -779,6 +832,40 @@ fn attention_after<B: Backend>(b: &B, shape: AttentionShape, cached: usize, quer
     b.download(&b.attention(&q, &keys, &values, shape, cached)?)
 }
 
+/// Key head dim, value head dim, key heads, value heads, prompt tokens.
+type DeltaArgs = (usize, usize, usize, usize, usize);
+
+/// The conv and the delta rule over a prompt of random inputs, then over one more token: both
+/// outputs, then the conv and recurrent states.
+fn conv_and_delta_rule<B: Backend>(b: &B, p: DeltaArgs) -> Result<Vec<f32>> {
+    let (dk, dv, nk, nv, tokens) = p;
+    let dims = LinearAttentionConfig {
+        num_key_heads: nk,
+        num_value_heads: nv,
+        key_head_dim: dk,
+        value_head_dim: dv,
+        conv_kernel: 4,
+    };
+    let c = dims.conv_dim();
+    let mut rng = SmallRng::seed_from_u64(8);
+    let w = b.upload(&random(&mut rng, c * 4, 0.5), c, 4)?;
+    let mut conv = b.upload(&random(&mut rng, 3 * c, 1.0), 3, c)?;
+    let mut state = b.upload(&random(&mut rng, nv * dk * dv, 0.1), nv, dk * dv)?;
+    let a_log = b.upload(&random(&mut rng, nv, 1.0), 1, nv)?;
+    let dt = b.upload(&random(&mut rng, nv, 1.0), 1, nv)?;
+    let mut outs = Vec::new();
+    for step in [tokens, 1] {
+        let x = b.upload(&random(&mut rng, step * c, 1.0), step, c)?;
+        let a = b.upload(&random(&mut rng, step * nv, 2.0), step, nv)?;
+        let beta = b.upload(&random(&mut rng, step * nv, 2.0), step, nv)?;
+        let qkv = b.causal_conv1d_silu(&x, &w, &mut conv)?;
+        outs.push(b.download(&b.gated_delta_rule(&qkv, &a, &beta, &a_log, &dt, &mut state, &dims)?)?);
+    }
+    outs.push(b.download(&conv)?);
+    outs.push(b.download(&state)?);
+    Ok(outs.concat())
+}
+
 /// `Backend::attention_inputs` (or its unfused composition) on random projections with five
 /// rows already cached: the queries, gates, keys and values, one after another.
 fn attention_inputs<B: Backend>(b: &B, p: HeadArgs, unfused: bool) -> Result<Vec<f32>> {
@@ -855,6 +942,17 @@ fn fixture_logits_sharing<B: Backend>(
     Ok((out, b.expert_cache_stats()))
 }
 
+/// The fixture models' directories (those with a reference), in order.
+fn fixture_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join("reference.json").exists())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
 /// A fixture's token ids and the prompt length of its prefill-then-decode reference.
 fn reference_ids(dir: &std::path::Path) -> (Vec<u32>, usize) {
     let meta: serde_json::Value =
@@ -879,12 +977,7 @@ fn every_fixture_model_matches_the_cpu() {
     }
     let mut checked = 0;
     let mut routed_models = 0;
-    let mut dirs: Vec<_> = std::fs::read_dir(fixtures())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    dirs.sort();
-    for dir in dirs.into_iter().filter(|d| d.join("reference.json").exists()) {
+    for dir in fixture_dirs() {
         let (ids, prefill) = reference_ids(&dir);
         for prefill in [ids.len(), prefill] {
             let name = dir.display();

@@ -108,6 +108,13 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// Lowers `max_shared` to what a GPU with `per_block` bytes of shared memory per block
+    /// would allow (never raises it).
+    pub fn limit_shared(&mut self, per_block: usize) {
+        let room = STATIC_SHARED_ROOM as usize;
+        self.max_shared = self.max_shared.min(per_block.saturating_sub(room));
+    }
+
     pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
         let modules = compile(ctx, arch)?;
         let f = |name: &str| {

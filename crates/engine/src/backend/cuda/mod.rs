@@ -284,6 +284,16 @@ impl CudaBackend {
         self
     }
 
+    /// Takes the paths a smaller GPU would: at most `shared_per_block` bytes of shared memory
+    /// per block (99 KiB on Ada and most of Ampere, 163 KiB on the A100) and, with
+    /// `tensor_cores` false, no tensor-core kernels (as before compute capability 8.0). For
+    /// tests of those paths on a larger GPU; it never enables what this GPU lacks.
+    pub fn emulate_smaller_gpu(mut self, shared_per_block: usize, tensor_cores: bool) -> Self {
+        self.k.limit_shared(shared_per_block);
+        self.tensor_cores &= tensor_cores;
+        self
+    }
+
     /// Whether one-token steps of linear-attention layers routed on the device are recorded
     /// as CUDA graphs and replayed (on by default).
     pub fn record_steps(mut self, on: bool) -> Self {

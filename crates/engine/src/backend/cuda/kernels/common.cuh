@@ -143,7 +143,8 @@ __device__ __forceinline__ u32 load_code(const u8* row, int bits, long long i) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core building blocks (compute capability 8.0 and later; empty before).
+// Tensor-core building blocks (compute capability 8.0 and later; empty before, except
+// `cp_async`, which copies synchronously there).
 
 // a (low half) and b (high half) as two limbs of an MMA operand word, bf16 or f16: hi, the
 // pair rounded, and lo, what rounding left.
@@ -163,7 +164,9 @@ __device__ __forceinline__ void limb_pair(float a, float b, u32& hi, u32& lo) {
 }
 
 // BYTES (4, 8 or 16) from global to shared memory, asynchronously; zeros when not valid.
-// 16-byte copies bypass L1 (.cg); smaller ones may only go through it (.ca).
+// 16-byte copies bypass L1 (.cg); smaller ones may only go through it (.ca). Before 8.0 the
+// copy is an ordinary load and store (the chunked delta rule runs there too), which the
+// block barrier after `cp_async_wait` publishes as it does the asynchronous copies.
 template <int BYTES>
 __device__ __forceinline__ void cp_async(void* smem, const void* global, bool valid) {
 #if __CUDA_ARCH__ >= 800
@@ -173,6 +176,20 @@ __device__ __forceinline__ void cp_async(void* smem, const void* global, bool va
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global), "r"(bytes));
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(dst), "l"(global), "r"(bytes), "n"(BYTES));
+#else
+    if constexpr (BYTES == 16) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (valid) v = *(const uint4*)global;
+        *(uint4*)smem = v;
+    } else if constexpr (BYTES == 8) {
+        uint2 v = make_uint2(0u, 0u);
+        if (valid) v = *(const uint2*)global;
+        *(uint2*)smem = v;
+    } else {
+        u32 v = 0u;
+        if (valid) v = *(const u32*)global;
+        *(u32*)smem = v;
+    }
 #endif
 }
 
