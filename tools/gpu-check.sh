@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a GPU machine, building nothing: CUDA-vs-CPU parity on every fixture, kernel
-# microbenchmarks, and the decode benchmark on synthetic Qwen3.5-397B shapes. Takes the
+# One call on a GPU machine, building nothing: CUDA-vs-CPU parity on every fixture, the server
+# on both devices, kernel microbenchmarks, and the decode benchmark on synthetic Qwen3.5-397B shapes. Takes the
 # binaries tools/build-dist.sh puts in $DIST (default dist/): flash-moe, cuda_parity,
 # cuda_memory and cuda_kernels. Logs go to $OUT (default /tmp/gpu-check); a short table comes last.
 #
@@ -27,6 +27,11 @@ memory=$?
 grep -E "cuda_memory|test result|panicked" "$out/memory.log"
 [ "$parity" = 0 ] && parity=$memory
 
+echo "== the server on the GPU against the server on the CPU"
+python3 tools/gpu_server_check.py --bin "$dist/flash-moe" 2>&1 | tee "$out/server.log"
+server=${PIPESTATUS[0]}
+[ "$parity" = 0 ] && parity=$server
+
 echo "== kernel microbenchmarks"
 "$dist/cuda_kernels" 2>&1 | tee "$out/kernels.log"
 hbm=$(grep 'device-to-device' "$out/kernels.log" | grep -oE '[0-9.]+ GB/s' | head -1 | cut -d' ' -f1)
@@ -39,5 +44,5 @@ if [ "${SKIP_DECODE:-0}" != 1 ] && [ -n "$hbm" ] && [ -n "$h2d" ]; then
     --out "$out" ${DECODE_ARGS:-} >"$out/decode.log" 2>&1
   tail -n 14 "$out/decode.log"
 fi
-echo "parity and memory tests exit status: $parity"
+echo "parity, memory and server checks exit status: $parity"
 exit "$parity"
