@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use flash_moe_engine::Error as EngineError;
 use flash_moe_engine::backend::Backend;
 use flash_moe_engine::backend::cpu::CpuBackend;
 use flash_moe_engine::backend::cuda::{self, CudaBackend};
@@ -43,7 +44,7 @@ pub enum IoChoice {
 /// Where the arithmetic runs (`--device`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Device {
-    /// CUDA when a usable GPU is found, else the CPU.
+    /// CUDA when a GPU is found and can run the model, else the CPU.
     Auto,
     Cpu,
     Cuda(usize),
@@ -101,7 +102,9 @@ pub struct ModelArgs {
     /// Threads reading experts.
     #[arg(long, default_value_t = 8)]
     pub io_threads: usize,
-    /// Where to compute: auto (CUDA when a GPU is usable), cpu, cuda or cuda:N.
+    /// Where to compute: auto (CUDA when a GPU is found, the CPU with a warning where the
+    /// CUDA libraries are missing or the GPU cannot hold the dense weights), cpu, cuda or
+    /// cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// VRAM for the routed-expert cache, in GiB (default: what is free after the dense
@@ -158,27 +161,60 @@ impl ModelArgs {
             Device::Auto => Device::Cpu,
             d => d,
         };
-        match device {
-            Device::Cuda(n) => {
-                let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
-                let backend = CudaBackend::new(n, cache)
-                    .with_context(|| format!("opening cuda:{n}"))?
-                    .record_steps(!self.no_cuda_graphs)
-                    .flash_attention(!self.no_flash_attention);
-                // Expert buffers in page-locked memory: copies to the GPU go straight from them.
-                let store = ExpertStore::new(StoreConfig {
-                    host_memory: Some(backend.pinned_allocator()),
-                    ..self.store_config(false)
-                });
-                let context = job.max_context();
-                job.run(self.load_on(backend, Arc::clone(&store), context)?, store)
+        let Device::Cuda(n) = device else {
+            return self.run_on_cpu(job);
+        };
+        // Where `auto` chose a GPU that cannot run the model (CUDA libraries missing, no room
+        // for the dense weights), the CPU still can.
+        let auto = self.device == Device::Auto;
+        let fall_back = |e: anyhow::Error| {
+            eprintln!("warning: {e:#}; running on the CPU instead");
+        };
+        let backend = match self.open_cuda(n) {
+            Ok(backend) => backend,
+            Err(e) if auto => {
+                fall_back(e);
+                return self.run_on_cpu(job);
             }
-            _ => {
-                let store = ExpertStore::new(self.store_config(true));
-                let context = job.max_context();
-                job.run(self.load_on(CpuBackend::new(), Arc::clone(&store), context)?, store)
+            Err(e) => return Err(e),
+        };
+        match self.load_on_cuda(backend, job.max_context()) {
+            Ok((model, store)) => job.run(model, store),
+            Err(e) if auto && is_out_of_device_memory(&e) => {
+                fall_back(e);
+                self.run_on_cpu(job)
             }
+            Err(e) if is_out_of_device_memory(&e) => Err(anyhow::anyhow!("{e:#} (--device cpu runs it on the CPU)")),
+            Err(e) => Err(e),
         }
+    }
+
+    fn run_on_cpu<J: ModelJob>(&self, job: J) -> anyhow::Result<()> {
+        let store = ExpertStore::new(self.store_config(true));
+        let context = job.max_context();
+        job.run(self.load_on(CpuBackend::new(), Arc::clone(&store), context)?, store)
+    }
+
+    fn open_cuda(&self, n: usize) -> anyhow::Result<CudaBackend> {
+        let cache = self.gpu_expert_cache_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
+        Ok(CudaBackend::new(n, cache)
+            .with_context(|| format!("opening cuda:{n}"))?
+            .record_steps(!self.no_cuda_graphs)
+            .flash_attention(!self.no_flash_attention))
+    }
+
+    /// The model on `backend`, with an expert store whose buffers are page-locked (copies to
+    /// the GPU go straight from them).
+    fn load_on_cuda(
+        &self,
+        backend: CudaBackend,
+        context: Option<usize>,
+    ) -> anyhow::Result<(Model<CudaBackend>, Arc<ExpertStore>)> {
+        let store = ExpertStore::new(StoreConfig {
+            host_memory: Some(backend.pinned_allocator()),
+            ..self.store_config(false)
+        });
+        Ok((self.load_on(backend, Arc::clone(&store), context)?, store))
     }
 
     /// The model on `backend`, its expert budget leaving room for the state of `context`
@@ -212,6 +248,16 @@ impl ModelArgs {
         }
         Ok(model)
     }
+}
+
+/// Whether `e` is, or was caused by, the GPU running out of memory.
+fn is_out_of_device_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<EngineError>(),
+            Some(EngineError::OutOfDeviceMemory { .. })
+        )
+    })
 }
 
 /// Memory left free beside a model whose files are mapped: the process's own buffers, the
@@ -275,6 +321,19 @@ pub fn progress_bar(total: u64, what: &str) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_device_memory_is_found_under_context() {
+        let oom = EngineError::OutOfDeviceMemory {
+            what: "tensor `lm_head.weight`".into(),
+            bytes: 1 << 30,
+        };
+        let e = anyhow::Error::new(oom).context("loading model from m");
+        assert!(is_out_of_device_memory(&e));
+        assert!(is_out_of_device_memory(&e.context("opening cuda:0")));
+        let other = anyhow::Error::new(EngineError::Cuda("launch failed".into())).context("loading model from m");
+        assert!(!is_out_of_device_memory(&other));
+    }
 
     #[test]
     fn available_memory_is_read_from_meminfo() {

@@ -350,8 +350,21 @@ impl CudaBackend {
         Ok(CudaTensor { rows, cols, buf })
     }
 
+    /// `data` in a new device allocation (room made in the expert cache if need be).
     fn to_device<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(data).map_err(cuda("copying to the device"))
+        self.to_device_as(data, "a host buffer")
+    }
+
+    /// [`Self::to_device`], naming `what` the data is should the device have no room.
+    fn to_device_as<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
+        self.allocating(|| {
+            self.stream.clone_htod(data).map_err(|e| match e.0 {
+                cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                    out_of_memory(e, what, std::mem::size_of_val(data))
+                }
+                _ => Error::Cuda(format!("copying {what} to the device: {e}")),
+            })
+        })
     }
 
     /// `out = silu(gate) * up` over the first `n` elements; `out` may be `gate` itself (each
@@ -446,7 +459,9 @@ impl CudaBackend {
             rows: w.rows,
             cols: w.cols,
             encoding: w.encoding,
-            mem: Arc::new(DeviceBytes::new(self.to_device(&bytes)?)),
+            mem: Arc::new(DeviceBytes::new(
+                self.to_device_as(&bytes, &format!("tensor `{}`", w.name))?,
+            )),
             data,
             scales,
             biases,
