@@ -646,11 +646,7 @@ fn smaller_gpus_paths_match_the_cpu() {
                 let (got, _) = fixture_logits(small(), &dir, &ids, prefill, prefetch)
                     .unwrap_or_else(|e| panic!("{name} on CUDA as {gpu_name}: {e}"));
                 let err = relative_l2(&got, &want);
-                let vocab = want.len() / ids.len();
-                let same_argmax = got
-                    .chunks(vocab)
-                    .zip(want.chunks(vocab))
-                    .all(|(a, b)| argmax(a) == argmax(b));
+                let same_argmax = same_argmax_everywhere(&got, &want, ids.len());
                 eprintln!(
                     "{gpu_name}: {name:<28} prefill {prefill:>2}, every expert in VRAM {prefetch}: relative L2 \
                      {err:.2e}, argmax {}",
@@ -970,6 +966,15 @@ fn argmax(row: &[f32]) -> usize {
     (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best })
 }
 
+/// Whether the logits of each of `positions` positions in `got` and `want` (as many rows)
+/// have the same argmax.
+fn same_argmax_everywhere(got: &[f32], want: &[f32], positions: usize) -> bool {
+    let vocab = want.len() / positions;
+    got.chunks(vocab)
+        .zip(want.chunks(vocab))
+        .all(|(a, b)| argmax(a) == argmax(b))
+}
+
 #[test]
 fn every_fixture_model_matches_the_cpu() {
     if gpu(Some(0)).is_none() {
@@ -1079,13 +1084,9 @@ fn every_fixture_model_matches_the_cpu() {
                 ids.len() == prefill || uploaded < plain_stats.map_or(0, |s| s.uploaded_bytes),
                 "{name}: with half of the missed experts on the CPU, as many bytes went to the GPU"
             );
-            let vocab = cpu.len() / ids.len();
             for (what, logits) in [("CUDA", &gpu_plain), ("CUDA with CPU experts", &gpu_shared)] {
                 let err = relative_l2(logits, &cpu);
-                let same_argmax = logits
-                    .chunks(vocab)
-                    .zip(cpu.chunks(vocab))
-                    .all(|(a, b)| argmax(a) == argmax(b));
+                let same_argmax = same_argmax_everywhere(logits, &cpu, ids.len());
                 eprintln!(
                     "{:<28} prefill {prefill:>2}: {what} vs CPU relative L2 {err:.2e}, argmax {}",
                     dir.file_name().unwrap().to_string_lossy(),

@@ -14,6 +14,11 @@ use crate::error::{Error, Result};
 /// 48 KiB (bytes; the batched down products' 1.2 KiB is the most they have now).
 const STATIC_SHARED_ROOM: i32 = 4096;
 
+/// Dynamic shared memory a kernel may ask for on a GPU with `per_block` bytes per block.
+fn dynamic_shared(per_block: usize) -> usize {
+    per_block.saturating_sub(STATIC_SHARED_ROOM as usize)
+}
+
 /// A program's source: the shared definitions, then one topic's kernels.
 macro_rules! program {
     ($file:literal) => {
@@ -111,8 +116,7 @@ impl Kernels {
     /// Lowers `max_shared` to what a GPU with `per_block` bytes of shared memory per block
     /// would allow (never raises it).
     pub fn limit_shared(&mut self, per_block: usize) {
-        let room = STATIC_SHARED_ROOM as usize;
-        self.max_shared = self.max_shared.min(per_block.saturating_sub(room));
+        self.max_shared = self.max_shared.min(dynamic_shared(per_block));
     }
 
     pub fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
@@ -134,7 +138,6 @@ impl Kernels {
         let block_shared = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(|e| Error::Cuda(format!("reading the shared memory per block: {e}")))?;
-        let max_shared = block_shared - STATIC_SHARED_ROOM;
         let big_smem = |name: &str| {
             let func = f(name)?;
             let fixed = func
@@ -170,7 +173,7 @@ impl Kernels {
         let swiglu_batch_resident =
             std::array::from_fn(|i| resident(&swiglu_batch_q[i]).min(resident(&route_swiglu_batch_q[i])));
         Ok(Kernels {
-            max_shared: max_shared as usize,
+            max_shared: dynamic_shared(block_shared as usize),
             dequant_rows: f("dequant_rows")?,
             matvec_q,
             matvec_resident,

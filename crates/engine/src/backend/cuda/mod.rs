@@ -357,14 +357,13 @@ impl CudaBackend {
 
     /// [`Self::to_device`], naming `what` the data is should the device have no room.
     fn to_device_as<T: cudarc::driver::DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
-        self.allocating(|| {
-            self.stream.clone_htod(data).map_err(|e| match e.0 {
-                cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                    out_of_memory(e, what, std::mem::size_of_val(data))
-                }
-                _ => Error::Cuda(format!("copying {what} to the device: {e}")),
-            })
-        })
+        // SAFETY: the copy below writes all `data.len()` elements before anything reads them.
+        let alloc = || unsafe { self.stream.alloc::<T>(data.len()) };
+        let mut buf = self.allocating(|| alloc().map_err(|e| out_of_memory(e, what, std::mem::size_of_val(data))))?;
+        self.stream
+            .memcpy_htod(data, &mut buf)
+            .map_err(|e| Error::Cuda(format!("copying {what} to the device: {e}")))?;
+        Ok(buf)
     }
 
     /// `out = silu(gate) * up` over the first `n` elements; `out` may be `gate` itself (each
